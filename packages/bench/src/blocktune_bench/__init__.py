@@ -1,0 +1,1 @@
+"""What proves and measures blocktune: synthetic models, the reference trainer, golden files, benchmarks."""

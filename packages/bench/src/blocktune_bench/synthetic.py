@@ -1,0 +1,74 @@
+"""Synthetic Llama-2 models: deterministic random weights of any shape.
+
+`random_units` makes the tensors; `make_store` writes them straight to a block store;
+`write_meta_checkpoint` (with `blocktune_export`) writes them in Meta's exact layout, N shards,
+with the project's real sentencepiece tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from blocktune.config import ModelArgs
+from blocktune.model import Block, Embed, Head
+from blocktune.store import BlockStore, build_store, unit_names
+
+__all__ = ["PRESETS", "random_unit", "random_units", "make_store", "preset"]
+
+# Small presets scaled from the real families: same head_dim ratios, GQA and FFN rules.
+PRESETS: dict[str, ModelArgs] = {
+    # llama-2-7b shape, shrunk: MHA, multiple_of 256 rule kept (multiple_of 32)
+    "tiny-7b": ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=1024, multiple_of=32, max_seq_len=256),
+    # llama-2-13b shape, shrunk: 40 heads -> 5 heads, stored in 2 shards
+    "tiny-13b": ModelArgs(dim=80, n_layers=5, n_heads=5, vocab_size=1024, multiple_of=32, max_seq_len=256),
+    # llama-2-70b shape, shrunk: GQA 8:1, ffn_dim_multiplier 1.3, stored in 8 shards
+    "tiny-70b": ModelArgs(dim=128, n_layers=3, n_heads=16, n_kv_heads=2, vocab_size=1024,
+                          multiple_of=64, ffn_dim_multiplier=1.3, max_seq_len=256),
+    # the demo's model: small enough to train visibly in a minute on 2 cores
+    "demo": ModelArgs(dim=192, n_layers=6, n_heads=6, vocab_size=1024, multiple_of=64, max_seq_len=512),
+    # the benchmark shape of issue 2: 16 layers, dim 1024
+    "bench-1k": ModelArgs(dim=1024, n_layers=16, n_heads=16, vocab_size=8192, multiple_of=256,
+                          max_seq_len=512),
+    # Llama-2-7B's exact shape (random weights)
+    "shape-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256),
+}
+
+META_SHARDS = {"tiny-7b": 1, "tiny-13b": 2, "tiny-70b": 8, "demo": 1, "bench-1k": 1, "shape-7b": 1}
+
+
+def preset(name: str) -> ModelArgs:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown synthetic preset {name!r}; choose from {sorted(PRESETS)}") from None
+
+
+def random_unit(args: ModelArgs, unit: str, seed: int, std: float = 0.02,
+                dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """One unit's tensors; each unit has its own stream, so units can be made in any order."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + unit_names(args).index(unit))
+    with torch.device("meta"):
+        mod = Embed(args) if unit == "embed" else Head(args) if unit == "head" else Block(args)
+    out = {}
+    for key, p in mod.state_dict().items():
+        if key.endswith("norm.weight"):
+            # near 1, not exactly: a golden test must notice a norm that is skipped
+            t = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+        else:
+            t = torch.randn(p.shape, generator=gen) * std
+        out[key] = t.to(dtype)
+    return out
+
+
+def random_units(args: ModelArgs, seed: int = 0, dtype=torch.float32) -> Iterator[tuple[str, dict]]:
+    for unit in unit_names(args):
+        yield unit, random_unit(args, unit, seed, dtype=dtype)
+
+
+def make_store(path: str | Path, args: ModelArgs | str, seed: int = 0,
+               dtype: torch.dtype = torch.float32, tokenizer: str | Path | None = None) -> BlockStore:
+    args = preset(args) if isinstance(args, str) else args
+    return build_store(path, args, random_units(args, seed, dtype), dtype, tokenizer=tokenizer)

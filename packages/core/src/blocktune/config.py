@@ -1,0 +1,206 @@
+"""Typed configuration for the model and its LoRA adapters.
+
+`ModelArgs` reads and writes Meta's ``params.json`` (the file that ships next to
+``consolidated.00.pth``); the fields Meta does not have (dropout, LoRA) carry defaults
+and are written only to our own manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["ModelArgs", "LoraConfig", "PRESETS", "LORA_TARGETS"]
+
+# Keys of Meta's params.json, in the order Meta writes them.
+_META_KEYS = (
+    "dim",
+    "multiple_of",
+    "ffn_dim_multiplier",
+    "n_heads",
+    "n_kv_heads",
+    "n_layers",
+    "norm_eps",
+    "rope_theta",
+    "vocab_size",
+)
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: plain multi-head attention (Llama-2 7B, 13B)
+    vocab_size: int = 32000
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096  # Llama 2's context; CodeLlama: 16384
+    # Dropout is not in Meta's params.json: Llama 2 was trained without it, fine-tunes may add it.
+    embed_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{name}={value!r} must be a positive integer")
+        if not problems:
+            if self.dim % self.n_heads:
+                problems.append(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            elif self.head_dim % 2:
+                problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+            if self.n_kv_heads is not None and (
+                self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads
+            ):
+                problems.append(
+                    f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}"
+                )
+        for name in ("embed_dropout", "attn_dropout", "resid_dropout"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                problems.append(f"{name}={p} must be in [0, 1)")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            problems.append("norm_eps and rope_theta must be positive")
+        if problems:
+            raise ConfigError("invalid model arguments: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU width, computed exactly as Meta's FeedForward does."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def with_dropout(self, p: float) -> ModelArgs:
+        return dataclasses.replace(self, embed_dropout=p, attn_dropout=p, resid_dropout=p)
+
+    def replace(self, **changes: Any) -> ModelArgs:
+        return dataclasses.replace(self, **changes)
+
+    # ---- parameter counts (used for budgets and bench reports) ----
+    def block_params(self) -> int:
+        kv = self.kv_heads * self.head_dim
+        attn = self.dim * self.dim * 2 + self.dim * kv * 2
+        return attn + 3 * self.dim * self.hidden_dim + 2 * self.dim
+
+    def n_params(self) -> int:
+        return 2 * self.vocab_size * self.dim + self.n_layers * self.block_params() + self.dim
+
+    # ---- Meta params.json ----
+    @classmethod
+    def from_params(cls, params: dict[str, Any], *, source: str = "params.json") -> ModelArgs:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown key(s) {unknown}; expected a subset of {sorted(known)}"
+            )
+        missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
+        if missing:
+            raise ConfigError(f"{source}: missing required key(s) {missing}")
+        values = dict(params)
+        if values.get("vocab_size", 0) == -1:
+            raise ConfigError(
+                f"{source}: vocab_size is -1; read it from tokenizer.model "
+                "(blocktune prepare does this) before building the model"
+            )
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelArgs:
+        path = Path(path)
+        try:
+            params = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc}); is this Meta's params.json?") from exc
+        if not isinstance(params, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(params).__name__}")
+        return cls.from_params(params, source=str(path))
+
+    def to_params(self) -> dict[str, Any]:
+        """Meta's params.json content (dropout and max_seq_len are ours, left out)."""
+        out: dict[str, Any] = {}
+        for key in _META_KEYS:
+            value = getattr(self, key)
+            if key in ("n_kv_heads", "ffn_dim_multiplier", "rope_theta") and value is None:
+                continue
+            out[key] = value
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Named presets. Numbers from the params.json files Meta ships.
+PRESETS: dict[str, ModelArgs] = {
+    # params.json of llama-2-7b
+    "llama-2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, multiple_of=256, norm_eps=1e-5),
+    # params.json of llama-2-13b
+    "llama-2-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, multiple_of=256, norm_eps=1e-5),
+    # params.json of llama-2-70b
+    "llama-2-70b": ModelArgs(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
+        ffn_dim_multiplier=1.3, norm_eps=1e-5,
+    ),
+    # params.json of CodeLlama-7b: rope_theta 1e6, vocab 32016, 16k context
+    "codellama-7b": ModelArgs(
+        dim=4096, n_layers=32, n_heads=32, multiple_of=256, norm_eps=1e-5,
+        rope_theta=1_000_000.0, vocab_size=32016, max_seq_len=16384,
+    ),
+}
+
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("wq", "wv")
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad:
+            raise ConfigError(f"unknown LoRA target(s) {bad}; choose from {list(LORA_TARGETS)}")
+        if not self.targets:
+            raise ConfigError("LoRA needs at least one target module")
+        if self.rank <= 0:
+            raise ConfigError(f"LoRA rank={self.rank} must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoraConfig:
+        return cls(**{**d, "targets": tuple(d.get("targets", cls.targets))})
+

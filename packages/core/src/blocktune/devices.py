@@ -1,0 +1,190 @@
+"""Every device branch in one place: cpu, cuda and mps.
+
+Nothing else in blocktune says "cuda" or "mps": it asks a `Device` to resolve itself, copy,
+pin, synchronise, save and restore RNG state, and report memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import resource
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = ["Device", "resolve_device", "DTYPES", "parse_dtype", "peak_rss_bytes"]
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of bf16, fp16, fp32") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps and mps.is_available())
+
+
+@dataclass(frozen=True)
+class Device:
+    type: str  # "cpu" | "cuda" | "mps"
+    index: int | None = None
+
+    @property
+    def torch(self) -> torch.device:
+        return torch.device(self.type, self.index) if self.index is not None else torch.device(self.type)
+
+    def __str__(self) -> str:
+        return str(self.torch)
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.type == "cpu"
+
+    # ---- dtypes ----
+    @functools.cached_property
+    def compute_dtypes(self) -> tuple[torch.dtype, ...]:
+        """Dtypes this device really computes in, found by running a small matmul in each."""
+        ok = []
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            try:
+                a = torch.ones(4, 4, dtype=dt, device=self.torch)
+                if float((a @ a).sum()) == 64.0:
+                    ok.append(dt)
+            except (RuntimeError, TypeError):
+                pass
+        return tuple(ok)
+
+    def default_dtype(self) -> torch.dtype:
+        """bf16 where the device has it (GPUs), else fp32 (CPU bf16 matmuls are slow and lossy)."""
+        if not self.is_cpu and torch.bfloat16 in self.compute_dtypes:
+            return torch.bfloat16
+        if not self.is_cpu and torch.float16 in self.compute_dtypes:
+            return torch.float16
+        return torch.float32
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        if dtype not in self.compute_dtypes:
+            names = [dtype_name(d) for d in self.compute_dtypes]
+            raise ConfigError(
+                f"device {self} cannot compute in {dtype_name(dtype)}; it supports {names}"
+            )
+
+    # ---- memory and copies ----
+    @property
+    def supports_pinned(self) -> bool:
+        return self.type == "cuda"
+
+    def empty_host(self, nbytes: int) -> torch.Tensor:
+        """A host byte buffer, page-locked where that makes host→device copies faster."""
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.supports_pinned)
+
+    def to_device(self, t: torch.Tensor, stream=None) -> torch.Tensor:
+        if self.is_cpu:
+            return t
+        if self.type == "cuda" and stream is not None:
+            with torch.cuda.stream(stream):
+                return t.to(self.torch, non_blocking=True)
+        return t.to(self.torch, non_blocking=self.supports_pinned and t.is_pinned())
+
+    def copy_stream(self):
+        """A side stream for host→device copies (CUDA); None where copies are synchronous."""
+        return torch.cuda.Stream(device=self.torch) if self.type == "cuda" else None
+
+    def record_event(self, stream=None):
+        if self.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def wait_event(self, event) -> None:
+        """Make the compute stream wait for work recorded in `event` (no host sync)."""
+        if event is not None:
+            torch.cuda.current_stream(self.torch).wait_event(event)
+
+    def synchronize(self) -> None:
+        if self.type == "cuda":
+            torch.cuda.synchronize(self.torch)
+        elif self.type == "mps":
+            torch.mps.synchronize()
+
+    def reset_peak_memory(self) -> None:
+        if self.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.torch)
+
+    def peak_memory_bytes(self) -> int:
+        """Peak memory allocated on the device (host RSS for the CPU)."""
+        if self.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.torch)
+        if self.type == "mps":
+            return torch.mps.driver_allocated_memory()
+        return peak_rss_bytes()
+
+    # ---- RNG: every generator a unit's forward may draw from ----
+    def get_rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        dev = None
+        if self.type == "cuda":
+            dev = torch.cuda.get_rng_state(self.torch)
+        elif self.type == "mps":
+            dev = torch.mps.get_rng_state()
+        return torch.get_rng_state(), dev
+
+    def set_rng_state(self, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        cpu, dev = state
+        torch.set_rng_state(cpu)
+        if dev is not None:
+            if self.type == "cuda":
+                torch.cuda.set_rng_state(dev, self.torch)
+            elif self.type == "mps":
+                torch.mps.set_rng_state(dev)
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)  # seeds the CPU and every accelerator's default generator
+
+
+def resolve_device(name: str | Device = "auto") -> Device:
+    """`auto` picks cuda, then mps, then cpu; an unavailable device is a clear error."""
+    if isinstance(name, Device):
+        return name
+    kind, _, index = str(name).partition(":")
+    if kind == "auto":
+        if torch.cuda.is_available():
+            return Device("cuda", 0)
+        if _mps_available():
+            return Device("mps")
+        return Device("cpu")
+    if kind == "cpu":
+        return Device("cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu or auto")
+        return Device("cuda", int(index) if index else 0)
+    if kind == "mps":
+        if not _mps_available():
+            raise ConfigError("device 'mps' requested but MPS is not available; use --device cpu or auto")
+        return Device("mps")
+    raise ConfigError(f"unknown device {name!r}; choose auto, cpu, cuda[:N] or mps")

@@ -1,0 +1,345 @@
+"""The paged engine: forward over units, then backward unit by unit in reverse.
+
+One training step, for M micro-batches:
+
+    forward   for each unit u = embed, block_00 … block_NN:
+                  load u (prefetch u+1 meanwhile); for each micro-batch m:
+                  stash m's input to u, note the RNG state, run u without a graph
+    loss      head: per micro-batch, chunked cross-entropy and its gradient w.r.t. the head's
+              input, chunk by chunk (never all vocab logits at once)
+    backward  for each unit u in reverse: load u (prefetch u-1); for each micro-batch m:
+                  restore the RNG state noted before u's forward, recompute u from its stashed
+                  input with a graph, backward with the gradient from u+1, pass d(input) on;
+              full fine-tune: the unit's optimizer step runs now and the unit is written back
+    step      LoRA: one optimizer step over the (resident) adapters
+              full: wait for the write-backs, switch the store's manifest to the new step
+
+Every micro-batch goes through a unit while it is resident, so weights are read once per
+optimizer step, whatever the accumulation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LoraConfig, ModelArgs
+from .devices import Device, resolve_device
+from .errors import ConfigError, StoreError, TrainingError
+from .model import Block, Embed, Head, KVCache, init_lora_
+from .optim import OptimizerConfig, unit_step
+from .pager import ActivationStash, Pager
+from .rng import seed_micro_batch
+from .store import BlockStore
+
+__all__ = ["EngineConfig", "Engine", "StepResult", "IGNORE_INDEX", "chunked_cross_entropy"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    method: str = "lora"  # lora | full
+    lora: LoraConfig | None = field(default_factory=LoraConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    device: str = "auto"
+    compute_dtype: str | None = None  # None: the device's default (fp32 on CPU, bf16 on GPUs)
+    device_budget: int | None = None  # bytes of units resident on the device; None: no limit
+    activation_budget: int | None = None  # bytes of stashed block inputs in RAM before spilling
+    loss_chunk: int = 2048  # positions per chunk of the cross-entropy
+    seed: int = 0
+    replay_rng: bool = True  # off only to prove the replay test can fail
+    prefetch: bool = True
+    verify: bool = True  # check crc32 of every file read
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise ConfigError(f"method {self.method!r} is not supported; choose lora or full")
+        if self.method == "lora" and self.lora is None:
+            raise ConfigError("method 'lora' needs a LoRA configuration")
+        if self.loss_chunk <= 0:
+            raise ConfigError(f"loss_chunk={self.loss_chunk} must be positive")
+
+
+@dataclass
+class StepResult:
+    loss: float
+    tokens: int
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+
+
+def chunked_cross_entropy(
+    head: nn.Module, h: torch.Tensor, targets: torch.Tensor, denom: int, chunk: int,
+    backward: bool,
+) -> torch.Tensor:
+    """Σ cross-entropy / denom over (B, T) positions, `chunk` positions of logits at a time.
+
+    With `backward`, each chunk's gradient is accumulated into h.grad and the head's
+    parameters right away, so only one chunk's logits exist at any moment.
+    """
+    flat_h = h.reshape(-1, h.shape[-1])
+    flat_t = targets.reshape(-1)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, flat_t.numel(), chunk):
+        t = flat_t[s:s + chunk]
+        if not bool((t != IGNORE_INDEX).any()):  # note: a host sync; skips masked chunks
+            continue
+        logits = head(flat_h[s:s + chunk]).float()
+        loss = F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum") / denom
+        if backward:
+            loss.backward()
+        total += loss.detach()
+    return total
+
+
+def _count_targets(targets: torch.Tensor) -> int:
+    return int((targets != IGNORE_INDEX).sum())
+
+
+class Engine:
+    """Runs a model held in a `BlockStore` one unit at a time."""
+
+    def __init__(self, store: BlockStore, cfg: EngineConfig | None = None,
+                 adapters: dict[str, torch.Tensor] | None = None):
+        self.store, self.cfg = store, cfg or EngineConfig()
+        self.args: ModelArgs = store.args
+        self.device: Device = resolve_device(self.cfg.device)
+        dtype = self.cfg.compute_dtype
+        from .devices import parse_dtype
+
+        self.dtype = parse_dtype(dtype) if dtype else self.device.default_dtype()
+        self.device.check_dtype(self.dtype)
+        self.pager = Pager(store, self.device, self.cfg.device_budget, self.dtype,
+                           prefetch=self.cfg.prefetch, verify=self.cfg.verify)
+        self.units = store.units
+        self.lora = self.cfg.lora if self.cfg.method == "lora" else None
+        self.adapters: dict[str, dict[str, nn.Parameter]] = {}
+        if self.lora is not None:
+            self._init_adapters(adapters)
+        self._lora_opt: torch.optim.Optimizer | None = None
+        self.step_count = store.step if self.cfg.method == "full" else 0
+
+    # ---- adapters ----
+    def _init_adapters(self, given: dict[str, torch.Tensor] | None) -> None:
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        for unit in self.units[1:-1]:
+            block = Block(self.args, self.lora)
+            init_lora_(block, gen)
+            self.adapters[unit] = {
+                k: nn.Parameter(v.detach().to(self.device.torch, self.dtype))
+                for k, v in block.state_dict().items() if ".lora_" in k
+            }
+        if given is not None:
+            self.load_adapters(given)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Adapters as a flat dict with Meta-style names (``layers.3.attention.wq.lora_a``)."""
+        return {f"layers.{int(u.split('_')[1])}.{k}": p.detach()
+                for u, d in self.adapters.items() for k, p in d.items()}
+
+    def load_adapters(self, flat: dict[str, torch.Tensor]) -> None:
+        mine = self.adapter_state()
+        if set(flat) != set(mine):
+            extra, missing = sorted(set(flat) - set(mine))[:3], sorted(set(mine) - set(flat))[:3]
+            raise StoreError(f"adapter keys do not match this model and LoRA config "
+                             f"(unexpected {extra}, missing {missing})")
+        for name, t in flat.items():
+            if t.shape != mine[name].shape:
+                raise StoreError(f"adapter {name}: shape {tuple(t.shape)} != expected "
+                                 f"{tuple(mine[name].shape)} (LoRA rank or model differs)")
+        with torch.no_grad():
+            for u, d in self.adapters.items():
+                for k, p in d.items():
+                    p.copy_(flat[f"layers.{int(u.split('_')[1])}.{k}"])
+
+    def adapter_params(self) -> list[nn.Parameter]:
+        return [p for u in self.units[1:-1] for p in self.adapters.get(u, {}).values()]
+
+    @property
+    def lora_optimizer(self) -> torch.optim.Optimizer:
+        if self._lora_opt is None:
+            self._lora_opt = self.cfg.optimizer.torch_optimizer(self.adapter_params())
+        return self._lora_opt
+
+    # ---- building a unit on the meta device and mapping its tensors in ----
+    def _module(self, unit: str, training: bool) -> nn.Module:
+        with torch.device("meta"):
+            if unit == "embed":
+                mod = Embed(self.args)
+            elif unit == "head":
+                mod = Head(self.args)
+            else:
+                mod = Block(self.args, self.lora)
+        tensors = dict(self.pager.get(unit))
+        tensors.update(self.adapters.get(unit, {}))
+        mod.load_state_dict(tensors, assign=True, strict=True)
+        if self.cfg.method == "lora":
+            for name, p in mod.named_parameters():
+                if ".lora_" not in name:
+                    p.requires_grad_(False)
+        return mod.train(training)
+
+    def _next(self, i: int, step: int) -> str | None:
+        j = i + step
+        return self.units[j] if 0 <= j < len(self.units) else None
+
+    # ---- training ----
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+                   lr: float | None = None, step: int | None = None) -> StepResult:
+        """One optimizer step over `micro_batches` of (tokens, targets), each (B, T) int64."""
+        t_start = time.perf_counter()
+        before = self.pager.stats.snapshot()
+        lr = self.cfg.optimizer.lr if lr is None else lr
+        step = self.step_count if step is None else step
+        dev = self.device
+        self._check_lengths(micro_batches)
+        n_tok = sum(_count_targets(t) for _, t in micro_batches)
+        if n_tok == 0:
+            raise TrainingError("every target of this step is masked; nothing to learn from")
+        M = len(micro_batches)
+        xs: list[torch.Tensor] = [tok.to(dev.torch) for tok, _ in micro_batches]
+        targets = [t.to(dev.torch) for _, t in micro_batches]
+        cursors = []
+        for m in range(M):
+            seed_micro_batch(dev, self.cfg.seed, step, m)
+            cursors.append(dev.get_rng_state())
+        stash = ActivationStash(self.cfg.activation_budget)
+        replay: dict[tuple[int, int], tuple] = {}
+        last = len(self.units) - 1
+        full = self.cfg.method == "full"
+        try:
+            # forward: embed and blocks, no graph
+            for i in range(last):
+                self.pager.prefetch(self._next(i, +1))
+                mod = self._module(self.units[i], training=True)
+                with torch.no_grad():
+                    for m in range(M):
+                        stash.put((i, m), xs[m])
+                        dev.set_rng_state(cursors[m])
+                        replay[(i, m)] = cursors[m]
+                        xs[m] = mod(xs[m])
+                        cursors[m] = dev.get_rng_state()
+                del mod
+            # loss and its gradient through the head
+            self.pager.prefetch(self._next(last, -1))
+            head = self._module(self.units[last], training=True)
+            loss = torch.zeros((), device=dev.torch)
+            grads = []
+            for m in range(M):
+                h = xs[m].detach().requires_grad_(True)
+                loss += chunked_cross_entropy(head, h, targets[m], n_tok, self.cfg.loss_chunk, True)
+                grads.append(h.grad)
+            xs.clear()
+            if full:
+                self._full_step(self.units[last], head, lr, step)
+            del head
+            # backward, unit by unit in reverse
+            first = 0 if full else 1  # LoRA: the embeddings have nothing to train
+            for i in range(last - 1, first - 1, -1):
+                self.pager.prefetch(self._next(i, -1) if i > first else None)
+                mod = self._module(self.units[i], training=True)
+                for m in range(M):
+                    x = stash.pop((i, m))
+                    if self.cfg.replay_rng:
+                        dev.set_rng_state(replay[(i, m)])
+                    want_dx = i > 1 or (i == 1 and full)
+                    if i > 0:
+                        x.requires_grad_(want_dx)
+                    out = mod(x)
+                    out.backward(grads[m])
+                    grads[m] = x.grad if want_dx else None
+                if full:
+                    self._full_step(self.units[i], mod, lr, step)
+                del mod
+            if full:
+                self.pager.commit(step + 1)
+            else:
+                self.lora_optimizer.param_groups[0]["lr"] = lr
+                self.lora_optimizer.step()
+                self.lora_optimizer.zero_grad(set_to_none=True)
+        except BaseException:
+            if full:
+                self.pager.abort_writes()
+            raise
+        finally:
+            stash.clear()
+        loss_value = float(loss)
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"loss is {loss_value} at step {step}")
+        self.step_count = step + 1
+        after = self.pager.stats
+        return StepResult(loss_value, n_tok, time.perf_counter() - t_start,
+                          after.bytes_read - before["bytes_read"],
+                          after.bytes_written - before["bytes_written"])
+
+    def _full_step(self, unit: str, mod: nn.Module, lr: float, step: int) -> None:
+        params = dict(mod.named_parameters())
+        grads = {k: p.grad for k, p in params.items()}
+        state = unit_step(self.cfg.optimizer, {k: p.data for k, p in params.items()}, grads,
+                          self.pager.get_state(unit), lr, storage_dtype=self.store.dtype)
+        for p in params.values():
+            p.grad = None
+        self.pager.set_state(unit, state)
+        self.pager.write_back(unit, {k: p.data for k, p in params.items()}, state, step + 1)
+
+    def _check_lengths(self, batches) -> None:
+        for tok, tgt in batches:
+            if tok.shape != tgt.shape or tok.dim() != 2:
+                raise ConfigError(f"tokens {tuple(tok.shape)} and targets {tuple(tgt.shape)} "
+                                  "must both be (batch, seq_len)")
+            if tok.shape[1] > self.args.max_seq_len:
+                raise ConfigError(f"sequence length {tok.shape[1]} exceeds the model's "
+                                  f"max_seq_len {self.args.max_seq_len}; lower --seq-len")
+
+    # ---- inference ----
+    def _forward_units(self, tokens: torch.Tensor, caches=None, start: int = 0) -> Iterator:
+        """Yield the hidden state after embed and each block (eval mode, no graph)."""
+        h = tokens.to(self.device.torch)
+        for i in range(len(self.units) - 1):
+            self.pager.prefetch(self._next(i, +1))
+            mod = self._module(self.units[i], training=False)
+            if i == 0:
+                h = mod(h)
+            else:
+                h = mod(h, caches[i - 1] if caches else None, start)
+        self.pager.prefetch(self.units[0])  # a next token starts again at the embeddings
+        return h
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Eval-mode logits (B, T, vocab) of the whole model (materialised: for tests and short inputs)."""
+        h = self._forward_units(tokens)
+        return self._module("head", training=False)(h)
+
+    @torch.no_grad()
+    def eval_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+        """(mean cross-entropy, predicted positions) in eval mode, logits chunked."""
+        self._check_lengths([(tokens, targets)])
+        n = _count_targets(targets)
+        h = self._forward_units(tokens)
+        head = self._module("head", training=False)
+        total = chunked_cross_entropy(head, h, targets.to(self.device.torch), max(n, 1),
+                                      self.cfg.loss_chunk, backward=False)
+        return float(total), n
+
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        a = self.args
+        return [KVCache(batch, max_len, a.kv_heads, a.head_dim, self.dtype, self.device.torch)
+                for _ in range(a.n_layers)]
+
+    @torch.no_grad()
+    def next_logits(self, tokens: torch.Tensor, caches: list[KVCache] | None, start: int):
+        """Logits of the last position only, extending `caches` from position `start`."""
+        h = self._forward_units(tokens, caches, start)
+        return self._module("head", training=False)(h[:, -1:, :])[:, -1, :].float()
+
+    def close(self) -> None:
+        self.pager.close()

@@ -1,0 +1,230 @@
+"""Llama 2, as Meta's reference code defines it, cut into pageable units.
+
+The model is three kinds of unit: `Embed` (token embeddings), `Block` (one transformer
+layer) and `Head` (final RMSNorm + output projection). `Transformer` strings them together
+for in-memory use; the paged engine builds one unit at a time on the `meta` device and
+maps stored tensors into it. Nothing here knows about paging, files or devices.
+
+Parameter names inside a unit are Meta's names with the ``layers.{i}.`` prefix removed,
+so a unit's state dict *is* a slice of Meta's checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LoraConfig, ModelArgs
+
+__all__ = [
+    "RMSNorm",
+    "Linear",
+    "Attention",
+    "FeedForward",
+    "Block",
+    "Embed",
+    "Head",
+    "Transformer",
+    "KVCache",
+    "rope_tables",
+]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the compute dtype, as Meta does.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class Linear(nn.Module):
+    """A bias-free linear layer with an optional LoRA adapter: y = xWᵀ + s·(drop(x)Aᵀ)Bᵀ."""
+
+    def __init__(self, in_features: int, out_features: int, lora: LoraConfig | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.lora_a: nn.Parameter | None = None
+        self.lora_b: nn.Parameter | None = None
+        if lora is not None:
+            self.lora_a = nn.Parameter(torch.empty(lora.rank, in_features))
+            self.lora_b = nn.Parameter(torch.empty(out_features, lora.rank))
+            self.scale = lora.scale
+            self.lora_dropout = nn.Dropout(lora.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.lora_a is not None:
+            y = y + F.linear(F.linear(self.lora_dropout(x), self.lora_a), self.lora_b) * self.scale
+        return y
+
+
+def rope_tables(
+    head_dim: int, positions: torch.Tensor, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of Meta's rotary angles for `positions`, each (T, head_dim // 2), fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device)
+                                [: head_dim // 2].float() / head_dim))
+    angles = torch.outer(positions.float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, T, H, head_dim). Meta rotates interleaved pairs (x[2i], x[2i+1]) as complex numbers;
+    # the same arithmetic in real form runs on every backend (MPS has no complex support).
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]  # (T, 1, head_dim/2)
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Keys and values of one block for generation: (B, max_len, n_kv_heads, head_dim)."""
+
+    def __init__(self, batch: int, max_len: int, n_kv: int, head_dim: int, dtype, device):
+        self.k = torch.zeros(batch, max_len, n_kv, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[1]
+        self.k[:, start:end] = k
+        self.v[:, start:end] = v
+        return self.k[:, :end], self.v[:, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, lora: LoraConfig | None):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.dropout = args.attn_dropout
+
+        def lin(name: str, i: int, o: int) -> Linear:
+            return Linear(i, o, lora if lora and name in lora.targets else None)
+
+        self.wq = lin("wq", args.dim, self.n_heads * self.head_dim)
+        self.wk = lin("wk", args.dim, self.n_kv * self.head_dim)
+        self.wv = lin("wv", args.dim, self.n_kv * self.head_dim)
+        self.wo = lin("wo", self.n_heads * self.head_dim, args.dim)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start, k, v)  # (B, start+T, n_kv, head_dim)
+        if self.n_kv != self.n_heads:  # grouped-query attention: share each kv head
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=2)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, head_dim)
+        p = self.dropout if self.training else 0.0
+        if cache is None or start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            # Query i sits at position start+i and sees keys 0..start+i.
+            S = k.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, lora: LoraConfig | None):
+        super().__init__()
+        h = args.hidden_dim
+
+        def lin(name: str, i: int, o: int) -> Linear:
+            return Linear(i, o, lora if lora and name in lora.targets else None)
+
+        self.w1 = lin("w1", args.dim, h)
+        self.w2 = lin("w2", h, args.dim)
+        self.w3 = lin("w3", args.dim, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, lora: LoraConfig | None = None):
+        super().__init__()
+        self.attention = Attention(args, lora)
+        self.feed_forward = FeedForward(args, lora)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.resid_dropout = nn.Dropout(args.resid_dropout)
+        self.rope_theta = args.rope_theta
+        self.head_dim = args.head_dim
+
+    def forward(self, x, cache: KVCache | None = None, start: int = 0):
+        # x: (B, T, dim). Rotary tables are cheap next to the block's matmuls: make them here
+        # so that a block needs nothing but its input.
+        pos = torch.arange(start, start + x.shape[1], device=x.device)
+        cos, sin = rope_tables(self.head_dim, pos, self.rope_theta)
+        h = x + self.resid_dropout(self.attention(self.attention_norm(x), cos, sin, cache, start))
+        return h + self.resid_dropout(self.feed_forward(self.ffn_norm(h)))
+
+
+class Embed(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.dropout = nn.Dropout(args.embed_dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
+
+
+class Head(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(h))  # (B, T, vocab)
+
+
+class Transformer(nn.Module):
+    """The whole model in memory: the reference the paged engine is tested against."""
+
+    def __init__(self, args: ModelArgs, lora: LoraConfig | None = None):
+        super().__init__()
+        self.args = args
+        self.embed = Embed(args)
+        self.layers = nn.ModuleList(Block(args, lora) for _ in range(args.n_layers))
+        self.head = Head(args)
+
+    def units(self) -> list[tuple[str, nn.Module]]:
+        return [("embed", self.embed)] + [
+            (unit_name(i), b) for i, b in enumerate(self.layers)
+        ] + [("head", self.head)]
+
+    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None, start: int = 0):
+        h = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, caches[i] if caches else None, start)
+        return self.head(h)
+
+
+def unit_name(layer: int) -> str:
+    return f"block_{layer:02d}"
+
+
+def init_lora_(module: nn.Module, generator: torch.Generator | None = None) -> None:
+    """PEFT's initialisation: A ~ kaiming-uniform(a=√5), B = 0, so training starts at the base model."""
+    for m in module.modules():
+        if isinstance(m, Linear) and m.lora_a is not None:
+            bound = 1.0 / math.sqrt(m.lora_a.shape[1])  # kaiming_uniform with a=sqrt(5)
+            with torch.no_grad():
+                m.lora_a.uniform_(-bound, bound, generator=generator)
+                m.lora_b.zero_()

@@ -1,0 +1,323 @@
+"""The pager: which units are resident on the compute device, under a byte budget.
+
+It loads units on demand, prefetches the next one on a background thread while the current
+one computes, writes updated units back on another thread, and counts every byte it moves.
+Eviction is least-recently-used, which is also direction-aware for free: after a forward
+pass the last units used are the first ones the backward pass needs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .devices import Device
+from .errors import BudgetError
+from .store import BlockStore, FileRecord
+
+__all__ = ["Pager", "PagerStats", "ActivationStash", "parse_bytes"]
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
+
+
+def parse_bytes(text: str | int | float | None) -> int | None:
+    """'4GiB' -> 4294967296; None and 'inf' mean unlimited."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else int(text)
+    s = text.strip().lower().replace(" ", "")
+    if s in ("inf", "none", "unlimited"):
+        return None
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        return int(float(num) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise BudgetError(f"cannot read the size {text!r}; write it like 512MiB, 4GiB or 2GB") from None
+
+
+@dataclass
+class PagerStats:
+    bytes_read: int = 0
+    bytes_written: int = 0
+    unit_reads: int = 0
+    unit_writes: int = 0
+    hits: int = 0
+    peak_resident: int = 0
+    read_seconds: float = 0.0
+    write_seconds: float = 0.0
+
+    def snapshot(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Entry:
+    tensors: dict[str, torch.Tensor]
+    nbytes: int
+    state: dict[str, torch.Tensor] | None = None
+    state_bytes: int = 0
+    ready: object = None  # CUDA event for a copy still in flight
+
+
+def _nbytes(tensors: dict[str, torch.Tensor] | None) -> int:
+    return sum(t.numel() * t.element_size() for t in (tensors or {}).values())
+
+
+@dataclass
+class _Pending:
+    future: Future
+    reserved: int
+
+
+class Pager:
+    def __init__(
+        self,
+        store: BlockStore,
+        device: Device,
+        budget: int | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+        prefetch: bool = True,
+        verify: bool = True,
+    ):
+        self.store, self.device, self.dtype = store, device, compute_dtype
+        self.verify, self.prefetch_enabled = verify, prefetch
+        scale = compute_dtype.itemsize / store.dtype.itemsize
+        self._size = {n: int(store.unit_bytes(n) * max(scale, 1.0)) for n in store.units}
+        largest = max(self._size.values())
+        self.budget = budget if budget is not None else 1 << 62
+        if self.budget < largest:
+            big = max(self._size, key=self._size.get)
+            raise BudgetError(
+                f"device budget {self.budget:,} bytes is smaller than the largest unit "
+                f"({big}: {largest:,} bytes in {_dtype(compute_dtype)}); raise the budget to at "
+                f"least {(largest + (1 << 20) - 1) >> 20} MiB"
+            )
+        self.stats = PagerStats()
+        self._resident: OrderedDict[str, _Entry] = OrderedDict()
+        self._loading: dict[str, _Pending] = {}
+        self._current: str | None = None
+        self._lock = threading.Lock()
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="blocktune-read")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="blocktune-write")
+        self._writes: list[Future] = []
+        self._copy_stream = device.copy_stream()
+
+    # ---- accounting ----
+    @property
+    def resident_bytes(self) -> int:
+        held = sum(e.nbytes + e.state_bytes for e in self._resident.values())
+        return held + sum(p.reserved for p in self._loading.values())
+
+    def resident_units(self) -> list[str]:
+        return list(self._resident)
+
+    def _note_peak(self) -> None:
+        self.stats.peak_resident = max(self.stats.peak_resident, self.resident_bytes)
+
+    def _make_room(self, need: int, keep: set[str]) -> bool:
+        """Evict least-recently-used units (never those in `keep`) until `need` more bytes fit."""
+        while self.resident_bytes + need > self.budget:
+            victim = next((n for n in self._resident if n not in keep), None)
+            if victim is None:
+                return False
+            del self._resident[victim]
+        return True
+
+    # ---- loading ----
+    def _load(self, name: str) -> _Entry:
+        import time
+
+        t0 = time.perf_counter()
+        alloc = self.device.empty_host if self.device.supports_pinned else None
+        host = self.store.read_unit(name, alloc=alloc, verify=self.verify)
+        tensors = {}
+        for k, v in host.items():
+            t = self.device.to_device(v, self._copy_stream)
+            if t.is_floating_point() and t.dtype != self.dtype:
+                t = t.to(self.dtype)
+            tensors[k] = t
+        ready = self.device.record_event(self._copy_stream)
+        with self._lock:
+            self.stats.bytes_read += self.store.unit_bytes(name)
+            self.stats.unit_reads += 1
+            self.stats.read_seconds += time.perf_counter() - t0
+        return _Entry(tensors, _nbytes(tensors), ready=ready)
+
+    def prefetch(self, name: str | None) -> None:
+        """Start loading `name` in the background if the budget has room beside the current unit."""
+        if not self.prefetch_enabled or name is None:
+            return
+        if name in self._resident or name in self._loading:
+            return
+        keep = {self._current} if self._current else set()
+        if not self._make_room(self._size[name], keep):
+            return
+        self._loading[name] = _Pending(self._reader.submit(self._load, name), self._size[name])
+        self._note_peak()
+
+    def get(self, name: str) -> dict[str, torch.Tensor]:
+        """The unit's tensors on the device in the compute dtype; it becomes the current unit."""
+        self._current = name
+        if name in self._resident:
+            self._resident.move_to_end(name)
+            self.stats.hits += 1
+            entry = self._resident[name]
+        else:
+            pending = self._loading.pop(name, None)
+            if pending is None:
+                self._make_room(self._size[name], set())
+                self._loading[name] = _Pending(Future(), self._size[name])  # reserve while loading
+                self._note_peak()
+                try:
+                    entry = self._load(name)
+                finally:
+                    del self._loading[name]
+            else:
+                entry = pending.future.result()
+            self._resident[name] = entry
+            self._note_peak()
+        self.device.wait_event(entry.ready)
+        entry.ready = None
+        return entry.tensors
+
+    def get_state(self, name: str) -> dict[str, torch.Tensor] | None:
+        """Optimizer state of a unit (None before its first step), held with the unit."""
+        entry = self._resident[name]
+        if entry.state is None:
+            rec = self.store.state_record(name)
+            if rec is None:
+                return None
+            host = self.store.read_file(rec, verify=self.verify)
+            entry.state = {k: self.device.to_device(v) for k, v in host.items()}
+            with self._lock:
+                self.stats.bytes_read += rec.nbytes
+        return entry.state
+
+    def set_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        entry = self._resident[name]
+        entry.state, entry.state_bytes = state, _nbytes(state)
+        # Optimizer state is only needed around its unit's step: drop other units' state first.
+        for other, e in self._resident.items():
+            if other != name and self.resident_bytes > self.budget and e.state is not None:
+                e.state, e.state_bytes = None, 0
+        if self.resident_bytes > self.budget:  # state does not fit beside the unit: keep it on disk
+            entry.state, entry.state_bytes = None, 0
+        self._note_peak()
+
+    # ---- writing ----
+    def write_back(self, name: str, weights: dict[str, torch.Tensor],
+                   state: dict[str, torch.Tensor] | None, step: int) -> Future:
+        """Write a new version of a unit (and its optimizer state) in the background."""
+        import time
+
+        event = self.device.record_event()
+
+        def job() -> tuple[str, FileRecord, FileRecord | None]:
+            t0 = time.perf_counter()
+            if event is not None:
+                event.synchronize()
+            store_w = {k: v.to(self.store.dtype) for k, v in weights.items()}
+            rec = self.store.write_unit(name, store_w, step)
+            srec = self.store.write_state(name, state, step) if state is not None else None
+            with self._lock:
+                self.stats.bytes_written += rec.nbytes + (srec.nbytes if srec else 0)
+                self.stats.unit_writes += 1
+                self.stats.write_seconds += time.perf_counter() - t0
+            return name, rec, srec
+
+        fut = self._writer.submit(job)
+        self._writes.append(fut)
+        return fut
+
+    def commit(self, step: int) -> None:
+        """Wait for every write of this step, then switch the store's manifest to it atomically."""
+        units, states = {}, {}
+        writes, self._writes = self._writes, []
+        for fut in writes:
+            name, rec, srec = fut.result()
+            units[name] = rec
+            if srec is not None:
+                states[name] = srec
+        self.store.commit(step, units, states)
+
+    def abort_writes(self) -> None:
+        """Wait for outstanding writes and drop them: the store keeps its last committed step."""
+        for fut in self._writes:
+            try:
+                fut.result()
+            except Exception:
+                pass
+        self._writes = []
+        self.store.collect_garbage()
+
+    def close(self) -> None:
+        self.abort_writes()
+        for p in self._loading.values():
+            try:
+                p.future.result()
+            except Exception:
+                pass
+        self._reader.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
+        self._resident.clear()
+        self._loading.clear()
+
+
+def _dtype(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+class ActivationStash:
+    """Cached block inputs for the backward pass: in RAM up to a budget, then spilled to disk."""
+
+    def __init__(self, budget: int | None = None, spill_dir: str | Path | None = None):
+        self.budget = budget if budget is not None else 1 << 62
+        self._mem: dict[tuple, torch.Tensor] = {}
+        self._disk: dict[tuple, Path] = {}
+        self._bytes = 0
+        self.peak_bytes = 0
+        self.spilled_bytes = 0
+        self._dir_arg = spill_dir
+        self._dir: Path | None = None
+
+    def put(self, key: tuple, t: torch.Tensor) -> None:
+        n = t.numel() * t.element_size()
+        if self._bytes + n <= self.budget:
+            self._mem[key] = t
+            self._bytes += n
+            self.peak_bytes = max(self.peak_bytes, self._bytes)
+            return
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="blocktune-acts-", dir=self._dir_arg))
+        path = self._dir / f"{'_'.join(map(str, key))}.safetensors"
+        save_file({"t": t.detach().to("cpu").contiguous()}, str(path))
+        self._disk[key] = (path, t.device)
+        self.spilled_bytes += n
+
+    def pop(self, key: tuple) -> torch.Tensor:
+        if key in self._mem:
+            t = self._mem.pop(key)
+            self._bytes -= t.numel() * t.element_size()
+            return t
+        path, device = self._disk.pop(key)
+        t = load_file(str(path))["t"].to(device)
+        os.unlink(path)
+        return t
+
+    def clear(self) -> None:
+        self._mem.clear()
+        self._disk.clear()
+        self._bytes = 0
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None

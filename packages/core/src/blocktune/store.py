@@ -1,0 +1,371 @@
+"""The block store: a model as one safetensors file per unit plus a manifest.
+
+    STORE/
+      manifest.json            format version, model args, dtype, step, and per file:
+                               name, size, crc32, tensor dtypes and shapes
+      embed.safetensors        tok_embeddings.weight
+      block_00.safetensors     attention.wq.weight, …, ffn_norm.weight   (Meta names, no prefix)
+      …
+      head.safetensors         norm.weight, output.weight
+      block_00-000003.state.safetensors   optimizer state after step 3 (full fine-tune)
+      tokenizer.model
+
+Durability: a new version of a unit goes to a new file name (``block_00-000004.safetensors``),
+written to a temp file, fsync'd and renamed. Nothing refers to it until `commit` replaces the
+manifest atomically (temp, fsync, rename, fsync of the folder); only then are the files of
+the previous step deleted. So the store on disk is always exactly one committed step.
+
+Integrity: every file's crc32 is recorded in the manifest and checked on every read
+(crc32 runs at ≈6.6 GB/s here, far above the disk).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+
+from .config import ModelArgs
+from .devices import dtype_name, parse_dtype
+from .errors import ChecksumError, StoreError
+from .model import unit_name
+
+__all__ = ["BlockStore", "FileRecord", "FORMAT_VERSION", "unit_names", "build_store", "atomic_write"]
+
+FORMAT = "blocktune-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+_ST_DTYPES = {
+    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "F64": torch.float64,
+}
+
+
+def unit_names(args: ModelArgs) -> list[str]:
+    return ["embed"] + [unit_name(i) for i in range(args.n_layers)] + ["head"]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes | memoryview, *, opener: Callable = open) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with opener(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    file: str
+    nbytes: int
+    crc32: int
+    tensors: dict[str, dict[str, Any]]  # key -> {"dtype": "bf16", "shape": [...]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "bytes": self.nbytes, "crc32": self.crc32, "tensors": self.tensors}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FileRecord:
+        return cls(d["file"], int(d["bytes"]), int(d["crc32"]), d["tensors"])
+
+
+def encode_tensors(tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, dict[str, Any]]]:
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    layout = {k: {"dtype": dtype_name(v.dtype) if v.is_floating_point() else str(v.dtype),
+                  "shape": list(v.shape)} for k, v in cpu.items()}
+    return st_save(cpu), layout
+
+
+def decode_tensors(buf: torch.Tensor, source: str) -> dict[str, torch.Tensor]:
+    """Views into a uint8 buffer holding a safetensors file (no copy where aligned)."""
+    raw = buf.numpy()
+    try:
+        (header_len,) = struct.unpack("<Q", raw[:8].tobytes())
+        if header_len > len(raw) - 8:
+            raise ValueError(f"header length {header_len} exceeds file size {len(raw)}")
+        header = json.loads(raw[8:8 + header_len].tobytes())
+        start = 8 + header_len
+        out = {}
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = _ST_DTYPES[meta["dtype"]]
+            lo, hi = meta["data_offsets"]
+            view = buf[start + lo:start + hi]
+            if (start + lo) % dtype.itemsize:
+                view = view.clone()  # unaligned: copy once rather than fail
+            out[key] = view.view(dtype).view(meta["shape"])
+        return out
+    except (ValueError, KeyError, TypeError, RuntimeError, struct.error) as exc:
+        raise StoreError(f"{source}: not a readable safetensors file ({exc})") from exc
+
+
+class BlockStore:
+    """A prepared model on disk. Opening reads only the manifest (milliseconds at any size)."""
+
+    def __init__(self, path: str | Path, manifest: dict[str, Any]):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.args = ModelArgs(**manifest["model"])
+        self.dtype = parse_dtype(manifest["dtype"])
+        self.units = unit_names(self.args)
+        self._records = {n: FileRecord.from_dict(manifest["units"][n]) for n in self.units}
+        self._state = {n: FileRecord.from_dict(r) for n, r in manifest.get("state", {}).items()}
+        # fault-injection seam for tests of disk-full and IO errors
+        self.opener: Callable = open
+
+    # ---- opening ----
+    @classmethod
+    def open(cls, path: str | Path) -> BlockStore:
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            hint = " (it holds params.json: run `blocktune prepare` on it first)" if (
+                path / "params.json").exists() else ""
+            raise StoreError(f"{path}: not a blocktune store, no {MANIFEST}{hint}")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{mpath}: corrupt manifest ({exc})") from exc
+        cls._check_manifest(manifest, mpath)
+        return cls(path, manifest)
+
+    @staticmethod
+    def _check_manifest(m: Any, mpath: Path) -> None:
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            raise StoreError(f"{mpath}: not a blocktune manifest (format={m.get('format') if isinstance(m, dict) else None!r})")
+        version = m.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise StoreError(
+                f"{mpath}: store format version {version!r} is newer than this blocktune "
+                f"understands ({FORMAT_VERSION}); upgrade blocktune"
+            )
+        try:
+            args = ModelArgs(**m["model"])
+            parse_dtype(m["dtype"])
+            int(m["step"])
+            for n in unit_names(args):
+                FileRecord.from_dict(m["units"][n])
+            for r in m.get("state", {}).values():
+                FileRecord.from_dict(r)
+        except Exception as exc:  # any malformed field: one clear error
+            raise StoreError(f"{mpath}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+
+    # ---- reading ----
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        name = self.manifest.get("tokenizer")
+        return self.path / name if name else None
+
+    def record(self, name: str) -> FileRecord:
+        return self._records[name]
+
+    def state_record(self, name: str) -> FileRecord | None:
+        return self._state.get(name)
+
+    def unit_bytes(self, name: str) -> int:
+        return self._records[name].nbytes
+
+    def total_bytes(self) -> int:
+        return sum(r.nbytes for r in self._records.values())
+
+    def read_file(
+        self, record: FileRecord, alloc: Callable[[int], torch.Tensor] | None = None,
+        verify: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Read one file into a single buffer (pinned where `alloc` makes it so) and check it."""
+        path = self.path / record.file
+        buf = alloc(record.nbytes) if alloc else torch.empty(record.nbytes, dtype=torch.uint8)
+        try:
+            with self.opener(path, "rb", buffering=0) as f:
+                view = memoryview(buf.numpy())
+                got = 0
+                while got < record.nbytes:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+                extra = f.read(1)
+        except FileNotFoundError:
+            raise StoreError(f"{path}: missing from the store (named in {MANIFEST}); "
+                             "the store is damaged, prepare it again") from None
+        except OSError as exc:
+            raise StoreError(f"{path}: read failed ({exc.strerror or exc})") from exc
+        if got != record.nbytes or extra:
+            raise ChecksumError(f"{path}: size differs from the manifest "
+                                f"({'more than' if extra else got} vs {record.nbytes} bytes); the file is damaged")
+        if verify:
+            crc = zlib.crc32(view)
+            if crc != record.crc32:
+                raise ChecksumError(f"{path}: checksum mismatch (crc32 {crc:08x}, manifest says "
+                                    f"{record.crc32:08x}); the file is damaged")
+        return decode_tensors(buf, str(path))
+
+    def read_unit(self, name: str, alloc=None, verify: bool = True) -> dict[str, torch.Tensor]:
+        return self.read_file(self._records[name], alloc, verify)
+
+    def read_state(self, name: str) -> dict[str, torch.Tensor] | None:
+        rec = self._state.get(name)
+        return None if rec is None else self.read_file(rec)
+
+    def load_all(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {n: self.read_unit(n) for n in self.units}
+
+    # ---- writing (new versions; invisible until commit) ----
+    def write_file(self, filename: str, tensors: dict[str, torch.Tensor]) -> FileRecord:
+        data, layout = encode_tensors(tensors)
+        atomic_write(self.path / filename, data, opener=self.opener)
+        return FileRecord(filename, len(data), zlib.crc32(data), layout)
+
+    def write_unit(self, name: str, tensors: dict[str, torch.Tensor], step: int) -> FileRecord:
+        old = self._records[name].tensors
+        if set(old) != set(tensors):
+            raise StoreError(f"{name}: tensor keys changed on write-back ({sorted(set(old) ^ set(tensors))})")
+        return self.write_file(f"{name}-{step:06d}.safetensors", tensors)
+
+    def write_state(self, name: str, tensors: dict[str, torch.Tensor], step: int) -> FileRecord:
+        return self.write_file(f"{name}-{step:06d}.state.safetensors", tensors)
+
+    def commit(self, step: int, units: dict[str, FileRecord],
+               state: dict[str, FileRecord] | None = None, **extra: Any) -> None:
+        """Switch the store to `step` in one atomic manifest replace, then delete stale files."""
+        manifest = dict(self.manifest)
+        manifest["step"] = step
+        manifest["units"] = {n: (units.get(n) or self._records[n]).to_dict() for n in self.units}
+        merged_state = {**self._state, **(state or {})}
+        manifest["state"] = {n: r.to_dict() for n, r in merged_state.items()}
+        manifest.update(extra)
+        atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1).encode(), opener=self.opener)
+        self.manifest = manifest
+        self._records = {n: FileRecord.from_dict(manifest["units"][n]) for n in self.units}
+        self._state = merged_state
+        self.collect_garbage()
+
+    def referenced_files(self) -> set[str]:
+        files = {r.file for r in self._records.values()} | {r.file for r in self._state.values()}
+        files.add(MANIFEST)
+        if self.manifest.get("tokenizer"):
+            files.add(self.manifest["tokenizer"])
+        files.update(self.manifest.get("extra_files", []))
+        return files
+
+    def collect_garbage(self) -> list[str]:
+        """Delete files the manifest does not name (uncommitted versions, old steps, temp files)."""
+        keep = self.referenced_files()
+        removed = []
+        for p in self.path.iterdir():
+            if p.is_file() and p.name not in keep and (
+                p.suffix == ".safetensors" or ".tmp-" in p.name
+            ):
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
+        return removed
+
+    def verify(self) -> list[str]:
+        """Read every file and check it against the manifest; return one line per problem."""
+        problems = []
+        for rec in list(self._records.values()) + list(self._state.values()):
+            try:
+                tensors = self.read_file(rec)
+                for key, meta in rec.tensors.items():
+                    t = tensors.get(key)
+                    if t is None or list(t.shape) != meta["shape"]:
+                        problems.append(f"{self.path / rec.file}: tensor {key} missing or misshapen")
+            except StoreError as exc:
+                problems.append(str(exc))
+        return problems
+
+    def is_consistent(self) -> bool:
+        return not self.verify()
+
+
+@contextmanager
+def _staging_dir(dst: Path) -> Iterator[Path]:
+    """A temp folder beside `dst` that becomes `dst` on success and vanishes on failure."""
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise StoreError(f"{dst}: already exists and is not empty; choose a new folder or remove it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            dst.rmdir()
+        os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_store(
+    dst: str | Path,
+    args: ModelArgs,
+    units: Iterable[tuple[str, dict[str, torch.Tensor]]],
+    dtype: torch.dtype,
+    tokenizer: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> BlockStore:
+    """Write a new store from (unit name, tensors) pairs in order; all or nothing.
+
+    `units` may be a generator that assembles each unit on demand (streaming import), so only
+    one unit is in memory at a time.
+    """
+    expected = unit_names(args)
+    with _staging_dir(Path(dst)) as tmp:
+        records: dict[str, FileRecord] = {}
+        for name, tensors in units:
+            if name not in expected or name in records:
+                raise StoreError(f"unexpected or repeated unit {name!r}; expected {expected}")
+            cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+            data, layout = encode_tensors(cast)
+            atomic_write(tmp / f"{name}.safetensors", data)
+            records[name] = FileRecord(f"{name}.safetensors", len(data), zlib.crc32(data), layout)
+            if progress:
+                progress(name)
+        missing = [n for n in expected if n not in records]
+        if missing:
+            raise StoreError(f"store is missing units {missing}")
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "model": args.to_dict(),
+            "dtype": dtype_name(dtype), "step": 0,
+            "units": {n: records[n].to_dict() for n in expected}, "state": {},
+            "tokenizer": None, **(extra or {}),
+        }
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+            manifest["tokenizer"] = "tokenizer.model"
+        atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    return BlockStore.open(dst)

@@ -1,0 +1,1 @@
+"""Meta and Hugging Face checkpoint layouts for blocktune stores, both directions."""
