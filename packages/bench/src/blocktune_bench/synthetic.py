@@ -72,3 +72,27 @@ def make_store(path: str | Path, args: ModelArgs | str, seed: int = 0,
                dtype: torch.dtype = torch.float32, tokenizer: str | Path | None = None) -> BlockStore:
     args = preset(args) if isinstance(args, str) else args
     return build_store(path, args, random_units(args, seed, dtype), dtype, tokenizer=tokenizer)
+
+
+def write_meta_checkpoint(out: str | Path, args: ModelArgs | str, seed: int = 0,
+                          n_shards: int | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A random Llama-2 checkpoint in Meta's exact layout: params.json, tokenizer.model (the
+    project's real sentencepiece model, when the vocab size matches) and N consolidated shards,
+    `rope.freqs` included as in Meta's files."""
+    from blocktune_export.meta import write_meta
+
+    from .corpus import tokenizer_path
+
+    name = args if isinstance(args, str) else None
+    args = preset(args) if isinstance(args, str) else args
+    n = n_shards or (META_SHARDS.get(name, 1) if name else 1)
+    tok = tokenizer_path()
+    import sentencepiece as spm
+
+    use_tok = spm.SentencePieceProcessor(model_file=str(tok)).vocab_size() == args.vocab_size
+    half = args.head_dim // 2
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2)[:half].float() / args.head_dim))
+    out = Path(out)
+    write_meta(out, args, lambda u: random_unit(args, u, seed), n, dtype,
+               extras={"rope.freqs": freqs.to(dtype)}, tokenizer=tok if use_tok else None)
+    return out

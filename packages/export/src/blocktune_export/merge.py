@@ -1,0 +1,28 @@
+"""LoRA merge: W' = W + scale · B·A, computed in fp32, for export."""
+
+from __future__ import annotations
+
+import torch
+
+from blocktune.adapters import Adapter
+from blocktune.store import BlockStore
+
+__all__ = ["merged_unit"]
+
+
+def merged_unit(store: BlockStore, unit: str, adapter: Adapter | None) -> dict[str, torch.Tensor]:
+    """One unit's weights with `adapter` folded in (fp32 where merged, stored dtype otherwise)."""
+    tensors = store.read_unit(unit)
+    if adapter is None or not unit.startswith("block_"):
+        return tensors
+    layer = int(unit[6:])
+    out = dict(tensors)
+    for key in tensors:
+        stem = key[: -len(".weight")]
+        a = adapter.tensors.get(f"layers.{layer}.{stem}.lora_a")
+        if a is None:
+            continue
+        b = adapter.tensors[f"layers.{layer}.{stem}.lora_b"]
+        delta = (b.float() @ a.float()) * adapter.lora.scale
+        out[key] = tensors[key].float() + delta
+    return out

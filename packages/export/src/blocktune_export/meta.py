@@ -1,0 +1,281 @@
+"""Meta's checkpoint layout: params.json, tokenizer.model, consolidated.00.pth … NN.pth.
+
+Meta shards each tensor across model-parallel ranks; the table below says along which axis
+(None: every shard holds a full copy). It is the whole of the format: import concatenates
+along the axis, export splits along it.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from blocktune.config import ModelArgs
+from blocktune.errors import ConfigError, StoreError
+from blocktune.store import BlockStore, build_store, unit_names
+from blocktune.tokenizer import Tokenizer
+
+__all__ = ["SPLIT_AXIS", "split_axis", "meta_key", "read_meta", "import_meta", "export_meta",
+           "write_meta", "shard_files", "load_shard"]
+
+# key (with layers.N. removed) -> axis Meta splits it along, None = replicated
+SPLIT_AXIS: dict[str, int | None] = {
+    "tok_embeddings.weight": 1,
+    "norm.weight": None,
+    "output.weight": 0,
+    "attention.wq.weight": 0,
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w2.weight": 1,
+    "feed_forward.w3.weight": 0,
+    "attention_norm.weight": None,
+    "ffn_norm.weight": None,
+}
+NOT_PARAMETERS = ("rope.freqs",)  # in Meta's files, recomputed by the model
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
+
+
+def split_axis(key: str) -> int | None:
+    m = _LAYER.match(key)
+    local = m.group(2) if m else key
+    try:
+        return SPLIT_AXIS[local]
+    except KeyError:
+        raise KeyError(local) from None
+
+
+def unit_of(key: str) -> tuple[str, str]:
+    """Meta key -> (unit name, key inside the unit)."""
+    m = _LAYER.match(key)
+    if m:
+        return f"block_{int(m.group(1)):02d}", m.group(2)
+    if key == "tok_embeddings.weight":
+        return "embed", key
+    return "head", key
+
+
+def meta_key(unit: str, key: str) -> str:
+    return f"layers.{int(unit[6:])}.{key}" if unit.startswith("block_") else key
+
+
+def shard_files(src: Path) -> list[Path]:
+    shards = sorted(src.glob("consolidated.*.pth"))
+    if not shards:
+        raise StoreError(f"{src}: no consolidated.XX.pth files; is this a Meta Llama folder?")
+    indices = [int(_SHARD.match(p.name).group(1)) for p in shards if _SHARD.match(p.name)]
+    expected = list(range(len(indices)))
+    if sorted(indices) != expected:
+        missing = sorted(set(range(max(indices) + 1)) - set(indices))
+        raise StoreError(f"{src}: shard(s) {['consolidated.%02d.pth' % i for i in missing]} missing "
+                         f"(found {[p.name for p in shards]}); copy the complete checkpoint")
+    return [src / f"consolidated.{i:02d}.pth" for i in expected]
+
+
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """Memory-map one shard; never unpickles anything but tensors (weights_only)."""
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise StoreError(f"{path}: refused to load: it is not a plain tensor checkpoint "
+                         f"(weights_only unpickler said: {str(exc).splitlines()[0]})") from exc
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise StoreError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+    if not isinstance(sd, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+    ):
+        raise StoreError(f"{path}: expected a dict of name -> tensor, got {type(sd).__name__}")
+    return sd
+
+
+def read_params(src: Path, tokenizer: Tokenizer | None) -> ModelArgs:
+    path = src / "params.json"
+    if not path.is_file():
+        raise StoreError(f"{src}: params.json missing; Meta folders ship it next to the shards")
+    try:
+        params = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    if params.get("vocab_size", -1) == -1:
+        if tokenizer is None:
+            raise ConfigError(f"{path}: vocab_size is -1 and there is no tokenizer.model to read it from")
+        params["vocab_size"] = tokenizer.vocab_size
+    return ModelArgs.from_params(params, source=str(path))
+
+
+def _check_shapes(args: ModelArgs, unit: str, tensors: dict[str, torch.Tensor], files) -> None:
+    from blocktune.model import Block, Embed, Head
+
+    with torch.device("meta"):
+        mod = Embed(args) if unit == "embed" else Head(args) if unit == "head" else Block(args)
+    want = {k: tuple(v.shape) for k, v in mod.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if want != got:
+        diff = [f"{meta_key(unit, k)}: {got.get(k)} vs params.json's {want.get(k)}"
+                for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)]
+        raise StoreError(f"{files[0].parent}: tensor shapes do not match params.json and "
+                         f"{len(files)} shard(s): " + "; ".join(diff[:4]))
+
+
+def read_meta(src: str | Path) -> tuple[ModelArgs, Iterator[tuple[str, dict]], dict]:
+    """Validate a Meta folder and return (args, a generator of units, extras).
+
+    Shards are memory-mapped afresh for each unit and released after it, so resident memory
+    stays near one unit, whatever the checkpoint size.
+    """
+    src = Path(src)
+    tok_path = src / "tokenizer.model"
+    tokenizer = Tokenizer(tok_path) if tok_path.is_file() else None
+    args = read_params(src, tokenizer)
+    files = shard_files(src)
+    # one pass over the keys (mmap: no tensor data read) to check them before writing anything
+    keys: dict[str, list[int]] = {}
+    extras: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+    for i, f in enumerate(files):
+        for k, v in load_shard(f).items():
+            if i == 0:
+                order.append(k)
+            if k in NOT_PARAMETERS:
+                if i == 0:
+                    extras[k] = v.clone()
+                continue
+            try:
+                split_axis(k)
+            except KeyError:
+                raise StoreError(f"{f}: unknown key {k!r}; not a Llama-2 checkpoint "
+                                 f"(known: {sorted(SPLIT_AXIS)} per layer)") from None
+            keys.setdefault(k, []).append(i)
+    incomplete = [k for k, where in keys.items() if len(where) != len(files)]
+    if incomplete:
+        raise StoreError(f"{src}: key(s) {incomplete[:3]} missing from some shards")
+    by_unit: dict[str, list[str]] = {}
+    for k in keys:
+        by_unit.setdefault(unit_of(k)[0], []).append(k)
+    expected = unit_names(args)
+    if set(by_unit) != set(expected):
+        raise StoreError(f"{src}: checkpoint has units {sorted(by_unit)[:5]}…, params.json "
+                         f"(n_layers={args.n_layers}) says {len(expected)} units")
+    emb_rows = load_shard(files[0])["tok_embeddings.weight"].shape[0]
+    if tokenizer is not None and tokenizer.vocab_size != emb_rows:
+        raise StoreError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} pieces but "
+                         f"tok_embeddings has {emb_rows} rows; use the tokenizer.model that "
+                         "came with these weights")
+
+    def units() -> Iterator[tuple[str, dict]]:
+        for unit in expected:
+            shards = [load_shard(f) for f in files]  # mmap'd; released at the end of the unit
+            out = {}
+            for k in by_unit[unit]:
+                axis = split_axis(k)
+                pieces = [sd[k] for sd in shards]
+                out[unit_of(k)[1]] = pieces[0].clone() if axis is None else torch.cat(pieces, axis)
+            _check_shapes(args, unit, out, files)
+            del shards
+            yield unit, out
+
+    return args, units(), {"extras": extras, "tokenizer": tok_path if tokenizer else None,
+                           "shards": len(files), "key_order": order}
+
+
+def import_meta(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None,
+                progress: Callable[[str], None] | None = None) -> BlockStore:
+    """Meta folder -> new block store at `dst` (all or nothing)."""
+    args, units, info = read_meta(src)
+    first = next(units)
+    dtype = dtype or next(iter(first[1].values())).dtype
+
+    def chain():
+        yield first
+        yield from units
+
+    extra = {"source": {"format": "meta", "shards": info["shards"], "key_order": info["key_order"]}}
+    extras = info["extras"]
+    with tempfile.TemporaryDirectory() as tmp:
+        if extras:
+            from safetensors.torch import save_file
+
+            save_file(extras, str(Path(tmp) / "extras.safetensors"))
+        store = build_store(dst, args, chain(), dtype, tokenizer=info["tokenizer"],
+                            progress=progress, extra=extra)
+        if extras:  # small: rope.freqs, kept so that export gives back the same keys
+            shutil.copyfile(Path(tmp) / "extras.safetensors", store.path / "extras.safetensors")
+            store.commit(store.step, {}, extra_files=["extras.safetensors"])
+    return store
+
+
+def write_meta(out: Path, args: ModelArgs, units: Callable[[str], dict[str, torch.Tensor]],
+               n_shards: int, dtype: torch.dtype = torch.bfloat16,
+               extras: dict[str, torch.Tensor] | None = None,
+               tokenizer: Path | None = None, key_order: list[str] | None = None) -> None:
+    """Write a Meta folder; `units(name)` returns one unit's tensors (Meta names inside it).
+
+    Keys are written in `key_order` (the order of the imported files) when given, else in the
+    model's own order: tok_embeddings, layers…, norm, output, rope.freqs.
+    """
+    names = unit_names(args)
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
+    for unit in names:
+        for k, t in units(unit).items():
+            full = meta_key(unit, k)
+            axis = split_axis(full)
+            t = t.to(dtype)
+            if axis is None:
+                for sd in shards:
+                    sd[full] = t.clone()
+                continue
+            if t.shape[axis] % n_shards:
+                raise ConfigError(f"{full}: size {t.shape[axis]} along axis {axis} does not "
+                                  f"split into {n_shards} shards; choose a shard count that divides it")
+            for sd, piece in zip(shards, t.chunk(n_shards, axis)):
+                sd[full] = piece.contiguous().clone()
+    for k, v in (extras or {}).items():
+        for sd in shards:
+            sd[k] = v.clone()
+    rank = {k: i for i, k in enumerate(key_order or [])}
+    out.mkdir(parents=True, exist_ok=True)
+    for i, sd in enumerate(shards):
+        keys = sorted(sd, key=lambda k: rank.get(k, len(rank)))  # stable: model order otherwise
+        torch.save({k: sd[k] for k in keys}, out / f"consolidated.{i:02d}.pth")
+    (out / "params.json").write_text(json.dumps(args.to_params()))
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out / "tokenizer.model")
+
+
+def export_meta(store: BlockStore, out: str | Path, n_shards: int | None = None,
+                adapter=None, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Store (optionally with merged LoRA adapters) -> Meta folder, written all or nothing."""
+    from .merge import merged_unit
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise StoreError(f"{out}: already exists and is not empty; choose a new folder")
+    source = store.manifest.get("source", {})
+    n = n_shards or source.get("shards", 1)
+    extras = {}
+    if (store.path / "extras.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        extras = load_file(str(store.path / "extras.safetensors"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        write_meta(tmp, store.args, lambda u: merged_unit(store, u, adapter), n, dtype,
+                   extras, store.tokenizer_path, source.get("key_order"))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
