@@ -193,8 +193,13 @@ class Engine:
 
     # ---- training ----
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-                   lr: float | None = None, step: int | None = None) -> StepResult:
-        """One optimizer step over `micro_batches` of (tokens, targets), each (B, T) int64."""
+                   lr: float | None = None, step: int | None = None,
+                   max_grad_norm: float | None = None) -> StepResult:
+        """One optimizer step over `micro_batches` of (tokens, targets), each (B, T) int64.
+
+        `max_grad_norm` clips the adapters' global gradient norm (LoRA only: a full fine-tune
+        steps each unit before the global norm is known).
+        """
         t_start = time.perf_counter()
         before = self.pager.stats.snapshot()
         lr = self.cfg.optimizer.lr if lr is None else lr
@@ -218,8 +223,8 @@ class Engine:
         try:
             # forward: embed and blocks, no graph
             for i in range(last):
-                self.pager.prefetch(self._next(i, +1))
                 mod = self._module(self.units[i], training=True)
+                self.pager.prefetch(self._next(i, +1))
                 with torch.no_grad():
                     for m in range(M):
                         stash.put((i, m), xs[m])
@@ -229,8 +234,8 @@ class Engine:
                         cursors[m] = dev.get_rng_state()
                 del mod
             # loss and its gradient through the head
-            self.pager.prefetch(self._next(last, -1))
             head = self._module(self.units[last], training=True)
+            self.pager.prefetch(self._next(last, -1))
             loss = torch.zeros((), device=dev.torch)
             grads = []
             for m in range(M):
@@ -244,8 +249,8 @@ class Engine:
             # backward, unit by unit in reverse
             first = 0 if full else 1  # LoRA: the embeddings have nothing to train
             for i in range(last - 1, first - 1, -1):
-                self.pager.prefetch(self._next(i, -1) if i > first else None)
                 mod = self._module(self.units[i], training=True)
+                self.pager.prefetch(self._next(i, -1) if i > first else None)
                 for m in range(M):
                     x = stash.pop((i, m))
                     if self.cfg.replay_rng:
@@ -262,6 +267,8 @@ class Engine:
             if full:
                 self.pager.commit(step + 1)
             else:
+                if max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self.adapter_params(), max_grad_norm, foreach=False)
                 self.lora_optimizer.param_groups[0]["lr"] = lr
                 self.lora_optimizer.step()
                 self.lora_optimizer.zero_grad(set_to_none=True)
@@ -304,13 +311,12 @@ class Engine:
         """Yield the hidden state after embed and each block (eval mode, no graph)."""
         h = tokens.to(self.device.torch)
         for i in range(len(self.units) - 1):
-            self.pager.prefetch(self._next(i, +1))
             mod = self._module(self.units[i], training=False)
+            self.pager.prefetch(self._next(i, +1))
             if i == 0:
                 h = mod(h)
             else:
                 h = mod(h, caches[i - 1] if caches else None, start)
-        self.pager.prefetch(self.units[0])  # a next token starts again at the embeddings
         return h
 
     @torch.no_grad()
@@ -339,7 +345,9 @@ class Engine:
     def next_logits(self, tokens: torch.Tensor, caches: list[KVCache] | None, start: int):
         """Logits of the last position only, extending `caches` from position `start`."""
         h = self._forward_units(tokens, caches, start)
-        return self._module("head", training=False)(h[:, -1:, :])[:, -1, :].float()
+        head = self._module("head", training=False)
+        self.pager.prefetch(self.units[0])  # the next token starts again at the embeddings
+        return head(h[:, -1:, :])[:, -1, :].float()
 
     def close(self) -> None:
         self.pager.close()

@@ -175,7 +175,9 @@ class Pager:
         else:
             pending = self._loading.pop(name, None)
             if pending is None:
-                self._make_room(self._size[name], set())
+                if not self._make_room(self._size[name], set()):
+                    self._drain()  # loads in flight hold reservations: land them, then evict
+                    self._make_room(self._size[name], set())
                 self._loading[name] = _Pending(Future(), self._size[name])  # reserve while loading
                 self._note_peak()
                 try:
@@ -189,6 +191,13 @@ class Pager:
         self.device.wait_event(entry.ready)
         entry.ready = None
         return entry.tensors
+
+    def _drain(self) -> None:
+        for other, p in list(self._loading.items()):
+            entry = p.future.result()
+            del self._loading[other]
+            self._resident[other] = entry
+            self._resident.move_to_end(other, last=False)  # first to go
 
     def get_state(self, name: str) -> dict[str, torch.Tensor] | None:
         """Optimizer state of a unit (None before its first step), held with the unit."""

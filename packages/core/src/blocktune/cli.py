@@ -1,0 +1,217 @@
+"""The `blocktune` command. Thin functions over the library.
+
+Core commands live here; the export and bench packages add theirs (prepare, export, demo)
+through the ``blocktune.commands`` entry-point group, so dependencies still point one way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from .errors import BlocktuneError
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda[:N] or mps")
+    p.add_argument("--device-budget", default=None, help="bytes of weights resident on the device, e.g. 2GiB")
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from .train import RunConfig, Trainer
+
+    overrides = {"store": a.store, "data": a.data, "method": a.method, "steps": a.steps, "lr": a.lr,
+                 "batch_size": a.batch_size, "seq_len": a.seq_len, "out": a.out,
+                 "device": a.device, "device_budget": a.device_budget, "grad_accum": a.grad_accum,
+                 "activation_budget": a.host_budget, "seed": a.seed,
+                 "checkpoint_every": a.checkpoint_every, "progress": False if a.no_progress else None}
+    if a.resume and a.config is None and Path(a.out or "runs/latest", "config.toml").is_file():
+        a.config = str(Path(a.out or "runs/latest", "config.toml"))
+    cfg = RunConfig.load(a.config, **overrides)
+    if not cfg.store or not cfg.data:
+        raise BlocktuneError("finetune needs --store and --data (or store/data in --config)")
+    trainer = Trainer(cfg, log=lambda s: print(s, file=sys.stderr))
+    try:
+        history = trainer.run(resume=a.resume)
+    finally:
+        trainer.close()
+    if history:
+        last = history[-1]
+        print(json.dumps({"step": last["step"], "loss": last["loss"], "val_loss": last.get("val_loss"),
+                          "out": str(cfg.out)}))
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .adapters import load_adapter
+    from .engine import Engine, EngineConfig
+    from .generate import SamplingConfig, generate_tokens, stream_text
+    from .pager import parse_bytes
+    from .store import BlockStore
+    from .tokenizer import Tokenizer
+
+    store = BlockStore.open(a.store)
+    adapter = load_adapter(a.adapter, store.args) if a.adapter else None
+    cfg = EngineConfig(method="lora" if adapter else "full", lora=adapter.lora if adapter else None,
+                       device=a.device or "auto", device_budget=parse_bytes(a.device_budget))
+    engine = Engine(store, cfg, adapters=adapter.tensors if adapter else None)
+    if store.tokenizer_path is None:
+        raise BlocktuneError(f"{a.store}: the store has no tokenizer.model")
+    tok = Tokenizer(store.tokenizer_path)
+    sampling = SamplingConfig(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
+    prompt = tok.encode(a.prompt, bos=True)
+    sys.stdout.write(a.prompt)
+    t0 = time.perf_counter()
+    out = stream_text(tok, generate_tokens(engine, prompt, sampling, tok.eos_id),
+                      lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    dt = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    print(f"[{len(out)} tokens in {dt:.2f}s, {len(out) / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    engine.close()
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    import torch
+
+    from .adapters import load_adapter
+    from .data import eval_windows, read_text
+    from .engine import Engine, EngineConfig
+    from .errors import DataError
+    from .pager import parse_bytes
+    from .store import BlockStore
+    from .tokenizer import Tokenizer
+
+    store = BlockStore.open(a.store)
+    if a.seq_len > store.args.max_seq_len:
+        raise DataError(f"--seq-len {a.seq_len} exceeds the model's context of {store.args.max_seq_len}")
+    adapter = load_adapter(a.adapter, store.args) if a.adapter else None
+    engine = Engine(store, EngineConfig(method="lora" if adapter else "full",
+                                        lora=adapter.lora if adapter else None,
+                                        device=a.device or "auto",
+                                        device_budget=parse_bytes(a.device_budget)),
+                    adapters=adapter.tensors if adapter else None)
+    tok = Tokenizer(store.tokenizer_path)
+    windows = eval_windows(tok, read_text(a.data), a.seq_len)
+    if not windows:
+        raise DataError(f"{a.data}: shorter than one window of {a.seq_len + 1} tokens")
+    total, count = 0.0, 0
+    for i in range(0, len(windows), a.batch_size):
+        ex = windows[i:i + a.batch_size]
+        loss, n = engine.eval_loss(torch.stack([e.tokens for e in ex]), torch.stack([e.targets for e in ex]))
+        total, count = total + loss * n, count + n
+    engine.close()
+    loss = total / count
+    result = {"loss": loss, "ppl": math.exp(loss), "tokens": count}
+    print(json.dumps(result) if a.json else f"loss {loss:.4f}  perplexity {math.exp(loss):.2f}  over {count} tokens")
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from .store import BlockStore
+
+    store = BlockStore.open(a.store)
+    problems = store.verify()
+    for p in problems:
+        print(p, file=sys.stderr)
+    n = len(store.units) + len(store.manifest.get("state", {}))
+    print(f"{a.store}: {n} files checked, {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from .store import BlockStore
+
+    t0 = time.perf_counter()
+    store = BlockStore.open(a.store)
+    opened = time.perf_counter() - t0
+    args = store.args
+    info = {"store": str(store.path), "step": store.step, "dtype": str(store.dtype).replace("torch.", ""),
+            "params": args.n_params(), "bytes": store.total_bytes(), "units": len(store.units),
+            "largest_unit_bytes": max(store.unit_bytes(u) for u in store.units),
+            "model": args.to_params(), "open_seconds": round(opened, 4),
+            "tokenizer": store.manifest.get("tokenizer")}
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blocktune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("finetune", help="fine-tune a store (LoRA or full) on a text or JSONL file")
+    p.add_argument("--store", help="prepared block store")
+    p.add_argument("--data", help=".txt (packed) or .jsonl with prompt/response")
+    p.add_argument("--config", help="TOML run config; flags override it")
+    p.add_argument("--method", choices=["lora", "full"])
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--out", help="run folder: config, checkpoints, metrics.jsonl, loss.png")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--host-budget", help="RAM for stashed activations before spilling, e.g. 4GiB")
+    p.add_argument("--no-progress", action="store_true")
+    _add_run_flags(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("generate", help="generate text, streaming, with a KV cache")
+    p.add_argument("--store", required=True)
+    p.add_argument("--adapter", help="LoRA adapter file from a run")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    _add_run_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="mean next-token loss and perplexity of a text file")
+    p.add_argument("--store", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--adapter")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    _add_run_flags(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("verify", help="check every file of a store against its checksum")
+    p.add_argument("store")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("info", help="describe a store")
+    p.add_argument("store")
+    p.set_defaults(func=cmd_info)
+
+    for ep in sorted(entry_points(group="blocktune.commands"), key=lambda e: e.name):
+        ep.load()(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a)
+    except BlocktuneError as exc:
+        print(f"blocktune {a.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"blocktune {a.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""The fine-tuning run: one config, the loop, checkpoints and exact resume, metrics, progress.
+
+Everything a run depends on is a function of the config and the step number: the examples
+of a step (`Dataset.index`), its dropout streams (`blocktune.rng`), its learning rate. So a
+checkpoint holds only what training changes: LoRA adapters and their optimizer state (one
+atomically written file), or, for a full fine-tune, the store itself, whose manifest is
+switched atomically at the end of every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters import load_adapter, save_adapter
+from .config import LoraConfig
+from .data import Dataset, load_dataset
+from .engine import Engine, EngineConfig
+from .errors import ConfigError, StoreError, TrainingError
+from .generate import SamplingConfig, generate_tokens
+from .optim import OptimizerConfig
+from .pager import parse_bytes
+from .store import BlockStore, atomic_write
+from .tokenizer import Tokenizer
+
+__all__ = ["RunConfig", "Trainer", "lr_at"]
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a fine-tune, in one place. Defaults suit a 7B LoRA run on a 16 GB laptop."""
+
+    store: str = ""
+    data: str = ""
+    out: str = "runs/latest"
+    method: str = "lora"  # lora | full
+    steps: int = 100
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    optimizer: str = "adamw"  # adamw | sgd
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # global norm, LoRA only (a full fine-tune steps each unit at once)
+    batch_size: int = 1
+    grad_accum: int = 8
+    seq_len: int = 512
+    val_ratio: float = 0.05
+    eval_every: int = 25
+    eval_batches: int = 8
+    sample_every: int = 50
+    sample_prompt: str = "The"
+    sample_tokens: int = 32
+    checkpoint_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    compute_dtype: str = ""  # "": the device's default (fp32 on CPU, bf16 on GPUs)
+    device_budget: str = "inf"  # weights resident on the device, e.g. "2GiB"
+    activation_budget: str = "4GiB"  # stashed block inputs in RAM before spilling to disk
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+    dropout: float = 0.0  # embedding, attention and residual dropout
+    plot: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise ConfigError(f"method={self.method!r}: choose lora or full")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        if not 0 <= self.val_ratio < 1:
+            raise ConfigError(f"val_ratio={self.val_ratio} must be in [0, 1)")
+        self.lora_targets = list(self.lora_targets)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> RunConfig:
+        values: dict[str, Any] = {}
+        if path:
+            p = Path(path)
+            try:
+                values = tomllib.loads(p.read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"{p}: config file not found") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ConfigError(f"{p}: unknown setting(s) {unknown}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def to_toml(self) -> str:
+        lines = []
+        for k, v in dataclasses.asdict(self).items():
+            lines.append(f"{k} = {json.dumps(v)}")  # JSON scalars and lists are valid TOML
+        return "\n".join(lines) + "\n"
+
+    def lora(self) -> LoraConfig:
+        return LoraConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets))
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            method=self.method, lora=self.lora(),
+            optimizer=OptimizerConfig(self.optimizer, self.lr, weight_decay=self.weight_decay),
+            device=self.device, compute_dtype=self.compute_dtype or None,
+            device_budget=parse_bytes(self.device_budget),
+            activation_budget=parse_bytes(self.activation_budget), seed=self.seed,
+        )
+
+
+def lr_at(cfg: RunConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, log=print):
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.out)
+        self.store = BlockStore.open(cfg.store)
+        if cfg.dropout:
+            # dropout is a training setting, not a property of the stored weights
+            self.store.args = self.store.args.with_dropout(cfg.dropout)
+        tok_path = self.store.tokenizer_path
+        if tok_path is None:
+            raise StoreError(f"{cfg.store}: the store has no tokenizer.model; prepare it from a "
+                             "folder that has one")
+        self.tok = Tokenizer(tok_path)
+        self.train_data, self.val_data = load_dataset(
+            cfg.data, self.tok, cfg.seq_len, self.store.args.max_seq_len, cfg.val_ratio)
+        self.engine = Engine(self.store, cfg.engine_config())
+        self.start_step = 0
+
+    # ---- checkpoints ----
+    def _save_checkpoint(self, step: int) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.toml").write_text(self.cfg.to_toml())
+        if self.cfg.method == "full":
+            return  # the store's manifest is the checkpoint, committed by every step
+        from safetensors.torch import save
+
+        tensors = {f"adapter.{k}": v for k, v in self.engine.adapter_state().items()}
+        opt = self.engine.lora_optimizer.state_dict()
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                tensors[f"optim.{i}.{k}"] = torch.as_tensor(v).detach().cpu()
+        meta = {"step": str(step), "format": "blocktune-checkpoint",
+                "lora": json.dumps(self.cfg.lora().to_dict())}
+        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        atomic_write(self.out / CHECKPOINT, save(cpu, metadata=meta))
+        save_adapter(self.out / "adapter.safetensors", self.engine.adapter_state(),
+                     self.cfg.lora(), self.store.args)
+
+    def _resume(self) -> int:
+        if self.cfg.method == "full":
+            state = self.store.manifest.get("run") or {}
+            step = self.store.step - int(state.get("first_step", self.store.step))
+            return step
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            raise StoreError(f"{path}: no checkpoint to resume from (run without --resume first)")
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata()
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:
+            raise StoreError(f"{path}: unreadable checkpoint ({exc})") from exc
+        saved_lora = LoraConfig.from_dict(json.loads(meta["lora"]))
+        if saved_lora != self.cfg.lora():
+            raise ConfigError(f"{path}: checkpoint was made with LoRA {saved_lora}, the config "
+                              f"says {self.cfg.lora()}; resume with the run's own config.toml")
+        self.engine.load_adapters({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
+        opt = self.engine.lora_optimizer
+        sd = opt.state_dict()
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        sd["state"] = state
+        opt.load_state_dict(sd)
+        return int(meta["step"])
+
+    # ---- the loop ----
+    def validate(self) -> float | None:
+        if self.val_data is None:
+            return None
+        total, count = 0.0, 0
+        n = min(len(self.val_data), self.cfg.eval_batches * self.cfg.batch_size)
+        for i in range(0, n, self.cfg.batch_size):
+            ex = self.val_data.examples[i:i + self.cfg.batch_size]
+            tok = torch.stack([e.tokens for e in ex])
+            tgt = torch.stack([e.targets for e in ex])
+            loss, k = self.engine.eval_loss(tok, tgt)
+            total, count = total + loss * k, count + k
+        return total / max(count, 1)
+
+    def sample(self, prompt: str | None = None, max_new: int | None = None) -> str:
+        ids = self.tok.encode(prompt or self.cfg.sample_prompt, bos=True)
+        cfg = SamplingConfig(max_new_tokens=max_new or self.cfg.sample_tokens, temperature=0.0)
+        new = list(generate_tokens(self.engine, ids, cfg, self.tok.eos_id))
+        return self.tok.decode(new)
+
+    def estimate_disk_writes(self) -> tuple[int, int]:
+        """Bytes a full fine-tune writes per step (units + optimizer state) and over the run."""
+        if self.cfg.method != "full":
+            return 0, 0
+        params = self.store.args.n_params()
+        per_param = self.store.dtype.itemsize + (8 if self.cfg.optimizer == "adamw" else 0)
+        if self.store.dtype != torch.float32:
+            per_param += 4  # fp32 master copy
+        per_step = params * per_param
+        return per_step, per_step * self.cfg.steps
+
+    def run(self, resume: bool = False) -> list[dict]:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log("config:\n" + cfg.to_toml())
+        if cfg.method == "full":
+            per, total = self.estimate_disk_writes()
+            self.log(f"full fine-tune writes ≈{per / 1e9:.2f} GB per step, ≈{total / 1e9:.1f} GB "
+                     f"over {cfg.steps} steps (SSD wear: prefer LoRA when it will do)")
+            if cfg.grad_clip:
+                self.log("note: grad_clip is ignored for a full fine-tune (each unit steps as soon "
+                         "as its gradient exists, before the global norm is known)")
+            if not resume:
+                self.store.commit(self.store.step, {}, run={"first_step": self.store.step})
+        start = self._resume() if resume else 0
+        metrics_path = self.out / "metrics.jsonl"
+        history = _read_metrics(metrics_path, upto=start) if resume else []
+        _write_metrics(metrics_path, history)
+        self.log(f"{'resuming at' if resume else 'starting'} step {start} of {cfg.steps}; "
+                 f"{len(self.train_data)} training sequences of {cfg.seq_len} tokens")
+        first_step = self.store.step - start if cfg.method == "full" else 0
+        bar = _progress(cfg.steps, start, cfg.progress)
+        try:
+            for step in range(start, cfg.steps):
+                t0 = time.perf_counter()
+                micro = [self.train_data.batch(cfg.seed, (step * cfg.grad_accum + m) * cfg.batch_size,
+                                               cfg.batch_size) for m in range(cfg.grad_accum)]
+                lr = lr_at(cfg, step)
+                res = self.engine.train_step(micro, lr=lr, step=step + first_step,
+                                             max_grad_norm=cfg.grad_clip if cfg.method == "lora" else None)
+                dt = time.perf_counter() - t0
+                row = {"step": step + 1, "loss": res.loss, "lr": lr, "tokens": res.tokens,
+                       "seconds": dt, "tokens_per_s": res.tokens / dt,
+                       "gb_read": res.bytes_read / 1e9, "gb_written": res.bytes_written / 1e9}
+                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                    row["val_loss"] = self.validate()
+                if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+                    row["sample"] = self.sample()
+                    self.log(f"step {step + 1} sample: {cfg.sample_prompt}{row['sample']!r}")
+                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                    self._save_checkpoint(step + 1)
+                history.append(row)
+                _append_metric(metrics_path, row)
+                bar.update(row)
+        except TrainingError as exc:
+            raise TrainingError(f"{exc}; the last good checkpoint in {self.out} is kept") from None
+        finally:
+            bar.close()
+        if cfg.plot and history:
+            from .plot import plot_losses
+
+            plot_losses(history, self.out / "loss.png")
+        return history
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _read_metrics(path: Path, upto: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if row.get("step", 0) <= upto:
+            rows.append(row)
+    return rows
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def _append_metric(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+class _progress:
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", file=sys.stderr,
+                            dynamic_ncols=True)
+
+    def update(self, row: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                 read=f"{row['gb_read']:.2f}GB", wrote=f"{row['gb_written']:.2f}GB")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

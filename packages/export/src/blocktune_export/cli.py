@@ -1,0 +1,84 @@
+"""`blocktune prepare` and `blocktune export`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from blocktune.devices import parse_dtype
+from blocktune.errors import ConfigError
+from blocktune.store import unit_names
+from blocktune.tokenizer import Tokenizer
+
+__all__ = ["register_prepare", "register_export"]
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="unit")
+
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from .hf import import_hf
+    from .meta import import_meta, read_params
+
+    src = Path(a.src)
+    dtype = parse_dtype(a.dtype) if a.dtype else None
+    is_hf = (src / "config.json").is_file() and not (src / "params.json").is_file()
+    t0 = time.perf_counter()
+    if is_hf:
+        store = import_hf(src, a.dst, dtype)
+    else:
+        tok = src / "tokenizer.model"
+        args = read_params(src, Tokenizer(tok) if tok.is_file() else None)
+        bar = _progress(len(unit_names(args)), "prepare")
+        try:
+            store = import_meta(src, a.dst, dtype, progress=lambda _: bar.update(1))
+        finally:
+            bar.close()
+    dt = time.perf_counter() - t0
+    gb = store.total_bytes() / 1e9
+    print(f"prepared {store.path}: {len(store.units)} units, {gb:.2f} GB {a.dtype or 'as stored'}, "
+          f"in {dt:.1f}s ({gb / dt:.2f} GB/s)")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from blocktune.adapters import load_adapter
+    from blocktune.store import BlockStore
+
+    from .hf import export_hf
+    from .meta import export_meta
+
+    store = BlockStore.open(a.store)
+    adapter = load_adapter(a.adapter, store.args) if a.adapter else None
+    dtype = parse_dtype(a.dtype)
+    if a.format == "hf":
+        if a.shards:
+            raise ConfigError("--shards applies to the Meta layout; HF shards by size")
+        out = export_hf(store, a.out, adapter, dtype)
+    else:
+        out = export_meta(store, a.out, a.shards, adapter, dtype)
+    print(f"exported {a.store} -> {out} ({a.format}{', LoRA merged' if adapter else ''})")
+    return 0
+
+
+def register_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="Meta (or Hugging Face) folder -> block store")
+    p.add_argument("src", help="folder with params.json + consolidated.XX.pth (or HF config.json + safetensors)")
+    p.add_argument("dst", help="new store folder")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="stored dtype (default: as the checkpoint)")
+    p.set_defaults(func=cmd_prepare)
+
+
+def register_export(sub) -> None:
+    p = sub.add_parser("export", help="block store -> Meta (or HF) folder, LoRA merged on request")
+    p.add_argument("store")
+    p.add_argument("out")
+    p.add_argument("--shards", type=int, help="Meta shard count (default: the imported count)")
+    p.add_argument("--adapter", help="LoRA adapter to merge into the weights")
+    p.add_argument("--format", choices=["meta", "hf"], default="meta")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.set_defaults(func=cmd_export)

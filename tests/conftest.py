@@ -1,0 +1,25 @@
+import os
+
+import pytest
+import torch
+
+from blocktune_bench.synthetic import PRESETS, make_store
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_args():
+    return PRESETS["tiny-7b"]
+
+
+@pytest.fixture
+def tiny_store(tmp_path, tiny_args):
+    """A fresh fp32 store of the tiny-7b preset (4 layers, dim 64)."""
+    return make_store(tmp_path / "store", tiny_args, seed=1)
+
+
+def random_batch(args, batch=2, seq=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(0, args.vocab_size, (batch, seq + 1), generator=g)
+    return tok[:, :-1], tok[:, 1:]
