@@ -69,7 +69,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     prompt = tok.encode(a.prompt, bos=True)
     sys.stdout.write(a.prompt)
     t0 = time.perf_counter()
-    out = stream_text(tok, generate_tokens(engine, prompt, sampling, tok.eos_id),
+    out = stream_text(tok, prompt, generate_tokens(engine, prompt, sampling, tok.eos_id),
                       lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     dt = time.perf_counter() - t0
     sys.stdout.write("\n")

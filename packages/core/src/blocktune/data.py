@@ -118,6 +118,10 @@ def load_dataset(path: str | Path, tok: Tokenizer, seq_len: int, max_seq_len: in
         val = Dataset(rows[len(rows) - n_val:], f"{path} (validation)") if n_val else None
         return Dataset(rows[: len(rows) - n_val], str(path)), val
     cut = int(len(text) * (1 - val_ratio))
-    train = _windows(tok.encode(text[:cut]), seq_len, seq_len)
+    ids = tok.encode(text[:cut])
+    train = _windows(ids, seq_len, seq_len)
+    if not train:
+        raise DataError(f"{path}: its training part is {len(ids)} tokens, fewer than one sequence "
+                        f"of {seq_len + 1}; lower --seq-len or add text")
     val_ex = _windows(tok.encode(text[cut:]), seq_len, seq_len) if val_ratio > 0 else []
     return Dataset(train, str(path)), (Dataset(val_ex, f"{path} (validation)") if val_ex else None)

@@ -70,13 +70,15 @@ def generate_tokens(engine: Engine, prompt: list[int], cfg: SamplingConfig,
             return
 
 
-def stream_text(tokenizer, token_iter: Iterator[int], emit: Callable[[str], None]) -> list[int]:
-    """Decode incrementally: emit only the new suffix of the decoded text (keeps spaces right)."""
+def stream_text(tokenizer, prompt: list[int], token_iter: Iterator[int],
+                emit: Callable[[str], None]) -> list[int]:
+    """Decode incrementally: emit only the new suffix of the decoded text. Decoding with the
+    prompt in front keeps word boundaries right (sentencepiece drops a leading space)."""
     out: list[int] = []
-    shown = ""
+    shown = tokenizer.decode(prompt)
     for t in token_iter:
         out.append(t)
-        text = tokenizer.decode(out)
+        text = tokenizer.decode(prompt + out)
         if text.startswith(shown):
             emit(text[len(shown):])
             shown = text

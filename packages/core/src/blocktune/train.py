@@ -140,6 +140,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig, log=print):
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.out)
+        from .devices import resolve_device
+
+        resolve_device(cfg.device)  # a bad --device fails before any data is read
         self.store = BlockStore.open(cfg.store)
         if cfg.dropout:
             # dropout is a training setting, not a property of the stored weights
@@ -224,7 +227,7 @@ class Trainer:
         ids = self.tok.encode(prompt or self.cfg.sample_prompt, bos=True)
         cfg = SamplingConfig(max_new_tokens=max_new or self.cfg.sample_tokens, temperature=0.0)
         new = list(generate_tokens(self.engine, ids, cfg, self.tok.eos_id))
-        return self.tok.decode(new)
+        return self.tok.decode(ids + new)[len(self.tok.decode(ids)):]  # keeps the leading space
 
     def estimate_disk_writes(self) -> tuple[int, int]:
         """Bytes a full fine-tune writes per step (units + optimizer state) and over the run."""

@@ -1,0 +1,125 @@
+"""The block store and pager: atomic writes, checksums, clear errors, budgets."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from blocktune import BlockStore, BudgetError, ChecksumError, Engine, EngineConfig, StoreError
+from blocktune.pager import parse_bytes
+from blocktune.store import build_store
+from blocktune_bench.synthetic import PRESETS, make_store, random_units
+from conftest import random_batch
+
+
+def test_store_layout_and_manifest(tiny_store):
+    m = json.loads((tiny_store.path / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["step"] == 0
+    assert list(m["units"]) == ["embed", "block_00", "block_01", "block_02", "block_03", "head"]
+    assert m["units"]["head"]["tensors"]["output.weight"]["shape"] == [1024, 64]
+    assert tiny_store.verify() == []
+
+
+def test_open_is_fast_and_reads_only_the_manifest(tmp_path):
+    store = make_store(tmp_path / "s", PRESETS["tiny-70b"])
+    t0 = time.perf_counter()
+    for _ in range(20):
+        BlockStore.open(store.path)
+    per_open = (time.perf_counter() - t0) / 20
+    print(f"open: {per_open * 1e3:.2f} ms")
+    assert per_open < 0.5
+
+
+def test_failed_build_leaves_nothing(tmp_path, tiny_args):
+    def broken():
+        for i, unit in enumerate(random_units(tiny_args)):
+            if i == 2:
+                raise OSError("disk on fire")
+            yield unit
+
+    with pytest.raises(OSError):
+        build_store(tmp_path / "dst", tiny_args, broken(), torch.float32)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_flipped_byte_is_named(tiny_store):
+    path = tiny_store.path / "block_02.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="block_02.safetensors"):
+        tiny_store.read_unit("block_02")
+    problems = tiny_store.verify()
+    assert len(problems) == 1 and "block_02" in problems[0]
+    engine = Engine(tiny_store, EngineConfig(method="full", device="cpu"))
+    with pytest.raises(ChecksumError, match="block_02"):
+        engine.logits(random_batch(tiny_store.args)[0])
+
+
+def test_truncated_and_missing_files(tiny_store):
+    p = tiny_store.path / "head.safetensors"
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(ChecksumError, match="head.safetensors.*size"):
+        tiny_store.read_unit("head")
+    (tiny_store.path / "embed.safetensors").unlink()
+    with pytest.raises(StoreError, match="embed.safetensors.*missing"):
+        tiny_store.read_unit("embed")
+
+
+def test_newer_format_and_foreign_folders(tiny_store, tmp_path):
+    m = json.loads((tiny_store.path / "manifest.json").read_text())
+    m["format_version"] = 99
+    (tiny_store.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="newer than this blocktune"):
+        BlockStore.open(tiny_store.path)
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "params.json").write_text("{}")
+    with pytest.raises(StoreError, match="blocktune prepare"):
+        BlockStore.open(tmp_path / "meta")
+
+
+def test_budget_smaller_than_largest_unit(tiny_store):
+    with pytest.raises(BudgetError, match="head.*raise the budget"):
+        Engine(tiny_store, EngineConfig(method="full", device="cpu", device_budget=1000))
+
+
+def test_parse_bytes():
+    assert parse_bytes("4GiB") == 4 << 30
+    assert parse_bytes("512MiB") == 512 << 20
+    assert parse_bytes("1.5GB") == 1_500_000_000
+    assert parse_bytes("inf") is None
+    with pytest.raises(BudgetError, match="4GiB"):
+        parse_bytes("four gigs")
+
+
+def test_uncommitted_versions_are_collected(tiny_store):
+    rec = tiny_store.write_unit("block_00", tiny_store.read_unit("block_00"), 1)
+    assert (tiny_store.path / rec.file).exists()
+    reopened = BlockStore.open(tiny_store.path)
+    assert reopened.record("block_00").file == "block_00.safetensors"  # not committed: invisible
+    reopened.collect_garbage()
+    assert not (tiny_store.path / rec.file).exists()
+
+
+def test_activation_stash_spills(tmp_path):
+    from blocktune.pager import ActivationStash
+
+    stash = ActivationStash(budget=1000, spill_dir=tmp_path)
+    a, b = torch.randn(100), torch.randn(300)
+    stash.put(("a",), a)
+    stash.put(("b",), b)  # 1200 bytes > 1000: spills
+    assert stash.spilled_bytes == b.numel() * 4
+    assert torch.equal(stash.pop(("b",)), b) and torch.equal(stash.pop(("a",)), a)
+    stash.clear()
+
+
+def test_spilled_activations_give_the_same_step(tmp_path, tiny_args):
+    results = []
+    for budget in (None, 1):
+        store = make_store(tmp_path / f"s{budget}", tiny_args.with_dropout(0.1), seed=4)
+        engine = Engine(store, EngineConfig(method="lora", device="cpu", activation_budget=budget))
+        results.append([engine.train_step([random_batch(tiny_args, seed=s)]).loss for s in range(2)]
+                       + [engine.adapter_state()])
+    assert results[0][:2] == results[1][:2]
+    assert all(torch.equal(results[0][2][k], results[1][2][k]) for k in results[0][2])
