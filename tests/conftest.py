@@ -2,7 +2,6 @@ import os
 
 import pytest
 import torch
-
 from blocktune_bench.synthetic import PRESETS, make_store
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))

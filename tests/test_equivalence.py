@@ -5,14 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from blocktune import Engine, EngineConfig, LoraConfig, ModelArgs, OptimizerConfig
 from blocktune.store import BlockStore
 from blocktune_bench.reference import ReferenceTrainer
 from blocktune_bench.synthetic import make_store
 from conftest import random_batch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 TOL = 1e-6
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))

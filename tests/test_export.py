@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-
 from blocktune import Engine, EngineConfig, LoraConfig, StoreError
 from blocktune.adapters import load_adapter, save_adapter
 from blocktune.config import ConfigError, ModelArgs

@@ -5,7 +5,6 @@ import time
 
 import pytest
 import torch
-
 from blocktune import BlockStore, BudgetError, ChecksumError, Engine, EngineConfig, StoreError
 from blocktune.pager import parse_bytes
 from blocktune.store import build_store

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from blocktune import DataError, Engine, EngineConfig
 from blocktune.data import eval_windows, load_dataset
 from blocktune.generate import SamplingConfig, generate_tokens

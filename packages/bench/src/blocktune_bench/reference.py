@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
 from blocktune.config import LoraConfig, ModelArgs
 from blocktune.devices import Device, resolve_device
 from blocktune.engine import IGNORE_INDEX
@@ -18,6 +16,7 @@ from blocktune.model import Transformer, init_lora_
 from blocktune.optim import OptimizerConfig
 from blocktune.rng import seed_micro_batch
 from blocktune.store import BlockStore
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["ReferenceTrainer", "model_from_store"]
 

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-
 from blocktune.config import ModelArgs
 from blocktune.model import Block, Embed, Head
 from blocktune.store import BlockStore, build_store, unit_names

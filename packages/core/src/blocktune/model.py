@@ -59,6 +59,14 @@ class Linear(nn.Module):
             self.lora_b = nn.Parameter(torch.empty(out_features, lora.rank))
             self.scale = lora.scale
             self.lora_dropout = nn.Dropout(lora.dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # a no-op on the meta device, where the paged engine builds units before mapping weights in
+        nn.init.normal_(self.weight, std=0.02)
+        if self.lora_a is not None:
+            nn.init.uniform_(self.lora_a, -1 / math.sqrt(self.lora_a.shape[1]), 1 / math.sqrt(self.lora_a.shape[1]))
+            nn.init.zeros_(self.lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from .adapters import load_adapter, save_adapter
+from .adapters import save_adapter
 from .config import LoraConfig
-from .data import Dataset, load_dataset
+from .data import load_dataset
 from .engine import Engine, EngineConfig
 from .errors import ConfigError, StoreError, TrainingError
 from .generate import SamplingConfig, generate_tokens

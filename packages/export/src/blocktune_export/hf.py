@@ -15,12 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from blocktune.config import ModelArgs
 from blocktune.errors import ConfigError, StoreError
 from blocktune.store import BlockStore, build_store, unit_names
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .meta import meta_key, unit_of
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from blocktune.adapters import Adapter
 from blocktune.store import BlockStore
 

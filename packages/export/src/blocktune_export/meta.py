@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-
 from blocktune.config import ModelArgs
 from blocktune.errors import ConfigError, StoreError
 from blocktune.store import BlockStore, build_store, unit_names
@@ -76,7 +75,7 @@ def shard_files(src: Path) -> list[Path]:
     expected = list(range(len(indices)))
     if sorted(indices) != expected:
         missing = sorted(set(range(max(indices) + 1)) - set(indices))
-        raise StoreError(f"{src}: shard(s) {['consolidated.%02d.pth' % i for i in missing]} missing "
+        raise StoreError(f"{src}: shard(s) {[f'consolidated.{i:02d}.pth' for i in missing]} missing "
                          f"(found {[p.name for p in shards]}); copy the complete checkpoint")
     return [src / f"consolidated.{i:02d}.pth" for i in expected]
 

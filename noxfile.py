@@ -1,0 +1,64 @@
+"""One workspace, one noxfile. `nox -s test` is what CI runs (.ci/run) and the README says."""
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["test"]
+
+PACKAGES = ["core", "export", "bench"]
+IMPORTS = {"core": "blocktune", "export": "blocktune_export", "bench": "blocktune_bench"}
+CONSTRAINTS = ["-c", "constraints.txt"]
+
+
+def install(session, *extra):
+    session.install(*CONSTRAINTS, *[f"-e./packages/{p}" for p in PACKAGES], *extra)
+
+
+@nox.session
+@nox.parametrize("package", PACKAGES)
+def smoke(session, package):
+    """Each package installs (with its own dependencies only) and imports."""
+    deps = PACKAGES[: PACKAGES.index(package) + 1]
+    session.install(*CONSTRAINTS, *[f"-e./packages/{p}" for p in deps])
+    session.run("python", "-c", f"import {IMPORTS[package]}; print({IMPORTS[package]}.__doc__)")
+
+
+@nox.session
+def test(session):
+    """The whole suite (benchmarks left out), with every package installed."""
+    install(session, "pytest", "pytest-benchmark", "hypothesis")
+    session.run("pytest", "-m", "not bench and not cuda", *session.posargs)
+
+
+@nox.session
+def bench(session):
+    """Benchmarks (pytest-benchmark) on this machine; results under benchmarks/results/."""
+    install(session, "pytest", "pytest-benchmark", "hypothesis")
+    session.run("python", "-m", "blocktune_bench.run", *session.posargs)
+
+
+@nox.session
+def bench_cuda(session):
+    """The GPU script: CUDA correctness and 7B-shaped benchmarks (needs a CUDA build of torch)."""
+    session.install(*[f"-e./packages/{p}" for p in PACKAGES])
+    session.run("python", "-m", "blocktune_bench.cuda", *session.posargs)
+
+
+@nox.session
+def golden(session):
+    """Regenerate golden/golden.json (commit it with the change that moved the numbers)."""
+    install(session)
+    session.run("python", "-m", "blocktune_bench.golden", "--write")
+
+
+@nox.session
+def lint(session):
+    session.install("ruff")
+    session.run("ruff", "check", "packages", "tests", "noxfile.py")
+
+
+@nox.session
+def demo(session):
+    """The main job on an embedded default: make, fine-tune, generate, export."""
+    install(session)
+    session.run("blocktune", "demo", *session.posargs)

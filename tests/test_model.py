@@ -1,0 +1,89 @@
+"""The model is Meta's Llama 2: FFN widths, rotary embeddings, GQA, config checks."""
+
+import pytest
+import torch
+from blocktune import PRESETS, ConfigError, LoraConfig, ModelArgs
+from blocktune.devices import resolve_device
+from blocktune.model import Block, Transformer, apply_rope, rope_tables
+
+
+@pytest.mark.parametrize("name,hidden", [("llama-2-7b", 11008), ("llama-2-13b", 13824),
+                                         ("llama-2-70b", 28672), ("codellama-7b", 11008)])
+def test_ffn_width_matches_meta(name, hidden):
+    assert PRESETS[name].hidden_dim == hidden
+
+
+def test_param_count_of_7b():
+    assert PRESETS["llama-2-7b"].n_params() == 6_738_415_616  # Meta's model card: 6.7B
+
+
+def test_rope_equals_meta_complex_form():
+    """Meta multiplies (x[2i], x[2i+1]) as complex numbers by e^{i·pos·θ_i}; written out here."""
+    B, T, H, D = 2, 7, 3, 8
+    x = torch.randn(B, T, H, D)
+    freqs = 1.0 / (500000.0 ** (torch.arange(0, D, 2)[: D // 2].float() / D))
+    angles = torch.outer(torch.arange(T).float(), freqs)
+    cis = torch.polar(torch.ones_like(angles), angles)
+    xc = torch.view_as_complex(x.reshape(B, T, H, D // 2, 2))
+    want = torch.view_as_real(xc * cis[None, :, None, :]).flatten(3)
+    cos, sin = rope_tables(D, torch.arange(T), 500000.0)
+    torch.testing.assert_close(apply_rope(x, cos, sin), want, rtol=1e-6, atol=1e-6)
+
+
+def test_gqa_equals_mha_with_repeated_heads():
+    torch.manual_seed(0)
+    gqa = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=16, multiple_of=8)
+    mha = gqa.replace(n_kv_heads=None)
+    a, b = Block(gqa), Block(mha)
+    sd = a.state_dict()
+    hd = gqa.head_dim
+    for w in ("wk", "wv"):  # each kv head serves two query heads
+        kv = sd[f"attention.{w}.weight"].view(2, hd, 32)
+        sd[f"attention.{w}.weight"] = kv.repeat_interleave(2, dim=0).reshape(4 * hd, 32)
+    b.load_state_dict(sd)
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-6)
+
+
+def test_causal_mask_and_lora_start_at_base():
+    args = ModelArgs(dim=16, n_layers=2, n_heads=2, vocab_size=32, multiple_of=8)
+    base = Transformer(args).eval()
+    tok = torch.randint(0, 32, (1, 9))
+    full = base(tok)
+    assert torch.allclose(base(tok[:, :5]), full[:, :5], atol=1e-6)  # no peeking ahead
+    lora = Transformer(args, LoraConfig(rank=2, targets=("wq", "w3"))).eval()
+    sd = {**base.state_dict()}
+    from blocktune.model import init_lora_
+
+    init_lora_(lora)
+    sd.update({k: v for k, v in lora.state_dict().items() if "lora_" in k})
+    lora.load_state_dict(sd)
+    assert torch.equal(lora(tok), full)  # B = 0: the adapters start as the identity
+
+
+def test_params_json_round_trip_and_errors(tmp_path):
+    for args in PRESETS.values():
+        assert ModelArgs.from_params(args.to_params()).to_params() == args.to_params()
+    with pytest.raises(ConfigError, match="n_kv_heads=3 must divide n_heads=8"):
+        ModelArgs(dim=64, n_heads=8, n_kv_heads=3)
+    with pytest.raises(ConfigError, match="unknown key.*'dimension'"):
+        ModelArgs.from_params({"dimension": 4096, "dim": 1, "n_layers": 1, "n_heads": 1})
+    with pytest.raises(ConfigError, match="vocab_size is -1"):
+        ModelArgs.from_params({"dim": 64, "n_layers": 1, "n_heads": 1, "vocab_size": -1})
+    (tmp_path / "params.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        ModelArgs.from_file(tmp_path / "params.json")
+    with pytest.raises(ConfigError, match="unknown LoRA target"):
+        LoraConfig(targets=("wq", "gate_proj"))
+
+
+def test_devices_resolve_and_probe():
+    cpu = resolve_device("cpu")
+    assert torch.float32 in cpu.compute_dtypes and cpu.default_dtype() == torch.float32
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("tpu")
+    state = cpu.get_rng_state()
+    a = torch.rand(3)
+    cpu.set_rng_state(state)
+    assert torch.equal(torch.rand(3), a)
