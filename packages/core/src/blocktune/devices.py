@@ -6,6 +6,7 @@ pin, synchronise, save and restore RNG state, and report memory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import resource
 import sys
@@ -102,13 +103,23 @@ class Device:
         """A host byte buffer, page-locked where that makes host→device copies faster."""
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.supports_pinned)
 
-    def to_device(self, t: torch.Tensor, stream=None) -> torch.Tensor:
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Copy to the device; asynchronous from pinned memory (order it with `stream`/events)."""
         if self.is_cpu:
             return t
-        if self.type == "cuda" and stream is not None:
-            with torch.cuda.stream(stream):
-                return t.to(self.torch, non_blocking=True)
         return t.to(self.torch, non_blocking=self.supports_pinned and t.is_pinned())
+
+    def stream(self, stream):
+        """Context that makes `stream` current (CUDA); a no-op elsewhere."""
+        if self.type == "cuda" and stream is not None:
+            return torch.cuda.stream(stream)
+        return contextlib.nullcontext()
+
+    def record_stream(self, tensors) -> None:
+        if self.type == "cuda":
+            current = torch.cuda.current_stream(self.torch)
+            for t in tensors:
+                t.record_stream(current)
 
     def copy_stream(self):
         """A side stream for host→device copies (CUDA); None where copies are synchronous."""

@@ -51,6 +51,8 @@ class EngineConfig:
     device: str = "auto"
     compute_dtype: str | None = None  # None: the device's default (fp32 on CPU, bf16 on GPUs)
     device_budget: int | None = None  # bytes of units resident on the device; None: no limit
+    host_budget: int | None = None  # bytes of unit files kept in (pinned) RAM for an accelerator;
+    # on the CPU, host RAM is the device: the smaller of the two budgets bounds residency
     activation_budget: int | None = None  # bytes of stashed block inputs in RAM before spilling
     loss_chunk: int = 2048  # positions per chunk of the cross-entropy
     seed: int = 0
@@ -117,8 +119,11 @@ class Engine:
 
         self.dtype = parse_dtype(dtype) if dtype else self.device.default_dtype()
         self.device.check_dtype(self.dtype)
-        self.pager = Pager(store, self.device, self.cfg.device_budget, self.dtype,
-                           prefetch=self.cfg.prefetch, verify=self.cfg.verify)
+        budget = self.cfg.device_budget
+        if self.device.is_cpu and self.cfg.host_budget is not None:
+            budget = min(b for b in (budget, self.cfg.host_budget) if b is not None)
+        self.pager = Pager(store, self.device, budget, self.dtype, prefetch=self.cfg.prefetch,
+                           verify=self.cfg.verify, host_budget=self.cfg.host_budget)
         self.units = store.units
         self.lora = self.cfg.lora if self.cfg.method == "lora" else None
         self.adapters: dict[str, dict[str, nn.Parameter]] = {}

@@ -52,6 +52,7 @@ class PagerStats:
     unit_reads: int = 0
     unit_writes: int = 0
     hits: int = 0
+    host_hits: int = 0
     peak_resident: int = 0
     read_seconds: float = 0.0
     write_seconds: float = 0.0
@@ -88,6 +89,7 @@ class Pager:
         compute_dtype: torch.dtype = torch.float32,
         prefetch: bool = True,
         verify: bool = True,
+        host_budget: int | None = 0,
     ):
         self.store, self.device, self.dtype = store, device, compute_dtype
         self.verify, self.prefetch_enabled = verify, prefetch
@@ -111,6 +113,12 @@ class Pager:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="blocktune-write")
         self._writes: list[Future] = []
         self._copy_stream = device.copy_stream()
+        # Host tier (accelerators only; on the CPU the device tier is host RAM): raw unit files
+        # kept in page-locked RAM, so a unit costs one host->device copy instead of a disk read.
+        self.host_budget = 0 if device.is_cpu else (host_budget if host_budget is not None else 1 << 62)
+        self._host: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._host_bytes = 0
+        self._staging: list[tuple[torch.Tensor, object]] = []  # reusable pinned buffers
 
     # ---- accounting ----
     @property
@@ -134,22 +142,55 @@ class Pager:
         return True
 
     # ---- loading ----
+    def _staging_buffer(self, nbytes: int) -> torch.Tensor:
+        """A pinned buffer to read into; reused once the copy out of it has finished."""
+        for i, (buf, event) in enumerate(self._staging):
+            if buf.numel() >= nbytes:
+                if event is not None:
+                    event.synchronize()
+                del self._staging[i]
+                return buf
+        return self.device.empty_host(max(nbytes, *(self._size.values())))
+
+    def _host_copy(self, name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The unit's tensors in host memory: from the host tier, or read from disk."""
+        if name in self._host:
+            self._host.move_to_end(name)
+            self.stats.host_hits += 1
+            return self._host[name], None
+        nbytes = self.store.unit_bytes(name)
+        keep = self.host_budget > 0 and nbytes <= self.host_budget
+        while keep and self._host_bytes + nbytes > self.host_budget:
+            _, old = self._host.popitem(last=False)
+            self._host_bytes -= _nbytes(old)
+        staging = None if keep or self.device.is_cpu else self._staging_buffer(nbytes)
+        alloc = self.device.empty_host if keep else (lambda n: staging[:n]) if staging is not None else None
+        host = self.store.read_unit(name, alloc=alloc, verify=self.verify)
+        with self._lock:
+            self.stats.bytes_read += nbytes
+            self.stats.unit_reads += 1
+        if keep:
+            self._host[name] = host
+            self._host_bytes += nbytes
+        return host, staging
+
     def _load(self, name: str) -> _Entry:
+        """Runs on the reader thread only (the host tier and staging pool are its own)."""
         import time
 
         t0 = time.perf_counter()
-        alloc = self.device.empty_host if self.device.supports_pinned else None
-        host = self.store.read_unit(name, alloc=alloc, verify=self.verify)
+        host, staging = self._host_copy(name)
         tensors = {}
-        for k, v in host.items():
-            t = self.device.to_device(v, self._copy_stream)
-            if t.is_floating_point() and t.dtype != self.dtype:
-                t = t.to(self.dtype)
-            tensors[k] = t
-        ready = self.device.record_event(self._copy_stream)
+        with self.device.stream(self._copy_stream):
+            for k, v in host.items():
+                t = self.device.to_device(v)
+                if t.is_floating_point() and t.dtype != self.dtype:
+                    t = t.to(self.dtype)
+                tensors[k] = t
+            ready = self.device.record_event(self._copy_stream)
+        if staging is not None:
+            self._staging.append((staging, ready))
         with self._lock:
-            self.stats.bytes_read += self.store.unit_bytes(name)
-            self.stats.unit_reads += 1
             self.stats.read_seconds += time.perf_counter() - t0
         return _Entry(tensors, _nbytes(tensors), ready=ready)
 
@@ -181,15 +222,19 @@ class Pager:
                 self._loading[name] = _Pending(Future(), self._size[name])  # reserve while loading
                 self._note_peak()
                 try:
-                    entry = self._load(name)
+                    entry = self._reader.submit(self._load, name).result()
                 finally:
                     del self._loading[name]
             else:
                 entry = pending.future.result()
             self._resident[name] = entry
             self._note_peak()
-        self.device.wait_event(entry.ready)
-        entry.ready = None
+        if entry.ready is not None:
+            # the compute stream waits for the copy (no host sync), and the allocator learns
+            # that the compute stream uses these tensors, so their memory is not reused early
+            self.device.wait_event(entry.ready)
+            self.device.record_stream(entry.tensors.values())
+            entry.ready = None
         return entry.tensors
 
     def _drain(self) -> None:

@@ -64,6 +64,7 @@ class RunConfig:
     device: str = "auto"
     compute_dtype: str = ""  # "": the device's default (fp32 on CPU, bf16 on GPUs)
     device_budget: str = "inf"  # weights resident on the device, e.g. "2GiB"
+    host_budget: str = "inf"  # unit files kept in RAM (pinned) for a GPU; on the CPU, the RAM for weights
     activation_budget: str = "4GiB"  # stashed block inputs in RAM before spilling to disk
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -118,7 +119,7 @@ class RunConfig:
             method=self.method, lora=self.lora(),
             optimizer=OptimizerConfig(self.optimizer, self.lr, weight_decay=self.weight_decay),
             device=self.device, compute_dtype=self.compute_dtype or None,
-            device_budget=parse_bytes(self.device_budget),
+            device_budget=parse_bytes(self.device_budget), host_budget=parse_bytes(self.host_budget),
             activation_budget=parse_bytes(self.activation_budget), seed=self.seed,
         )
 
