@@ -53,6 +53,7 @@ class PagerStats:
     unit_writes: int = 0
     hits: int = 0
     host_hits: int = 0
+    bytes_to_device: int = 0  # host->device copies (accelerators)
     peak_resident: int = 0
     read_seconds: float = 0.0
     write_seconds: float = 0.0
@@ -192,6 +193,8 @@ class Pager:
             self._staging.append((staging, ready))
         with self._lock:
             self.stats.read_seconds += time.perf_counter() - t0
+            if not self.device.is_cpu:
+                self.stats.bytes_to_device += self.store.unit_bytes(name)
         return _Entry(tensors, _nbytes(tensors), ready=ready)
 
     def prefetch(self, name: str | None) -> None:

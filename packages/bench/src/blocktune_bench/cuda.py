@@ -1,0 +1,345 @@
+"""The GPU script: CUDA correctness, then 7B-shaped benchmarks, in one call of a few minutes.
+
+    python -m blocktune_bench.cuda --out DIR            (nox -s bench_cuda)
+
+1. correctness on the GPU: paged vs in-memory reference, dropout 0.1, 3 steps, budget of one
+   unit with the pinned host tier: fp32 (tight) and bf16 (bf16 tolerance); replay off must
+   break it.
+2. host->device bandwidth, pinned and pageable.
+3. a 7B-shaped model (dim 4096, 32 layers, random weights made on the spot, bf16): store open
+   time, and a LoRA step at batch 2 x 2048 with units streamed from pinned host RAM under a
+   4 GiB device budget, against the copy floor (bytes copied / pinned bandwidth), against the
+   in-memory reference (plain autograd and per-block checkpointing) and, where transformers
+   and peft are installed, against HF transformers + peft with the model whole on the GPU.
+
+Writes cuda.json and cuda.md into --out as it goes (a cut-short run keeps what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from blocktune import Engine, EngineConfig, LoraConfig, ModelArgs, OptimizerConfig
+from blocktune.devices import resolve_device
+from blocktune.store import BlockStore, build_store, unit_names
+
+from .reference import ReferenceTrainer
+from .synthetic import PRESETS, make_store
+
+GiB = 1 << 30
+
+
+class Recorder:
+    def __init__(self, out: Path, meta: dict):
+        self.out, self.data = out, {"meta": meta, "sections": {}}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def put(self, section: str, values: dict) -> None:
+        self.data["sections"][section] = values
+        (self.out / "cuda.json").write_text(json.dumps(self.data, indent=1))
+        print(f"[{section}] {json.dumps(values)}", flush=True)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _batch(args, seed, batch=2, seq=32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(0, args.vocab_size, (batch, seq + 1), generator=g)
+    return tok[:, :-1], tok[:, 1:]
+
+
+def correctness(dev: str, rec: Recorder) -> None:
+    lora = LoraConfig(rank=4, alpha=8, dropout=0.1, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
+    results = {}
+    for preset in ("tiny-7b", "tiny-70b"):
+        args = PRESETS[preset].with_dropout(0.1)
+        for dtype, method, opt, replay in [("fp32", "lora", "adamw", True), ("fp32", "full", "sgd", True),
+                                           ("bf16", "lora", "adamw", True), ("fp32", "full", "sgd", False)]:
+            with tempfile.TemporaryDirectory() as tmp:
+                store = make_store(Path(tmp) / "s", args, seed=3,
+                                   dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
+                one = max(store.unit_bytes(u) for u in store.units)  # stored dtype == compute dtype
+                ocfg = OptimizerConfig(opt, lr=1e-2)
+                eng = Engine(store, EngineConfig(method=method, lora=lora, optimizer=ocfg, device=dev,
+                                                 compute_dtype=dtype, device_budget=max(one, 1),
+                                                 host_budget=None, replay_rng=replay, loss_chunk=4096))
+                ref = ReferenceTrainer(store, method, lora, ocfg, dtype=eng.dtype, device=dev)
+                tok, _ = _batch(args, 0)
+                logit_err = _rel(eng.logits(tok), ref.logits(tok))
+                loss_err = 0.0
+                for s in range(3):
+                    mb = [_batch(args, 10 + s)]
+                    a, b = eng.train_step(mb).loss, ref.train_step(mb)
+                    loss_err = max(loss_err, abs(a - b) / abs(b))
+                if method == "lora":
+                    mine, theirs = eng.adapter_state(), ref.adapter_state()
+                    tensor_err = max(_rel(mine[k], theirs[k]) for k in theirs)
+                else:
+                    eng.close()
+                    st = BlockStore.open(store.path)
+                    tensor_err = max(_rel(st.read_unit(u)[k].to(dev), v) for u in st.units
+                                     for k, v in ref.unit_state(u).items())
+                key = f"{preset}/{dtype}/{method}-{opt}" + ("" if replay else "/replay-off")
+                results[key] = {"logits_rel": logit_err, "loss_rel": loss_err, "tensor_rel": tensor_err,
+                                "peak_resident": eng.pager.stats.peak_resident, "budget": one}
+                eng.close()
+    fp32 = [v for k, v in results.items() if "/fp32/" in k and "replay-off" not in k]
+    bf16 = [v for k, v in results.items() if "/bf16/" in k]
+    off = [v for k, v in results.items() if "replay-off" in k]
+    verdict = {
+        "fp32_max_tensor_rel": max(v["tensor_rel"] for v in fp32),
+        "bf16_max_loss_rel": max(v["loss_rel"] for v in bf16),
+        "replay_off_min_tensor_rel": min(v["tensor_rel"] for v in off),
+        "budget_held": all(v["peak_resident"] <= v["budget"] for v in results.values()),
+    }
+    verdict["pass"] = (verdict["fp32_max_tensor_rel"] <= 1e-5 and verdict["bf16_max_loss_rel"] <= 2e-2
+                       and verdict["replay_off_min_tensor_rel"] > 1e-4 and verdict["budget_held"])
+    rec.put("correctness", {"cases": results, **verdict})
+
+
+def bandwidth(rec: Recorder) -> float:
+    n = 1 * GiB
+    pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    pageable = torch.empty(n, dtype=torch.uint8)
+    dst = torch.empty(n, dtype=torch.uint8, device="cuda")
+    out = {}
+    for name, src in (("pinned", pinned), ("pageable", pageable)):
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_h2d_GBps"] = n / statistics.median(times) / 1e9
+    rec.put("bandwidth", out)
+    del pinned, pageable, dst
+    return out["pinned_h2d_GBps"]
+
+
+def make_7b_store(path: Path, args: ModelArgs, dev) -> BlockStore:
+    """Random bf16 weights drawn on the device (fast), written unit by unit to a store on disk."""
+    from blocktune.model import Block, Embed, Head
+
+    gen = torch.Generator(device=dev.torch).manual_seed(0)
+
+    def units():
+        for unit in unit_names(args):
+            with torch.device("meta"):
+                mod = Embed(args) if unit == "embed" else Head(args) if unit == "head" else Block(args)
+            tensors = {}
+            for k, p in mod.state_dict().items():
+                t = torch.randn(p.shape, device=dev.torch, generator=gen, dtype=torch.float32)
+                t = 1.0 + 0.1 * t if k.endswith("norm.weight") else t * 0.02
+                tensors[k] = t.to(torch.bfloat16).cpu()
+            yield unit, tensors
+
+    return build_store(path, args, units(), torch.bfloat16)
+
+
+def _timed(dev, fn, warmup: int, reps: int) -> tuple[list[float], float]:
+    dev.reset_peak_memory()
+    for _ in range(warmup):
+        fn()
+    dev.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        dev.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times, dev.peak_memory_bytes() / 1e9
+
+
+def _free(dev) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_7b(rec: Recorder, dev, pinned_bw: float, workdir: Path, deadline: float, layers: int,
+             seq: int) -> None:
+    args = PRESETS["shape-7b"].replace(n_layers=layers)
+    lora = LoraConfig(rank=16, alpha=32, dropout=0.0, targets=("wq", "wk", "wv", "wo"))
+    t0 = time.perf_counter()
+    store = make_7b_store(workdir / "store7b", args, dev)
+    made = time.perf_counter() - t0
+    opens = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        BlockStore.open(store.path)
+        opens.append(time.perf_counter() - t0)
+    model_bytes = store.total_bytes()
+    rec.put("store_7b", {"n_layers": layers, "bytes": model_bytes, "make_seconds": made,
+                         "open_seconds_median": statistics.median(opens)})
+    tok = torch.randint(0, args.vocab_size, (2, seq + 1), generator=torch.Generator().manual_seed(0))
+    batch = [(tok[:, :-1], tok[:, 1:])]
+    ocfg = OptimizerConfig("adamw", lr=1e-4)
+    eng = Engine(store, EngineConfig(method="lora", lora=lora, optimizer=ocfg, device=str(dev),
+                                     compute_dtype="bf16", device_budget=4 * GiB, host_budget=None))
+    eng.train_step(batch)  # fills the pinned host tier from disk
+    before = eng.pager.stats.snapshot()
+    times, peak = _timed(dev, lambda e=eng: e.train_step(batch), warmup=1, reps=3)
+    after = eng.pager.stats.snapshot()
+    steps = 4
+    h2d = (after["bytes_to_device"] - before["bytes_to_device"]) / steps
+    floor = max(h2d / (pinned_bw * 1e9), 1e-9)
+    paged = statistics.median(times)
+    res = {"batch": f"2x{seq}", "step_seconds": times, "step_median": paged, "peak_gpu_GB": peak,
+           "h2d_bytes_per_step": h2d, "copy_floor_seconds": floor, "ratio_to_copy_floor": paged / floor,
+           "tokens_per_s": 2 * seq / paged, "device_budget_GiB": 4,
+           "disk_bytes_read_after_warmup": after["bytes_read"] - before["bytes_read"]}
+    rec.put("paged_lora_7b", res)
+    eng.close()
+    eng = None
+    _free(dev)
+    for ckpt in (False, True):
+        if time.perf_counter() > deadline:
+            rec.put(f"reference_{'ckpt' if ckpt else 'plain'}", {"skipped": "out of time"})
+            continue
+        try:
+            ref = ReferenceTrainer(store, "lora", lora, ocfg, dtype=torch.bfloat16, device=str(dev),
+                                   checkpoint_blocks=ckpt)
+            times, peak = _timed(dev, lambda r=ref: r.train_step(batch), warmup=1, reps=3)
+            med = statistics.median(times)
+            rec.put(f"reference_{'ckpt' if ckpt else 'plain'}",
+                    {"step_seconds": times, "step_median": med, "peak_gpu_GB": peak,
+                     "paged_over_this": paged / med})
+            ref = None
+        except torch.OutOfMemoryError as exc:
+            rec.put(f"reference_{'ckpt' if ckpt else 'plain'}", {"error": f"OOM: {exc}"[:300]})
+        _free(dev)
+    if time.perf_counter() < deadline:
+        hf_peft(rec, dev, args, lora, batch, paged)
+
+
+def hf_peft(rec: Recorder, dev, args: ModelArgs, lora: LoraConfig, batch, paged: float) -> None:
+    try:
+        import peft
+        import transformers
+    except ImportError as exc:
+        rec.put("hf_peft", {"skipped": f"not installed: {exc}"})
+        return
+    from blocktune_export.hf import hf_config
+
+    for ckpt in (True, False):
+        try:
+            cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config(args, torch.bfloat16).items()
+                                              if k not in ("architectures", "model_type", "torch_dtype")})
+            torch.set_default_dtype(torch.bfloat16)
+            try:
+                with torch.device(dev.torch):
+                    model = transformers.LlamaForCausalLM(cfg)
+            finally:
+                torch.set_default_dtype(torch.float32)
+            if ckpt:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.enable_input_require_grads()
+            pcfg = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0,
+                                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+            model = peft.get_peft_model(model, pcfg)
+            model.train()
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            tok = batch[0][0].to(dev.torch)  # HF shifts the labels itself: labels are the inputs
+
+            def step(model=model, opt=opt, tok=tok):
+                out = model(input_ids=tok, labels=tok)
+                out.loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            times, peak = _timed(dev, step, warmup=1, reps=3)
+            med = statistics.median(times)
+            rec.put(f"hf_peft_{'ckpt' if ckpt else 'plain'}",
+                    {"versions": f"transformers {transformers.__version__}, peft {peft.__version__}",
+                     "step_seconds": times, "step_median": med, "peak_gpu_GB": peak,
+                     "paged_over_this": paged / med})
+            model = opt = step = None
+        except Exception as exc:  # a peer's failure must not lose our own figures
+            rec.put(f"hf_peft_{'ckpt' if ckpt else 'plain'}", {"error": traceback.format_exc()[-600:],
+                                                               "type": type(exc).__name__})
+        _free(dev)
+
+
+def markdown(data: dict) -> str:
+    m, s = data["meta"], data["sections"]
+    lines = [f"# CUDA benchmark — {m['device']}", "",
+             f"date {m['date']}, torch {m['torch']}, commit {m.get('commit', '?')}, command `{m['command']}`", ""]
+    if "correctness" in s:
+        c = s["correctness"]
+        lines += ["## Correctness (paged vs in-memory on the GPU, dropout 0.1, 3 steps, one-unit budget)", "",
+                  f"fp32 worst relative error {c['fp32_max_tensor_rel']:.2e}; bf16 worst loss error "
+                  f"{c['bf16_max_loss_rel']:.2e}; replay off: error {c['replay_off_min_tensor_rel']:.2e} "
+                  f"(must be large); budget held: {c['budget_held']}; **pass: {c['pass']}**", ""]
+    if "bandwidth" in s:
+        b = s["bandwidth"]
+        lines += [f"Host→device: pinned {b['pinned_h2d_GBps']:.1f} GB/s, pageable {b['pageable_h2d_GBps']:.1f} GB/s", ""]
+    if "paged_lora_7b" in s:
+        p = s["paged_lora_7b"]
+        st = s["store_7b"]
+        lines += [f"## 7B-shaped LoRA step, batch {p['batch']}, bf16, {st['n_layers']} layers, "
+                  f"{st['bytes'] / 1e9:.1f} GB store (open {st['open_seconds_median'] * 1e3:.1f} ms)", "",
+                  "| run | s/step (median) | peak GPU GB | paged / this |", "| --- | ---: | ---: | ---: |",
+                  f"| blocktune paged, 4 GiB device budget, pinned host tier | {p['step_median']:.3f} | "
+                  f"{p['peak_gpu_GB']:.1f} | 1.00 |",
+                  f"| copy floor ({p['h2d_bytes_per_step'] / 1e9:.1f} GB / pinned bandwidth) | "
+                  f"{p['copy_floor_seconds']:.3f} | | {p['ratio_to_copy_floor']:.2f} |"]
+        for key, label in (("reference_plain", "in-memory reference, plain autograd"),
+                           ("reference_ckpt", "in-memory reference, per-block checkpointing"),
+                           ("hf_peft_plain", "HF transformers + peft, whole model on GPU"),
+                           ("hf_peft_ckpt", "HF transformers + peft, gradient checkpointing")):
+            r = s.get(key)
+            if r and "step_median" in r:
+                lines.append(f"| {label} | {r['step_median']:.3f} | {r['peak_gpu_GB']:.1f} | {r['paged_over_this']:.2f} |")
+            elif r:
+                lines.append(f"| {label} | {r.get('skipped') or r.get('type') or 'error'} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/cuda"))
+    p.add_argument("--workdir", type=Path, default=None, help="where to write the 7B-shaped store")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--seconds", type=float, default=420, help="skip later sections past this")
+    p.add_argument("--commit", default="?")
+    p.add_argument("--device", default="cuda", help="cpu only for a dry run of the script itself")
+    a = p.parse_args(argv)
+    start = time.perf_counter()
+    dev = resolve_device(a.device)
+    name = torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor() or dev.type
+    meta = {"device": name, "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "host": platform.node(), "commit": a.commit,
+            "command": "python -m blocktune_bench.cuda " + " ".join(sys.argv[1:] if argv is None else argv)}
+    rec = Recorder(a.out, meta)
+    try:
+        correctness(str(dev), rec)
+        bw = bandwidth(rec) if dev.type == "cuda" else float("inf")
+        with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
+            bench_7b(rec, dev, bw, Path(tmp), start + a.seconds, a.layers, a.seq)
+    finally:
+        rec.data["meta"]["seconds"] = time.perf_counter() - start
+        (a.out / "cuda.json").write_text(json.dumps(rec.data, indent=1))
+        (a.out / "cuda.md").write_text(markdown(rec.data))
+        print(markdown(rec.data))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
