@@ -60,7 +60,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     store = BlockStore.open(a.store)
     adapter = load_adapter(a.adapter, store.args) if a.adapter else None
     cfg = EngineConfig(method="lora" if adapter else "full", lora=adapter.lora if adapter else None,
-                       device=a.device or "auto", device_budget=parse_bytes(a.device_budget))
+                       device=a.device or "auto", device_budget=parse_bytes(a.device_budget),
+                       read_only=True)
     engine = Engine(store, cfg, adapters=adapter.tensors if adapter else None)
     if store.tokenizer_path is None:
         raise BlocktuneError(f"{a.store}: the store has no tokenizer.model")
@@ -96,7 +97,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     engine = Engine(store, EngineConfig(method="lora" if adapter else "full",
                                         lora=adapter.lora if adapter else None,
                                         device=a.device or "auto",
-                                        device_budget=parse_bytes(a.device_budget)),
+                                        device_budget=parse_bytes(a.device_budget), read_only=True),
                     adapters=adapter.tensors if adapter else None)
     tok = Tokenizer(store.tokenizer_path)
     windows = eval_windows(tok, read_text(a.data), a.seq_len)

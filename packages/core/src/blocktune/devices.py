@@ -16,7 +16,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["Device", "resolve_device", "DTYPES", "parse_dtype", "peak_rss_bytes"]
+__all__ = ["Device", "resolve_device", "DTYPES", "parse_dtype", "peak_rss_bytes", "trim_host_heap"]
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -42,6 +42,26 @@ def peak_rss_bytes() -> int:
     """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+@functools.cache
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None  # glibc only
+    except OSError:
+        return None
+
+
+def trim_host_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and peak RSS creeps up
+    with every unit's activations). Costs time: called per step, or per unit in lean mode."""
+    lib = _libc()
+    if lib is not None:
+        lib.malloc_trim(0)
 
 
 def _mps_available() -> bool:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LoraConfig, ModelArgs
-from .devices import Device, resolve_device
+from .devices import Device, resolve_device, trim_host_heap
 from .errors import ConfigError, StoreError, TrainingError
 from .model import Block, Embed, Head, KVCache, init_lora_
 from .optim import OptimizerConfig, unit_step
@@ -58,7 +58,9 @@ class EngineConfig:
     seed: int = 0
     replay_rng: bool = True  # off only to prove the replay test can fail
     prefetch: bool = True
-    verify: bool = True  # check crc32 of every file read
+    verify: str = "once"  # crc32 of each file version: "always" on every read, "once" per process, "never"
+    read_only: bool = False  # inference only (generate, eval): units are never written
+    lean_memory: bool = False  # return freed host memory to the OS after every unit (slower; less RSS)
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
@@ -123,7 +125,8 @@ class Engine:
         if self.device.is_cpu and self.cfg.host_budget is not None:
             budget = min(b for b in (budget, self.cfg.host_budget) if b is not None)
         self.pager = Pager(store, self.device, budget, self.dtype, prefetch=self.cfg.prefetch,
-                           verify=self.cfg.verify, host_budget=self.cfg.host_budget)
+                           verify=self.cfg.verify, host_budget=self.cfg.host_budget,
+                           mutable=self.cfg.method == "full" and not self.cfg.read_only)
         self.units = store.units
         self.lora = self.cfg.lora if self.cfg.method == "lora" else None
         self.adapters: dict[str, dict[str, nn.Parameter]] = {}
@@ -176,6 +179,8 @@ class Engine:
 
     # ---- building a unit on the meta device and mapping its tensors in ----
     def _module(self, unit: str, training: bool) -> nn.Module:
+        if self.cfg.lean_memory and self.device.is_cpu:
+            trim_host_heap()
         with torch.device("meta"):
             if unit == "embed":
                 mod = Embed(self.args)
@@ -205,6 +210,8 @@ class Engine:
         `max_grad_norm` clips the adapters' global gradient norm (LoRA only: a full fine-tune
         steps each unit before the global norm is known).
         """
+        if self.cfg.read_only:
+            raise ConfigError("this engine was opened read_only (for inference); it cannot train")
         t_start = time.perf_counter()
         before = self.pager.stats.snapshot()
         lr = self.cfg.optimizer.lr if lr is None else lr
@@ -255,7 +262,7 @@ class Engine:
             first = 0 if full else 1  # LoRA: the embeddings have nothing to train
             for i in range(last - 1, first - 1, -1):
                 mod = self._module(self.units[i], training=True)
-                self.pager.prefetch(self._next(i, -1) if i > first else None)
+                self.pager.prefetch(self._next(i, -1) if i > first else None, with_state=full)
                 for m in range(M):
                     x = stash.pop((i, m))
                     if self.cfg.replay_rng:
@@ -283,6 +290,8 @@ class Engine:
             raise
         finally:
             stash.clear()
+            if self.device.is_cpu:
+                trim_host_heap()
         loss_value = float(loss)
         if not math.isfinite(loss_value):
             raise TrainingError(f"loss is {loss_value} at step {step}")

@@ -89,11 +89,13 @@ class Pager:
         budget: int | None = None,
         compute_dtype: torch.dtype = torch.float32,
         prefetch: bool = True,
-        verify: bool = True,
+        verify: bool | str = "once",
         host_budget: int | None = 0,
+        mutable: bool = True,
     ):
         self.store, self.device, self.dtype = store, device, compute_dtype
         self.verify, self.prefetch_enabled = verify, prefetch
+        self.mutable = mutable  # False: units are only read (LoRA), so files may be mapped read-only
         scale = compute_dtype.itemsize / store.dtype.itemsize
         self._size = {n: int(store.unit_bytes(n) * max(scale, 1.0)) for n in store.units}
         largest = max(self._size.values())
@@ -166,7 +168,9 @@ class Pager:
             self._host_bytes -= _nbytes(old)
         staging = None if keep or self.device.is_cpu else self._staging_buffer(nbytes)
         alloc = self.device.empty_host if keep else (lambda n: staging[:n]) if staging is not None else None
-        host = self.store.read_unit(name, alloc=alloc, verify=self.verify)
+        # On the CPU the unit file is mapped, not copied: compute reads the page cache directly.
+        host = self.store.read_unit(name, alloc=alloc, verify=self.verify,
+                                    map_file=self.device.is_cpu and not self.mutable)
         with self._lock:
             self.stats.bytes_read += nbytes
             self.stats.unit_reads += 1
@@ -175,7 +179,7 @@ class Pager:
             self._host_bytes += nbytes
         return host, staging
 
-    def _load(self, name: str) -> _Entry:
+    def _load(self, name: str, with_state: bool = False) -> _Entry:
         """Runs on the reader thread only (the host tier and staging pool are its own)."""
         import time
 
@@ -195,10 +199,14 @@ class Pager:
             self.stats.read_seconds += time.perf_counter() - t0
             if not self.device.is_cpu:
                 self.stats.bytes_to_device += self.store.unit_bytes(name)
-        return _Entry(tensors, _nbytes(tensors), ready=ready)
+        entry = _Entry(tensors, _nbytes(tensors), ready=ready)
+        if with_state:  # a full fine-tune's backward: the optimizer step follows the recompute
+            entry.state = self._read_state(name)
+        return entry
 
-    def prefetch(self, name: str | None) -> None:
-        """Start loading `name` in the background if the budget has room beside the current unit."""
+    def prefetch(self, name: str | None, with_state: bool = False) -> None:
+        """Start loading `name` (and its optimizer state) in the background if the budget has
+        room beside the current unit."""
         if not self.prefetch_enabled or name is None:
             return
         if name in self._resident or name in self._loading:
@@ -206,7 +214,7 @@ class Pager:
         keep = {self._current} if self._current else set()
         if not self._make_room(self._size[name], keep):
             return
-        self._loading[name] = _Pending(self._reader.submit(self._load, name), self._size[name])
+        self._loading[name] = _Pending(self._reader.submit(self._load, name, with_state), self._size[name])
         self._note_peak()
 
     def get(self, name: str) -> dict[str, torch.Tensor]:
@@ -247,17 +255,20 @@ class Pager:
             self._resident[other] = entry
             self._resident.move_to_end(other, last=False)  # first to go
 
+    def _read_state(self, name: str) -> dict[str, torch.Tensor] | None:
+        rec = self.store.state_record(name)
+        if rec is None:
+            return None
+        host = self.store.read_file(rec, verify=self.verify)
+        with self._lock:
+            self.stats.bytes_read += rec.nbytes
+        return {k: self.device.to_device(v) for k, v in host.items()}
+
     def get_state(self, name: str) -> dict[str, torch.Tensor] | None:
         """Optimizer state of a unit (None before its first step), held with the unit."""
         entry = self._resident[name]
         if entry.state is None:
-            rec = self.store.state_record(name)
-            if rec is None:
-                return None
-            host = self.store.read_file(rec, verify=self.verify)
-            entry.state = {k: self.device.to_device(v) for k, v in host.items()}
-            with self._lock:
-                self.stats.bytes_read += rec.nbytes
+            entry.state = self._read_state(name)
         return entry.state
 
     def set_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
@@ -284,8 +295,8 @@ class Pager:
             if event is not None:
                 event.synchronize()
             store_w = {k: v.to(self.store.dtype) for k, v in weights.items()}
-            rec = self.store.write_unit(name, store_w, step)
-            srec = self.store.write_state(name, state, step) if state is not None else None
+            rec = self.store.write_unit(name, store_w, step, sync=False)  # fsync'd at commit
+            srec = self.store.write_state(name, state, step, sync=False) if state is not None else None
             with self._lock:
                 self.stats.bytes_written += rec.nbytes + (srec.nbytes if srec else 0)
                 self.stats.unit_writes += 1
@@ -301,11 +312,21 @@ class Pager:
         units, states = {}, {}
         writes, self._writes = self._writes, []
         for fut in writes:
-            name, rec, srec = fut.result()
+            done = fut.result()
+            if done is None:  # a garbage collection queued by the previous commit
+                continue
+            name, rec, srec = done
             units[name] = rec
             if srec is not None:
                 states[name] = srec
-        self.store.commit(step, units, states)
+        self.store.commit(step, units, states, collect=False)
+        # deleting the last step's files takes a while (freeing extents): do it on the writer
+        # thread, which is also the only thread that creates files, so nothing new is deleted
+        self._writes.append(self._writer.submit(self._collect))
+
+    def _collect(self):
+        self.store.collect_garbage()
+        return None
 
     def abort_writes(self) -> None:
         """Wait for outstanding writes and drop them: the store keeps its last committed step."""

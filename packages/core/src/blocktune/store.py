@@ -22,6 +22,7 @@ Integrity: every file's crc32 is recorded in the manifest and checked on every r
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -96,6 +97,39 @@ class FileRecord:
         return cls(d["file"], int(d["bytes"]), int(d["crc32"]), d["tensors"])
 
 
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def write_tensors(f, tensors: dict[str, torch.Tensor]) -> tuple[int, int, dict[str, dict[str, Any]]]:
+    """Write a safetensors file straight from the tensors' memory (no serialised copy).
+
+    Returns (bytes written, crc32, layout). Tensors are laid out largest dtype first, so
+    every tensor's data stays aligned to its element size, as the safetensors library does.
+    """
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    order = sorted(cpu, key=lambda k: (-cpu[k].element_size(), k))
+    header: dict[str, Any] = {}
+    offset = 0
+    for k in order:
+        n = cpu[k].numel() * cpu[k].element_size()
+        header[k] = {"dtype": _ST_NAMES[cpu[k].dtype], "shape": list(cpu[k].shape),
+                     "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-(8 + len(blob)) % 8)  # data starts 8-byte aligned
+    head = struct.pack("<Q", len(blob)) + blob
+    f.write(head)
+    crc = zlib.crc32(head)
+    for k in order:
+        if cpu[k].numel():
+            mv = memoryview(cpu[k].reshape(-1).view(torch.uint8).numpy())
+            f.write(mv)
+            crc = zlib.crc32(mv, crc)
+    layout = {k: {"dtype": dtype_name(v.dtype) if v.is_floating_point() else str(v.dtype),
+                  "shape": list(v.shape)} for k, v in cpu.items()}
+    return len(head) + offset, crc, layout
+
+
 def encode_tensors(tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, dict[str, Any]]]:
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     layout = {k: {"dtype": dtype_name(v.dtype) if v.is_floating_point() else str(v.dtype),
@@ -140,6 +174,7 @@ class BlockStore:
         self._state = {n: FileRecord.from_dict(r) for n, r in manifest.get("state", {}).items()}
         # fault-injection seam for tests of disk-full and IO errors
         self.opener: Callable = open
+        self._verified: set[str] = set()  # files whose crc32 was checked in this process
 
     # ---- opening ----
     @classmethod
@@ -202,21 +237,32 @@ class BlockStore:
 
     def read_file(
         self, record: FileRecord, alloc: Callable[[int], torch.Tensor] | None = None,
-        verify: bool = True,
+        verify: bool | str = True, map_file: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Read one file into a single buffer (pinned where `alloc` makes it so) and check it."""
+        """One file's tensors, checked against the manifest.
+
+        By default the file is read into one buffer (pinned where `alloc` makes it so). With
+        `map_file`, it is memory-mapped read-only and pre-faulted instead: no copy out of the
+        page cache; the tensors must not be written (frozen weights, LoRA). `verify`: True or
+        "always" checks the crc32 on every read, "once" on the first read of each file version
+        in this process, False or "never" not at all.
+        """
         path = self.path / record.file
-        buf = alloc(record.nbytes) if alloc else torch.empty(record.nbytes, dtype=torch.uint8)
+        check = verify in (True, "always") or (verify == "once" and record.file not in self._verified)
         try:
-            with self.opener(path, "rb", buffering=0) as f:
-                view = memoryview(buf.numpy())
-                got = 0
-                while got < record.nbytes:
-                    n = f.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-                extra = f.read(1)
+            if map_file and alloc is None:
+                buf, got, extra = self._map(path, record.nbytes)
+            else:
+                buf = alloc(record.nbytes) if alloc else torch.empty(record.nbytes, dtype=torch.uint8)
+                with self.opener(path, "rb", buffering=0) as f:
+                    view = memoryview(buf.numpy())
+                    got = 0
+                    while got < record.nbytes:
+                        n = f.readinto(view[got:])
+                        if not n:
+                            break
+                        got += n
+                    extra = f.read(1)
         except FileNotFoundError:
             raise StoreError(f"{path}: missing from the store (named in {MANIFEST}); "
                              "the store is damaged, prepare it again") from None
@@ -225,15 +271,32 @@ class BlockStore:
         if got != record.nbytes or extra:
             raise ChecksumError(f"{path}: size differs from the manifest "
                                 f"({'more than' if extra else got} vs {record.nbytes} bytes); the file is damaged")
-        if verify:
-            crc = zlib.crc32(view)
+        if check:
+            crc = zlib.crc32(memoryview(buf.numpy()))
             if crc != record.crc32:
                 raise ChecksumError(f"{path}: checksum mismatch (crc32 {crc:08x}, manifest says "
                                     f"{record.crc32:08x}); the file is damaged")
+            self._verified.add(record.file)
         return decode_tensors(buf, str(path))
 
-    def read_unit(self, name: str, alloc=None, verify: bool = True) -> dict[str, torch.Tensor]:
-        return self.read_file(self._records[name], alloc, verify)
+    def _map(self, path: Path, nbytes: int) -> tuple[torch.Tensor, int, bool]:
+        with self.opener(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != nbytes or size == 0:
+                return torch.empty(0, dtype=torch.uint8), min(size, nbytes), size > nbytes
+            # Read-only, pre-faulted here (not in compute). Read-only matters: the kernel populates
+            # a writable private mapping by copying every page, which would undo the point.
+            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+            mm = mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.frombuffer(mm, dtype=torch.uint8), size, False
+
+    def read_unit(self, name: str, alloc=None, verify: bool | str = True,
+                  map_file: bool = False) -> dict[str, torch.Tensor]:
+        return self.read_file(self._records[name], alloc, verify, map_file)
 
     def read_state(self, name: str) -> dict[str, torch.Tensor] | None:
         rec = self._state.get(name)
@@ -243,23 +306,44 @@ class BlockStore:
         return {n: self.read_unit(n) for n in self.units}
 
     # ---- writing (new versions; invisible until commit) ----
-    def write_file(self, filename: str, tensors: dict[str, torch.Tensor]) -> FileRecord:
-        data, layout = encode_tensors(tensors)
-        atomic_write(self.path / filename, data, opener=self.opener)
-        return FileRecord(filename, len(data), zlib.crc32(data), layout)
+    def write_file(self, filename: str, tensors: dict[str, torch.Tensor],
+                   sync: bool = True) -> FileRecord:
+        """Write a new file (a name no manifest refers to yet). With `sync=False` the fsync is
+        left to `commit`, so the kernel writes the data back while compute goes on."""
+        path = self.path / filename
+        try:
+            with self.opener(path, "wb") as f:
+                nbytes, crc, layout = write_tensors(f, tensors)
+                if sync:
+                    f.flush()
+                    os.fsync(f.fileno())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        self._verified.add(filename)  # written by this process: its first check is the write
+        return FileRecord(filename, nbytes, crc, layout)
 
-    def write_unit(self, name: str, tensors: dict[str, torch.Tensor], step: int) -> FileRecord:
+    def write_unit(self, name: str, tensors: dict[str, torch.Tensor], step: int,
+                   sync: bool = True) -> FileRecord:
         old = self._records[name].tensors
         if set(old) != set(tensors):
             raise StoreError(f"{name}: tensor keys changed on write-back ({sorted(set(old) ^ set(tensors))})")
-        return self.write_file(f"{name}-{step:06d}.safetensors", tensors)
+        return self.write_file(f"{name}-{step:06d}.safetensors", tensors, sync)
 
-    def write_state(self, name: str, tensors: dict[str, torch.Tensor], step: int) -> FileRecord:
-        return self.write_file(f"{name}-{step:06d}.state.safetensors", tensors)
+    def write_state(self, name: str, tensors: dict[str, torch.Tensor], step: int,
+                    sync: bool = True) -> FileRecord:
+        return self.write_file(f"{name}-{step:06d}.state.safetensors", tensors, sync)
 
     def commit(self, step: int, units: dict[str, FileRecord],
-               state: dict[str, FileRecord] | None = None, **extra: Any) -> None:
-        """Switch the store to `step` in one atomic manifest replace, then delete stale files."""
+               state: dict[str, FileRecord] | None = None, collect: bool = True, **extra: Any) -> None:
+        """Make the new files durable, switch the store to `step` in one atomic manifest
+        replace, then (unless `collect` is False: the caller does it later) delete stale files."""
+        for rec in list(units.values()) + list((state or {}).values()):
+            fd = os.open(self.path / rec.file, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # cheap when the kernel has already written the pages back
+            finally:
+                os.close(fd)
         manifest = dict(self.manifest)
         manifest["step"] = step
         manifest["units"] = {n: (units.get(n) or self._records[n]).to_dict() for n in self.units}
@@ -270,7 +354,8 @@ class BlockStore:
         self.manifest = manifest
         self._records = {n: FileRecord.from_dict(manifest["units"][n]) for n in self.units}
         self._state = merged_state
-        self.collect_garbage()
+        if collect:
+            self.collect_garbage()
 
     def referenced_files(self) -> set[str]:
         files = {r.file for r in self._records.values()} | {r.file for r in self._state.values()}
