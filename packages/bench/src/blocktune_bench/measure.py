@@ -76,7 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compute-dtype", default="fp32")
     p.add_argument("--memory-limit", default=None)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-dirty", default="512MiB")
+    p.add_argument("--cold", action="store_true", help="drop the store from the page cache first")
     a = p.parse_args(argv)
+    if a.cold:  # page cache pages are charged to the cgroup that reads them: make it this one
+        for f in Path(a.store).glob("*.safetensors"):
+            fd = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
     cg = enter_cgroup(parse_bytes(a.memory_limit)) if a.memory_limit else None
     torch.set_num_threads(a.threads)
     store = BlockStore.open(a.store)
@@ -92,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         budget = int(unit * a.budget_units)
         engine = Engine(store, EngineConfig(method=a.method, lora=LORA, optimizer=ocfg, device="cpu",
                                             compute_dtype=a.compute_dtype, device_budget=budget,
-                                            lean_memory=a.mode == "paged-lean"))
+                                            lean_memory=a.mode == "paged-lean",
+                                            max_dirty=parse_bytes(a.max_dirty)))
         out["budget_bytes"] = budget
 
         def step(i):

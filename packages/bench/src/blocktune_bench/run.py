@@ -9,6 +9,8 @@ limit     a model over 3x larger than a kernel-enforced memory limit (cgroup) co
           and full fine-tune steps.
 headline  a 7B-shaped model (dim 4096, 32 layers, vocab 32000, bf16, about 13.5 GB) completes a
           LoRA step with batch 1 x 128 under a 2 GiB memory limit.
+prepare   Meta -> store throughput on a 2.7 GB checkpoint against cp of the same files; peak RSS.
+generate  generation tokens/s of the paged engine against the same model in memory.
 
 Results: benchmarks/results/<date>-cpu-<group>.json and .md (machine, date, commit, command).
 """
@@ -127,21 +129,21 @@ def group_step(work: Path, reps: int) -> None:
 
 
 def group_limit(work: Path) -> None:
-    args = ModelArgs(dim=1536, n_layers=18, n_heads=12, vocab_size=8192, multiple_of=256, max_seq_len=512)
-    store = work / "limit-3x"
+    args = ModelArgs(dim=1536, n_layers=30, n_heads=12, vocab_size=8192, multiple_of=256, max_seq_len=512)
+    store = work / "limit-3x-30"
     if not (store / "manifest.json").exists():
         make_store(store, args, seed=0)
     size = sum(p.stat().st_size for p in store.glob("*.safetensors"))
-    limit = 700 << 20
+    limit = 1 << 30
     runs = []
     for method in ("lora", "full"):
         target = store
         if method == "full":
-            target = work / "limit-3x-full"
+            target = work / "limit-3x-30-full"
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(store, target)
         r = measure(target, "paged", method, "--steps", "2", "--batch", "1", "--seq", "128",
-                    "--budget-units", "1", "--memory-limit", str(limit))
+                    "--budget-units", "1", "--memory-limit", str(limit), "--cold", "--max-dirty", "128MiB")
         runs.append(r)
         print(json.dumps({k: r.get(k) for k in ("method", "step_median", "peak_rss", "cgroup_peak", "error")}), flush=True)
     table = [f"Model {size / 1e9:.2f} GB (fp32, {args.n_layers} layers, dim {args.dim}) under a cgroup memory limit of "
@@ -191,8 +193,8 @@ def group_headline(work: Path) -> None:
     size = sum(p.stat().st_size for p in store.glob("*.safetensors"))
     bw = disk_bandwidth(work)
     limit = 2 << 30
-    r = measure(store, "paged", "lora", "--steps", "1", "--batch", "1", "--seq", "128", "--budget-units", "1.5",
-                "--compute-dtype", "bf16", "--memory-limit", str(limit))
+    r = measure(store, "paged", "lora", "--steps", "1", "--batch", "1", "--seq", "128", "--budget-units", "2",
+                "--compute-dtype", "bf16", "--memory-limit", str(limit), "--cold")
     args = PRESETS["shape-7b"]
     flops = 3 * 2 * args.n_params() * 128  # forward, recompute, input-gradient pass
     data = {"machine": machine(), "store_bytes": size, "store_make_seconds": made, "disk": bw,
@@ -216,9 +218,123 @@ def group_headline(work: Path) -> None:
     save("headline", data, table)
 
 
+def _evict(paths) -> None:
+    """Drop files from the page cache, so the next read is a cold read."""
+    for f in paths:
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+PREPARE = """
+import resource, sys, time
+from blocktune_export.meta import import_meta
+t = time.perf_counter()
+import_meta(sys.argv[1], sys.argv[2])
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def group_prepare(work: Path, reps: int) -> None:
+    from .synthetic import write_meta_checkpoint
+
+    args = ModelArgs(dim=2048, n_layers=24, n_heads=16, vocab_size=32000, multiple_of=256)
+    src = work / "meta-2shards"
+    if not (src / "params.json").exists():
+        write_meta_checkpoint(src, args, seed=0, n_shards=2)
+    files = sorted(src.glob("consolidated.*.pth"))
+    size = sum(f.stat().st_size for f in files)
+    runs = []
+    for _ in range(reps):
+        for what in ("cp", "prepare"):
+            dst = work / f"prepare-{what}"
+            shutil.rmtree(dst, ignore_errors=True)
+            subprocess.run(["sync"], check=True)
+            _evict(files)
+            if what == "cp":
+                t0 = time.perf_counter()
+                subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+                subprocess.run(["sync"], check=True)  # prepare fsyncs every file; so must the copy
+                runs.append({"what": "cp", "seconds": time.perf_counter() - t0})
+            else:
+                t0 = time.perf_counter()
+                out = subprocess.run([sys.executable, "-c", PREPARE, str(src), str(dst)], check=True,
+                                     capture_output=True, text=True).stdout.split()
+                runs.append({"what": "prepare", "seconds": time.perf_counter() - t0,
+                             "inner_seconds": float(out[0]), "peak_rss": int(out[1])})
+            print(json.dumps(runs[-1]), flush=True)
+            shutil.rmtree(dst, ignore_errors=True)
+    cp = statistics.median(r["seconds"] for r in runs if r["what"] == "cp")
+    prep = [r for r in runs if r["what"] == "prepare"]
+    pt = statistics.median(r["seconds"] for r in prep)
+    rss = max(r["peak_rss"] for r in prep)
+    table = [f"Meta checkpoint of {size / 1e9:.2f} GB (bf16, 2 shards, dim {args.dim}, {args.n_layers} layers), "
+             f"cold page cache before each run, medians of {reps} alternated runs (wall time of the whole "
+             f"process, interpreter start included; both end with their data on disk).", "",
+             "| run | seconds | GB/s | ratio to cp | peak RSS |", "| --- | ---: | ---: | ---: | ---: |",
+             f"| cp -r + sync | {cp:.2f} | {size / cp / 1e9:.2f} | 1.00 | |",
+             f"| blocktune prepare | {pt:.2f} | {size / pt / 1e9:.2f} | {cp / pt:.2f} | "
+             f"{rss / 1e9:.2f} GB ({rss / size:.0%} of the checkpoint) |"]
+    save("prepare", {"machine": machine(), "checkpoint_bytes": size, "runs": runs,
+                     "throughput_ratio_to_cp": cp / pt, "peak_rss_fraction": rss / size}, table)
+
+
+GENERATE = """
+import sys, time, json, torch
+torch.set_num_threads(2)
+from blocktune import BlockStore, Engine, EngineConfig
+from blocktune.generate import SamplingConfig, generate_tokens
+from blocktune.model import KVCache
+from blocktune_bench.reference import model_from_store
+store = BlockStore.open(sys.argv[1]); mode = sys.argv[2]; n = 48
+prompt = list(range(1, 17))
+if mode == "paged":
+    eng = Engine(store, EngineConfig(method="full", device="cpu", read_only=True))
+    list(generate_tokens(eng, prompt, SamplingConfig(4, stop_at_eos=False)))  # warm: units resident
+    t = time.perf_counter(); out = list(generate_tokens(eng, prompt, SamplingConfig(n, stop_at_eos=False)))
+else:
+    model = model_from_store(store).eval()
+    a = store.args
+    def run(k):
+        caches = [KVCache(1, len(prompt) + k, a.kv_heads, a.head_dim, torch.float32, "cpu") for _ in range(a.n_layers)]
+        toks, start, out = list(prompt), 0, []
+        with torch.no_grad():
+            for _ in range(k):
+                logits = model(torch.tensor([toks[start:]]), caches, start)[0, -1]
+                start = len(toks); toks.append(int(logits.argmax())); out.append(toks[-1])
+        return out
+    run(4)
+    t = time.perf_counter(); out = run(n)
+dt = time.perf_counter() - t
+print(json.dumps({"mode": mode, "tokens": len(out), "seconds": dt, "tokens_per_s": len(out) / dt, "out": out[:8]}))
+"""
+
+
+def group_generate(work: Path, reps: int) -> None:
+    store = work / "bench-1k"
+    if not (store / "manifest.json").exists():
+        make_store(store, "bench-1k", seed=0)
+    runs = []
+    for _ in range(reps):
+        for mode in ("paged", "memory"):
+            out = subprocess.run([sys.executable, "-c", GENERATE, str(store), mode], check=True,
+                                 capture_output=True, text=True).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+            print(json.dumps(runs[-1]), flush=True)
+    same = len({tuple(r["out"]) for r in runs}) == 1
+    med = {m: statistics.median(r["tokens_per_s"] for r in runs if r["mode"] == m) for m in ("paged", "memory")}
+    table = ["Greedy generation, 48 new tokens after a 16-token prompt, KV cache, bench-1k (16 layers, dim 1024, "
+             "fp32), all units resident after a warm-up; medians of alternated runs.", "",
+             "| run | tokens/s | ratio |", "| --- | ---: | ---: |",
+             f"| blocktune paged engine | {med['paged']:.1f} | {med['paged'] / med['memory']:.2f} |",
+             f"| in-memory model | {med['memory']:.1f} | 1.00 |", "",
+             f"Same tokens from both: {same}."]
+    save("generate", {"machine": machine(), "runs": runs, "tokens_per_s": med, "same_tokens": same}, table)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="step,limit,headline")
+    p.add_argument("--only", default="step,limit,headline,prepare,generate")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("BLOCKTUNE_BENCH_DIR", "/tmp/blocktune-bench")))
     a = p.parse_args(argv)
@@ -230,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         group_limit(a.workdir)
     if "headline" in groups:
         group_headline(a.workdir)
+    if "prepare" in groups:
+        group_prepare(a.workdir, a.reps)
+    if "generate" in groups:
+        group_generate(a.workdir, a.reps)
     return 0
 
 

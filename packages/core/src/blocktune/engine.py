@@ -61,6 +61,7 @@ class EngineConfig:
     verify: str = "once"  # crc32 of each file version: "always" on every read, "once" per process, "never"
     read_only: bool = False  # inference only (generate, eval): units are never written
     lean_memory: bool = False  # return freed host memory to the OS after every unit (slower; less RSS)
+    max_dirty: int | None = 512 << 20  # full fine-tune: written-but-unsynced bytes before an early fsync
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
@@ -126,7 +127,8 @@ class Engine:
             budget = min(b for b in (budget, self.cfg.host_budget) if b is not None)
         self.pager = Pager(store, self.device, budget, self.dtype, prefetch=self.cfg.prefetch,
                            verify=self.cfg.verify, host_budget=self.cfg.host_budget,
-                           mutable=self.cfg.method == "full" and not self.cfg.read_only)
+                           mutable=self.cfg.method == "full" and not self.cfg.read_only,
+                           max_dirty=self.cfg.max_dirty)
         self.units = store.units
         self.lora = self.cfg.lora if self.cfg.method == "lora" else None
         self.adapters: dict[str, dict[str, nn.Parameter]] = {}

@@ -92,6 +92,7 @@ class Pager:
         verify: bool | str = "once",
         host_budget: int | None = 0,
         mutable: bool = True,
+        max_dirty: int | None = 512 << 20,
     ):
         self.store, self.device, self.dtype = store, device, compute_dtype
         self.verify, self.prefetch_enabled = verify, prefetch
@@ -122,6 +123,8 @@ class Pager:
         self._host: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._host_bytes = 0
         self._staging: list[tuple[torch.Tensor, object]] = []  # reusable pinned buffers
+        self.max_dirty = max_dirty if max_dirty is not None else 1 << 62
+        self._unsynced: list[FileRecord] = []
 
     # ---- accounting ----
     @property
@@ -297,6 +300,7 @@ class Pager:
             store_w = {k: v.to(self.store.dtype) for k, v in weights.items()}
             rec = self.store.write_unit(name, store_w, step, sync=False)  # fsync'd at commit
             srec = self.store.write_state(name, state, step, sync=False) if state is not None else None
+            self._bound_dirty([r for r in (rec, srec) if r is not None])
             with self._lock:
                 self.stats.bytes_written += rec.nbytes + (srec.nbytes if srec else 0)
                 self.stats.unit_writes += 1
@@ -306,6 +310,20 @@ class Pager:
         fut = self._writer.submit(job)
         self._writes.append(fut)
         return fut
+
+    def _bound_dirty(self, written: list[FileRecord]) -> None:
+        """Unsynced written data is memory the kernel cannot reclaim until it reaches the disk
+        (and a memory cgroup v1 does not throttle it): past `max_dirty` bytes, sync it now."""
+        self._unsynced += written
+        if sum(r.nbytes for r in self._unsynced) > self.max_dirty:
+            for r in self._unsynced:
+                fd = os.open(self.store.path / r.file, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # written: not needed in RAM
+                finally:
+                    os.close(fd)
+            self._unsynced = []
 
     def commit(self, step: int) -> None:
         """Wait for every write of this step, then switch the store's manifest to it atomically."""
@@ -319,6 +337,7 @@ class Pager:
             units[name] = rec
             if srec is not None:
                 states[name] = srec
+        self._unsynced = []  # commit fsyncs every file of the step
         self.store.commit(step, units, states, collect=False)
         # deleting the last step's files takes a while (freeing extents): do it on the writer
         # thread, which is also the only thread that creates files, so nothing new is deleted
