@@ -9,10 +9,9 @@ import time
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from blocktune import BlockStore, ChecksumError, Engine, EngineConfig, OptimizerConfig
 from blocktune_bench.synthetic import PRESETS, make_store
+from safetensors import safe_open
 
 STEPS = 6
 SCRIPT = """
@@ -22,12 +21,11 @@ store = BlockStore.open(sys.argv[1])
 unit = max(store.unit_bytes(u) for u in store.units)
 engine = Engine(store, EngineConfig(method="full", device="cpu", device_budget=unit,
                                     optimizer=OptimizerConfig("adamw", 1e-3)))
-g = torch.Generator().manual_seed(0)
-for step in range(store.step, %d):
+for step in range(store.step, int(sys.argv[2])):
     tok = torch.randint(0, store.args.vocab_size, (2, 17), generator=torch.Generator().manual_seed(step))
     engine.train_step([(tok[:, :-1], tok[:, 1:])])
     print(step + 1, flush=True)
-""" % STEPS
+"""
 
 
 def _fingerprint(store: BlockStore) -> tuple:
@@ -40,7 +38,7 @@ def history(tmp_path_factory):
     root = tmp_path_factory.mktemp("dur")
     store = make_store(root / "s", PRESETS["tiny-7b"].with_dropout(0.1), seed=2)
     seen = {0: _fingerprint(store)}
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(store.path)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(store.path), str(STEPS)], stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
         step = int(line)
         seen[step] = _fingerprint(BlockStore.open(store.path))
@@ -56,7 +54,7 @@ def test_kill_at_any_instant_leaves_one_step(history, tmp_path):
     survived = []
     for trial in range(6):
         store = make_store(tmp_path / f"t{trial}", PRESETS["tiny-7b"].with_dropout(0.1), seed=2)
-        proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(store.path)], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(store.path), str(STEPS)], stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True)
         # wait for the first step, then kill somewhere inside a later one
         proc.stdout.readline()
@@ -70,7 +68,7 @@ def test_kill_at_any_instant_leaves_one_step(history, tmp_path):
         assert matches == [reopened.step], (reopened.step, matches)
         survived.append(reopened.step)
         # the resumed run ends where the uninterrupted one did
-        subprocess.run([sys.executable, "-c", SCRIPT, str(store.path)], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-c", SCRIPT, str(store.path), str(STEPS)], check=True, capture_output=True)
         assert _fingerprint(BlockStore.open(store.path)) == history[STEPS]
         leftovers = [p.name for p in store.path.iterdir() if ".tmp-" in p.name]
         assert leftovers == []

@@ -67,7 +67,7 @@ def batch(vocab: int, b: int, t: int, seed: int):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--store", required=True)
-    p.add_argument("--mode", choices=["paged", "paged-lean", "plain", "ckpt"], required=True)
+    p.add_argument("--mode", choices=["paged", "paged-lean", "paged-keep", "plain", "ckpt"], required=True)
     p.add_argument("--method", choices=["lora", "full"], default="lora")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(store, EngineConfig(method=a.method, lora=LORA, optimizer=ocfg, device="cpu",
                                             compute_dtype=a.compute_dtype, device_budget=budget,
                                             lean_memory=a.mode == "paged-lean",
+                                            keep_budget=None if a.mode == "paged-keep" else 0,
                                             max_dirty=parse_bytes(a.max_dirty)))
         out["budget_bytes"] = budget
 

@@ -81,7 +81,7 @@ def group_step(work: Path, reps: int) -> None:
     runs: list[dict] = []
     for method in ("lora", "full"):
         for rep in range(reps if method == "lora" else max(1, reps - 1)):
-            for mode in ("paged", "paged-lean", "plain", "ckpt") if method == "lora" else ("paged", "plain", "ckpt"):
+            for mode in ("paged", "paged-keep", "paged-lean", "plain", "ckpt") if method == "lora" else ("paged", "plain", "ckpt"):
                 store = base
                 if mode.startswith("paged") and method == "full":  # a full fine-tune rewrites its store
                     store = work / "bench-1k-full"
@@ -95,13 +95,14 @@ def group_step(work: Path, reps: int) -> None:
     table = ["Batch 2 x 256, fp32, 16 layers, dim 1024 (222M parameters, 0.89 GB); paged budget: 2 units "
              "resident; weights in the page cache. Median of per-run medians (3 timed steps each, after one "
              "warm-up step), runs alternated. ckpt = in-memory with per-block activation checkpointing (the "
-             "same arithmetic as paged). paged-lean = `lean_memory=True` (freed heap returned to the OS after "
-             "every unit).", "",
+             "same arithmetic as paged). paged-keep = LoRA with `keep_budget=None`: activations kept from the "
+             "first forward, weights in the graph as pager handles, no recompute. paged-lean = `lean_memory=True` "
+             "(freed heap returned to the OS after every unit).", "",
              "| method | paged s/step | plain s/step | ckpt s/step | paged/plain | paged/ckpt | peak RSS paged / plain / ckpt (GB) | GB read, written per paged step |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for method in ("lora", "full"):
         s = {}
-        for mode in ("paged", "paged-lean", "plain", "ckpt"):
+        for mode in ("paged", "paged-keep", "paged-lean", "plain", "ckpt"):
             ok = [r for r in runs if r["method"] == method and r["mode"] == mode and "error" not in r]
             if ok:
                 s[mode] = {"step_median": statistics.median(r["step_median"] for r in ok),
@@ -118,12 +119,13 @@ def group_step(work: Path, reps: int) -> None:
                 f"{s['paged']['peak_rss'] / 1e9:.2f} / {s['plain']['peak_rss'] / 1e9:.2f} / "
                 f"{s['ckpt']['peak_rss'] / 1e9:.2f} ({s['rss_paged_over_plain']:.0%}) | "
                 f"{s['paged']['read'] / 1e9:.2f}, {s['paged']['written'] / 1e9:.2f} |")
-        if "paged-lean" in s and "paged_over_plain" in s:
-            lean = s["paged-lean"]
-            table.append(
-                f"| {method} (lean) | {lean['step_median']:.2f} | | | "
-                f"{lean['step_median'] / s['plain']['step_median']:.2f} | {lean['step_median'] / s['ckpt']['step_median']:.2f} | "
-                f"{lean['peak_rss'] / 1e9:.2f} ({lean['peak_rss'] / s['plain']['peak_rss']:.0%} of plain) | |")
+        for variant in ("paged-keep", "paged-lean"):
+            if variant in s and "paged_over_plain" in s:
+                v = s[variant]
+                table.append(
+                    f"| {method} ({variant}) | {v['step_median']:.2f} | | | "
+                    f"{v['step_median'] / s['plain']['step_median']:.2f} | {v['step_median'] / s['ckpt']['step_median']:.2f} | "
+                    f"{v['peak_rss'] / 1e9:.2f} ({v['peak_rss'] / s['plain']['peak_rss']:.0%} of plain) | |")
         summary[method] = s
     save("step", {"machine": machine(), "summary": summary, "runs": runs}, table)
 

@@ -31,6 +31,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                  "batch_size": a.batch_size, "seq_len": a.seq_len, "out": a.out,
                  "device": a.device, "device_budget": a.device_budget, "grad_accum": a.grad_accum,
                  "host_budget": a.host_budget, "activation_budget": a.activation_budget, "seed": a.seed,
+                 "keep_activations": a.keep_activations,
                  "checkpoint_every": a.checkpoint_every, "progress": False if a.no_progress else None}
     if a.resume and a.config is None and Path(a.out or "runs/latest", "config.toml").is_file():
         a.config = str(Path(a.out or "runs/latest", "config.toml"))
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--host-budget", help="RAM for unit files (pinned, for a GPU); on the CPU the RAM for weights, e.g. 4GiB")
     p.add_argument("--activation-budget", help="RAM for stashed block inputs before they spill to disk, e.g. 4GiB")
+    p.add_argument("--keep-activations", help="LoRA: RAM for activations kept to skip the backward's recompute, e.g. 6GiB or inf")
     p.add_argument("--no-progress", action="store_true")
     _add_run_flags(p)
     p.set_defaults(func=cmd_finetune)

@@ -128,8 +128,9 @@ class ModelArgs:
         except TypeError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> ModelArgs:
+    @staticmethod
+    def read_json(path: str | Path) -> dict[str, Any]:
+        """The raw content of a params.json, with clear errors for a malformed file."""
         path = Path(path)
         try:
             params = json.loads(path.read_text())
@@ -137,7 +138,11 @@ class ModelArgs:
             raise ConfigError(f"{path}: not valid JSON ({exc}); is this Meta's params.json?") from exc
         if not isinstance(params, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(params).__name__}")
-        return cls.from_params(params, source=str(path))
+        return params
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelArgs:
+        return cls.from_params(cls.read_json(path), source=str(path))
 
     def to_params(self) -> dict[str, Any]:
         """Meta's params.json content (dropout and max_seq_len are ours, left out)."""

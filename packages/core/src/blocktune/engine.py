@@ -62,6 +62,10 @@ class EngineConfig:
     read_only: bool = False  # inference only (generate, eval): units are never written
     lean_memory: bool = False  # return freed host memory to the OS after every unit (slower; less RSS)
     max_dirty: int | None = 512 << 20  # full fine-tune: written-but-unsynced bytes before an early fsync
+    # LoRA: bytes of autograd activations kept from the first forward instead of recomputing
+    # the unit in the backward (weights in the graph become handles the pager resolves).
+    # 0: always recompute; None: keep every unit's. Units past the budget are recomputed.
+    keep_budget: int | None = 0
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
@@ -79,6 +83,7 @@ class StepResult:
     seconds: float
     bytes_read: int
     bytes_written: int
+    kept_units: int = 0  # units whose backward used kept activations instead of a recompute
 
 
 def chunked_cross_entropy(
@@ -103,6 +108,36 @@ def chunked_cross_entropy(
             loss.backward()
         total += loss.detach()
     return total
+
+
+class _WeightHandles:
+    """saved_tensors_hooks for one unit: a weight that autograd saves for the backward is
+    replaced by a handle (its key, and how the saved tensor views it) and fetched back from the
+    pager when the backward needs it, so a kept graph does not pin the unit's weights in memory.
+    Everything else saved (activations) is kept as is, and its bytes are counted."""
+
+    def __init__(self, pager: Pager, unit: str):
+        self.pager, self.unit = pager, unit
+        # storage -> (a key in it, that key's offset). Units read from one file buffer share one
+        # storage; a handle's offset is relative to the key it names, so any key will do.
+        self.weights = {t.untyped_storage().data_ptr(): (k, t.storage_offset())
+                        for k, t in pager.get(unit).items()}
+        self.activation_bytes = 0
+
+    def pack(self, t: torch.Tensor):
+        found = self.weights.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+        if found is None:
+            self.activation_bytes += t.numel() * t.element_size()
+            return t
+        key, base_offset = found
+        return (key, tuple(t.shape), t.stride(), t.storage_offset() - base_offset)
+
+    def unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        key, shape, stride, offset = packed
+        base = self.pager.get(self.unit)[key]
+        return base.as_strided(shape, stride, base.storage_offset() + offset)
 
 
 def _count_targets(targets: torch.Tensor) -> int:
@@ -235,18 +270,34 @@ class Engine:
         last = len(self.units) - 1
         full = self.cfg.method == "full"
         try:
-            # forward: embed and blocks, no graph
+            # forward: embed and blocks; without a graph, or (LoRA, within keep_budget) with one
+            # whose saved weights are handles, so the backward needs no recompute
+            kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+            kept_bytes = 0
             for i in range(last):
                 mod = self._module(self.units[i], training=True)
                 self.pager.prefetch(self._next(i, +1))
-                with torch.no_grad():
-                    for m in range(M):
+                keep = (not full and i > 0 and self.cfg.keep_budget != 0
+                        and (self.cfg.keep_budget is None or kept_bytes < self.cfg.keep_budget))
+                hooks = _WeightHandles(self.pager, self.units[i]) if keep else None
+                for m in range(M):
+                    dev.set_rng_state(cursors[m])
+                    replay[(i, m)] = cursors[m]
+                    if keep:
+                        x = xs[m].detach().requires_grad_(i > 1)
+                        with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+                            out = mod(x)
+                        kept[(i, m)] = (x, out)
+                        xs[m] = out.detach()
+                    else:
                         stash.put((i, m), xs[m])
-                        dev.set_rng_state(cursors[m])
-                        replay[(i, m)] = cursors[m]
-                        xs[m] = mod(xs[m])
-                        cursors[m] = dev.get_rng_state()
+                        with torch.no_grad():
+                            xs[m] = mod(xs[m])
+                    cursors[m] = dev.get_rng_state()
+                if keep:
+                    kept_bytes += hooks.activation_bytes
                 del mod
+            n_kept = len({i for i, _ in kept})
             # loss and its gradient through the head
             head = self._module(self.units[last], training=True)
             self.pager.prefetch(self._next(last, -1))
@@ -263,6 +314,14 @@ class Engine:
             # backward, unit by unit in reverse
             first = 0 if full else 1  # LoRA: the embeddings have nothing to train
             for i in range(last - 1, first - 1, -1):
+                if (i, 0) in kept:  # the graph is there: make the weights resident, run it
+                    self.pager.get(self.units[i])
+                    self.pager.prefetch(self._next(i, -1) if i > first else None)
+                    for m in range(M):
+                        x, out = kept.pop((i, m))
+                        out.backward(grads[m])
+                        grads[m] = x.grad if i > 1 else None
+                    continue
                 mod = self._module(self.units[i], training=True)
                 self.pager.prefetch(self._next(i, -1) if i > first else None, with_state=full)
                 for m in range(M):
@@ -301,7 +360,7 @@ class Engine:
         after = self.pager.stats
         return StepResult(loss_value, n_tok, time.perf_counter() - t_start,
                           after.bytes_read - before["bytes_read"],
-                          after.bytes_written - before["bytes_written"])
+                          after.bytes_written - before["bytes_written"], n_kept)
 
     def _full_step(self, unit: str, mod: nn.Module, lr: float, step: int) -> None:
         params = dict(mod.named_parameters())

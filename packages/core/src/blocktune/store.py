@@ -42,7 +42,8 @@ from .devices import dtype_name, parse_dtype
 from .errors import ChecksumError, StoreError
 from .model import unit_name
 
-__all__ = ["BlockStore", "FileRecord", "FORMAT_VERSION", "unit_names", "build_store", "atomic_write"]
+__all__ = ["BlockStore", "FileRecord", "FORMAT_VERSION", "unit_names", "build_store", "atomic_write",
+           "staging_dir"]
 
 FORMAT = "blocktune-store"
 FORMAT_VERSION = 1
@@ -396,7 +397,7 @@ class BlockStore:
 
 
 @contextmanager
-def _staging_dir(dst: Path) -> Iterator[Path]:
+def staging_dir(dst: Path) -> Iterator[Path]:
     """A temp folder beside `dst` that becomes `dst` on success and vanishes on failure."""
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
@@ -429,7 +430,7 @@ def build_store(
     one unit is in memory at a time.
     """
     expected = unit_names(args)
-    with _staging_dir(Path(dst)) as tmp:
+    with staging_dir(Path(dst)) as tmp:
         records: dict[str, FileRecord] = {}
         for name, tensors in units:
             if name not in expected or name in records:

@@ -66,6 +66,7 @@ class RunConfig:
     device_budget: str = "inf"  # weights resident on the device, e.g. "2GiB"
     host_budget: str = "inf"  # unit files kept in RAM (pinned) for a GPU; on the CPU, the RAM for weights
     activation_budget: str = "4GiB"  # stashed block inputs in RAM before spilling to disk
+    keep_activations: str = "0"  # LoRA: activations kept to skip the recompute, e.g. "6GiB"; "inf": all
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -121,6 +122,7 @@ class RunConfig:
             device=self.device, compute_dtype=self.compute_dtype or None,
             device_budget=parse_bytes(self.device_budget), host_budget=parse_bytes(self.host_budget),
             activation_budget=parse_bytes(self.activation_budget), seed=self.seed,
+            keep_budget=parse_bytes(self.keep_activations),
         )
 
 

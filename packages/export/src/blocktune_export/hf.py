@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from blocktune.config import ModelArgs
 from blocktune.errors import ConfigError, StoreError
-from blocktune.store import BlockStore, build_store, unit_names
+from blocktune.store import BlockStore, build_store, staging_dir, unit_names
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -108,12 +107,7 @@ def export_hf(store: BlockStore, out: str | Path, adapter=None,
               dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 5 << 30) -> Path:
     from .merge import merged_unit
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise StoreError(f"{out}: already exists and is not empty; choose a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staging_dir(Path(out)) as tmp:
         files: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for unit in unit_names(store.args):
@@ -140,12 +134,7 @@ def export_hf(store: BlockStore, out: str | Path, adapter=None,
         (tmp / "config.json").write_text(json.dumps(hf_config(store.args, dtype), indent=1))
         if store.tokenizer_path is not None:
             shutil.copyfile(store.tokenizer_path, tmp / "tokenizer.model")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def import_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None,

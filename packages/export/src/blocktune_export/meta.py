@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from blocktune.config import ModelArgs
 from blocktune.errors import ConfigError, StoreError
-from blocktune.store import BlockStore, build_store, unit_names
+from blocktune.store import BlockStore, build_store, staging_dir, unit_names
 from blocktune.tokenizer import Tokenizer
 
 __all__ = ["SPLIT_AXIS", "split_axis", "meta_key", "read_meta", "import_meta", "export_meta",
@@ -100,12 +100,7 @@ def read_params(src: Path, tokenizer: Tokenizer | None) -> ModelArgs:
     path = src / "params.json"
     if not path.is_file():
         raise StoreError(f"{src}: params.json missing; Meta folders ship it next to the shards")
-    try:
-        params = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(params, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+    params = ModelArgs.read_json(path)
     if params.get("vocab_size", -1) == -1:
         if tokenizer is None:
             raise ConfigError(f"{path}: vocab_size is -1 and there is no tokenizer.model to read it from")
@@ -257,9 +252,6 @@ def export_meta(store: BlockStore, out: str | Path, n_shards: int | None = None,
     """Store (optionally with merged LoRA adapters) -> Meta folder, written all or nothing."""
     from .merge import merged_unit
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise StoreError(f"{out}: already exists and is not empty; choose a new folder")
     source = store.manifest.get("source", {})
     n = n_shards or source.get("shards", 1)
     extras = {}
@@ -267,14 +259,7 @@ def export_meta(store: BlockStore, out: str | Path, n_shards: int | None = None,
         from safetensors.torch import load_file
 
         extras = load_file(str(store.path / "extras.safetensors"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staging_dir(Path(out)) as tmp:
         write_meta(tmp, store.args, lambda u: merged_unit(store, u, adapter), n, dtype,
                    extras, store.tokenizer_path, source.get("key_order"))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
