@@ -32,8 +32,14 @@ def test(session):
 
 @nox.session
 def bench(session):
-    """Benchmarks (pytest-benchmark) on this machine; results under benchmarks/results/."""
+    """Benchmarks on this machine, results under benchmarks/results/: the pytest-benchmark suites
+    (paged beside in-memory, per device; compared with the last saved run), then the measured
+    figures of blocktune_bench.run (each configuration in its own process). Long: run it alone."""
     install(session, "pytest", "pytest-benchmark", "hypothesis")
+    session.run("pytest", "benchmarks", "-m", "bench", "--benchmark-autosave",
+                "--benchmark-storage=benchmarks/results/pytest-benchmark",
+                "--benchmark-compare", "--benchmark-compare-fail=median:25%",
+                "--benchmark-columns=median,iqr,rounds")
     session.run("python", "-m", "blocktune_bench.run", *session.posargs)
 
 

@@ -3,7 +3,15 @@
 from .config import PRESETS, LoraConfig, ModelArgs
 from .devices import Device, resolve_device
 from .engine import Engine, EngineConfig, StepResult
-from .errors import BlocktuneError, BudgetError, ChecksumError, ConfigError, DataError, StoreError
+from .errors import (
+                     BlocktuneError,
+                     BudgetError,
+                     ChecksumError,
+                     ConfigError,
+                     DataError,
+                     StoreError,
+                     TrainingError,
+)
 from .optim import OptimizerConfig
 from .store import BlockStore, build_store
 
@@ -12,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockStore", "BlocktuneError", "BudgetError", "ChecksumError", "ConfigError", "DataError",
     "Device", "Engine", "EngineConfig", "LoraConfig", "ModelArgs", "OptimizerConfig", "PRESETS",
-    "StepResult", "StoreError", "build_store", "resolve_device",
+    "StepResult", "StoreError", "TrainingError", "build_store", "resolve_device",
 ]

@@ -20,7 +20,6 @@ optimizer step, whatever the accumulation.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -308,6 +307,9 @@ class Engine:
                 loss += chunked_cross_entropy(head, h, targets[m], n_tok, self.cfg.loss_chunk, True)
                 grads.append(h.grad)
             xs.clear()
+            if not bool(torch.isfinite(loss)):  # note: a host sync; before any weight changes
+                raise TrainingError(f"loss is {float(loss)} at step {step}; nothing of this step "
+                                    "was applied (lower the learning rate, check the data)")
             if full:
                 self._full_step(self.units[last], head, lr, step)
             del head
@@ -354,8 +356,6 @@ class Engine:
             if self.device.is_cpu:
                 trim_host_heap()
         loss_value = float(loss)
-        if not math.isfinite(loss_value):
-            raise TrainingError(f"loss is {loss_value} at step {step}")
         self.step_count = step + 1
         after = self.pager.stats
         return StepResult(loss_value, n_tok, time.perf_counter() - t_start,

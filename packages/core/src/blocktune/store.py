@@ -29,13 +29,13 @@ import struct
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as st_save
 
 from .config import ModelArgs
 from .devices import dtype_name, parse_dtype
@@ -129,13 +129,6 @@ def write_tensors(f, tensors: dict[str, torch.Tensor]) -> tuple[int, int, dict[s
     layout = {k: {"dtype": dtype_name(v.dtype) if v.is_floating_point() else str(v.dtype),
                   "shape": list(v.shape)} for k, v in cpu.items()}
     return len(head) + offset, crc, layout
-
-
-def encode_tensors(tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, dict[str, Any]]]:
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    layout = {k: {"dtype": dtype_name(v.dtype) if v.is_floating_point() else str(v.dtype),
-                  "shape": list(v.shape)} for k, v in cpu.items()}
-    return st_save(cpu), layout
 
 
 def decode_tensors(buf: torch.Tensor, source: str) -> dict[str, torch.Tensor]:
@@ -318,6 +311,10 @@ class BlockStore:
                 if sync:
                     f.flush()
                     os.fsync(f.fileno())
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise StoreError(f"{path}: write failed ({exc.strerror or exc}); the store still holds "
+                             f"step {self.step}, intact; free space or fix the disk, then resume") from exc
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -430,17 +427,32 @@ def build_store(
     one unit is in memory at a time.
     """
     expected = unit_names(args)
-    with staging_dir(Path(dst)) as tmp:
+
+    def write(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> FileRecord:
+        with open(folder / f"{name}.safetensors", "wb") as f:
+            nbytes, crc, layout = write_tensors(f, tensors)
+            f.flush()
+            os.fsync(f.fileno())
+        return FileRecord(f"{name}.safetensors", nbytes, crc, layout)
+
+    with staging_dir(Path(dst)) as tmp, ThreadPoolExecutor(1, thread_name_prefix="blocktune-build") as pool:
+        # unit i is written on the pool while unit i+1 is assembled: two units in memory at most
         records: dict[str, FileRecord] = {}
+        pending: tuple[str, Future] | None = None
         for name, tensors in units:
-            if name not in expected or name in records:
+            if name not in expected or name in records or (pending and pending[0] == name):
                 raise StoreError(f"unexpected or repeated unit {name!r}; expected {expected}")
             cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-            data, layout = encode_tensors(cast)
-            atomic_write(tmp / f"{name}.safetensors", data)
-            records[name] = FileRecord(f"{name}.safetensors", len(data), zlib.crc32(data), layout)
+            if pending:
+                records[pending[0]] = pending[1].result()
+                if progress:
+                    progress(pending[0])
+            pending = (name, pool.submit(write, tmp, name, cast))
+            del tensors, cast
+        if pending:
+            records[pending[0]] = pending[1].result()
             if progress:
-                progress(name)
+                progress(pending[0])
         missing = [n for n in expected if n not in records]
         if missing:
             raise StoreError(f"store is missing units {missing}")

@@ -169,14 +169,15 @@ def read_meta(src: str | Path) -> tuple[ModelArgs, Iterator[tuple[str, dict]], d
 
     def units() -> Iterator[tuple[str, dict]]:
         for unit in expected:
-            shards = [load_shard(f) for f in files]  # mmap'd; released at the end of the unit
+            shards = [load_shard(f) for f in files]  # mmap'd afresh for each unit
             out = {}
             for k in by_unit[unit]:
                 axis = split_axis(k)
                 pieces = [sd[k] for sd in shards]
                 out[unit_of(k)[1]] = pieces[0].clone() if axis is None else torch.cat(pieces, axis)
+                del pieces
+            del shards  # unmaps the shards (and the pages this unit touched) before handing it on
             _check_shapes(args, unit, out, files)
-            del shards
             yield unit, out
 
     return args, units(), {"extras": extras, "tokenizer": tok_path if tokenizer else None,

@@ -1,0 +1,156 @@
+"""Faults injected through the store's IO seam, and fuzzed readers: clear errors, nothing lost."""
+
+import errno
+import json
+
+import pytest
+import torch
+from blocktune import BlockStore, Engine, EngineConfig, OptimizerConfig, StoreError
+from blocktune.adapters import load_adapter, save_adapter
+from blocktune.config import LoraConfig
+from blocktune_bench.synthetic import PRESETS, make_store
+from conftest import random_batch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+
+class FaultyOpener:
+    """open() whose files fail with `err` once `budget` bytes have been written (or on read)."""
+
+    def __init__(self, err: int, write_budget: int | None = None, fail_reads: bool = False):
+        self.err, self.left, self.fail_reads = err, write_budget, fail_reads
+        self.faults = 0
+
+    def __call__(self, path, mode="r", **kw):
+        if "r" in mode and self.fail_reads:
+            self.faults += 1
+            raise OSError(self.err, "injected", str(path))
+        f = open(path, mode, **kw)
+        if "w" in mode and self.left is not None:
+            outer = self
+            real_write = f.write
+
+            def write(data):
+                n = len(memoryview(data).cast("B"))
+                if outer.left - n < 0:
+                    outer.faults += 1
+                    raise OSError(outer.err, "No space left on device" if outer.err == errno.ENOSPC else "injected")
+                outer.left -= n
+                return real_write(data)
+
+            f.write = write
+        return f
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+@pytest.mark.parametrize("after", [0, 150_000, 900_000])
+def test_write_fault_keeps_last_step(tmp_path, tiny_args, err, after):
+    store = make_store(tmp_path / "s", tiny_args, seed=1)
+    engine = Engine(store, EngineConfig(method="full", device="cpu", optimizer=OptimizerConfig("adamw", 1e-3)))
+    engine.train_step([random_batch(tiny_args, seed=0)])
+    committed = {u: store.record(u).crc32 for u in store.units}
+    opener = FaultyOpener(err, write_budget=after)
+    store.opener = opener
+    with pytest.raises(StoreError, match="write failed") as info:
+        engine.train_step([random_batch(tiny_args, seed=1)])
+    print(info.value)
+    assert opener.faults >= 1 and "step 1" in str(info.value)
+    reopened = BlockStore.open(store.path)
+    assert reopened.step == 1 and reopened.verify() == []
+    assert {u: reopened.record(u).crc32 for u in reopened.units} == committed
+    names = {p.name for p in store.path.iterdir()}
+    assert names == reopened.referenced_files(), names - reopened.referenced_files()
+    # the disk recovers: training goes on from the committed step
+    store.opener = open
+    engine.train_step([random_batch(tiny_args, seed=1)])
+    assert BlockStore.open(store.path).step == 2
+
+
+def test_read_fault_is_named(tiny_store):
+    tiny_store.opener = FaultyOpener(errno.EIO, fail_reads=True)
+    with pytest.raises(StoreError, match=r"embed\.safetensors: read failed"):
+        Engine(tiny_store, EngineConfig(method="full", device="cpu")).logits(random_batch(tiny_store.args)[0])
+
+
+def _manifest_bytes(tmp_path_factory):
+    store = make_store(tmp_path_factory.mktemp("fz") / "s", PRESETS["tiny-7b"], seed=0)
+    return store.path, (store.path / "manifest.json").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return _manifest_bytes(tmp_path_factory)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(0, 10_000), flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), max_size=4))
+def test_fuzzed_manifest_gives_only_clear_errors(manifest, cut, flips):
+    path, good = manifest
+    data = bytearray(good[: cut % (len(good) + 1)] if cut % 3 == 0 else good)
+    for pos, x in flips:
+        if data:
+            data[pos % len(data)] ^= x
+    (path / "manifest.json").write_bytes(bytes(data))
+    try:
+        store = BlockStore.open(path)
+    except StoreError:
+        return
+    # the few mutations that still parse (a changed crc or digit) are reported by verify,
+    # which turns every read error into a line of its report
+    assert isinstance(store.verify(), list)
+
+
+def test_fuzz_restores(manifest):
+    path, good = manifest
+    (path / "manifest.json").write_bytes(good)
+    assert BlockStore.open(path).verify() == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(cut=st.integers(0, 4000), flip=st.integers(0, 4000))
+def test_fuzzed_adapter_gives_only_clear_errors(tmp_path_factory, cut, flip):
+    args = PRESETS["tiny-7b"]
+    path = tmp_path_factory.mktemp("ad") / "a.safetensors"
+    save_adapter(path, {"layers.0.attention.wq.lora_a": torch.randn(2, 64)}, LoraConfig(rank=2), args)
+    data = bytearray(path.read_bytes())
+    data[flip % len(data)] ^= 0x5A
+    path.write_bytes(bytes(data[: max(1, cut)] if cut < len(data) else data))
+    try:
+        load_adapter(path, args)
+    except StoreError:
+        pass
+
+
+def test_checksums_in_manifest_are_json_numbers(tiny_store):
+    m = json.loads((tiny_store.path / "manifest.json").read_text())
+    assert all(isinstance(r["crc32"], int) for r in m["units"].values())
+
+
+def test_non_finite_loss_stops_before_any_change(tmp_path, tiny_args):
+    from blocktune import TrainingError
+    from blocktune.store import build_store
+    from blocktune_bench.synthetic import random_units
+
+    def units():
+        for name, t in random_units(tiny_args, seed=1):
+            if name == "head":
+                t["output.weight"][3, 5] = float("inf")
+            yield name, t
+
+    store = build_store(tmp_path / "s", tiny_args, units(), torch.float32)
+    before = {p.name: p.stat().st_mtime_ns for p in store.path.iterdir()}
+    for method in ("full", "lora"):
+        engine = Engine(store, EngineConfig(method=method, device="cpu"))
+        with pytest.raises(TrainingError, match="at step 0; nothing of this step was applied"):
+            engine.train_step([random_batch(tiny_args, seed=0)])
+        engine.close()
+    assert {p.name: p.stat().st_mtime_ns for p in store.path.iterdir()} == before
+    assert BlockStore.open(store.path).step == 0
+
+
+def test_lora_rank_mismatch_is_refused(tiny_store):
+    engine = Engine(tiny_store, EngineConfig(method="lora", lora=LoraConfig(rank=4), device="cpu"))
+    wrong = {k: torch.zeros(8 if "lora_a" in k else v.shape[0], *(v.shape[1:] if "lora_a" in k else (8,)))
+             for k, v in engine.adapter_state().items()}
+    with pytest.raises(StoreError, match="LoRA rank or model differs"):
+        engine.load_adapters(wrong)
