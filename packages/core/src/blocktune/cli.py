@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from importlib.metadata import entry_points
@@ -24,8 +25,30 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-budget", default=None, help="bytes of weights resident on the device, e.g. 2GiB")
 
 
+def _launch(nproc: int, argv: list[str]) -> int:
+    """`--nproc N` on one machine: torchrun's standalone launcher, N copies of this command."""
+    from torch.distributed.run import main as torchrun
+
+    rest, skip = [], False
+    for arg in argv:  # the same command line without --nproc
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "blocktune", *rest])
+    except Exception as exc:  # torchrun's ChildFailedError names the rank and its exit code
+        raise BlocktuneError(f"a rank failed: {str(exc).splitlines()[0]}") from None
+    return 0
+
+
 def cmd_finetune(a: argparse.Namespace) -> int:
     from .train import RunConfig, Trainer
+
+    if a.nproc and a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(a.nproc, sys.argv[1:])
 
     overrides = {"store": a.store, "data": a.data, "method": a.method, "steps": a.steps, "lr": a.lr,
                  "batch_size": a.batch_size, "seq_len": a.seq_len, "out": a.out,
@@ -166,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-budget", help="RAM for stashed block inputs before they spill to disk, e.g. 4GiB")
     p.add_argument("--keep-activations", help="LoRA: RAM for activations kept to skip the backward's recompute, e.g. 6GiB or inf")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--nproc", type=int, help="data-parallel processes on this machine (torchrun --standalone)")
     _add_run_flags(p)
     p.set_defaults(func=cmd_finetune)
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from .config import LoraConfig, ModelArgs
 from .devices import Device, resolve_device, trim_host_heap
+from .distributed import SINGLE, DistContext
 from .errors import ConfigError, StoreError, TrainingError
 from .model import Block, Embed, Head, KVCache, init_lora_
 from .optim import OptimizerConfig, unit_step
@@ -147,8 +148,8 @@ class Engine:
     """Runs a model held in a `BlockStore` one unit at a time."""
 
     def __init__(self, store: BlockStore, cfg: EngineConfig | None = None,
-                 adapters: dict[str, torch.Tensor] | None = None):
-        self.store, self.cfg = store, cfg or EngineConfig()
+                 adapters: dict[str, torch.Tensor] | None = None, dist: DistContext = SINGLE):
+        self.store, self.cfg, self.dist = store, cfg or EngineConfig(), dist
         self.args: ModelArgs = store.args
         self.device: Device = resolve_device(self.cfg.device)
         dtype = self.cfg.compute_dtype
@@ -254,7 +255,8 @@ class Engine:
         step = self.step_count if step is None else step
         dev = self.device
         self._check_lengths(micro_batches)
-        n_tok = sum(_count_targets(t) for _, t in micro_batches)
+        # the loss is a mean over the whole global batch: every rank divides by the same count
+        n_tok = self.dist.sum_int(sum(_count_targets(t) for _, t in micro_batches), dev)
         if n_tok == 0:
             raise TrainingError("every target of this step is masked; nothing to learn from")
         M = len(micro_batches)
@@ -262,7 +264,7 @@ class Engine:
         targets = [t.to(dev.torch) for _, t in micro_batches]
         cursors = []
         for m in range(M):
-            seed_micro_batch(dev, self.cfg.seed, step, m)
+            seed_micro_batch(dev, self.cfg.seed, step, m * self.dist.world + self.dist.rank)
             cursors.append(dev.get_rng_state())
         stash = ActivationStash(self.cfg.activation_budget)
         replay: dict[tuple[int, int], tuple] = {}
@@ -307,6 +309,7 @@ class Engine:
                 loss += chunked_cross_entropy(head, h, targets[m], n_tok, self.cfg.loss_chunk, True)
                 grads.append(h.grad)
             xs.clear()
+            loss = self.dist.sum_float(loss)  # every rank sees the global loss, and stops together
             if not bool(torch.isfinite(loss)):  # note: a host sync; before any weight changes
                 raise TrainingError(f"loss is {float(loss)} at step {step}; nothing of this step "
                                     "was applied (lower the learning rate, check the data)")
@@ -342,8 +345,13 @@ class Engine:
             if full:
                 self.pager.commit(step + 1)
             else:
+                params = self.adapter_params()
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                self.dist.all_reduce_([p.grad for p in params])  # one flat all-reduce per step
                 if max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(self.adapter_params(), max_grad_norm, foreach=False)
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=False)
                 self.lora_optimizer.param_groups[0]["lr"] = lr
                 self.lora_optimizer.step()
                 self.lora_optimizer.zero_grad(set_to_none=True)
@@ -365,6 +373,7 @@ class Engine:
     def _full_step(self, unit: str, mod: nn.Module, lr: float, step: int) -> None:
         params = dict(mod.named_parameters())
         grads = {k: p.grad for k, p in params.items()}
+        self.dist.all_reduce_(list(grads.values()))  # this unit's gradient, summed over ranks
         state = unit_step(self.cfg.optimizer, {k: p.data for k, p in params.items()}, grads,
                           self.pager.get_state(unit), lr, storage_dtype=self.store.dtype)
         for p in params.values():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 import tomllib
@@ -24,6 +25,7 @@ import torch
 from .adapters import save_adapter
 from .config import LoraConfig
 from .data import load_dataset
+from .distributed import init_from_env
 from .engine import Engine, EngineConfig
 from .errors import ConfigError, StoreError, TrainingError
 from .generate import SamplingConfig, generate_tokens
@@ -74,6 +76,7 @@ class RunConfig:
     dropout: float = 0.0  # embedding, attention and residual dropout
     plot: bool = True
     progress: bool = True
+    dist_timeout: float = 300.0  # seconds a rank waits in a collective before giving up
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
@@ -141,12 +144,21 @@ CHECKPOINT = "checkpoint.safetensors"
 
 class Trainer:
     def __init__(self, cfg: RunConfig, log=print):
-        self.cfg, self.log = cfg, log
+        self.cfg = cfg
         self.out = Path(cfg.out)
         from .devices import resolve_device
 
-        resolve_device(cfg.device)  # a bad --device fails before any data is read
-        self.store = BlockStore.open(cfg.store)
+        device = resolve_device(cfg.device)  # a bad --device fails before any data is read
+        if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+            device = resolve_device(f"cuda:{os.environ['LOCAL_RANK']}")
+        self.device = device
+        self.dist = init_from_env(device, cfg.dist_timeout)
+        self.log = log if self.dist.is_main else (lambda s: None)
+        store_path = cfg.store.replace("{rank}", str(self.dist.rank))
+        if cfg.method == "full" and self.dist.enabled and "{rank}" not in cfg.store:
+            raise ConfigError("a data-parallel full fine-tune writes its store on every rank: give "
+                              "each rank its own copy, e.g. --store 'store-{rank}'")
+        self.store = BlockStore.open(store_path)
         if cfg.dropout:
             # dropout is a training setting, not a property of the stored weights
             self.store.args = self.store.args.with_dropout(cfg.dropout)
@@ -157,11 +169,14 @@ class Trainer:
         self.tok = Tokenizer(tok_path)
         self.train_data, self.val_data = load_dataset(
             cfg.data, self.tok, cfg.seq_len, self.store.args.max_seq_len, cfg.val_ratio)
-        self.engine = Engine(self.store, cfg.engine_config())
+        ecfg = dataclasses.replace(cfg.engine_config(), device=str(device))
+        self.engine = Engine(self.store, ecfg, dist=self.dist)
         self.start_step = 0
 
     # ---- checkpoints ----
     def _save_checkpoint(self, step: int) -> None:
+        if not self.dist.is_main:
+            return  # every rank holds the same adapters; rank 0 writes them
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.toml").write_text(self.cfg.to_toml())
         if self.cfg.method == "full":
@@ -184,6 +199,11 @@ class Trainer:
         if self.cfg.method == "full":
             state = self.store.manifest.get("run") or {}
             step = self.store.step - int(state.get("first_step", self.store.step))
+            steps = self.dist.gather_ints(step, self.device)
+            if len(set(steps)) > 1:
+                raise TrainingError(f"the ranks' stores are at different steps {steps} (a rank was "
+                                    "killed between commits); copy the store of the furthest rank "
+                                    "over the others, then resume")
             return step
         path = self.out / CHECKPOINT
         if not path.is_file():
@@ -254,20 +274,24 @@ class Trainer:
             if cfg.grad_clip:
                 self.log("note: grad_clip is ignored for a full fine-tune (each unit steps as soon "
                          "as its gradient exists, before the global norm is known)")
-            if not resume:
+            if not resume:  # every rank has its own store (checked above)
                 self.store.commit(self.store.step, {}, run={"first_step": self.store.step})
         start = self._resume() if resume else 0
         metrics_path = self.out / "metrics.jsonl"
+        main = self.dist.is_main
         history = _read_metrics(metrics_path, upto=start) if resume else []
-        _write_metrics(metrics_path, history)
+        if main:
+            _write_metrics(metrics_path, history)
         self.log(f"{'resuming at' if resume else 'starting'} step {start} of {cfg.steps}; "
                  f"{len(self.train_data)} training sequences of {cfg.seq_len} tokens")
         first_step = self.store.step - start if cfg.method == "full" else 0
-        bar = _progress(cfg.steps, start, cfg.progress)
+        bar = _progress(cfg.steps, start, cfg.progress and main)
+        W, r = self.dist.world, self.dist.rank
         try:
             for step in range(start, cfg.steps):
                 t0 = time.perf_counter()
-                micro = [self.train_data.batch(cfg.seed, (step * cfg.grad_accum + m) * cfg.batch_size,
+                # rank r takes its slice of each global micro-batch of W x batch_size examples
+                micro = [self.train_data.batch(cfg.seed, ((step * cfg.grad_accum + m) * W + r) * cfg.batch_size,
                                                cfg.batch_size) for m in range(cfg.grad_accum)]
                 lr = lr_at(cfg, step)
                 res = self.engine.train_step(micro, lr=lr, step=step + first_step,
@@ -276,21 +300,32 @@ class Trainer:
                 row = {"step": step + 1, "loss": res.loss, "lr": lr, "tokens": res.tokens,
                        "seconds": dt, "tokens_per_s": res.tokens / dt,
                        "gb_read": res.bytes_read / 1e9, "gb_written": res.bytes_written / 1e9}
-                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                if W > 1:
+                    row["gb_all_reduced"] = self.dist.bytes_reduced / 1e9
+                    self.dist.bytes_reduced = 0
+                if main and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                     row["val_loss"] = self.validate()
-                if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+                if main and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                     row["sample"] = self.sample()
                     self.log(f"step {step + 1} sample: {cfg.sample_prompt}{row['sample']!r}")
                 if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                     self._save_checkpoint(step + 1)
                 history.append(row)
-                _append_metric(metrics_path, row)
+                if main:
+                    _append_metric(metrics_path, row)
                 bar.update(row)
         except TrainingError as exc:
             raise TrainingError(f"{exc}; the last good checkpoint in {self.out} is kept") from None
+        except RuntimeError as exc:
+            if not self.dist.enabled:
+                raise
+            # a collective failed: another rank died or timed out
+            raise TrainingError(f"rank {r} of {W}: lost contact with the other ranks "
+                                f"({str(exc).splitlines()[0][:200]}); the last checkpoint in "
+                                f"{self.out} is kept; restart every rank with --resume") from None
         finally:
             bar.close()
-        if cfg.plot and history:
+        if cfg.plot and history and main:
             from .plot import plot_losses
 
             plot_losses(history, self.out / "loss.png")
@@ -298,6 +333,7 @@ class Trainer:
 
     def close(self) -> None:
         self.engine.close()
+        self.dist.close()
 
 
 def _read_metrics(path: Path, upto: int) -> list[dict]:

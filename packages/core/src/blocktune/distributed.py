@@ -1,0 +1,109 @@
+"""Data-parallel training over torch.distributed (gloo on CPU, nccl on CUDA).
+
+Design:
+- Every rank runs the same engine over its own slice of each global batch. Rank r of W takes
+  examples [(s·A + m)·W·B + r·B, … + B) for micro-batch m of step s, so W ranks at batch B see
+  exactly the examples one rank sees at batch W·B.
+- The loss is normalised by the token count of the whole global batch (one all-reduce of a
+  scalar per step); gradients are then summed across ranks, so the update is the single-rank
+  update.
+- LoRA: the adapters' gradients are all-reduced once per optimizer step, as one flat buffer;
+  every rank steps identically; rank 0 writes checkpoints.
+- Full fine-tune: each unit's gradient is all-reduced as soon as its backward is done, before
+  that unit's optimizer step; every rank pages and commits its own copy of the store
+  (`--store` may contain `{rank}`), identically. The all-reduce is not yet overlapped with the
+  next unit's backward.
+- Dropout: micro-batch m of rank r draws from stream (seed, step, m·W + r); with W = 1 that is
+  the single-process stream, so a run and its resume agree whatever W was.
+- A rank that dies closes its sockets: the others fail in their next collective (or after
+  `timeout`) with a clear error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .devices import Device
+
+__all__ = ["DistContext", "init_from_env", "SINGLE"]
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    bytes_reduced: int = field(default=0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum `tensors` across ranks in place, as one flat buffer (one collective)."""
+        if not self.enabled or not tensors:
+            return
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        self.bytes_reduced += flat.numel() * flat.element_size()
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+
+    def sum_int(self, value: int, device: Device) -> int:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=device.torch)
+        self.all_reduce_([t])
+        return int(t.item())
+
+    def sum_float(self, value: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return value
+        t = value.detach().reshape(1).clone()
+        self.all_reduce_([t])
+        return t.reshape(())
+
+    def gather_ints(self, value: int, device: Device) -> list[int]:
+        if not self.enabled:
+            return [value]
+        import torch.distributed as dist
+
+        out = [torch.zeros(1, dtype=torch.int64, device=device.torch) for _ in range(self.world)]
+        dist.all_gather(out, torch.tensor([value], dtype=torch.int64, device=device.torch))
+        return [int(t) for t in out]
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+SINGLE = DistContext()
+
+
+def init_from_env(device: Device, timeout_s: float = 300.0) -> DistContext:
+    """Join the process group torchrun (or `--nproc`) described in the environment, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistContext(rank=dist.get_rank(), world=dist.get_world_size())

@@ -1,0 +1,114 @@
+"""Data parallel over real processes on loopback (gloo): W ranks x batch B == 1 rank x batch W*B."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blocktune import BlockStore
+from blocktune_bench.corpus import demo_text
+from blocktune_bench.synthetic import write_meta_checkpoint
+from blocktune_export.meta import import_meta
+
+PY = sys.executable
+# SGD: each trained tensor moves by its gradient, so the comparison sees the gradients to their
+# rounding (AdamW's first steps move near-zero gradients by about ±lr whatever their last bits).
+CONFIG = ("dropout = 0.0\nlora_dropout = 0.0\nwarmup_steps = 1\neval_every = 0\nsample_every = 0\n"
+          "plot = false\nval_ratio = 0.0\ncheckpoint_every = 1\ndist_timeout = 60.0\noptimizer = \"sgd\"\n")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    store = import_meta(write_meta_checkpoint(root / "meta", "tiny-7b", seed=0), root / "store",
+                        dtype=torch.float32)
+    (root / "text.txt").write_text(demo_text() * 2)
+    (root / "run.toml").write_text(CONFIG)
+    return root, store.path
+
+
+def _cmd(root, store, out, method, batch, steps=3, extra=()):
+    return [PY, "-m", "blocktune", "finetune", "--store", str(store), "--data", str(root / "text.txt"),
+            "--out", str(out), "--method", method, "--steps", str(steps), "--seq-len", "16",
+            "--batch-size", str(batch), "--grad-accum", "2", "--lr", "0.1", "--device", "cpu",
+            "--no-progress", "--config", str(root / "run.toml"), *extra]
+
+
+def _losses(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_ranks_equal_one_rank_with_double_batch(prepared, tmp_path, method):
+    root, store = prepared
+    single_store, rank_store = store, store
+    if method == "full":
+        single_store = tmp_path / "single"
+        shutil.copytree(store, single_store)
+        for r in (0, 1):
+            shutil.copytree(store, tmp_path / f"rank-{r}")
+        rank_store = tmp_path / "rank-{rank}"
+    subprocess.run(_cmd(root, single_store, tmp_path / "one", method, 4), check=True, capture_output=True)
+    two = subprocess.run(_cmd(root, rank_store, tmp_path / "two", method, 2, extra=["--nproc", "2"]),
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one, dual = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    print("1 rank x 4:", [r["loss"] for r in one])
+    print("2 ranks x 2:", [r["loss"] for r in dual], "all-reduced per step (GB):", [r["gb_all_reduced"] for r in dual])
+    assert len(one) == len(dual) == 3
+    for a, b in zip(one, dual):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"])
+        assert a["tokens"] == b["tokens"]  # the global batch, counted once
+    if method == "lora":
+        a = load_file(str(tmp_path / "one" / "adapter.safetensors"))
+        b = load_file(str(tmp_path / "two" / "adapter.safetensors"))
+        worst = max(_rel(b[k], a[k]) for k in a)
+    else:
+        s1, r0, r1 = (BlockStore.open(p) for p in (single_store, tmp_path / "rank-0", tmp_path / "rank-1"))
+        assert [r0.record(u).crc32 for u in r0.units] == [r1.record(u).crc32 for u in r1.units]
+        worst = max(_rel(r0.read_unit(u)[k], v) for u in s1.units for k, v in s1.read_unit(u).items())
+    print(f"worst relative difference of the trained tensors: {worst:.2e}")
+    assert worst <= 1e-6
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_dead_rank_stops_the_others(prepared, tmp_path):
+    root, store = prepared
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen(_cmd(root, store, tmp_path / "run", "lora", 2, steps=10_000),
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    assert metrics.exists(), procs[0].stderr.read()[-2000:]
+    procs[1].send_signal(signal.SIGKILL)
+    t0 = time.time()
+    try:
+        code = procs[0].wait(timeout=90)
+    finally:
+        for p in procs:
+            p.kill()
+    waited = time.time() - t0
+    err = procs[0].stderr.read()
+    print(f"rank 0 exited {code} after {waited:.1f}s: {err.strip().splitlines()[-1]}")
+    assert code == 2 and "lost contact with the other ranks" in err and "Traceback" not in err
