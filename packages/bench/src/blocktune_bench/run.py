@@ -11,6 +11,7 @@ headline  a 7B-shaped model (dim 4096, 32 layers, vocab 32000, bf16, about 13.5 
           LoRA step with batch 1 x 128 under a 2 GiB memory limit.
 prepare   Meta -> store throughput on a 2.7 GB checkpoint against cp of the same files; peak RSS.
 generate  generation tokens/s of the paged engine against the same model in memory.
+dist      data-parallel LoRA: 2 processes against 1 on this machine, and bytes all-reduced.
 
 Results: benchmarks/results/<date>-cpu-<group>.json and .md (machine, date, commit, command).
 """
@@ -334,9 +335,35 @@ def group_generate(work: Path, reps: int) -> None:
     save("generate", {"machine": machine(), "runs": runs, "tokens_per_s": med, "same_tokens": same}, table)
 
 
+def group_dist(work: Path, reps: int) -> None:
+    store = work / "bench-1k"
+    if not (store / "manifest.json").exists():
+        make_store(store, "bench-1k", seed=0)
+    runs = []
+    for _ in range(reps):
+        for n in (1, 2):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+                   "-m", "blocktune_bench.dist_bench", str(store), "4", "256", "2"]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            runs.append(json.loads([line for line in out.splitlines() if line.startswith("{")][-1]))
+            print(json.dumps(runs[-1]), flush=True)
+    med = {n: statistics.median(r["step_median"] for r in runs if r["ranks"] == n) for n in (1, 2)}
+    red = next(r["bytes_all_reduced_per_step"] for r in runs if r["ranks"] == 2)
+    paged = next(r["bytes_read_per_step_per_rank"] for r in runs if r["ranks"] == 2)
+    table = ["LoRA (rank 16, wq/wk/wv/wo), bench-1k (16 layers, dim 1024, fp32), global batch 4 x 256, "
+             "2-unit budget per rank, gloo over loopback, the machine's 2 cores split between the ranks "
+             f"(torch threads = 2 / ranks); medians of {reps} alternated runs.", "",
+             "| processes | s/step | tokens/s | speed-up | bytes all-reduced per step | bytes paged per step per rank |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for n in (1, 2):
+        table.append(f"| {n} | {med[n]:.2f} | {4 * 256 / med[n]:.0f} | {med[1] / med[n]:.2f} | "
+                     f"{red if n == 2 else 0:,} | {paged:,} |")
+    save("dist", {"machine": machine(), "runs": runs, "median_step": med}, table)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="step,limit,headline,prepare,generate")
+    p.add_argument("--only", default="step,limit,headline,prepare,generate,dist")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("BLOCKTUNE_BENCH_DIR", "/tmp/blocktune-bench")))
     a = p.parse_args(argv)
@@ -352,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         group_prepare(a.workdir, a.reps)
     if "generate" in groups:
         group_generate(a.workdir, a.reps)
+    if "dist" in groups:
+        group_dist(a.workdir, a.reps)
     return 0
 
 
