@@ -154,3 +154,43 @@ def test_lora_rank_mismatch_is_refused(tiny_store):
              for k, v in engine.adapter_state().items()}
     with pytest.raises(StoreError, match="LoRA rank or model differs"):
         engine.load_adapters(wrong)
+
+
+def test_manifest_with_a_broken_tensor_layout_is_refused(tiny_store):
+    """Found by the reliability campaign: a mangled "shape" key reached verify() as a KeyError."""
+    m = json.loads((tiny_store.path / "manifest.json").read_text())
+    m["units"]["block_01"]["tensors"]["attention.wq.weight"] = {"dtype": "fp32", "shapf": [64, 64]}
+    (tiny_store.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="malformed manifest"):
+        BlockStore.open(tiny_store.path)
+
+
+def test_write_fault_at_every_call_leaves_nothing_behind(tmp_path, tiny_args):
+    """Found by the reliability campaign: writes still in flight when an earlier one failed
+    landed after the clean-up. Fail each of the first write calls of a step in turn."""
+    for k in range(1, 40, 3):
+        store = make_store(tmp_path / f"s{k}", tiny_args, seed=1)
+        engine = Engine(store, EngineConfig(method="full", device="cpu", optimizer=OptimizerConfig("adamw", 1e-3)))
+        engine.train_step([random_batch(tiny_args, seed=0)])
+        calls = {"n": 0}
+
+        def opener(path, mode="r", _k=k, **kw):
+            f = open(path, mode, **kw)
+            if "w" in mode:
+                real = f.write
+
+                def write(data):
+                    calls["n"] += 1
+                    if calls["n"] == _k:
+                        raise OSError(errno.ENOSPC, "No space left on device")
+                    return real(data)
+
+                f.write = write
+            return f
+
+        store.opener = opener
+        with pytest.raises(StoreError):
+            engine.train_step([random_batch(tiny_args, seed=1)])
+        reopened = BlockStore.open(store.path)
+        assert reopened.step == 1 and reopened.verify() == []
+        assert {p.name for p in store.path.iterdir()} == reopened.referenced_files(), k

@@ -329,8 +329,15 @@ class Pager:
         """Wait for every write of this step, then switch the store's manifest to it atomically."""
         units, states = {}, {}
         writes, self._writes = self._writes, []
-        for fut in writes:
-            done = fut.result()
+        for i, fut in enumerate(writes):
+            try:
+                done = fut.result()
+            except BaseException:
+                # let the writes still in flight finish before anything is cleaned up, or they
+                # would land after the clean-up and stay behind
+                self._writes = writes[i + 1:]
+                self.abort_writes()
+                raise
             if done is None:  # a garbage collection queued by the previous commit
                 continue
             name, rec, srec = done

@@ -95,7 +95,13 @@ class FileRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FileRecord:
-        return cls(d["file"], int(d["bytes"]), int(d["crc32"]), d["tensors"])
+        tensors = d["tensors"]
+        ok = isinstance(d["file"], str) and isinstance(tensors, dict) and all(
+            isinstance(m, dict) and isinstance(m.get("dtype"), str) and isinstance(m.get("shape"), list)
+            and all(isinstance(n, int) and n >= 0 for n in m["shape"]) for m in tensors.values())
+        if not ok:
+            raise ValueError(f"file record {str(d)[:80]} is malformed")
+        return cls(d["file"], int(d["bytes"]), int(d["crc32"]), tensors)
 
 
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
@@ -348,7 +354,11 @@ class BlockStore:
         merged_state = {**self._state, **(state or {})}
         manifest["state"] = {n: r.to_dict() for n, r in merged_state.items()}
         manifest.update(extra)
-        atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1).encode(), opener=self.opener)
+        try:
+            atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1).encode(), opener=self.opener)
+        except OSError as exc:
+            raise StoreError(f"{self.path / MANIFEST}: write failed ({exc.strerror or exc}); the store "
+                             f"still holds step {self.step}, intact; free space or fix the disk, then resume") from exc
         self.manifest = manifest
         self._records = {n: FileRecord.from_dict(manifest["units"][n]) for n in self.units}
         self._state = merged_state
