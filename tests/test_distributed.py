@@ -11,12 +11,11 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from blocktune import BlockStore
 from blocktune_bench.corpus import demo_text
 from blocktune_bench.synthetic import write_meta_checkpoint
 from blocktune_export.meta import import_meta
+from safetensors.torch import load_file
 
 PY = sys.executable
 # SGD: each trained tensor moves by its gradient, so the comparison sees the gradients to their

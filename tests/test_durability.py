@@ -10,22 +10,9 @@ import time
 import pytest
 import torch
 from blocktune import BlockStore, ChecksumError, Engine, EngineConfig, OptimizerConfig
+from blocktune_bench.reliability import SCRIPT, STEPS  # the campaign's own training process
 from blocktune_bench.synthetic import PRESETS, make_store
 from safetensors import safe_open
-
-STEPS = 6
-SCRIPT = """
-import sys, torch
-from blocktune import BlockStore, Engine, EngineConfig, OptimizerConfig
-store = BlockStore.open(sys.argv[1])
-unit = max(store.unit_bytes(u) for u in store.units)
-engine = Engine(store, EngineConfig(method="full", device="cpu", device_budget=unit,
-                                    optimizer=OptimizerConfig("adamw", 1e-3)))
-for step in range(store.step, int(sys.argv[2])):
-    tok = torch.randint(0, store.args.vocab_size, (2, 17), generator=torch.Generator().manual_seed(step))
-    engine.train_step([(tok[:, :-1], tok[:, 1:])])
-    print(step + 1, flush=True)
-"""
 
 
 def _fingerprint(store: BlockStore) -> tuple:
