@@ -174,12 +174,12 @@ def test_write_fault_at_every_call_leaves_nothing_behind(tmp_path, tiny_args):
         engine.train_step([random_batch(tiny_args, seed=0)])
         calls = {"n": 0}
 
-        def opener(path, mode="r", _k=k, **kw):
+        def opener(path, mode="r", _k=k, calls=calls, **kw):
             f = open(path, mode, **kw)
             if "w" in mode:
                 real = f.write
 
-                def write(data):
+                def write(data, calls=calls):
                     calls["n"] += 1
                     if calls["n"] == _k:
                         raise OSError(errno.ENOSPC, "No space left on device")
