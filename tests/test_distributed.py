@@ -49,8 +49,10 @@ def _rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_two_ranks_equal_one_rank_with_double_batch(prepared, tmp_path, method):
+@pytest.mark.parametrize("method,budget", [("lora", "inf"), ("full", "inf"), ("full", "600KiB"), ("full", "300KiB")])
+def test_two_ranks_equal_one_rank_with_double_batch(prepared, tmp_path, method, budget):
+    """A full fine-tune overlaps each unit's all-reduce with the next unit's backward when the
+    budget holds two units (600 KiB here: each unit is at most 256 KiB), and does not at one."""
     root, store = prepared
     single_store, rank_store = store, store
     if method == "full":
@@ -60,7 +62,8 @@ def test_two_ranks_equal_one_rank_with_double_batch(prepared, tmp_path, method):
             shutil.copytree(store, tmp_path / f"rank-{r}")
         rank_store = tmp_path / "rank-{rank}"
     subprocess.run(_cmd(root, single_store, tmp_path / "one", method, 4), check=True, capture_output=True)
-    two = subprocess.run(_cmd(root, rank_store, tmp_path / "two", method, 2, extra=["--nproc", "2"]),
+    two = subprocess.run(_cmd(root, rank_store, tmp_path / "two", method, 2,
+                              extra=["--nproc", "2", "--device-budget", budget]),
                          capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
     one, dual = _losses(tmp_path / "one"), _losses(tmp_path / "two")

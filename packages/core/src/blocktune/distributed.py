@@ -11,8 +11,9 @@ Design:
   every rank steps identically; rank 0 writes checkpoints.
 - Full fine-tune: each unit's gradient is all-reduced as soon as its backward is done, before
   that unit's optimizer step; every rank pages and commits its own copy of the store
-  (`--store` may contain `{rank}`), identically. The all-reduce is not yet overlapped with the
-  next unit's backward.
+  (`--store` may contain `{rank}`), identically. When the device budget holds two units, the
+  all-reduce of unit i runs while unit i-1 recomputes and back-propagates (unit i stays pinned
+  until its step); with a one-unit budget it runs before the step, unoverlapped.
 - Dropout: micro-batch m of rank r draws from stream (seed, step, m·W + r); with W = 1 that is
   the single-process stream, so a run and its resume agree whatever W was.
 - A rank that dies closes its sockets: the others fail in their next collective (or after
@@ -60,6 +61,25 @@ class DistContext:
             n = t.numel()
             t.copy_(flat[offset:offset + n].view_as(t))
             offset += n
+
+    def all_reduce_async(self, tensors: list[torch.Tensor]):
+        """Start summing `tensors` across ranks; the returned callable waits and writes them back."""
+        if not self.enabled or not tensors:
+            return lambda: None
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        work = dist.all_reduce(flat, async_op=True)
+        self.bytes_reduced += flat.numel() * flat.element_size()
+
+        def finish() -> None:
+            work.wait()
+            offset = 0
+            for t in tensors:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+        return finish
 
     def sum_int(self, value: int, device: Device) -> int:
         if not self.enabled:

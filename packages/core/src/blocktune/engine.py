@@ -313,8 +313,9 @@ class Engine:
             if not bool(torch.isfinite(loss)):  # note: a host sync; before any weight changes
                 raise TrainingError(f"loss is {float(loss)} at step {step}; nothing of this step "
                                     "was applied (lower the learning rate, check the data)")
+            pending = None
             if full:
-                self._full_step(self.units[last], head, lr, step)
+                pending = self._reduce_then_step(self.units[last], head, lr, step, None)
             del head
             # backward, unit by unit in reverse
             first = 0 if full else 1  # LoRA: the embeddings have nothing to train
@@ -340,9 +341,11 @@ class Engine:
                     out.backward(grads[m])
                     grads[m] = x.grad if want_dx else None
                 if full:
-                    self._full_step(self.units[i], mod, lr, step)
+                    pending = self._reduce_then_step(self.units[i], mod, lr, step, pending)
                 del mod
             if full:
+                if pending is not None:
+                    pending()
                 self.pager.commit(step + 1)
             else:
                 params = self.adapter_params()
@@ -370,10 +373,34 @@ class Engine:
                           after.bytes_read - before["bytes_read"],
                           after.bytes_written - before["bytes_written"], n_kept)
 
+    def _reduce_then_step(self, unit: str, mod: nn.Module, lr: float, step: int, pending):
+        """Data parallel: sum this unit's gradient over the ranks, then step it. When the budget
+        holds two units, the all-reduce is started now and the step runs after the next unit's
+        backward (returned as `pending`); otherwise both happen now."""
+        if pending is not None:
+            pending()
+        if not self.dist.enabled:
+            self._full_step(unit, mod, lr, step)
+            return None
+        grads = [p.grad for p in mod.parameters()]
+        largest = max(self.pager._size.values())
+        if self.pager.budget < 2 * largest:
+            self.dist.all_reduce_(grads)
+            self._full_step(unit, mod, lr, step)
+            return None
+        finish = self.dist.all_reduce_async(grads)
+        self.pager.pin(unit)
+
+        def complete() -> None:
+            finish()
+            self._full_step(unit, mod, lr, step)
+            self.pager.unpin(unit)
+
+        return complete
+
     def _full_step(self, unit: str, mod: nn.Module, lr: float, step: int) -> None:
         params = dict(mod.named_parameters())
         grads = {k: p.grad for k, p in params.items()}
-        self.dist.all_reduce_(list(grads.values()))  # this unit's gradient, summed over ranks
         state = unit_step(self.cfg.optimizer, {k: p.data for k, p in params.items()}, grads,
                           self.pager.get_state(unit), lr, storage_dtype=self.store.dtype)
         for p in params.values():

@@ -112,6 +112,7 @@ class Pager:
         self._resident: OrderedDict[str, _Entry] = OrderedDict()
         self._loading: dict[str, _Pending] = {}
         self._current: str | None = None
+        self._pinned: set[str] = set()
         self._lock = threading.Lock()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="blocktune-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="blocktune-write")
@@ -138,8 +139,17 @@ class Pager:
     def _note_peak(self) -> None:
         self.stats.peak_resident = max(self.stats.peak_resident, self.resident_bytes)
 
+    def pin(self, name: str) -> None:
+        """Keep a resident unit resident until `unpin` (its optimizer step is still to come)."""
+        self._pinned.add(name)
+
+    def unpin(self, name: str) -> None:
+        self._pinned.discard(name)
+
     def _make_room(self, need: int, keep: set[str]) -> bool:
-        """Evict least-recently-used units (never those in `keep`) until `need` more bytes fit."""
+        """Evict least-recently-used units (never those in `keep` or pinned) until `need` more
+        bytes fit."""
+        keep = keep | self._pinned
         while self.resident_bytes + need > self.budget:
             victim = next((n for n in self._resident if n not in keep), None)
             if victim is None:
