@@ -69,6 +69,7 @@ class RunConfig:
     host_budget: str = "inf"  # unit files kept in RAM (pinned) for a GPU; on the CPU, the RAM for weights
     activation_budget: str = "4GiB"  # stashed block inputs in RAM before spilling to disk
     keep_activations: str = "0"  # LoRA: activations kept to skip the recompute, e.g. "6GiB"; "inf": all
+    verify: str = "once"  # crc32 of each file: "once" per file version per process, "always", "never"
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -84,6 +85,8 @@ class RunConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        if self.verify not in ("once", "always", "never"):
+            raise ConfigError(f"verify={self.verify!r}: choose once, always or never")
         if not 0 <= self.val_ratio < 1:
             raise ConfigError(f"val_ratio={self.val_ratio} must be in [0, 1)")
         self.lora_targets = list(self.lora_targets)
@@ -125,7 +128,7 @@ class RunConfig:
             device=self.device, compute_dtype=self.compute_dtype or None,
             device_budget=parse_bytes(self.device_budget), host_budget=parse_bytes(self.host_budget),
             activation_budget=parse_bytes(self.activation_budget), seed=self.seed,
-            keep_budget=parse_bytes(self.keep_activations),
+            keep_budget=parse_bytes(self.keep_activations), verify=self.verify,
         )
 
 
