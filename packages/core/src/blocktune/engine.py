@@ -170,6 +170,8 @@ class Engine:
         if self.lora is not None:
             self._init_adapters(adapters)
         self._lora_opt: torch.optim.Optimizer | None = None
+        self._built: dict[str, tuple[dict, nn.Module]] = {}
+        self.pager.on_evict.append(lambda name: self._built.pop(name, None))
         self.step_count = store.step if self.cfg.method == "full" else 0
 
     # ---- adapters ----
@@ -218,6 +220,10 @@ class Engine:
     def _module(self, unit: str, training: bool) -> nn.Module:
         if self.cfg.lean_memory and self.device.is_cpu:
             trim_host_heap()
+        resident = self.pager.get(unit)
+        cached = self._built.get(unit)
+        if cached is not None and cached[0] is resident:  # same tensors: the module still fits
+            return cached[1].train(training)
         with torch.device("meta"):
             if unit == "embed":
                 mod = Embed(self.args)
@@ -225,13 +231,16 @@ class Engine:
                 mod = Head(self.args)
             else:
                 mod = Block(self.args, self.lora)
-        tensors = dict(self.pager.get(unit))
+        tensors = dict(resident)
         tensors.update(self.adapters.get(unit, {}))
         mod.load_state_dict(tensors, assign=True, strict=True)
         if self.cfg.method == "lora":
             for name, p in mod.named_parameters():
                 if ".lora_" not in name:
                     p.requires_grad_(False)
+        # kept while the unit is resident (the pager drops it on eviction, so a module never
+        # holds the weights of a unit the budget has let go)
+        self._built[unit] = (resident, mod)
         return mod.train(training)
 
     def _next(self, i: int, step: int) -> str | None:
@@ -461,4 +470,5 @@ class Engine:
         return head(h[:, -1:, :])[:, -1, :].float()
 
     def close(self) -> None:
+        self._built.clear()
         self.pager.close()

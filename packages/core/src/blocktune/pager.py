@@ -113,6 +113,7 @@ class Pager:
         self._loading: dict[str, _Pending] = {}
         self._current: str | None = None
         self._pinned: set[str] = set()
+        self.on_evict: list = []  # callbacks(name): whoever holds a unit's tensors lets go
         self._lock = threading.Lock()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="blocktune-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="blocktune-write")
@@ -155,6 +156,8 @@ class Pager:
             if victim is None:
                 return False
             del self._resident[victim]
+            for callback in self.on_evict:
+                callback(victim)
         return True
 
     # ---- loading ----
