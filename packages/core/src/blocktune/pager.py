@@ -134,9 +134,6 @@ class Pager:
         held = sum(e.nbytes + e.state_bytes for e in self._resident.values())
         return held + sum(p.reserved for p in self._loading.values())
 
-    def resident_units(self) -> list[str]:
-        return list(self._resident)
-
     def _note_peak(self) -> None:
         self.stats.peak_resident = max(self.stats.peak_resident, self.resident_bytes)
 

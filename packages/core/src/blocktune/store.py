@@ -302,9 +302,6 @@ class BlockStore:
         rec = self._state.get(name)
         return None if rec is None else self.read_file(rec)
 
-    def load_all(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {n: self.read_unit(n) for n in self.units}
-
     # ---- writing (new versions; invisible until commit) ----
     def write_file(self, filename: str, tensors: dict[str, torch.Tensor],
                    sync: bool = True) -> FileRecord:
@@ -398,9 +395,6 @@ class BlockStore:
             except StoreError as exc:
                 problems.append(str(exc))
         return problems
-
-    def is_consistent(self) -> bool:
-        return not self.verify()
 
 
 @contextmanager

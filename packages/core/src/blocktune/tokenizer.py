@@ -33,7 +33,3 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
-
-    def piece(self, token: int) -> str:
-        """Text of one token as it would appear after the previous ones (for streaming)."""
-        return self.sp.decode_pieces([self.sp.id_to_piece(token)])
