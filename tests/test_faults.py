@@ -8,6 +8,7 @@ import torch
 from blocktune import BlockStore, Engine, EngineConfig, OptimizerConfig, StoreError
 from blocktune.adapters import load_adapter, save_adapter
 from blocktune.config import LoraConfig
+from blocktune_bench.reliability import FailingOpener
 from blocktune_bench.synthetic import PRESETS, make_store
 from conftest import random_batch
 from hypothesis import HealthCheck, given, settings
@@ -172,23 +173,7 @@ def test_write_fault_at_every_call_leaves_nothing_behind(tmp_path, tiny_args):
         store = make_store(tmp_path / f"s{k}", tiny_args, seed=1)
         engine = Engine(store, EngineConfig(method="full", device="cpu", optimizer=OptimizerConfig("adamw", 1e-3)))
         engine.train_step([random_batch(tiny_args, seed=0)])
-        calls = {"n": 0}
-
-        def opener(path, mode="r", _k=k, calls=calls, **kw):
-            f = open(path, mode, **kw)
-            if "w" in mode:
-                real = f.write
-
-                def write(data, calls=calls):
-                    calls["n"] += 1
-                    if calls["n"] == _k:
-                        raise OSError(errno.ENOSPC, "No space left on device")
-                    return real(data)
-
-                f.write = write
-            return f
-
-        store.opener = opener
+        store.opener = FailingOpener(errno.ENOSPC, k)
         with pytest.raises(StoreError):
             engine.train_step([random_batch(tiny_args, seed=1)])
         reopened = BlockStore.open(store.path)

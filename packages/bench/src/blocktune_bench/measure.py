@@ -27,6 +27,16 @@ from blocktune.store import BlockStore
 LORA = LoraConfig(rank=16, alpha=32.0, dropout=0.0, targets=("wq", "wk", "wv", "wo"))
 
 
+def evict_from_page_cache(paths) -> None:
+    """Drop files from the page cache, so the next read of them is a cold read."""
+    for f in paths:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def enter_cgroup(limit: int) -> str:
     """Put this process in a new memory cgroup limited to `limit` bytes; return its path."""
     name = f"blocktune-bench-{os.getpid()}"
@@ -80,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold", action="store_true", help="drop the store from the page cache first")
     a = p.parse_args(argv)
     if a.cold:  # page cache pages are charged to the cgroup that reads them: make it this one
-        for f in Path(a.store).glob("*.safetensors"):
-            fd = os.open(f, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
+        evict_from_page_cache(Path(a.store).glob("*.safetensors"))
     cg = enter_cgroup(parse_bytes(a.memory_limit)) if a.memory_limit else None
     torch.set_num_threads(a.threads)
     store = BlockStore.open(a.store)

@@ -82,7 +82,9 @@ def kills(root: Path, n: int) -> dict:
     return {"tried": n, "survived": survived, "committed_steps_found": sorted(set(at_steps))}
 
 
-class _Faulty:
+class FailingOpener:
+    """open() for a store's IO seam whose `fail_at`-th write call raises OSError(err)."""
+
     def __init__(self, err: int, fail_at: int):
         self.err, self.fail_at, self.calls = err, fail_at, 0
 
@@ -112,7 +114,7 @@ def faults(root: Path) -> dict:
             tok = torch.randint(0, ARGS.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
             engine.train_step([(tok[:, :-1], tok[:, 1:])])
             committed = _fp(store)
-            opener = _Faulty(err, k)
+            opener = FailingOpener(err, k)
             store.opener = opener
             try:
                 engine.train_step([(tok[:, :-1], tok[:, 1:])])

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from blocktune.config import ModelArgs
 
+from .measure import evict_from_page_cache
 from .synthetic import PRESETS, make_store
 
 RESULTS = Path("benchmarks/results")
@@ -173,9 +174,7 @@ def disk_bandwidth(path: Path, nbytes: int = 1 << 30) -> dict:
         fh.flush()
         os.fsync(fh.fileno())
     write = nbytes / (time.perf_counter() - t0)
-    fd = os.open(f, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache: a cold read
-    os.close(fd)
+    evict_from_page_cache([f])  # a cold read
     t0 = time.perf_counter()
     with open(f, "rb", buffering=0) as fh:
         while fh.read(16 << 20):
@@ -221,14 +220,6 @@ def group_headline(work: Path) -> None:
     save("headline", data, table)
 
 
-def _evict(paths) -> None:
-    """Drop files from the page cache, so the next read is a cold read."""
-    for f in paths:
-        fd = os.open(f, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-
-
 PREPARE = """
 import resource, sys, time
 from blocktune_export.meta import import_meta
@@ -253,7 +244,7 @@ def group_prepare(work: Path, reps: int) -> None:
             dst = work / f"prepare-{what}"
             shutil.rmtree(dst, ignore_errors=True)
             subprocess.run(["sync"], check=True)
-            _evict(files)
+            evict_from_page_cache(files)
             if what == "cp":
                 t0 = time.perf_counter()
                 subprocess.run(["cp", "-r", str(src), str(dst)], check=True)

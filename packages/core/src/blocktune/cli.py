@@ -73,23 +73,29 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(a: argparse.Namespace) -> int:
+def _inference_engine(a: argparse.Namespace):
+    """(store, engine, tokenizer) for generate and eval: read-only, with the adapter if given."""
     from .adapters import load_adapter
     from .engine import Engine, EngineConfig
-    from .generate import SamplingConfig, generate_tokens, stream_text
     from .pager import parse_bytes
     from .store import BlockStore
     from .tokenizer import Tokenizer
 
     store = BlockStore.open(a.store)
+    if store.tokenizer_path is None:
+        raise BlocktuneError(f"{a.store}: the store has no tokenizer.model")
     adapter = load_adapter(a.adapter, store.args) if a.adapter else None
     cfg = EngineConfig(method="lora" if adapter else "full", lora=adapter.lora if adapter else None,
                        device=a.device or "auto", device_budget=parse_bytes(a.device_budget),
                        read_only=True)
     engine = Engine(store, cfg, adapters=adapter.tensors if adapter else None)
-    if store.tokenizer_path is None:
-        raise BlocktuneError(f"{a.store}: the store has no tokenizer.model")
-    tok = Tokenizer(store.tokenizer_path)
+    return store, engine, Tokenizer(store.tokenizer_path)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .generate import SamplingConfig, generate_tokens, stream_text
+
+    _, engine, tok = _inference_engine(a)
     sampling = SamplingConfig(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
     prompt = tok.encode(a.prompt, bos=True)
     sys.stdout.write(a.prompt)
@@ -106,24 +112,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
-    from .adapters import load_adapter
     from .data import eval_windows, read_text
-    from .engine import Engine, EngineConfig
     from .errors import DataError
-    from .pager import parse_bytes
-    from .store import BlockStore
-    from .tokenizer import Tokenizer
 
-    store = BlockStore.open(a.store)
+    store, engine, tok = _inference_engine(a)
     if a.seq_len > store.args.max_seq_len:
         raise DataError(f"--seq-len {a.seq_len} exceeds the model's context of {store.args.max_seq_len}")
-    adapter = load_adapter(a.adapter, store.args) if a.adapter else None
-    engine = Engine(store, EngineConfig(method="lora" if adapter else "full",
-                                        lora=adapter.lora if adapter else None,
-                                        device=a.device or "auto",
-                                        device_budget=parse_bytes(a.device_budget), read_only=True),
-                    adapters=adapter.tensors if adapter else None)
-    tok = Tokenizer(store.tokenizer_path)
     windows = eval_windows(tok, read_text(a.data), a.seq_len)
     if not windows:
         raise DataError(f"{a.data}: shorter than one window of {a.seq_len + 1} tokens")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LoraConfig, ModelArgs
-from .devices import Device, resolve_device, trim_host_heap
+from .devices import Device, parse_dtype, resolve_device, trim_host_heap
 from .distributed import SINGLE, DistContext
 from .errors import ConfigError, StoreError, TrainingError
 from .model import Block, Embed, Head, KVCache, init_lora_
@@ -153,8 +153,6 @@ class Engine:
         self.args: ModelArgs = store.args
         self.device: Device = resolve_device(self.cfg.device)
         dtype = self.cfg.compute_dtype
-        from .devices import parse_dtype
-
         self.dtype = parse_dtype(dtype) if dtype else self.device.default_dtype()
         self.device.check_dtype(self.dtype)
         budget = self.cfg.device_budget
@@ -392,8 +390,7 @@ class Engine:
             self._full_step(unit, mod, lr, step)
             return None
         grads = [p.grad for p in mod.parameters()]
-        largest = max(self.pager._size.values())
-        if self.pager.budget < 2 * largest:
+        if self.pager.budget < 2 * self.pager.largest_unit:
             self.dist.all_reduce_(grads)
             self._full_step(unit, mod, lr, step)
             return None

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .devices import Device
+from .devices import Device, dtype_name
 from .errors import BudgetError
 from .store import BlockStore, FileRecord
 
@@ -99,13 +99,13 @@ class Pager:
         self.mutable = mutable  # False: units are only read (LoRA), so files may be mapped read-only
         scale = compute_dtype.itemsize / store.dtype.itemsize
         self._size = {n: int(store.unit_bytes(n) * max(scale, 1.0)) for n in store.units}
-        largest = max(self._size.values())
+        largest = self.largest_unit
         self.budget = budget if budget is not None else 1 << 62
         if self.budget < largest:
             big = max(self._size, key=self._size.get)
             raise BudgetError(
                 f"device budget {self.budget:,} bytes is smaller than the largest unit "
-                f"({big}: {largest:,} bytes in {_dtype(compute_dtype)}); raise the budget to at "
+                f"({big}: {largest:,} bytes in {dtype_name(compute_dtype)}); raise the budget to at "
                 f"least {(largest + (1 << 20) - 1) >> 20} MiB"
             )
         self.stats = PagerStats()
@@ -129,6 +129,11 @@ class Pager:
         self._unsynced: list[FileRecord] = []
 
     # ---- accounting ----
+    @property
+    def largest_unit(self) -> int:
+        """Bytes of the largest unit as it is held resident (in the compute dtype)."""
+        return max(self._size.values())
+
     @property
     def resident_bytes(self) -> int:
         held = sum(e.nbytes + e.state_bytes for e in self._resident.values())
@@ -166,7 +171,7 @@ class Pager:
                     event.synchronize()
                 del self._staging[i]
                 return buf
-        return self.device.empty_host(max(nbytes, *(self._size.values())))
+        return self.device.empty_host(max(nbytes, self.largest_unit))
 
     def _host_copy(self, name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """The unit's tensors in host memory: from the host tier, or read from disk."""
@@ -385,10 +390,6 @@ class Pager:
         self._writer.shutdown(wait=True)
         self._resident.clear()
         self._loading.clear()
-
-
-def _dtype(dt: torch.dtype) -> str:
-    return str(dt).replace("torch.", "")
 
 
 class ActivationStash:

@@ -11,7 +11,6 @@ import json
 import pickle
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -196,17 +195,12 @@ def import_meta(src: str | Path, dst: str | Path, dtype: torch.dtype | None = No
         yield from units
 
     extra = {"source": {"format": "meta", "shards": info["shards"], "key_order": info["key_order"]}}
-    extras = info["extras"]
-    with tempfile.TemporaryDirectory() as tmp:
-        if extras:
-            from safetensors.torch import save_file
+    store = build_store(dst, args, chain(), dtype, tokenizer=info["tokenizer"], progress=progress, extra=extra)
+    if info["extras"]:  # small (rope.freqs): kept so that export gives back the same keys
+        from safetensors.torch import save_file
 
-            save_file(extras, str(Path(tmp) / "extras.safetensors"))
-        store = build_store(dst, args, chain(), dtype, tokenizer=info["tokenizer"],
-                            progress=progress, extra=extra)
-        if extras:  # small: rope.freqs, kept so that export gives back the same keys
-            shutil.copyfile(Path(tmp) / "extras.safetensors", store.path / "extras.safetensors")
-            store.commit(store.step, {}, extra_files=["extras.safetensors"])
+        save_file(info["extras"], str(store.path / "extras.safetensors"))
+        store.commit(store.step, {}, extra_files=["extras.safetensors"])
     return store
 
 
