@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-
 from blocktune import Engine, EngineConfig, LoraConfig, OptimizerConfig
 from blocktune.devices import resolve_device
 from blocktune.generate import SamplingConfig, generate_tokens

@@ -168,11 +168,20 @@ def test_manifest_with_a_broken_tensor_layout_is_refused(tiny_store):
 
 def test_write_fault_at_every_call_leaves_nothing_behind(tmp_path, tiny_args):
     """Found by the reliability campaign: writes still in flight when an earlier one failed
-    landed after the clean-up. Fail each of the first write calls of a step in turn."""
-    for k in range(1, 40, 3):
-        store = make_store(tmp_path / f"s{k}", tiny_args, seed=1)
+    landed after the clean-up. Fail each write call of a step in turn."""
+    def engine_after_one_step(path):
+        store = make_store(path, tiny_args, seed=1)
         engine = Engine(store, EngineConfig(method="full", device="cpu", optimizer=OptimizerConfig("adamw", 1e-3)))
         engine.train_step([random_batch(tiny_args, seed=0)])
+        return store, engine
+
+    store, engine = engine_after_one_step(tmp_path / "count")
+    store.opener = counter = FailingOpener(errno.ENOSPC, 0)  # fails no call: counts them
+    engine.train_step([random_batch(tiny_args, seed=1)])
+    engine.close()
+    assert counter.calls >= 2 * len(store.units)  # every unit and its state, then the manifest
+    for k in range(1, counter.calls + 1):
+        store, engine = engine_after_one_step(tmp_path / f"s{k}")
         store.opener = FailingOpener(errno.ENOSPC, k)
         with pytest.raises(StoreError):
             engine.train_step([random_batch(tiny_args, seed=1)])

@@ -1,12 +1,13 @@
 """The block store and pager: atomic writes, checksums, clear errors, budgets."""
 
+import errno
 import json
 import time
 
 import pytest
 import torch
 from blocktune import BlockStore, BudgetError, ChecksumError, Engine, EngineConfig, StoreError
-from blocktune.pager import parse_bytes
+from blocktune.pager import BufferPool, parse_bytes
 from blocktune.store import build_store
 from blocktune_bench.synthetic import PRESETS, make_store, random_units
 from conftest import random_batch
@@ -122,3 +123,63 @@ def test_spilled_activations_give_the_same_step(tmp_path, tiny_args):
                        + [engine.adapter_state()])
     assert results[0][:2] == results[1][:2]
     assert all(torch.equal(results[0][2][k], results[1][2][k]) for k in results[0][2])
+
+
+def _odd_tensors():
+    g = torch.Generator().manual_seed(3)
+    # 5M floats: larger than the 16 MiB bounce buffer, and no size a multiple of 4096
+    return {"big": torch.randn(5_000_001, generator=g), "small": torch.randn(3, 7, generator=g),
+            "half": torch.randn(11, generator=g).to(torch.bfloat16)}
+
+
+def test_direct_io_writes_the_same_bytes_and_reads_them_back(tiny_store):
+    tensors = _odd_tensors()
+    direct = tiny_store.write_file("x-direct.safetensors", tensors, direct=True)
+    cached = tiny_store.write_file("x-cached.safetensors", tensors, direct=False)
+    assert (tiny_store.path / direct.file).read_bytes() == (tiny_store.path / cached.file).read_bytes()
+    assert (direct.nbytes, direct.crc32) == (cached.nbytes, cached.crc32)
+    fresh = BlockStore.open(tiny_store.path)  # reads with a full crc check, through the page cache
+    for store in (tiny_store, fresh):
+        back = store.read_file(direct, verify="always")
+        assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_direct_io_read_notices_a_grown_or_cut_file(tiny_store):
+    rec = tiny_store.write_file("x.safetensors", _odd_tensors(), direct=True)
+    path = tiny_store.path / rec.file
+    data = path.read_bytes()
+    path.write_bytes(data + b"\0" * 5000)
+    with pytest.raises(ChecksumError, match="size differs"):
+        tiny_store.read_file(rec)
+    path.write_bytes(data[:-10])
+    with pytest.raises(ChecksumError, match="size differs"):
+        tiny_store.read_file(rec)
+
+
+def test_direct_io_falls_back_where_the_file_system_refuses_it(tiny_store):
+    """tmpfs answers O_DIRECT with EINVAL: the page cache is used instead, same bytes."""
+    def no_direct(path, mode="r", **kw):
+        if "opener" in kw:
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        return open(path, mode, **kw)
+
+    tensors = _odd_tensors()
+    tiny_store.opener = no_direct
+    rec = tiny_store.write_file("x.safetensors", tensors, direct=True)
+    back = BlockStore.open(tiny_store.path).read_file(rec)
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_buffer_pool_reuses_a_buffer_only_when_nothing_views_it():
+    pool = BufferPool(max_buffers=4)
+    a = pool.take(10_000)
+    assert a.data_ptr() % 4096 == 0
+    view = a[100:200].view(torch.float32)
+    del a
+    b = pool.take(10_000)  # the first is still viewed: a new buffer
+    assert b.data_ptr() != view.data_ptr() - 100
+    first = view.data_ptr() - 100
+    del view
+    c = pool.take(9_000)  # now free (and not too big for 9,000 bytes): reused
+    assert c.data_ptr() == first
+    assert pool.take(1_000).data_ptr() not in (first, b.data_ptr())  # 10,000 > 2 x 1,000: not reused
