@@ -344,7 +344,10 @@ class Engine:
                     want_dx = i > 1 or (i == 1 and full)
                     if i > 0:
                         x.requires_grad_(want_dx)
-                    out = mod(x)
+                        with mod.recompute_for_backward():
+                            out = mod(x)
+                    else:
+                        out = mod(x)
                     out.backward(grads[m])
                     grads[m] = x.grad if want_dx else None
                 if full:

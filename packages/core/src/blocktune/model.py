@@ -12,6 +12,8 @@ so a unit's state dict *is* a slice of Meta's checkpoint.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +48,29 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
+class _GradOnlyLinear(torch.autograd.Function):
+    """xWᵀ for a graph whose output value is never read, only differentiated through: the
+    forward skips the product (the result is uninitialised memory of the right shape) and the
+    backward is F.linear's, gx = g·W and gW = gᵀ·x."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        gx = g.matmul(weight) if ctx.needs_input_grad[0] else None
+        gw = (g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+              if ctx.needs_input_grad[1] else None)
+        return gx, gw
+
+
 class Linear(nn.Module):
     """A bias-free linear layer with an optional LoRA adapter: y = xWᵀ + s·(drop(x)Aᵀ)Bᵀ."""
+
+    grad_only = False  # see Block.recompute_for_backward
 
     def __init__(self, in_features: int, out_features: int, lora: LoraConfig | None = None):
         super().__init__()
@@ -69,7 +92,7 @@ class Linear(nn.Module):
             nn.init.zeros_(self.lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = _GradOnlyLinear.apply(x, self.weight) if self.grad_only else F.linear(x, self.weight)
         if self.lora_a is not None:
             y = y + F.linear(F.linear(self.lora_dropout(x), self.lora_a), self.lora_b) * self.scale
         return y
@@ -180,6 +203,23 @@ class Block(nn.Module):
         cos, sin = rope_tables(self.head_dim, pos, self.rope_theta)
         h = x + self.resid_dropout(self.attention(self.attention_norm(x), cos, sin, cache, start))
         return h + self.resid_dropout(self.feed_forward(self.ffn_norm(h)))
+
+    @contextmanager
+    def recompute_for_backward(self) -> Iterator[None]:
+        """While active, the block's output is only good for `backward`: its value is garbage.
+
+        A recompute needs the graph, not the output (the forward pass already passed it on).
+        Past w2's product nothing reads a value in the backward (a LoRA term and the residual
+        add, dropout's saved mask), so w2's base matmul, about a fifth of the block's
+        arithmetic, is skipped; torch's activation checkpointing skips the same through its
+        early stop, so the paged engine does the in-memory reference's arithmetic.
+        """
+        w2 = self.feed_forward.w2
+        w2.grad_only = True
+        try:
+            yield
+        finally:
+            w2.grad_only = False
 
 
 class Embed(nn.Module):
