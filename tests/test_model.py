@@ -87,3 +87,34 @@ def test_devices_resolve_and_probe():
     a = torch.rand(3)
     cpu.set_rng_state(state)
     assert torch.equal(torch.rand(3), a)
+
+
+@pytest.mark.parametrize("lora", [None, LoraConfig(rank=4, dropout=0.1, targets=("wq", "w2"))])
+def test_recompute_for_backward_gives_the_same_gradients(lora, tiny_args):
+    """The recompute skips w2's product; every gradient must still be F.linear's, bit for bit."""
+    import dataclasses
+
+    args = dataclasses.replace(tiny_args, resid_dropout=0.1, attn_dropout=0.1)
+    torch.manual_seed(0)
+    block = Block(args, lora).train()
+    for p in block.parameters():  # LoRA B starts at zero: give the adapters a real gradient path
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 9, args.dim)
+    g = torch.randn(2, 9, args.dim)
+
+    def grads(tail: bool):
+        block.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        if tail:
+            with block.recompute_for_backward():
+                out = block(xi)
+        else:
+            out = block(xi)
+        out.backward(g)
+        return [xi.grad] + [p.grad for p in block.parameters() if p.grad is not None]
+
+    plain, tail = grads(False), grads(True)
+    assert len(plain) == len(tail) > 1
+    assert all(torch.equal(a, b) for a, b in zip(plain, tail))
+    assert not block.feed_forward.w2.grad_only  # switched back off
