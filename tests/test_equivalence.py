@@ -224,24 +224,35 @@ def test_property_paged_gradients_equal_reference(case):
                     assert rel_err(w[k], v) <= 1e-5, (unit, k)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
 @pytest.mark.parametrize("keep_budget", [None, 1])
-def test_kept_activations_equal_recompute(tmp_path, tiny_args, keep_budget):
-    """LoRA with activations kept from the first forward (all units, or only the first one the
-    budget admits) gives what the recompute gives, and what the reference gives; the kept graph
-    holds handles, not weights, so the one-unit budget still holds."""
-    results = []
+def test_kept_activations_equal_recompute(tmp_path, tiny_args, keep_budget, method):
+    """Activations kept from the first forward (all units, or only the first one the budget
+    admits) give what the recompute gives; the kept graph holds handles, not weights (full
+    fine-tune: its parameters point at placeholders until their backward), so the one-unit
+    budget still holds."""
+    args = tiny_args.replace(n_layers=8)
+    results, held = [], []
     for keep in (0, keep_budget):
-        store = make_store(tmp_path / f"s{keep}", tiny_args.with_dropout(0.1), seed=3)
+        store = make_store(tmp_path / f"s{keep}", args.with_dropout(0.1), seed=3)
         budget = one_unit_budget(store)
-        engine = Engine(store, EngineConfig(method="lora", lora=LORA, device="cpu", device_budget=budget,
+        engine = Engine(store, EngineConfig(method=method, lora=LORA, device="cpu", device_budget=budget,
                                             keep_budget=keep, optimizer=OptimizerConfig("adamw", 1e-2)))
-        steps = [engine.train_step([random_batch(tiny_args, 2, 12, seed=10 * s + m) for m in range(2)])
+        steps = [engine.train_step([random_batch(args, 2, 12, seed=10 * s + m) for m in range(2)])
                  for s in range(3)]
         losses = [r.loss for r in steps]
-        assert steps[0].kept_units == {0: 0, None: tiny_args.n_layers, 1: 1}[keep]
+        assert steps[0].kept_units == {0: 0, None: args.n_layers, 1: 1}[keep]
+        held.append(engine.pager.buffers_in_use_peak)
         assert engine.pager.stats.peak_resident <= budget
-        results.append((losses, engine.adapter_state()))
+        if method == "lora":
+            trained = engine.adapter_state()
+        else:
+            engine.close()
+            reopened = BlockStore.open(store.path)
+            trained = {f"{u}.{k}": v for u in reopened.units for k, v in reopened.read_unit(u).items()}
+        results.append((losses, trained))
     (l0, a0), (l1, a1) = results
-    print(f"recompute {l0}\nkept      {l1}")
+    print(f"recompute {l0}\nkept      {l1}\nread buffers held at once {held}")
+    assert held[1] <= held[0] + 2  # full: were the kept graphs pinning units, that would be 8 more
     assert all(abs(x - y) <= TOL * abs(x) for x, y in zip(l0, l1))
     assert max(rel_err(a1[k], a0[k]) for k in a0) <= TOL

@@ -83,7 +83,7 @@ def group_step(work: Path, reps: int) -> None:
     runs: list[dict] = []
     for method in ("lora", "full"):
         for rep in range(reps if method == "lora" else max(1, reps - 1)):
-            for mode in ("paged", "paged-keep", "paged-lean", "plain", "ckpt") if method == "lora" else ("paged", "plain", "ckpt"):
+            for mode in ("paged", "paged-keep", "paged-lean", "plain", "ckpt") if method == "lora" else ("paged", "paged-keep", "plain", "ckpt"):
                 store = base
                 if mode.startswith("paged") and method == "full":  # a full fine-tune rewrites its store
                     store = work / "bench-1k-full"
@@ -97,7 +97,7 @@ def group_step(work: Path, reps: int) -> None:
     table = ["Batch 2 x 256, fp32, 16 layers, dim 1024 (222M parameters, 0.89 GB); paged budget: 2 units "
              "resident; weights in the page cache. Median of per-run medians (3 timed steps each, after one "
              "warm-up step), runs alternated. ckpt = in-memory with per-block activation checkpointing (the "
-             "same arithmetic as paged). paged-keep = LoRA with `keep_budget=None`: activations kept from the "
+             "same arithmetic as paged). paged-keep = `keep_budget=None`: activations kept from the "
              "first forward, weights in the graph as pager handles, no recompute. paged-lean = `lean_memory=True` "
              "(freed heap returned to the OS after every unit).", "",
              "| method | paged s/step | plain s/step | ckpt s/step | paged/plain | paged/ckpt | peak RSS paged / plain / ckpt (GB) | GB read, written per paged step |",

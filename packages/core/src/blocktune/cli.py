@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--host-budget", help="RAM for unit files (pinned, for a GPU); on the CPU the RAM for weights, e.g. 4GiB")
     p.add_argument("--activation-budget", help="RAM for stashed block inputs before they spill to disk, e.g. 4GiB")
-    p.add_argument("--keep-activations", help="LoRA: RAM for activations kept to skip the backward's recompute, e.g. 6GiB or inf")
+    p.add_argument("--keep-activations", help="RAM for activations kept to skip the backward's recompute, e.g. 6GiB or inf")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--nproc", type=int, help="data-parallel processes on this machine (torchrun --standalone)")
     _add_run_flags(p)

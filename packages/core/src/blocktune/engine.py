@@ -62,8 +62,8 @@ class EngineConfig:
     read_only: bool = False  # inference only (generate, eval): units are never written
     lean_memory: bool = False  # return freed host memory to the OS after every unit (slower; less RSS)
     max_dirty: int | None = 512 << 20  # full fine-tune: written-but-unsynced bytes before an early fsync
-    # LoRA: bytes of autograd activations kept from the first forward instead of recomputing
-    # the unit in the backward (weights in the graph become handles the pager resolves).
+    # Bytes of autograd activations kept from the first forward instead of recomputing the
+    # unit in the backward (weights in the graph become handles the pager resolves).
     # 0: always recompute; None: keep every unit's. Units past the budget are recomputed.
     keep_budget: int | None = 0
 
@@ -281,18 +281,19 @@ class Engine:
             # forward: embed and blocks; without a graph, or (LoRA, within keep_budget) with one
             # whose saved weights are handles, so the backward needs no recompute
             kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+            kept_mods: dict[int, nn.Module] = {}  # full fine-tune: the modules the kept graphs use
             kept_bytes = 0
             for i in range(last):
                 mod = self._module(self.units[i], training=True)
                 self.pager.prefetch(self._next(i, +1))
-                keep = (not full and i > 0 and self.cfg.keep_budget != 0
+                keep = (i > 0 and self.cfg.keep_budget != 0
                         and (self.cfg.keep_budget is None or kept_bytes < self.cfg.keep_budget))
                 hooks = _WeightHandles(self.pager, self.units[i]) if keep else None
                 for m in range(M):
                     dev.set_rng_state(cursors[m])
                     replay[(i, m)] = cursors[m]
                     if keep:
-                        x = xs[m].detach().requires_grad_(i > 1)
+                        x = xs[m].detach().requires_grad_(i > 1 or full)
                         with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
                             out = mod(x)
                         kept[(i, m)] = (x, out)
@@ -304,6 +305,8 @@ class Engine:
                     cursors[m] = dev.get_rng_state()
                 if keep:
                     kept_bytes += hooks.activation_bytes
+                    if full:  # the graph holds the parameters (to accumulate their gradients)
+                        kept_mods[i] = self._detach_weights(self.units[i], mod)
                 del mod
             n_kept = len({i for i, _ in kept})
             # loss and its gradient through the head
@@ -328,12 +331,19 @@ class Engine:
             first = 0 if full else 1  # LoRA: the embeddings have nothing to train
             for i in range(last - 1, first - 1, -1):
                 if (i, 0) in kept:  # the graph is there: make the weights resident, run it
-                    self.pager.get(self.units[i])
-                    self.pager.prefetch(self._next(i, -1) if i > first else None)
+                    tensors = self.pager.get(self.units[i])
+                    self.pager.prefetch(self._next(i, -1) if i > first else None, with_state=full)
+                    mod = kept_mods.pop(i, None)
+                    if mod is not None:
+                        for name, p in mod.named_parameters():
+                            p.data = tensors[name]
                     for m in range(M):
                         x, out = kept.pop((i, m))
                         out.backward(grads[m])
-                        grads[m] = x.grad if i > 1 else None
+                        grads[m] = x.grad if i > 1 or full else None
+                    if full:
+                        pending = self._reduce_then_step(self.units[i], mod, lr, step, pending)
+                    del mod
                     continue
                 mod = self._module(self.units[i], training=True)
                 self.pager.prefetch(self._next(i, -1) if i > first else None, with_state=full)
@@ -382,6 +392,16 @@ class Engine:
         return StepResult(loss_value, n_tok, time.perf_counter() - t_start,
                           after.bytes_read - before["bytes_read"],
                           after.bytes_written - before["bytes_written"], n_kept)
+
+    def _detach_weights(self, unit: str, mod: nn.Module) -> nn.Module:
+        """Full fine-tune, kept graph: its AccumulateGrad nodes hold `mod`'s parameters, which
+        would pin the unit's weights until the backward. Point them at a 0-byte placeholder of
+        the same shape (the backward points them back at whatever the pager then holds), and
+        keep the module out of the cache, where it would be reused with the placeholders."""
+        self._built.pop(unit, None)
+        for p in mod.parameters():
+            p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+        return mod
 
     def _reduce_then_step(self, unit: str, mod: nn.Module, lr: float, step: int, pending):
         """Data parallel: sum this unit's gradient over the ranks, then step it. When the budget

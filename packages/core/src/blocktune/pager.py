@@ -93,6 +93,8 @@ class BufferPool:
 
     def __init__(self, max_buffers: int):
         self.max_buffers = max_buffers
+        self.made = 0  # buffers allocated so far
+        self.peak_in_use = 0  # most buffers held at once (by resident units, writes, graphs)
         self._bufs: list[tuple[torch.Tensor, int]] = []  # (buffer, its use count when free)
         self._lock = threading.Lock()
 
@@ -102,7 +104,10 @@ class BufferPool:
                     if nbytes <= buf.numel() <= 2 * nbytes and _storage_users(buf) == idle]
             if free:
                 return self._bufs[min(free)[1]][0][:nbytes]
+            in_use = sum(_storage_users(b) != c for b, c in self._bufs)
+            self.peak_in_use = max(self.peak_in_use, in_use + 1)
             buf = aligned_empty(nbytes)
+            self.made += 1
             idle = _storage_users(buf)
             if idle is None:  # cannot tell when a buffer is free: never reuse one
                 return buf
@@ -181,6 +186,12 @@ class Pager:
     def largest_unit(self) -> int:
         """Bytes of the largest unit as it is held resident (in the compute dtype)."""
         return max(self._size.values())
+
+    @property
+    def buffers_in_use_peak(self) -> int:
+        """Most read buffers of a full fine-tune alive at once: the resident units, writes in
+        flight, and anything else still holding a unit (a graph that pinned one would show)."""
+        return self._pool.peak_in_use if self._pool is not None else 0
 
     @property
     def resident_bytes(self) -> int:

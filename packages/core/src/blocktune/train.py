@@ -68,7 +68,7 @@ class RunConfig:
     device_budget: str = "inf"  # weights resident on the device, e.g. "2GiB"
     host_budget: str = "inf"  # unit files kept in RAM (pinned) for a GPU; on the CPU, the RAM for weights
     activation_budget: str = "4GiB"  # stashed block inputs in RAM before spilling to disk
-    keep_activations: str = "0"  # LoRA: activations kept to skip the recompute, e.g. "6GiB"; "inf": all
+    keep_activations: str = "0"  # RAM for activations kept to skip the recompute, e.g. "6GiB"; "inf": all
     verify: str = "once"  # crc32 of each file: "once" per file version per process, "always", "never"
     lora_rank: int = 8
     lora_alpha: float = 16.0
