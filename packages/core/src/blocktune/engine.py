@@ -384,8 +384,6 @@ class Engine:
             raise
         finally:
             stash.clear()
-            if self.device.is_cpu:
-                trim_host_heap()
         loss_value = float(loss)
         self.step_count = step + 1
         after = self.pager.stats
