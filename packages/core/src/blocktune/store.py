@@ -20,8 +20,8 @@ O_DIRECT from an aligned bounce buffer (no page-cache copy, no dirty pages to fl
 no CPU: it competes with compute on a small machine) and read back the same way. Where the
 file system refuses O_DIRECT (tmpfs), the page cache is used instead.
 
-Integrity: every file's crc32 is recorded in the manifest and checked on every read
-(crc32 runs at ≈6.6 GB/s here, far above the disk).
+Integrity: every file's crc32 is recorded in the manifest and checked when read (once per
+file version per process by default; ISA-L's crc32 runs at ≈35 GB/s here, zlib's at ≈7).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import shutil
 import struct
 import tempfile
 import threading
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -43,6 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+try:  # ISA-L's crc32: the same checksum as zlib's, about 5x faster (35 vs 7 GB/s here)
+    from isal.isal_zlib import crc32
+except ImportError:  # no wheel for this platform
+    from zlib import crc32
 
 from .config import ModelArgs
 from .devices import dtype_name, parse_dtype
@@ -186,12 +190,12 @@ def write_tensors(f, tensors: dict[str, torch.Tensor]) -> tuple[int, int, dict[s
     blob += b" " * (-(8 + len(blob)) % 8)  # data starts 8-byte aligned
     head = struct.pack("<Q", len(blob)) + blob
     f.write(head)
-    crc = zlib.crc32(head)
+    crc = crc32(head)
     for k in order:
         if cpu[k].numel():
             mv = memoryview(cpu[k].reshape(-1).view(torch.uint8).numpy())
             f.write(mv)
-            crc = zlib.crc32(mv, crc)
+            crc = crc32(mv, crc)
     layout = {k: {"dtype": dtype_name(v.dtype) if v.is_floating_point() else str(v.dtype),
                   "shape": list(v.shape)} for k, v in cpu.items()}
     return len(head) + offset, crc, layout
@@ -339,7 +343,7 @@ class BlockStore:
             raise ChecksumError(f"{path}: size differs from the manifest "
                                 f"({'more than' if extra else got} vs {record.nbytes} bytes); the file is damaged")
         if check:
-            crc = zlib.crc32(memoryview(buf.numpy()))
+            crc = crc32(memoryview(buf.numpy()))
             if crc != record.crc32:
                 raise ChecksumError(f"{path}: checksum mismatch (crc32 {crc:08x}, manifest says "
                                     f"{record.crc32:08x}); the file is damaged")
