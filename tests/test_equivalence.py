@@ -253,6 +253,6 @@ def test_kept_activations_equal_recompute(tmp_path, tiny_args, keep_budget, meth
         results.append((losses, trained))
     (l0, a0), (l1, a1) = results
     print(f"recompute {l0}\nkept      {l1}\nread buffers held at once {held}")
-    assert held[1] <= held[0] + 2  # full: were the kept graphs pinning units, that would be 8 more
+    assert held[1] <= held[0] + 3  # full: were the kept graphs pinning units, that would be 8 more
     assert all(abs(x - y) <= TOL * abs(x) for x, y in zip(l0, l1))
     assert max(rel_err(a1[k], a0[k]) for k in a0) <= TOL

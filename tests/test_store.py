@@ -171,7 +171,7 @@ def test_direct_io_falls_back_where_the_file_system_refuses_it(tiny_store):
 
 
 def test_buffer_pool_reuses_a_buffer_only_when_nothing_views_it():
-    pool = BufferPool(max_buffers=4)
+    pool = BufferPool(max_bytes=1 << 20)
     a = pool.take(10_000)
     assert a.data_ptr() % 4096 == 0
     view = a[100:200].view(torch.float32)
@@ -183,3 +183,15 @@ def test_buffer_pool_reuses_a_buffer_only_when_nothing_views_it():
     c = pool.take(9_000)  # now free (and not too big for 9,000 bytes): reused
     assert c.data_ptr() == first
     assert pool.take(1_000).data_ptr() not in (first, b.data_ptr())  # 10,000 > 2 x 1,000: not reused
+
+
+def test_buffer_pool_lets_idle_buffers_go_past_its_cap():
+    pool = BufferPool(max_bytes=25_000)
+    a, b = pool.take(10_000), pool.take(10_000)
+    del a
+    c = pool.take(12_000)  # 10,000 + 10,000 + 12,000 > 25,000: the idle first buffer goes
+    assert sorted(buf.numel() for buf, _ in pool._bufs) == [10_000, 12_000]
+    del c
+    d = pool.take(30_000)  # bigger than the cap: served, not kept (and the idle one let go)
+    assert d.numel() == 30_000 and [buf.numel() for buf, _ in pool._bufs] == [10_000]
+    assert b.numel() == 10_000  # in use all along: kept

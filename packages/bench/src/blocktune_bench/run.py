@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -30,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from blocktune.config import ModelArgs
 
 from .measure import evict_from_page_cache
@@ -150,38 +152,81 @@ def group_limit(work: Path) -> None:
                     "--budget-units", "1", "--memory-limit", str(limit), "--cold", "--max-dirty", "128MiB")
         runs.append(r)
         print(json.dumps({k: r.get(k) for k in ("method", "step_median", "peak_rss", "cgroup_peak", "error")}), flush=True)
+    unit = max(p.stat().st_size for p in store.glob("block_*.safetensors"))
+    bw = disk_bandwidth(work, unit, files=8)
     table = [f"Model {size / 1e9:.2f} GB (fp32, {args.n_layers} layers, dim {args.dim}) under a cgroup memory limit of "
-             f"{limit / 2**20:.0f} MiB ({size / limit:.1f}x the limit); paged budget 1 unit; batch 1 x 128.", "",
-             "| method | completed | s/step | peak RSS (GB) | cgroup peak incl. page cache (GB) | GB read, written per step |",
-             "| --- | --- | ---: | ---: | ---: | --- |"]
+             f"{limit / 2**20:.0f} MiB ({size / limit:.1f}x the limit); paged budget 1 unit; batch 1 x 128. "
+             f"Disk-bound: the floor is bytes read / read bandwidth + bytes written / write bandwidth, measured "
+             f"just before on 8 files of one unit's size ({unit / 1e6:.0f} MB): cold mapped read "
+             f"{bw['read_GBps']:.2f} GB/s (LoRA reads frozen units so), O_DIRECT read {bw['direct_read_GBps']:.2f} "
+             f"and write {bw['direct_write_GBps']:.2f} GB/s (a full fine-tune's units and state).", "",
+             "| method | completed | s/step | IO floor (s) | step / floor | peak RSS (GB) | cgroup peak incl. page cache (GB) | GB read, written per step |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in runs:
         if "error" in r:
-            table.append(f"| {r['method']} | no: {r['error'][-120:]!r} | | | | |")
-        else:
-            table.append(f"| {r['method']} | yes ({len(r['step_seconds']) + 1} steps) | {r['step_median']:.2f} | "
-                         f"{r['peak_rss'] / 1e9:.3f} | {(r['cgroup_peak'] or 0) / 1e9:.3f} | "
-                         f"{r['bytes_read_per_step'] / 1e9:.2f}, {r['bytes_written_per_step'] / 1e9:.2f} |")
-    save("limit", {"machine": machine(), "model_bytes": size, "limit_bytes": limit, "runs": runs}, table)
+            table.append(f"| {r['method']} | no: {r['error'][-120:]!r} | | | | | | |")
+            continue
+        read_bw = bw["read_GBps"] if r["method"] == "lora" else bw["direct_read_GBps"]
+        r["io_floor_seconds"] = floor = (r["bytes_read_per_step"] / (read_bw * 1e9)
+                                         + r["bytes_written_per_step"] / (bw["direct_write_GBps"] * 1e9))
+        table.append(f"| {r['method']} | yes ({len(r['step_seconds']) + 1} steps) | {r['step_median']:.2f} | "
+                     f"{floor:.2f} | {r['step_median'] / floor:.2f} | "
+                     f"{r['peak_rss'] / 1e9:.3f} | {(r['cgroup_peak'] or 0) / 1e9:.3f} | "
+                     f"{r['bytes_read_per_step'] / 1e9:.2f}, {r['bytes_written_per_step'] / 1e9:.2f} |")
+    save("limit", {"machine": machine(), "model_bytes": size, "limit_bytes": limit, "disk": bw, "runs": runs}, table)
 
 
-def disk_bandwidth(path: Path, nbytes: int = 1 << 30) -> dict:
-    """Cold buffered read and fsync'd write of one file of `nbytes`, measured on the spot."""
-    f = path / "bw.bin"
-    data = os.urandom(1 << 20) * (nbytes >> 20)
-    t0 = time.perf_counter()
-    with open(f, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    write = nbytes / (time.perf_counter() - t0)
-    evict_from_page_cache([f])  # a cold read
-    t0 = time.perf_counter()
-    with open(f, "rb", buffering=0) as fh:
-        while fh.read(16 << 20):
-            pass
-    read = nbytes / (time.perf_counter() - t0)
-    f.unlink()
-    return {"read_GBps": read / 1e9, "write_GBps": write / 1e9}
+def disk_bandwidth(path: Path, nbytes: int = 1 << 30, files: int = 1) -> dict:
+    """This disk's bandwidths, measured on the spot with `files` files of `nbytes` each (the
+    sizes a run moves): an O_DIRECT write and read (how a full fine-tune writes and reads
+    back its units) and a cold mapped read (how frozen units are read: mmap + MAP_POPULATE).
+    The read is also the figure for a cold buffered read."""
+    from blocktune.store import ALIGN, aligned_empty
+
+    nbytes -= nbytes % ALIGN
+    buf = aligned_empty(nbytes)
+    buf.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8))
+    view = memoryview(buf.numpy())
+    paths = [path / f"bw-{i}.bin" for i in range(files)]
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        for f in paths:
+            fn(f)
+        return nbytes * files / (time.perf_counter() - t0) / 1e9
+
+    def write(f: Path) -> None:
+        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        try:
+            done = 0
+            while done < nbytes:
+                done += os.write(fd, view[done:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(f: Path) -> None:
+        fd = os.open(f, os.O_RDONLY | os.O_DIRECT)
+        try:
+            done = 0
+            while done < nbytes:
+                done += os.readv(fd, [view[done:]])
+        finally:
+            os.close(fd)
+
+    def mapped(f: Path) -> None:
+        with open(f, "rb", buffering=0) as fh:
+            mmap.mmap(fh.fileno(), nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE, prot=mmap.PROT_READ).close()
+
+    try:
+        out = {"file_bytes": nbytes, "files": files, "direct_write_GBps": timed(write),
+               "direct_read_GBps": timed(read)}
+        evict_from_page_cache(paths)
+        out["read_GBps"] = timed(mapped)
+    finally:
+        for f in paths:
+            f.unlink(missing_ok=True)
+    return out
 
 
 def group_headline(work: Path) -> None:

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,33 +91,40 @@ class BufferPool:
     start 4 KiB-aligned, as direct IO wants.
     """
 
-    def __init__(self, max_buffers: int):
-        self.max_buffers = max_buffers
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes  # the pool's buffers, in use and idle, in bytes
         self.made = 0  # buffers allocated so far
         self.peak_in_use = 0  # most buffers held at once (by resident units, writes, graphs)
         self._bufs: list[tuple[torch.Tensor, int]] = []  # (buffer, its use count when free)
         self._lock = threading.Lock()
 
+    def _idle(self, i: int) -> bool:
+        buf, idle = self._bufs[i]
+        return _storage_users(buf) == idle
+
     def take(self, nbytes: int) -> torch.Tensor:
         with self._lock:
-            free = [(buf.numel(), i) for i, (buf, idle) in enumerate(self._bufs)
-                    if nbytes <= buf.numel() <= 2 * nbytes and _storage_users(buf) == idle]
+            free = [(buf.numel(), i) for i, (buf, _) in enumerate(self._bufs)
+                    if nbytes <= buf.numel() <= 2 * nbytes and self._idle(i)]
             if free:
                 return self._bufs[min(free)[1]][0][:nbytes]
-            in_use = sum(_storage_users(b) != c for b, c in self._bufs)
-            self.peak_in_use = max(self.peak_in_use, in_use + 1)
+            self.peak_in_use = max(self.peak_in_use, 1 + sum(not self._idle(i) for i in range(len(self._bufs))))
+            # past the cap, let idle buffers go (oldest first) before allocating: under a memory
+            # limit the pool must never hold more than the reads it serves would have
+            held = sum(b.numel() for b, _ in self._bufs)
+            i = 0
+            while held + nbytes > self.max_bytes and i < len(self._bufs):
+                if self._idle(i):
+                    held -= self._bufs[i][0].numel()
+                    del self._bufs[i]
+                else:
+                    i += 1
             buf = aligned_empty(nbytes)
             self.made += 1
             idle = _storage_users(buf)
-            if idle is None:  # cannot tell when a buffer is free: never reuse one
-                return buf
-            self._bufs.append((buf, idle))
-            while len(self._bufs) > self.max_buffers:  # forget the oldest idle buffer
-                old = next((i for i, (b, c) in enumerate(self._bufs[:-1]) if _storage_users(b) == c), None)
-                if old is None:
-                    break
-                del self._bufs[old]
-            return buf[:nbytes]
+            if idle is not None and held + nbytes <= self.max_bytes:  # None: torch cannot say; never reuse
+                self._bufs.append((buf, idle))
+            return buf
 
     def clear(self) -> None:
         with self._lock:
@@ -131,6 +138,7 @@ class _Pending:
 
 
 class Pager:
+    MAX_QUEUED_WRITES = 1  # unit write-backs waiting or in progress at once
     def __init__(
         self,
         store: BlockStore,
@@ -174,10 +182,17 @@ class Pager:
         self._host: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._host_bytes = 0
         self._staging: list[tuple[torch.Tensor, object]] = []  # reusable pinned buffers
-        # CPU, full fine-tune: unit files are read into reused buffers (units and their state,
-        # the ones resident, in flight and being written)
-        units_held = max(2, int(min(self.budget, 1 << 40) // max(largest, 1)))
-        self._pool = BufferPool(2 * units_held + 6) if device.is_cpu and mutable else None
+        # CPU, full fine-tune: unit files are read into reused buffers, as many bytes as the
+        # resident units, one more unit and two optimizer states (one resident, one being
+        # written) take. Before the first step, AdamW's state is the estimate: fp32 moments,
+        # and an fp32 master copy under a lower-precision store.
+        self._pool = None
+        if device.is_cpu and mutable:
+            unit_file = max(store.unit_bytes(n) for n in store.units)
+            per_param = 8 + (4 if store.dtype != torch.float32 else 0)
+            state_file = max((r.nbytes for n in store.units if (r := store.state_record(n))),
+                             default=unit_file * per_param // store.dtype.itemsize)
+            self._pool = BufferPool(min(self.budget, 1 << 50) + unit_file + state_file)
         self.max_dirty = max_dirty if max_dirty is not None else 1 << 62
         self._unsynced: list[FileRecord] = []
 
@@ -385,8 +400,17 @@ class Pager:
                 self.stats.write_seconds += time.perf_counter() - t0
             return name, rec, srec
 
+        # A queued write holds its unit and state in memory: with the disk behind, wait for the
+        # oldest rather than let the queue (and RSS) grow. Where the budget does not hold two
+        # units, memory is tight: the write finishes before the backward goes on. Errors
+        # surface at commit.
+        queued = [f for f in self._writes if not f.done()]
+        if len(queued) >= self.MAX_QUEUED_WRITES:
+            wait(queued[:len(queued) - self.MAX_QUEUED_WRITES + 1])
         fut = self._writer.submit(job)
         self._writes.append(fut)
+        if self.budget < 2 * self.largest_unit:
+            wait([fut])
         return fut
 
     def _bound_dirty(self, written: list[FileRecord]) -> None:
