@@ -195,3 +195,15 @@ def test_buffer_pool_lets_idle_buffers_go_past_its_cap():
     d = pool.take(30_000)  # bigger than the cap: served, not kept (and the idle one let go)
     assert d.numel() == 30_000 and [buf.numel() for buf, _ in pool._bufs] == [10_000]
     assert b.numel() == 10_000  # in use all along: kept
+
+
+def test_cold_advice_on_mapped_units_is_only_a_hint(tiny_store):
+    """advise_cold runs on every eviction of a mapped unit: the data must stay intact."""
+    from blocktune.devices import advise_cold
+
+    rec = tiny_store.record("block_00")
+    mapped = tiny_store.read_file(rec, map_file=True)
+    copied = {k: v.clone() for k, v in mapped.items()}
+    advise_cold(mapped.values())
+    advise_cold([])
+    assert all(torch.equal(mapped[k], copied[k]) for k in copied)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .devices import Device, dtype_name
+from .devices import Device, advise_cold, dtype_name
 from .errors import BudgetError
 from .store import BlockStore, FileRecord, aligned_empty
 
@@ -231,7 +231,9 @@ class Pager:
             victim = next((n for n in self._resident if n not in keep), None)
             if victim is None:
                 return False
-            del self._resident[victim]
+            entry = self._resident.pop(victim)
+            if self.device.is_cpu and not self.mutable:  # mapped from the page cache
+                advise_cold(entry.tensors.values())
             for callback in self.on_evict:
                 callback(victim)
         return True
