@@ -232,11 +232,17 @@ class Pager:
             if victim is None:
                 return False
             entry = self._resident.pop(victim)
-            if self.device.is_cpu and not self.mutable:  # mapped from the page cache
-                advise_cold(entry.tensors.values())
             for callback in self.on_evict:
                 callback(victim)
+            # the last reference goes on the reader thread: unmapping 50-400 MB and the madvise
+            # take page-table walks the compute need not wait for
+            self._reader.submit(self._release, entry)
         return True
+
+    def _release(self, entry: _Entry) -> None:
+        """Runs on the reader thread, which then drops `entry` (the work item holds it)."""
+        if self.device.is_cpu and not self.mutable:  # mapped from the page cache
+            advise_cold(entry.tensors.values())
 
     # ---- loading ----
     def _staging_buffer(self, nbytes: int) -> torch.Tensor:
