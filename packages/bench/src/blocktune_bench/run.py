@@ -270,6 +270,8 @@ def group_headline(work: Path) -> None:
                   f"| GB read per step | {r['bytes_read_per_step'] / 1e9:.1f} |",
                   f"| reader thread busy (s) | {r['last_step_io_seconds']['read_thread']:.1f} |",
                   f"| IO floor: bytes read / cold read bandwidth {bw['read_GBps']:.2f} GB/s (s) | {io_floor:.1f} |",
+                  f"| effective read rate: bytes read / step time (GB/s; above the cold rate where the page "
+                  f"cache still held some units) | {r['bytes_read_per_step'] / r['step_median'] / 1e9:.2f} |",
                   f"| compute floor: {flops / 1e12:.1f} TFLOP at 410 GFLOP/s bf16 (s) | {flops / 410e9:.1f} |",
                   f"| peak RSS (GB) | {r['peak_rss'] / 1e9:.2f} |",
                   f"| cgroup peak incl. page cache (GB) | {(r['cgroup_peak'] or 0) / 1e9:.2f} |"]
