@@ -7,7 +7,7 @@ import pytest
 import torch
 from blocktune import Engine, EngineConfig, LoraConfig, ModelArgs, OptimizerConfig
 from blocktune.store import BlockStore
-from blocktune_bench.reference import ReferenceTrainer
+from blocktune_bench.reference import ReferenceTrainer, trained_tensors
 from blocktune_bench.synthetic import make_store
 from conftest import random_batch
 from hypothesis import HealthCheck, given, settings
@@ -244,12 +244,7 @@ def test_kept_activations_equal_recompute(tmp_path, tiny_args, keep_budget, meth
         assert steps[0].kept_units == {0: 0, None: args.n_layers, 1: 1}[keep]
         held.append(engine.pager.buffers_in_use_peak)
         assert engine.pager.stats.peak_resident <= budget
-        if method == "lora":
-            trained = engine.adapter_state()
-        else:
-            engine.close()
-            reopened = BlockStore.open(store.path)
-            trained = {f"{u}.{k}": v for u in reopened.units for k, v in reopened.read_unit(u).items()}
+        trained = trained_tensors(engine)
         results.append((losses, trained))
     (l0, a0), (l1, a1) = results
     print(f"recompute {l0}\nkept      {l1}\nread buffers held at once {held}")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 from blocktune import Engine, EngineConfig, LoraConfig, OptimizerConfig
-from blocktune.store import BlockStore
 
+from .reference import trained_tensors
 from .synthetic import PRESETS, make_store
 
 __all__ = ["compute_golden", "compare_golden", "GOLDEN_PATH", "REL_TOL"]
@@ -64,12 +64,7 @@ def _case(name: str, root: Path) -> dict:
         engine = Engine(store, EngineConfig(method=method, lora=LORA, device="cpu", seed=SEED,
                                             optimizer=OptimizerConfig("adamw", lr=1e-2)))
         losses = [engine.train_step([_batch(args, 10 + s)]).loss for s in range(3)]
-        if method == "lora":
-            tensors = engine.adapter_state()
-        else:
-            engine.close()
-            reopened = BlockStore.open(store.path)
-            tensors = {f"{u}.{k}": v for u in reopened.units for k, v in reopened.read_unit(u).items()}
+        tensors = trained_tensors(engine)
         out[method] = {"losses": losses,
                        "norms": {k: float(v.double().norm()) for k, v in sorted(tensors.items())},
                        "sha256": {k: _digest(v) for k, v in sorted(tensors.items())}}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from blocktune.config import LoraConfig, ModelArgs
 from blocktune.devices import Device, resolve_device
-from blocktune.engine import IGNORE_INDEX
+from blocktune.engine import IGNORE_INDEX, Engine
 from blocktune.model import Transformer, init_lora_
 from blocktune.optim import OptimizerConfig
 from blocktune.rng import seed_micro_batch
@@ -36,6 +36,16 @@ def model_from_store(store: BlockStore, lora: LoraConfig | None = None,
                 state[name] = torch.empty(p.shape, dtype=dtype, device=device)
     model.load_state_dict(state, assign=True, strict=True)
     return model
+
+
+def trained_tensors(engine: Engine) -> dict[str, torch.Tensor]:
+    """What training changed: the adapters (LoRA), or every unit as committed to the store
+    (full fine-tune; closes the engine so that its last writes are in), keyed unit.tensor."""
+    if engine.cfg.method == "lora":
+        return engine.adapter_state()
+    engine.close()
+    store = BlockStore.open(engine.store.path)
+    return {f"{u}.{k}": v for u in store.units for k, v in store.read_unit(u).items()}
 
 
 class ReferenceTrainer:
