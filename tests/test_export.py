@@ -202,3 +202,29 @@ def test_pickle_with_code_is_refused(two_shards, tmp_path):
 def test_pickle_that_is_not_a_tensor_dict(two_shards, tmp_path):
     torch.save([torch.zeros(2)], two_shards / "consolidated.00.pth")
     _refused(two_shards, tmp_path, r"consolidated\.00\.pth: expected a dict")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_shard_pieces_are_written_without_copies_and_without_their_neighbours(dtype):
+    """A shard's piece of a unit that needs no conversion is the unit's own memory (no copy),
+    and torch.save writes only the piece, not the unit around it; a converted or strided
+    piece owns exactly its bytes."""
+    import io
+
+    from blocktune_export.meta import _shard_piece
+
+    whole = torch.randn(512, 64).to(dtype)
+    piece = _shard_piece(whole, 0, 1, 2, dtype, "w")  # rows 256.., contiguous
+    assert piece.data_ptr() == whole[256:].data_ptr() and torch.equal(piece, whole[256:])
+
+    def saved(t):
+        buf = io.BytesIO()
+        torch.save({"t": t}, buf)
+        return len(buf.getvalue())
+
+    half = whole.numel() * whole.element_size() // 2
+    assert saved(piece) <= saved(whole[256:].clone()) < saved(whole) - half // 2
+    for axis, dt in ((1, dtype), (0, torch.float16)):  # strided; converted
+        p = _shard_piece(whole, axis, 1, 2, dt, "w")
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+        assert torch.equal(p, whole.chunk(2, axis)[1].to(dt))

@@ -10,8 +10,9 @@ __all__ = ["merged_unit"]
 
 
 def merged_unit(store: BlockStore, unit: str, adapter: Adapter | None) -> dict[str, torch.Tensor]:
-    """One unit's weights with `adapter` folded in (fp32 where merged, stored dtype otherwise)."""
-    tensors = store.read_unit(unit)
+    """One unit's weights with `adapter` folded in (fp32 where merged, stored dtype otherwise).
+    The unit's file is mapped (read-only): unmerged tensors are views of the page cache."""
+    tensors = store.read_unit(unit, map_file=True)
     if adapter is None or not unit.startswith("block_"):
         return tensors
     layer = int(unit[6:])

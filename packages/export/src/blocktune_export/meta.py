@@ -204,39 +204,65 @@ def import_meta(src: str | Path, dst: str | Path, dtype: torch.dtype | None = No
     return store
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """`t` (contiguous) as a tensor whose storage is exactly its bytes, without a copy.
+
+    torch.save writes a view's whole storage, so a slice of a mapped unit file would carry the
+    file along; a storage of its own over the same memory (through numpy, which has no bf16:
+    the bytes travel as int16) is written as just the slice, straight from the page cache.
+    """
+    if t.untyped_storage().nbytes() == t.numel() * t.element_size() and t.storage_offset() == 0:
+        return t
+    carrier = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(t.element_size())
+    if carrier is None or t.dtype.is_complex:
+        return t.clone()
+    return torch.from_numpy(t.view(carrier).numpy()).view(t.dtype)
+
+
+def _shard_piece(t: torch.Tensor, axis: int | None, i: int, n: int, dtype: torch.dtype,
+                 name: str) -> torch.Tensor:
+    """Shard i of n of one tensor, in `dtype`. Memory: a piece of a tensor that needs no
+    conversion stays in the (mapped) memory it came from; anything converted or strided is
+    copied at its own size, so the full converted tensor is let go at once."""
+    converted = t.to(dtype)
+    if axis is not None and t.shape[axis] % n:
+        raise ConfigError(f"{name}: size {t.shape[axis]} along axis {axis} does not split into "
+                          f"{n} shards; choose a shard count that divides it")
+    piece = converted if axis is None else converted.chunk(n, axis)[i]
+    if converted is t and piece.is_contiguous():
+        return _own_storage(piece)
+    piece = piece.contiguous()
+    if piece.untyped_storage().nbytes() != piece.numel() * piece.element_size():
+        piece = piece.clone()  # a slice of a converted whole: keep the slice, let the whole go
+    return piece
+
+
 def write_meta(out: Path, args: ModelArgs, units: Callable[[str], dict[str, torch.Tensor]],
                n_shards: int, dtype: torch.dtype = torch.bfloat16,
                extras: dict[str, torch.Tensor] | None = None,
                tokenizer: Path | None = None, key_order: list[str] | None = None) -> None:
     """Write a Meta folder; `units(name)` returns one unit's tensors (Meta names inside it).
 
-    Keys are written in `key_order` (the order of the imported files) when given, else in the
-    model's own order: tok_embeddings, layers…, norm, output, rope.freqs.
+    One shard at a time (`units` is called once per shard), so memory holds at most one
+    shard, and where units come mapped from a file in the output dtype, not even that: their
+    pieces are written straight from the page cache. Keys are written in `key_order` (the
+    order of the imported files) when given, else in the model's own order: tok_embeddings,
+    layers…, norm, output, rope.freqs.
     """
     names = unit_names(args)
-    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
-    for unit in names:
-        for k, t in units(unit).items():
-            full = meta_key(unit, k)
-            axis = split_axis(full)
-            t = t.to(dtype)
-            if axis is None:
-                for sd in shards:
-                    sd[full] = t.clone()
-                continue
-            if t.shape[axis] % n_shards:
-                raise ConfigError(f"{full}: size {t.shape[axis]} along axis {axis} does not "
-                                  f"split into {n_shards} shards; choose a shard count that divides it")
-            for sd, piece in zip(shards, t.chunk(n_shards, axis)):
-                sd[full] = piece.contiguous().clone()
-    for k, v in (extras or {}).items():
-        for sd in shards:
-            sd[k] = v.clone()
     rank = {k: i for i, k in enumerate(key_order or [])}
     out.mkdir(parents=True, exist_ok=True)
-    for i, sd in enumerate(shards):
+    for i in range(n_shards):
+        sd: dict[str, torch.Tensor] = {}
+        for unit in names:
+            for k, t in units(unit).items():
+                full = meta_key(unit, k)
+                sd[full] = _shard_piece(t, split_axis(full), i, n_shards, dtype, full)
+        for k, v in (extras or {}).items():
+            sd[k] = v.clone()
         keys = sorted(sd, key=lambda k: rank.get(k, len(rank)))  # stable: model order otherwise
         torch.save({k: sd[k] for k in keys}, out / f"consolidated.{i:02d}.pth")
+        del sd
     (out / "params.json").write_text(json.dumps(args.to_params()))
     if tokenizer is not None:
         shutil.copyfile(tokenizer, out / "tokenizer.model")
