@@ -1,5 +1,7 @@
 """One workspace, one noxfile. `nox -s test` is what CI runs (.ci/run) and the README says."""
 
+from pathlib import Path
+
 import nox
 
 nox.options.default_venv_backend = "venv"
@@ -38,10 +40,14 @@ def bench(session):
     (paged beside in-memory, per device; compared with the last saved run), then the measured
     figures of blocktune_bench.run (each configuration in its own process). Long: run it alone."""
     install(session, "pytest", "pytest-benchmark", "hypothesis")
+    storage = Path("benchmarks/results/pytest-benchmark")
+    # compare with the last saved run of this machine kind, where there is one (pytest-benchmark
+    # refuses --benchmark-compare-fail with nothing to compare against); 50%: two back-to-back
+    # runs of the same commit differed by 37% in one case on the noisy 2-core VM (3 rounds)
+    compare = (["--benchmark-compare", "--benchmark-compare-fail=median:50%"]
+               if any(storage.glob("*/*.json")) else [])
     session.run("pytest", "benchmarks", "-m", "bench", "--benchmark-autosave",
-                "--benchmark-storage=benchmarks/results/pytest-benchmark",
-                "--benchmark-compare", "--benchmark-compare-fail=median:25%",
-                "--benchmark-columns=median,iqr,rounds")
+                f"--benchmark-storage={storage}", *compare, "--benchmark-columns=median,iqr,rounds")
     session.run("python", "-m", "blocktune_bench.run", *session.posargs)
 
 
