@@ -58,6 +58,30 @@ def enter_cgroup(limit: int) -> str:
     return str(cg)
 
 
+def rss_anon() -> int:
+    """This process's anonymous resident memory (RssAnon): what it holds that the kernel cannot
+    take back, unlike the page cache it has mapped (which ru_maxrss counts too)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def track_anon_peak():
+    """Sample RssAnon every 2 ms on a thread; returns a function that gives the peak so far."""
+    import threading
+
+    peak = [rss_anon()]
+
+    def poll() -> None:
+        while True:
+            peak[0] = max(peak[0], rss_anon())
+            time.sleep(0.002)
+
+    threading.Thread(target=poll, daemon=True).start()
+    return lambda: max(peak[0], rss_anon())
+
+
 def cgroup_peak(cg: str | None) -> int | None:
     if not cg:
         return None
