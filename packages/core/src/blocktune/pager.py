@@ -93,7 +93,6 @@ class BufferPool:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes  # the pool's buffers, in use and idle, in bytes
-        self.made = 0  # buffers allocated so far
         self.peak_in_use = 0  # most buffers held at once (by resident units, writes, graphs)
         self._bufs: list[tuple[torch.Tensor, int]] = []  # (buffer, its use count when free)
         self._lock = threading.Lock()
@@ -120,7 +119,6 @@ class BufferPool:
                 else:
                     i += 1
             buf = aligned_empty(nbytes)
-            self.made += 1
             idle = _storage_users(buf)
             if idle is not None and held + nbytes <= self.max_bytes:  # None: torch cannot say; never reuse
                 self._bufs.append((buf, idle))
@@ -139,6 +137,7 @@ class _Pending:
 
 class Pager:
     MAX_QUEUED_WRITES = 1  # unit write-backs waiting or in progress at once
+
     def __init__(
         self,
         store: BlockStore,
@@ -182,10 +181,10 @@ class Pager:
         self._host: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._host_bytes = 0
         self._staging: list[tuple[torch.Tensor, object]] = []  # reusable pinned buffers
-        # CPU, full fine-tune: unit files are read into reused buffers, as many bytes as the
-        # resident units, one more unit and two optimizer states (one resident, one being
-        # written) take. Before the first step, AdamW's state is the estimate: fp32 moments,
-        # and an fp32 master copy under a lower-precision store.
+        # CPU, full fine-tune: unit files are read into reused buffers, at most as many bytes as
+        # the resident units, one more unit and one optimizer state take (more, and a run under
+        # a tight memory limit was killed). Before the first step, AdamW's state is estimated:
+        # fp32 moments, and an fp32 master copy under a lower-precision store.
         self._pool = None
         if device.is_cpu and mutable:
             unit_file = max(store.unit_bytes(n) for n in store.units)
