@@ -207,3 +207,16 @@ def test_cold_advice_on_mapped_units_is_only_a_hint(tiny_store):
     advise_cold(mapped.values())
     advise_cold([])
     assert all(torch.equal(mapped[k], copied[k]) for k in copied)
+
+
+def test_deleted_versions_are_forgotten(tiny_args, tmp_path):
+    """A long full fine-tune writes two files per unit per step; what the store remembers of
+    them (checked, written with direct IO) must not grow with the run."""
+    store = make_store(tmp_path / "s", tiny_args, seed=1)
+    engine = Engine(store, EngineConfig(method="full", device="cpu"))
+    for s in range(4):
+        engine.train_step([random_batch(tiny_args, seed=s)])
+    engine.close()
+    on_disk = {p.name for p in store.path.iterdir()}
+    assert store._uncached and store._uncached <= on_disk
+    assert store._verified <= on_disk

@@ -481,6 +481,9 @@ class BlockStore:
             ):
                 p.unlink(missing_ok=True)
                 removed.append(p.name)
+        # forget what this process knew of deleted versions (a long run makes thousands)
+        self._verified -= set(removed)
+        self._uncached -= set(removed)
         return removed
 
     def verify(self) -> list[str]:
