@@ -53,8 +53,6 @@ def machine() -> dict:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    import torch
-
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_GB": round(mem / 1e9, 1), "python": platform.python_version(),
             "torch": torch.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "commit": commit or "?", "command": "python -m blocktune_bench.run " + " ".join(sys.argv[1:])}
@@ -69,6 +67,13 @@ def measure(store: Path, mode: str, method: str, *extra: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cached_store(path: Path, args, **kw) -> Path:
+    """A synthetic store at `path`, made on the first run and reused after (minutes at 7B)."""
+    if not (path / "manifest.json").exists():
+        make_store(path, args, **kw)
+    return path
+
+
 def save(group: str, data: dict, table: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"{data['machine']['date'][:10]}-cpu-{group}"
@@ -81,9 +86,7 @@ def save(group: str, data: dict, table: list[str]) -> None:
 
 
 def group_step(work: Path, reps: int) -> None:
-    base = work / "bench-1k"
-    if not (base / "manifest.json").exists():
-        make_store(base, "bench-1k", seed=0)
+    base = cached_store(work / "bench-1k", "bench-1k", seed=0)
     runs: list[dict] = []
     for method in ("lora", "full"):
         for rep in range(reps if method == "lora" else max(1, reps - 1)):
@@ -138,9 +141,7 @@ def group_step(work: Path, reps: int) -> None:
 
 def group_limit(work: Path) -> None:
     args = ModelArgs(dim=1536, n_layers=30, n_heads=12, vocab_size=8192, multiple_of=256, max_seq_len=512)
-    store = work / "limit-3x-30"
-    if not (store / "manifest.json").exists():
-        make_store(store, args, seed=0)
+    store = cached_store(work / "limit-3x-30", args, seed=0)
     size = sum(p.stat().st_size for p in store.glob("*.safetensors"))
     limit = 1 << 30
     runs = []
@@ -243,12 +244,8 @@ def disk_bandwidth(path: Path, nbytes: int = 1 << 30, files: int = 1) -> dict:
 
 
 def group_headline(work: Path) -> None:
-    store = work / "shape-7b"
     t0 = time.perf_counter()
-    if not (store / "manifest.json").exists():
-        import torch
-
-        make_store(store, "shape-7b", seed=0, dtype=torch.bfloat16)
+    store = cached_store(work / "shape-7b", "shape-7b", seed=0, dtype=torch.bfloat16)
     made = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in store.glob("*.safetensors"))
     bw = disk_bandwidth(work)
@@ -387,9 +384,7 @@ def group_export(work: Path, reps: int) -> None:
     """Export time and the anonymous memory it adds at its peak (RssAnon sampled every 2 ms;
     the store's mapped pages are page cache, which the kernel can take back)."""
     args = ModelArgs(dim=2048, n_layers=24, n_heads=16, vocab_size=32000, multiple_of=256)
-    store = work / "export-bf16"
-    if not (store / "manifest.json").exists():
-        make_store(store, args, seed=0, dtype=torch.bfloat16)
+    store = cached_store(work / "export-bf16", args, seed=0, dtype=torch.bfloat16)
     size = sum(f.stat().st_size for f in store.glob("*.safetensors"))
     runs = []
     for rep in range(reps):
@@ -420,9 +415,7 @@ def group_export(work: Path, reps: int) -> None:
 
 
 def group_generate(work: Path, reps: int) -> None:
-    store = work / "bench-1k"
-    if not (store / "manifest.json").exists():
-        make_store(store, "bench-1k", seed=0)
+    store = cached_store(work / "bench-1k", "bench-1k", seed=0)
     runs = []
     for _ in range(reps):
         for mode in ("paged", "memory"):
@@ -442,9 +435,7 @@ def group_generate(work: Path, reps: int) -> None:
 
 
 def group_dist(work: Path, reps: int) -> None:
-    store = work / "bench-1k"
-    if not (store / "manifest.json").exists():
-        make_store(store, "bench-1k", seed=0)
+    store = cached_store(work / "bench-1k", "bench-1k", seed=0)
     runs = []
     for _ in range(reps):
         for n in (1, 2):
