@@ -2,6 +2,7 @@
 
 import errno
 import json
+import sys
 import time
 
 import pytest
@@ -220,3 +221,46 @@ def test_deleted_versions_are_forgotten(tiny_args, tmp_path):
     on_disk = {p.name for p in store.path.iterdir()}
     assert store._uncached and store._uncached <= on_disk
     assert store._verified <= on_disk
+
+
+def test_frozen_units_stay_mapped_across_evictions(tiny_args, tmp_path):
+    """LoRA on the CPU: an evicted unit's file stays mapped, so loading it again maps nothing
+    new and hands compute the same memory; the steps equal those of an engine that holds every
+    unit, and closing the engine lets the mappings go."""
+    store = make_store(tmp_path / "s", tiny_args, seed=1)
+    maps = []
+    original = store._map
+    store._map = lambda *a: maps.append(a[0].name) or original(*a)
+    unit = max(store.unit_bytes(u) for u in store.units)
+    paged = Engine(store, EngineConfig(method="lora", device="cpu", device_budget=2 * unit))
+    whole = Engine(BlockStore.open(store.path), EngineConfig(method="lora", device="cpu"))
+    first = paged.train_step([random_batch(tiny_args, seed=0)])
+    assert sorted(maps) == sorted(store.record(u).file for u in store.units)  # each file once
+    ptr = paged.pager.get("block_01")["attention.wq.weight"].data_ptr()
+    second = paged.train_step([random_batch(tiny_args, seed=1)])
+    assert len(maps) == len(store.units) and paged.pager.stats.unit_reads > 2 * len(store.units)
+    assert paged.pager.get("block_01")["attention.wq.weight"].data_ptr() == ptr
+    for s, r in enumerate((first, second)):
+        assert r.loss == whole.train_step([random_batch(tiny_args, seed=s)]).loss
+    assert all(torch.equal(a, b) for a, b in zip(paged.adapter_params(), whole.adapter_params()))
+    paged.close()
+    assert not paged.pager._maps
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore/madvise residency is Linux-only")
+def test_reclaimed_pages_of_a_mapped_unit_are_faulted_back(tiny_store):
+    """What the kernel reclaimed of a kept mapping (here: paged out on purpose) is found and
+    faulted back in before compute reads it; the data is unchanged."""
+    import ctypes
+
+    from blocktune.devices import _libc, _page_span, ensure_resident
+
+    mapped = tiny_store.read_file(tiny_store.record("block_00"), map_file=True)
+    copied = {k: v.clone() for k, v in mapped.items()}
+    assert ensure_resident(mapped.values()) == 0  # mapped pre-faulted: nothing missing
+    start, length = _page_span(mapped.values())
+    if _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), ctypes.c_int(21)) != 0:
+        pytest.skip("this kernel has no MADV_PAGEOUT (Linux 5.4+) to reclaim the pages with")
+    assert ensure_resident(mapped.values()) > 0
+    assert ensure_resident(mapped.values()) == 0
+    assert all(torch.equal(mapped[k], copied[k]) for k in copied)

@@ -107,8 +107,11 @@ def group_step(work: Path, reps: int) -> None:
              "same arithmetic as paged). paged-keep = `keep_budget=None`: activations kept from the "
              "first forward, weights in the graph as pager handles, no recompute. paged-lean = `lean_memory=True` "
              "(freed heap returned to the OS after every unit).", "",
-             "| method | paged s/step | plain s/step | ckpt s/step | paged/plain | paged/ckpt | peak RSS paged / plain / ckpt (GB) | GB read, written per paged step |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+             "Peak RSS counts the page cache a process has mapped (a LoRA run keeps its frozen unit files "
+             "mapped; the kernel takes those pages back under memory pressure); anonymous is the "
+             "memory only the process holds (RssAnon, sampled every 10 ms).", "",
+             "| method | paged s/step | plain s/step | ckpt s/step | paged/plain | paged/ckpt | peak RSS paged / plain / ckpt (GB) | peak anonymous paged / plain / ckpt (GB) | GB read, written per paged step |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
     for method in ("lora", "full"):
         s = {}
         for mode in ("paged", "paged-keep", "paged-lean", "plain", "ckpt"):
@@ -116,6 +119,7 @@ def group_step(work: Path, reps: int) -> None:
             if ok:
                 s[mode] = {"step_median": statistics.median(r["step_median"] for r in ok),
                            "peak_rss": max(r["peak_rss"] for r in ok),
+                           "peak_anon": max(r.get("peak_anon", 0) for r in ok),
                            "read": statistics.median(r["bytes_read_per_step"] for r in ok),
                            "written": statistics.median(r["bytes_written_per_step"] for r in ok)}
         if all(m in s for m in ("paged", "plain", "ckpt")):
@@ -127,6 +131,8 @@ def group_step(work: Path, reps: int) -> None:
                 f"{s['ckpt']['step_median']:.2f} | {s['paged_over_plain']:.2f} | {s['paged_over_ckpt']:.2f} | "
                 f"{s['paged']['peak_rss'] / 1e9:.2f} / {s['plain']['peak_rss'] / 1e9:.2f} / "
                 f"{s['ckpt']['peak_rss'] / 1e9:.2f} ({s['rss_paged_over_plain']:.0%}) | "
+                f"{s['paged']['peak_anon'] / 1e9:.2f} / {s['plain']['peak_anon'] / 1e9:.2f} / "
+                f"{s['ckpt']['peak_anon'] / 1e9:.2f} ({s['paged']['peak_anon'] / s['plain']['peak_anon']:.0%}) | "
                 f"{s['paged']['read'] / 1e9:.2f}, {s['paged']['written'] / 1e9:.2f} |")
         for variant in ("paged-keep", "paged-lean"):
             if variant in s and "paged_over_plain" in s:
@@ -134,7 +140,8 @@ def group_step(work: Path, reps: int) -> None:
                 table.append(
                     f"| {method} ({variant}) | {v['step_median']:.2f} | | | "
                     f"{v['step_median'] / s['plain']['step_median']:.2f} | {v['step_median'] / s['ckpt']['step_median']:.2f} | "
-                    f"{v['peak_rss'] / 1e9:.2f} ({v['peak_rss'] / s['plain']['peak_rss']:.0%} of plain) | |")
+                    f"{v['peak_rss'] / 1e9:.2f} ({v['peak_rss'] / s['plain']['peak_rss']:.0%} of plain) | "
+                    f"{v['peak_anon'] / 1e9:.2f} ({v['peak_anon'] / s['plain']['peak_anon']:.0%} of plain) | |")
         summary[method] = s
     save("step", {"machine": machine(), "summary": summary, "runs": runs}, table)
 

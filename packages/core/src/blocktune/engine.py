@@ -20,6 +20,7 @@ optimizer step, whatever the accumulation.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -169,6 +170,7 @@ class Engine:
             self._init_adapters(adapters)
         self._lora_opt: torch.optim.Optimizer | None = None
         self._built: dict[str, tuple[dict, nn.Module]] = {}
+        self._templates: dict[str, nn.Module] = {}  # one meta-device module per kind of unit
         self.pager.on_evict.append(lambda name: self._built.pop(name, None))
         self.step_count = store.step if self.cfg.method == "full" else 0
 
@@ -222,13 +224,12 @@ class Engine:
         cached = self._built.get(unit)
         if cached is not None and cached[0] is resident:  # same tensors: the module still fits
             return cached[1].train(training)
-        with torch.device("meta"):
-            if unit == "embed":
-                mod = Embed(self.args)
-            elif unit == "head":
-                mod = Head(self.args)
-            else:
-                mod = Block(self.args, self.lora)
+        kind = unit if unit in ("embed", "head") else "block"
+        if kind not in self._templates:
+            with torch.device("meta"):  # constructing runs the initialisers: ms per block, so once
+                self._templates[kind] = {"embed": lambda: Embed(self.args), "head": lambda: Head(self.args),
+                                         "block": lambda: Block(self.args, self.lora)}[kind]()
+        mod = copy.deepcopy(self._templates[kind])
         tensors = dict(resident)
         tensors.update(self.adapters.get(unit, {}))
         mod.load_state_dict(tensors, assign=True, strict=True)
