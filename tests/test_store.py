@@ -171,6 +171,20 @@ def test_direct_io_falls_back_where_the_file_system_refuses_it(tiny_store):
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
 
 
+def test_aligned_buffers():
+    """Direct IO wants 4 KiB-aligned buffers; from 2 MiB up they start on a huge-page boundary
+    (and ask for transparent huge pages, which only the kernel can grant)."""
+    from blocktune.store import aligned_empty
+
+    for n in (1, 4096, 100_000, (2 << 20) - 1):
+        assert aligned_empty(n).data_ptr() % 4096 == 0 and aligned_empty(n).numel() == n
+    for n in (2 << 20, (3 << 20) + 5):
+        buf = aligned_empty(n)
+        assert buf.data_ptr() % (2 << 20) == 0 and buf.numel() == n
+        buf.fill_(7)  # all of it is writable memory
+        assert int(buf[-1]) == 7
+
+
 def test_buffer_pool_reuses_a_buffer_only_when_nothing_views_it():
     pool = BufferPool(max_bytes=1 << 20)
     a = pool.take(10_000)
@@ -186,16 +200,24 @@ def test_buffer_pool_reuses_a_buffer_only_when_nothing_views_it():
     assert pool.take(1_000).data_ptr() not in (first, b.data_ptr())  # 10,000 > 2 x 1,000: not reused
 
 
-def test_buffer_pool_lets_idle_buffers_go_past_its_cap():
+def test_buffer_pool_keeps_idle_buffers_only_up_to_its_busiest_moment():
     pool = BufferPool(max_bytes=25_000)
     a, b = pool.take(10_000), pool.take(10_000)
     del a
-    c = pool.take(12_000)  # 10,000 + 10,000 + 12,000 > 25,000: the idle first buffer goes
+    c = pool.take(12_000)  # 10,000 + 10,000 + 12,000 > 25,000 (the cap, and more than was ever in use): a goes
     assert sorted(buf.numel() for buf, _ in pool._bufs) == [10_000, 12_000]
     del c
-    d = pool.take(30_000)  # bigger than the cap: served, not kept (and the idle one let go)
-    assert d.numel() == 30_000 and [buf.numel() for buf, _ in pool._bufs] == [10_000]
+    d = pool.take(30_000)  # 40,000 in use with b: the idle 12,000 must go to make room under that
+    assert sorted(buf.numel() for buf, _ in pool._bufs) == [10_000, 30_000] and pool.high_water == 40_000
     assert b.numel() == 10_000  # in use all along: kept
+    del d
+    e = pool.take(25_000)  # reuses d's buffer (no more than twice its size): nothing new
+    made = pool.allocated
+    f = pool.take(5_000)  # nothing idle: made, and 45,000 is the new busiest moment
+    assert pool.allocated == made + 1 and pool.high_water == 45_000 and e.numel() == 25_000
+    del b, e, f
+    pool.take(39_000)  # all idle: let go oldest first until 39,000 more fits under 45,000
+    assert [buf.numel() for buf, _ in pool._bufs] == [5_000, 39_000]
 
 
 def test_cold_advice_on_mapped_units_is_only_a_hint(tiny_store):

@@ -69,6 +69,7 @@ def trim_host_heap() -> None:
 
 _MADV_COLD = 20  # Linux 5.4+: deactivate these pages, so reclaim takes them before others
 _MADV_WILLNEED = 3
+_MADV_HUGEPAGE = 14
 _MADV_POPULATE_READ = 22  # Linux 5.14+: fault the range in now, readable
 
 
@@ -93,6 +94,14 @@ def advise_cold(tensors) -> None:
     lib, span = _linux_libc(), _page_span(tensors)
     if lib is not None and span is not None:
         lib.madvise(ctypes.c_void_p(span[0]), ctypes.c_size_t(span[1]), ctypes.c_int(_MADV_COLD))
+
+
+def advise_huge(buf: torch.Tensor) -> None:
+    """Ask for transparent huge pages behind `buf` (2 MiB-aligned, not yet touched). Only a
+    hint: without THP (or off Linux) the pages stay 4 KiB."""
+    lib = _linux_libc()
+    if lib is not None and buf.numel():
+        lib.madvise(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(buf.numel()), ctypes.c_int(_MADV_HUGEPAGE))
 
 
 def ensure_resident(tensors) -> int:

@@ -89,11 +89,17 @@ class BufferPool:
     handed out again only when no tensor views it any more (the storage's use count is back to
     what it was when the buffer was made), so nothing still in use is ever overwritten. Buffers
     start 4 KiB-aligned, as direct IO wants.
+
+    Idle buffers are kept up to `max_bytes`, or up to the most bytes that were ever in use at
+    once if that is more: the pool then never holds more than its busiest moment already took,
+    and a steady pattern (a step's units, states and write-backs) allocates nothing new.
     """
 
     def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes  # the pool's buffers, in use and idle, in bytes
+        self.max_bytes = max_bytes  # idle buffers are let go past this (or past `high_water`)
+        self.high_water = 0  # most bytes in use at once
         self.peak_in_use = 0  # most buffers held at once (by resident units, writes, graphs)
+        self.allocated = 0  # buffers made (the rest of `take`s reused one)
         self._bufs: list[tuple[torch.Tensor, int]] = []  # (buffer, its use count when free)
         self._lock = threading.Lock()
 
@@ -103,25 +109,30 @@ class BufferPool:
 
     def take(self, nbytes: int) -> torch.Tensor:
         with self._lock:
+            idle = [self._idle(i) for i in range(len(self._bufs))]
             free = [(buf.numel(), i) for i, (buf, _) in enumerate(self._bufs)
-                    if nbytes <= buf.numel() <= 2 * nbytes and self._idle(i)]
+                    if nbytes <= buf.numel() <= 2 * nbytes and idle[i]]
             if free:
                 return self._bufs[min(free)[1]][0][:nbytes]
-            self.peak_in_use = max(self.peak_in_use, 1 + sum(not self._idle(i) for i in range(len(self._bufs))))
-            # past the cap, let idle buffers go (oldest first) before allocating: under a memory
-            # limit the pool must never hold more than the reads it serves would have
+            in_use = sum(buf.numel() for (buf, _), free in zip(self._bufs, idle) if not free)
+            self.peak_in_use = max(self.peak_in_use, 1 + idle.count(False))
+            self.high_water = max(self.high_water, in_use + nbytes)
+            # let idle buffers go (oldest first) until the new one fits under the cap
             held = sum(b.numel() for b, _ in self._bufs)
-            i = 0
-            while held + nbytes > self.max_bytes and i < len(self._bufs):
-                if self._idle(i):
-                    held -= self._bufs[i][0].numel()
-                    del self._bufs[i]
-                else:
-                    i += 1
+            cap = max(self.max_bytes, self.high_water)
+            drop = []
+            for i in (i for i, free in enumerate(idle) if free):
+                if held + nbytes <= cap:
+                    break
+                held -= self._bufs[i][0].numel()
+                drop.append(i)
+            for i in reversed(drop):
+                del self._bufs[i]
             buf = aligned_empty(nbytes)
-            idle = _storage_users(buf)
-            if idle is not None and held + nbytes <= self.max_bytes:  # None: torch cannot say; never reuse
-                self._bufs.append((buf, idle))
+            self.allocated += 1
+            users = _storage_users(buf)
+            if users is not None:  # None: torch cannot say; never reuse
+                self._bufs.append((buf, users))
             return buf
 
     def clear(self) -> None:
