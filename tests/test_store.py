@@ -169,6 +169,8 @@ def test_direct_io_falls_back_where_the_file_system_refuses_it(tiny_store):
     rec = tiny_store.write_file("x.safetensors", tensors, direct=True)
     back = BlockStore.open(tiny_store.path).read_file(rec)
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
+    again = tiny_store.read_file(rec, direct=True)  # asked for direct reads: the same fallback
+    assert all(torch.equal(again[k], v) for k, v in tensors.items())
 
 
 def test_aligned_buffers():
@@ -286,3 +288,38 @@ def test_reclaimed_pages_of_a_mapped_unit_are_faulted_back(tiny_store):
     assert ensure_resident(mapped.values()) > 0
     assert ensure_resident(mapped.values()) == 0
     assert all(torch.equal(mapped[k], copied[k]) for k in copied)
+
+
+def test_direct_reads_of_frozen_units_match_mapped_ones(tiny_args, tmp_path):
+    """LoRA with frozen units read past the page cache (what "auto" picks for a store bigger
+    than RAM) trains exactly as with mapped units; after the first step every read lands in a
+    reused buffer."""
+    store = make_store(tmp_path / "s", tiny_args, seed=1)
+    unit = max(store.unit_bytes(u) for u in store.units)
+    runs = {}
+    for mode in ("mapped", "direct"):
+        engine = Engine(BlockStore.open(store.path),
+                        EngineConfig(method="lora", device="cpu", device_budget=2 * unit, frozen_reads=mode))
+        assert engine.pager.mapped == (mode == "mapped")
+        losses = [engine.train_step([random_batch(tiny_args, seed=0)]).loss]
+        if mode == "direct":
+            made = engine.pager._pool.allocated
+        losses += [engine.train_step([random_batch(tiny_args, seed=s)]).loss for s in (1, 2)]
+        if mode == "direct":
+            assert engine.pager._pool.allocated == made and engine.pager.stats.unit_reads > 3 * len(store.units)
+        runs[mode] = losses, [p.detach().clone() for p in engine.adapter_params()]
+        engine.close()
+    assert runs["mapped"][0] == runs["direct"][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs["mapped"][1], runs["direct"][1]))
+
+
+def test_auto_frozen_reads_follow_the_memory_available(tiny_store):
+    from blocktune.devices import host_memory_available
+
+    available = host_memory_available()
+    if available is None:
+        pytest.skip("no /proc/meminfo here: auto keeps mapped reads")
+    assert 0 < available < 1 << 50
+    assert Engine(tiny_store, EngineConfig(method="lora", device="cpu")).pager.mapped  # KBs: fits
+    with pytest.raises(Exception, match="frozen_reads"):
+        EngineConfig(frozen_reads="fast")

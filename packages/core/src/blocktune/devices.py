@@ -18,7 +18,8 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["Device", "resolve_device", "DTYPES", "parse_dtype", "peak_rss_bytes", "trim_host_heap"]
+__all__ = ["Device", "resolve_device", "DTYPES", "parse_dtype", "peak_rss_bytes", "trim_host_heap",
+           "host_memory_available"]
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -44,6 +45,37 @@ def peak_rss_bytes() -> int:
     """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+def host_memory_available() -> int | None:
+    """Bytes of RAM this process could still fill, page cache included: the kernel's
+    MemAvailable, or less where a memory cgroup (v1 or v2) limits the process. None where
+    unknown (off Linux)."""
+    try:
+        meminfo = open("/proc/meminfo").read()
+    except OSError:
+        return None
+    found = [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+    if not found:
+        return None
+    limits = []
+    try:
+        for line in open("/proc/self/cgroup").read().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":  # v2
+                limits.append(f"/sys/fs/cgroup{path}/memory.max")
+            elif "memory" in controllers.split(","):
+                limits.append(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+        for name in limits:
+            try:
+                text = open(name).read().strip()
+            except OSError:
+                continue
+            if text.isdigit():
+                found.append(int(text))
+    except (OSError, ValueError):
+        pass
+    return min(found)
 
 
 @functools.cache

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LoraConfig, ModelArgs
-from .devices import Device, parse_dtype, resolve_device, trim_host_heap
+from .devices import Device, host_memory_available, parse_dtype, resolve_device, trim_host_heap
 from .distributed import SINGLE, DistContext
 from .errors import ConfigError, StoreError, TrainingError
 from .model import Block, Embed, Head, KVCache, init_lora_
@@ -67,12 +67,18 @@ class EngineConfig:
     # unit in the backward (weights in the graph become handles the pager resolves).
     # 0: always recompute; None: keep every unit's. Units past the budget are recomputed.
     keep_budget: int | None = 0
+    # CPU, frozen units (LoRA, inference): "mapped" reads them through the page cache, "direct"
+    # with O_DIRECT into reused buffers (for a store bigger than RAM); "auto" picks direct when
+    # the store is more than 80% of the memory available (MemAvailable, or a cgroup's limit).
+    frozen_reads: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
             raise ConfigError(f"method {self.method!r} is not supported; choose lora or full")
         if self.method == "lora" and self.lora is None:
             raise ConfigError("method 'lora' needs a LoRA configuration")
+        if self.frozen_reads not in ("auto", "mapped", "direct"):
+            raise ConfigError(f"frozen_reads={self.frozen_reads!r}: choose auto, mapped or direct")
         if self.loss_chunk <= 0:
             raise ConfigError(f"loss_chunk={self.loss_chunk} must be positive")
 
@@ -162,7 +168,7 @@ class Engine:
         self.pager = Pager(store, self.device, budget, self.dtype, prefetch=self.cfg.prefetch,
                            verify=self.cfg.verify, host_budget=self.cfg.host_budget,
                            mutable=self.cfg.method == "full" and not self.cfg.read_only,
-                           max_dirty=self.cfg.max_dirty)
+                           max_dirty=self.cfg.max_dirty, frozen_reads=self._frozen_reads(store))
         self.units = store.units
         self.lora = self.cfg.lora if self.cfg.method == "lora" else None
         self.adapters: dict[str, dict[str, nn.Parameter]] = {}
@@ -173,6 +179,12 @@ class Engine:
         self._templates: dict[str, nn.Module] = {}  # one meta-device module per kind of unit
         self.pager.on_evict.append(lambda name: self._built.pop(name, None))
         self.step_count = store.step if self.cfg.method == "full" else 0
+
+    def _frozen_reads(self, store: BlockStore) -> str:
+        if self.cfg.frozen_reads != "auto":
+            return self.cfg.frozen_reads
+        available = host_memory_available()
+        return "direct" if available is not None and store.total_bytes() > 0.8 * available else "mapped"
 
     # ---- adapters ----
     def _init_adapters(self, given: dict[str, torch.Tensor] | None) -> None:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .devices import Device, advise_cold, dtype_name, ensure_resident
-from .errors import BudgetError
+from .errors import BudgetError, ConfigError
 from .store import BlockStore, FileRecord, aligned_empty
 
 __all__ = ["Pager", "PagerStats", "ActivationStash", "parse_bytes"]
@@ -160,10 +160,17 @@ class Pager:
         host_budget: int | None = 0,
         mutable: bool = True,
         max_dirty: int | None = 512 << 20,
+        frozen_reads: str = "mapped",
     ):
         self.store, self.device, self.dtype = store, device, compute_dtype
         self.verify, self.prefetch_enabled = verify, prefetch
         self.mutable = mutable  # False: units are only read (LoRA), so files may be mapped read-only
+        if frozen_reads not in ("mapped", "direct"):
+            raise ConfigError(f"frozen_reads={frozen_reads!r}: choose mapped or direct")
+        # CPU, frozen units: "mapped" (the page cache, for stores that fit in RAM) or "direct"
+        # (O_DIRECT into reused huge-page buffers: for stores bigger than RAM, twice the cold
+        # read rate of mapped reads here, and no page cache for the kernel to juggle)
+        self.mapped = device.is_cpu and not mutable and frozen_reads == "mapped"
         scale = compute_dtype.itemsize / store.dtype.itemsize
         self._size = {n: int(store.unit_bytes(n) * max(scale, 1.0)) for n in store.units}
         largest = self.largest_unit
@@ -193,16 +200,17 @@ class Pager:
         self._host_bytes = 0
         self._staging: list[tuple[torch.Tensor, object]] = []  # reusable pinned buffers
         self._maps: dict[str, dict[str, torch.Tensor]] = {}  # file -> its mapped tensors (reader thread)
-        # CPU, full fine-tune: unit files are read into reused buffers, at most as many bytes as
-        # the resident units, one more unit and one optimizer state take (more, and a run under
-        # a tight memory limit was killed). Before the first step, AdamW's state is estimated:
-        # fp32 moments, and an fp32 master copy under a lower-precision store.
+        # CPU, units not mapped (a full fine-tune, or direct reads of frozen units): files are
+        # read into reused buffers, idle ones kept up to the resident units, one more unit and
+        # one optimizer state (or what was in use at once, if more). Before the first step,
+        # AdamW's state is estimated: fp32 moments, and an fp32 master copy under a
+        # lower-precision store.
         self._pool = None
-        if device.is_cpu and mutable:
+        if device.is_cpu and not self.mapped:
             unit_file = max(store.unit_bytes(n) for n in store.units)
             per_param = 8 + (4 if store.dtype != torch.float32 else 0)
             state_file = max((r.nbytes for n in store.units if (r := store.state_record(n))),
-                             default=unit_file * per_param // store.dtype.itemsize)
+                             default=unit_file * per_param // store.dtype.itemsize) if mutable else 0
             self._pool = BufferPool(min(self.budget, 1 << 50) + unit_file + state_file)
         self.max_dirty = max_dirty if max_dirty is not None else 1 << 62
         self._unsynced: list[FileRecord] = []
@@ -252,7 +260,7 @@ class Pager:
 
     def _release(self, entry: _Entry) -> None:
         """Runs on the reader thread, which then drops `entry` (the work item holds it)."""
-        if self.device.is_cpu and not self.mutable:  # mapped from the page cache
+        if self.mapped:
             advise_cold(entry.tensors.values())
 
     # ---- loading ----
@@ -281,10 +289,10 @@ class Pager:
         alloc = self.device.empty_host if keep else (lambda n: staging[:n]) if staging is not None else None
         if self._pool is not None:
             alloc = self._pool.take
-        if self.device.is_cpu and not self.mutable:
+        if self.mapped:
             host = self._mapped(name)
-        else:
-            host = self.store.read_unit(name, alloc=alloc, verify=self.verify)
+        else:  # on the CPU, past the page cache: a unit is read once a pass, and RAM is short
+            host = self.store.read_unit(name, alloc=alloc, verify=self.verify, direct=self._pool is not None)
         with self._lock:
             self.stats.bytes_read += nbytes
             self.stats.unit_reads += 1

@@ -325,13 +325,15 @@ class BlockStore:
 
     def read_file(
         self, record: FileRecord, alloc: Callable[[int], torch.Tensor] | None = None,
-        verify: bool | str = True, map_file: bool = False,
+        verify: bool | str = True, map_file: bool = False, direct: bool = False,
     ) -> dict[str, torch.Tensor]:
         """One file's tensors, checked against the manifest.
 
         By default the file is read into one buffer (pinned where `alloc` makes it so). With
         `map_file`, it is memory-mapped read-only and pre-faulted instead: no copy out of the
-        page cache; the tensors must not be written (frozen weights, LoRA). `verify`: True or
+        page cache; the tensors must not be written (frozen weights, LoRA). With `direct` (and
+        for files this process wrote so), it is read with O_DIRECT, past the page cache, where
+        the file system allows. `verify`: True or
         "always" checks the crc32 on every read, "once" on the first read of each file version
         in this process, False or "never" not at all.
         """
@@ -340,8 +342,9 @@ class BlockStore:
         try:
             if map_file and alloc is None:
                 buf, got, extra = self._map(path, record.nbytes)
-            elif record.file in self._uncached:
-                buf, got, extra = self._read_direct(path, record.nbytes, alloc)
+            elif (direct or record.file in self._uncached) and (
+                    read := self._read_direct(path, record.nbytes, alloc)) is not None:
+                buf, got, extra = read
             else:
                 buf = alloc(record.nbytes) if alloc else torch.empty(record.nbytes, dtype=torch.uint8)
                 with self.opener(path, "rb", buffering=0) as f:
@@ -363,14 +366,22 @@ class BlockStore:
             self._verified.add(record.file)
         return decode_tensors(buf, str(path))
 
-    def _read_direct(self, path: Path, nbytes: int, alloc) -> tuple[torch.Tensor, int, bool]:
-        """Read a file this process wrote with direct IO (so not in the page cache) the same
-        way: whole aligned blocks straight into the buffer, no page-cache copy."""
+    def _read_direct(self, path: Path, nbytes: int, alloc) -> tuple[torch.Tensor, int, bool] | None:
+        """Whole aligned blocks straight into the buffer, no page-cache copy; None where the
+        file system (or the OS) has no direct IO."""
+        if not hasattr(os, "O_DIRECT"):
+            return None
+        try:
+            f = self.opener(path, "rb", buffering=0, opener=_open_direct)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return None
+            raise
         cap = _round_up(nbytes)
         buf = alloc(cap) if alloc else aligned_empty(cap)
         if buf.data_ptr() % ALIGN or buf.numel() < cap:
             buf = aligned_empty(cap)
-        with self.opener(path, "rb", buffering=0, opener=_open_direct) as f:
+        with f:
             got = _read_into(f, memoryview(buf.numpy()))
         return buf[:nbytes], min(got, nbytes), got > nbytes
 
@@ -390,8 +401,8 @@ class BlockStore:
             return torch.frombuffer(mm, dtype=torch.uint8), size, False
 
     def read_unit(self, name: str, alloc=None, verify: bool | str = True,
-                  map_file: bool = False) -> dict[str, torch.Tensor]:
-        return self.read_file(self._records[name], alloc, verify, map_file)
+                  map_file: bool = False, direct: bool = False) -> dict[str, torch.Tensor]:
+        return self.read_file(self._records[name], alloc, verify, map_file, direct)
 
     def read_state(self, name: str) -> dict[str, torch.Tensor] | None:
         rec = self._state.get(name)

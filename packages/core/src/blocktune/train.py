@@ -70,6 +70,7 @@ class RunConfig:
     activation_budget: str = "4GiB"  # stashed block inputs in RAM before spilling to disk
     keep_activations: str = "0"  # RAM for activations kept to skip the recompute, e.g. "6GiB"; "inf": all
     verify: str = "once"  # crc32 of each file: "once" per file version per process, "always", "never"
+    frozen_reads: str = "auto"  # CPU, LoRA: "mapped" (page cache), "direct" (store bigger than RAM), "auto"
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -87,6 +88,8 @@ class RunConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
         if self.verify not in ("once", "always", "never"):
             raise ConfigError(f"verify={self.verify!r}: choose once, always or never")
+        if self.frozen_reads not in ("auto", "mapped", "direct"):
+            raise ConfigError(f"frozen_reads={self.frozen_reads!r}: choose auto, mapped or direct")
         if not 0 <= self.val_ratio < 1:
             raise ConfigError(f"val_ratio={self.val_ratio} must be in [0, 1)")
         self.lora_targets = list(self.lora_targets)
@@ -129,6 +132,7 @@ class RunConfig:
             device_budget=parse_bytes(self.device_budget), host_budget=parse_bytes(self.host_budget),
             activation_budget=parse_bytes(self.activation_budget), seed=self.seed,
             keep_budget=parse_bytes(self.keep_activations), verify=self.verify,
+            frozen_reads=self.frozen_reads,
         )
 
 
