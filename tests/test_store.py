@@ -323,3 +323,51 @@ def test_auto_frozen_reads_follow_the_memory_available(tiny_store):
     assert Engine(tiny_store, EngineConfig(method="lora", device="cpu")).pager.mapped  # KBs: fits
     with pytest.raises(Exception, match="frozen_reads"):
         EngineConfig(frozen_reads="fast")
+
+
+def test_row_pieces_are_written_as_the_joined_tensor(tmp_path):
+    """Meta's dim-0 slices are written one after another, never joined in memory: the file is
+    byte for byte the one the joined tensor gives, and pieces that disagree are refused."""
+    from blocktune.store import RowPieces, write_tensors
+
+    g = torch.Generator().manual_seed(0)
+    pieces = [torch.randn(3, 5, generator=g), torch.randn(4, 5, generator=g)]
+    norm = torch.randn(5, generator=g)
+    files = {}
+    for name, value in (("joined", torch.cat(pieces, 0)), ("pieces", RowPieces(pieces))):
+        with open(tmp_path / name, "wb") as f:
+            files[name] = write_tensors(f, {"w": value, "norm": norm})
+    assert files["joined"] == files["pieces"]  # size, crc32 and layout
+    assert (tmp_path / "joined").read_bytes() == (tmp_path / "pieces").read_bytes()
+    assert RowPieces(pieces).to(torch.bfloat16).join().equal(torch.cat(pieces, 0).to(torch.bfloat16))
+    with pytest.raises(StoreError, match="differ"):
+        RowPieces([torch.zeros(2, 5), torch.zeros(2, 4)])
+
+
+def test_a_unit_updated_in_place_is_written_from_its_own_buffer(tiny_store, monkeypatch):
+    """A unit read into an aligned buffer and changed in place is its own next file: written
+    from there with direct IO (no bounce copy), byte for byte what the copying path writes."""
+    from blocktune import store as store_mod
+    from blocktune.store import aligned_empty, file_image
+
+    tensors = tiny_store.read_file(tiny_store.record("block_00"), alloc=aligned_empty, direct=True)
+    assert file_image(tensors) is not None
+    tensors["attention.wq.weight"].mul_(2)
+    copies = {k: v.clone() for k, v in tensors.items()}
+    assert file_image(copies) is None  # each in its own memory
+    assert file_image({**tensors, "ffn_norm.weight": copies["ffn_norm.weight"]}) is None  # one moved
+    assert file_image({k: v for k, v in tensors.items() if k != "ffn_norm.weight"}) is None  # header differs
+    a = tiny_store.write_file("a.safetensors", tensors, direct=True)
+    b = tiny_store.write_file("b.safetensors", copies, direct=True)
+    assert (a.nbytes, a.crc32, a.tensors) == (b.nbytes, b.crc32, b.tensors)
+    assert (tiny_store.path / a.file).read_bytes() == (tiny_store.path / b.file).read_bytes()
+
+    images, original = [], store_mod._write_image
+    monkeypatch.setattr(store_mod, "_write_image", lambda f, image, t: images.append(1) or original(f, image, t))
+    unit = max(tiny_store.unit_bytes(u) for u in tiny_store.units)
+    engine = Engine(tiny_store, EngineConfig(method="full", device="cpu", device_budget=2 * unit))
+    engine.train_step([random_batch(PRESETS["tiny-7b"], seed=0)])  # first step: fresh AdamW state
+    images.clear()
+    engine.train_step([random_batch(PRESETS["tiny-7b"], seed=1)])
+    assert len(images) == 2 * len(tiny_store.units)  # every unit and its state, in place
+    engine.close()

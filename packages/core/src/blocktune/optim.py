@@ -66,7 +66,10 @@ def unit_step(
     """
     state = dict(state or {})
     step = int(state["step"].item()) + 1 if "step" in state else 1
-    state["step"] = torch.tensor(float(step))
+    if "step" in state:  # in place: the state read into a buffer stays its own next file
+        state["step"].fill_(float(step))
+    else:
+        state["step"] = torch.tensor(float(step))
     for key, p in params.items():
         g = grads[key]
         use_master = cfg.master_dtype is not None and storage_dtype != torch.float32

@@ -54,7 +54,7 @@ from .errors import ChecksumError, StoreError
 from .model import unit_name
 
 __all__ = ["BlockStore", "FileRecord", "FORMAT_VERSION", "unit_names", "build_store", "atomic_write",
-           "staging_dir"]
+           "staging_dir", "RowPieces"]
 
 FORMAT = "blocktune-store"
 FORMAT_VERSION = 1
@@ -184,34 +184,116 @@ class _AlignedWriter:
         self.f.truncate(size)
 
 
-def write_tensors(f, tensors: dict[str, torch.Tensor]) -> tuple[int, int, dict[str, dict[str, Any]]]:
+class RowPieces:
+    """A tensor given as pieces to join along dim 0 (a Meta shard's slices of wq, w1, …).
+    Joined along dim 0, contiguous pieces are just their bytes one after another, so
+    `write_tensors` writes them in turn and the joined tensor never exists in memory."""
+
+    def __init__(self, pieces: list[torch.Tensor]):
+        self.pieces = [p.detach().to("cpu").contiguous() for p in pieces]
+        first = self.pieces[0]
+        if any(p.dtype != first.dtype or p.shape[1:] != first.shape[1:] for p in self.pieces):
+            raise StoreError(f"pieces to join along dim 0 differ: {[tuple(p.shape) for p in self.pieces]}")
+        self.dtype = first.dtype
+        self.shape = torch.Size([sum(p.shape[0] for p in self.pieces), *first.shape[1:]])
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def to(self, dtype: torch.dtype) -> RowPieces:
+        return self if dtype == self.dtype else RowPieces([p.to(dtype) for p in self.pieces])
+
+    def join(self) -> torch.Tensor:
+        return torch.cat(self.pieces, 0)
+
+
+def _layout(tensors: dict) -> dict[str, dict[str, Any]]:
+    """The manifest's record of a file's tensors."""
+    return {k: {"dtype": dtype_name(v.dtype) if v.is_floating_point() else str(v.dtype),
+                "shape": list(v.shape)} for k, v in tensors.items()}
+
+
+def _header(tensors: dict) -> tuple[bytes, list[str], int]:
+    """(the file's header bytes, the keys in file order, bytes of tensor data)."""
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {}
+    offset = 0
+    for k in order:
+        n = tensors[k].numel() * tensors[k].element_size()
+        header[k] = {"dtype": _ST_NAMES[tensors[k].dtype], "shape": list(tensors[k].shape),
+                     "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-(8 + len(blob)) % 8)  # data starts 8-byte aligned
+    return struct.pack("<Q", len(blob)) + blob, order, offset
+
+
+def file_image(tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The bytes of the file `write_tensors` would write, if they already lie in one buffer: a
+    unit read into an aligned buffer and updated in place (AdamW) is its own next version, so
+    direct IO can write it from there, without a copy. The tensors must sit at exactly their
+    file offsets, after the exact header bytes; the block-rounded tail must be in the buffer.
+    None otherwise."""
+    values = list(tensors.values())
+    if not values or any(not isinstance(t, torch.Tensor) or t.device.type != "cpu" or not t.is_contiguous()
+                         for t in values):
+        return None
+    storage = values[0].untyped_storage()
+    if any(t.untyped_storage().data_ptr() != storage.data_ptr() for t in values):
+        return None
+    head, order, size = _header(tensors)
+    start = tensors[order[0]].data_ptr() - len(head)
+    offset = len(head)
+    for k in order:
+        t = tensors[k]
+        if t.numel() and t.data_ptr() != start + offset:
+            return None
+        offset += t.numel() * t.element_size()
+    first = start - storage.data_ptr()
+    if start % ALIGN or first < 0 or first + _round_up(len(head) + size) > storage.nbytes():
+        return None
+    image = torch.empty(0, dtype=torch.uint8).set_(storage, first, (_round_up(len(head) + size),))
+    if bytes(image[:len(head)].numpy()) != head:
+        return None
+    return image[:len(head) + size]
+
+
+def write_tensors(f, tensors: dict[str, torch.Tensor | RowPieces]) -> tuple[int, int, dict[str, dict[str, Any]]]:
     """Write a safetensors file straight from the tensors' memory (no serialised copy).
 
     Returns (bytes written, crc32, layout). Tensors are laid out largest dtype first, so
     every tensor's data stays aligned to its element size, as the safetensors library does.
     """
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    order = sorted(cpu, key=lambda k: (-cpu[k].element_size(), k))
-    header: dict[str, Any] = {}
-    offset = 0
-    for k in order:
-        n = cpu[k].numel() * cpu[k].element_size()
-        header[k] = {"dtype": _ST_NAMES[cpu[k].dtype], "shape": list(cpu[k].shape),
-                     "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-(8 + len(blob)) % 8)  # data starts 8-byte aligned
-    head = struct.pack("<Q", len(blob)) + blob
+    cpu = {k: v if isinstance(v, RowPieces) else v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    head, order, offset = _header(cpu)
     f.write(head)
     crc = crc32(head)
     for k in order:
-        if cpu[k].numel():
-            mv = memoryview(cpu[k].reshape(-1).view(torch.uint8).numpy())
-            f.write(mv)
-            crc = crc32(mv, crc)
-    layout = {k: {"dtype": dtype_name(v.dtype) if v.is_floating_point() else str(v.dtype),
-                  "shape": list(v.shape)} for k, v in cpu.items()}
-    return len(head) + offset, crc, layout
+        for part in cpu[k].pieces if isinstance(cpu[k], RowPieces) else [cpu[k]]:
+            if part.numel():
+                mv = memoryview(part.reshape(-1).view(torch.uint8).numpy())
+                f.write(mv)
+                crc = crc32(mv, crc)
+    return len(head) + offset, crc, _layout(cpu)
+
+
+def _write_image(f, image: torch.Tensor, tensors: dict[str, torch.Tensor]) -> tuple[int, int, dict[str, dict[str, Any]]]:
+    """Write a `file_image` with direct IO: whole blocks from the buffer itself (its tail
+    rounded up to a block, then cut back by truncate). Returns what `write_tensors` does."""
+    nbytes = image.numel()
+    whole = torch.empty(0, dtype=torch.uint8).set_(image.untyped_storage(), image.storage_offset(),
+                                                   (_round_up(nbytes),))
+    out = memoryview(whole.numpy())
+    while len(out):
+        out = out[f.write(out):]
+    f.truncate(nbytes)
+    return nbytes, crc32(memoryview(image.numpy())), _layout(tensors)
 
 
 def _read_into(f, view: memoryview) -> int:
@@ -418,7 +500,9 @@ class BlockStore:
         try:
             f, direct = self._create(path, direct)
             with f:
-                if direct:
+                if direct and (image := file_image(tensors)) is not None:
+                    nbytes, crc, layout = _write_image(f, image, tensors)
+                elif direct:
                     out = _AlignedWriter(f)
                     nbytes, crc, layout = write_tensors(out, tensors)
                     out.finish(nbytes)

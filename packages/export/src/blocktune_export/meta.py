@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from blocktune.config import ModelArgs
 from blocktune.errors import ConfigError, StoreError
-from blocktune.store import BlockStore, build_store, staging_dir, unit_names
+from blocktune.store import BlockStore, RowPieces, build_store, staging_dir, unit_names
 from blocktune.tokenizer import Tokenizer
 
 __all__ = ["SPLIT_AXIS", "split_axis", "meta_key", "read_meta", "import_meta", "export_meta",
@@ -124,8 +124,10 @@ def _check_shapes(args: ModelArgs, unit: str, tensors: dict[str, torch.Tensor], 
 def read_meta(src: str | Path) -> tuple[ModelArgs, Iterator[tuple[str, dict]], dict]:
     """Validate a Meta folder and return (args, a generator of units, extras).
 
-    Shards are memory-mapped afresh for each unit and released after it, so resident memory
-    stays near one unit, whatever the checkpoint size.
+    Shards are memory-mapped afresh for each unit and released after it is written, so resident
+    memory stays near one unit, whatever the checkpoint size; of a unit, only the tensors split
+    along dim 1 are joined in anonymous memory (the others are written piece by piece from the
+    mapped shards: `RowPieces`).
     """
     src = Path(src)
     tok_path = src / "tokenizer.model"
@@ -173,9 +175,16 @@ def read_meta(src: str | Path) -> tuple[ModelArgs, Iterator[tuple[str, dict]], d
             for k in by_unit[unit]:
                 axis = split_axis(k)
                 pieces = [sd[k] for sd in shards]
-                out[unit_of(k)[1]] = pieces[0].clone() if axis is None else torch.cat(pieces, axis)
+                # only pieces split along dim 1 are joined in memory; the rest stay views of the
+                # mapped shards (page cache) until the unit is written
+                if axis is None or len(pieces) == 1:
+                    out[unit_of(k)[1]] = pieces[0]
+                elif axis == 0:
+                    out[unit_of(k)[1]] = RowPieces(pieces)
+                else:
+                    out[unit_of(k)[1]] = torch.cat(pieces, axis)
                 del pieces
-            del shards  # unmaps the shards (and the pages this unit touched) before handing it on
+            del shards  # the shards are unmapped once the unit's writer lets go of its pieces
             _check_shapes(args, unit, out, files)
             yield unit, out
 
