@@ -371,3 +371,15 @@ def test_a_unit_updated_in_place_is_written_from_its_own_buffer(tiny_store, monk
     engine.train_step([random_batch(PRESETS["tiny-7b"], seed=1)])
     assert len(images) == 2 * len(tiny_store.units)  # every unit and its state, in place
     engine.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_peak_rss_of_a_child_is_its_own():
+    """ru_maxrss survives exec: a child spawned by a big parent would report the parent's
+    peak. peak_rss_bytes reads the child's own high-water mark."""
+    import subprocess
+
+    big = torch.ones(1 << 28)  # 1 GiB, touched
+    code = "from blocktune.devices import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0 < child < big.numel() * big.element_size()

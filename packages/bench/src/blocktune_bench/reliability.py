@@ -222,7 +222,7 @@ def main(argv=None) -> int:
              "", f"crc32 runs at {cost['crc32_GBps']:.1f} GB/s here: checking every byte a LoRA step reads on the "
              f"1 GB test model ({step_read / 1e9:.2f} GB) would cost {step_read / cost['crc32_GBps'] / 1e9:.2f} s; "
              "checked once per file version per process (the default) it costs that once per run."]
-    save("reliability", {"machine": machine(), "kills": k, "faults": f, "corruptions": c, "fuzz": z, **cost}, table)
+    save("reliability", {"machine": machine("blocktune_bench.reliability"), "kills": k, "faults": f, "corruptions": c, "fuzz": z, **cost}, table)
     return 0
 
 

@@ -42,7 +42,7 @@ from .synthetic import PRESETS, make_store
 RESULTS = Path("benchmarks/results")
 
 
-def machine() -> dict:
+def machine(module: str = "blocktune_bench.run") -> dict:
     cpu = "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -55,7 +55,7 @@ def machine() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_GB": round(mem / 1e9, 1), "python": platform.python_version(),
             "torch": torch.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "commit": commit or "?", "command": "python -m blocktune_bench.run " + " ".join(sys.argv[1:])}
+            "commit": commit or "?", "command": f"python -m {module} " + " ".join(sys.argv[1:])}
 
 
 def measure(store: Path, mode: str, method: str, *extra: str) -> dict:
@@ -306,13 +306,14 @@ def group_headline(work: Path) -> None:
 
 
 PREPARE = """
-import resource, sys, time
+import sys, time
+from blocktune.devices import peak_rss_bytes
 from blocktune_bench.measure import track_anon_peak
 from blocktune_export.meta import import_meta
 peak = track_anon_peak()
 t = time.perf_counter()
 import_meta(sys.argv[1], sys.argv[2])
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, peak())
+print(time.perf_counter() - t, peak_rss_bytes(), peak())
 """
 
 

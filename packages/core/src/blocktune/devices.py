@@ -42,7 +42,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process. On Linux VmHWM, not ru_maxrss: ru_maxrss
+    survives exec, so a child started from a big parent (Python spawns with vfork) reports
+    the parent's peak as its own (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    try:
+        for line in open("/proc/self/status").read().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 

@@ -114,14 +114,14 @@ class BufferPool:
                     if nbytes <= buf.numel() <= 2 * nbytes and idle[i]]
             if free:
                 return self._bufs[min(free)[1]][0][:nbytes]
-            in_use = sum(buf.numel() for (buf, _), free in zip(self._bufs, idle) if not free)
+            in_use = sum(buf.numel() for (buf, _), spare in zip(self._bufs, idle) if not spare)
             self.peak_in_use = max(self.peak_in_use, 1 + idle.count(False))
             self.high_water = max(self.high_water, in_use + nbytes)
             # let idle buffers go (oldest first) until the new one fits under the cap
             held = sum(b.numel() for b, _ in self._bufs)
             cap = max(self.max_bytes, self.high_water)
             drop = []
-            for i in (i for i, free in enumerate(idle) if free):
+            for i in (i for i, spare in enumerate(idle) if spare):
                 if held + nbytes <= cap:
                     break
                 held -= self._bufs[i][0].numel()
