@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from blocktune import DataError, Engine, EngineConfig
+from blocktune import BlockStore, DataError, Engine, EngineConfig
 from blocktune.data import eval_windows, load_dataset
 from blocktune.generate import SamplingConfig, generate_tokens
 from blocktune.tokenizer import Tokenizer
@@ -112,8 +112,6 @@ def test_resume_after_kill_is_exact(prepared, tmp_path, method):
         b = load_file(str(broken / "adapter.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a)
     else:
-        from blocktune import BlockStore
-
         x, y = BlockStore.open(s1), BlockStore.open(s2)
         assert x.step == y.step == 6
         for u in x.units:
@@ -243,3 +241,21 @@ def test_cli_errors_are_clear(prepared, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["units"] == 6
     r = run("verify", str(prepared[0]))
     assert r.returncode == 0 and "0 problem(s)" in r.stdout
+
+
+def test_generate_reads_frozen_units_either_way(prepared):
+    """`--frozen-reads mapped` and `direct` (with a budget of one unit, so every token pages
+    every unit) give the same greedy text; an unknown choice is refused by the parser."""
+    store = BlockStore.open(prepared[0])
+    one_unit = str(max(store.unit_bytes(u) for u in store.units))
+
+    def run(*args):
+        return subprocess.run([PY, "-m", "blocktune", "generate", "--store", str(prepared[0]), "--prompt",
+                               "The lighthouse", "--max-new-tokens", "6", "--device", "cpu",
+                               "--device-budget", one_unit, *args], capture_output=True, text=True)
+
+    texts = {mode: run("--frozen-reads", mode) for mode in ("mapped", "direct")}
+    assert all(r.returncode == 0 for r in texts.values()), [r.stderr[-300:] for r in texts.values()]
+    assert texts["mapped"].stdout == texts["direct"].stdout and texts["mapped"].stdout.startswith("The lighthouse")
+    bad = run("--frozen-reads", "fast")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr

@@ -23,6 +23,9 @@ __all__ = ["main", "build_parser"]
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda[:N] or mps")
     p.add_argument("--device-budget", default=None, help="bytes of weights resident on the device, e.g. 2GiB")
+    p.add_argument("--frozen-reads", choices=["auto", "mapped", "direct"], default=None,
+                   help="CPU, frozen weights: through the page cache (mapped), past it (direct, for a "
+                        "store bigger than RAM), or by the store's size against free memory (auto, default)")
 
 
 def _launch(nproc: int, argv: list[str]) -> int:
@@ -54,7 +57,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                  "batch_size": a.batch_size, "seq_len": a.seq_len, "out": a.out,
                  "device": a.device, "device_budget": a.device_budget, "grad_accum": a.grad_accum,
                  "host_budget": a.host_budget, "activation_budget": a.activation_budget, "seed": a.seed,
-                 "keep_activations": a.keep_activations,
+                 "keep_activations": a.keep_activations, "frozen_reads": a.frozen_reads,
                  "checkpoint_every": a.checkpoint_every, "progress": False if a.no_progress else None}
     if a.resume and a.config is None and Path(a.out or "runs/latest", "config.toml").is_file():
         a.config = str(Path(a.out or "runs/latest", "config.toml"))
@@ -87,7 +90,7 @@ def _inference_engine(a: argparse.Namespace):
     adapter = load_adapter(a.adapter, store.args) if a.adapter else None
     cfg = EngineConfig(method="lora" if adapter else "full", lora=adapter.lora if adapter else None,
                        device=a.device or "auto", device_budget=parse_bytes(a.device_budget),
-                       read_only=True)
+                       read_only=True, frozen_reads=a.frozen_reads or "auto")
     engine = Engine(store, cfg, adapters=adapter.tensors if adapter else None)
     return store, engine, Tokenizer(store.tokenizer_path)
 
