@@ -209,9 +209,6 @@ class RowPieces:
     def to(self, dtype: torch.dtype) -> RowPieces:
         return self if dtype == self.dtype else RowPieces([p.to(dtype) for p in self.pieces])
 
-    def join(self) -> torch.Tensor:
-        return torch.cat(self.pieces, 0)
-
 
 def _layout(tensors: dict) -> dict[str, dict[str, Any]]:
     """The manifest's record of a file's tensors."""
@@ -459,11 +456,11 @@ class BlockStore:
             if exc.errno == errno.EINVAL:
                 return None
             raise
-        cap = _round_up(nbytes)
-        buf = alloc(cap) if alloc else aligned_empty(cap)
-        if buf.data_ptr() % ALIGN or buf.numel() < cap:
-            buf = aligned_empty(cap)
         with f:
+            cap = _round_up(nbytes)
+            buf = alloc(cap) if alloc else aligned_empty(cap)
+            if buf.data_ptr() % ALIGN or buf.numel() < cap:
+                buf = aligned_empty(cap)
             got = _read_into(f, memoryview(buf.numpy()))
         return buf[:nbytes], min(got, nbytes), got > nbytes
 
