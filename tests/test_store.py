@@ -261,9 +261,12 @@ def test_frozen_units_stay_mapped_across_evictions(tiny_args, tmp_path):
     first = paged.train_step([random_batch(tiny_args, seed=0)])
     assert sorted(maps) == sorted(store.record(u).file for u in store.units)  # each file once
     ptr = paged.pager.get("block_01")["attention.wq.weight"].data_ptr()
+    module = paged._module("block_01", training=True)
     second = paged.train_step([random_batch(tiny_args, seed=1)])
     assert len(maps) == len(store.units) and paged.pager.stats.unit_reads > 2 * len(store.units)
     assert paged.pager.get("block_01")["attention.wq.weight"].data_ptr() == ptr
+    assert paged._module("block_01", training=True) is module  # evicted and paged in again: not rebuilt
+    assert not paged.pager._advise_cold  # a store of kilobytes: no memory pressure to prepare for
     for s, r in enumerate((first, second)):
         assert r.loss == whole.train_step([random_batch(tiny_args, seed=s)]).loss
     assert all(torch.equal(a, b) for a, b in zip(paged.adapter_params(), whole.adapter_params()))
@@ -383,3 +386,25 @@ def test_peak_rss_of_a_child_is_its_own():
     code = "from blocktune.devices import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 0 < child < big.numel() * big.element_size()
+
+
+def test_mapped_units_are_advised_cold_when_memory_is_short(tiny_args, tmp_path, monkeypatch):
+    """Where the store is more than half the memory available, evicted units' pages are advised
+    cold (reclaimed first); the steps are the same either way."""
+    from blocktune import devices, pager
+
+    store = make_store(tmp_path / "s", tiny_args, seed=1)
+    unit = max(store.unit_bytes(u) for u in store.units)
+    advised = []
+    monkeypatch.setattr(pager, "advise_cold", lambda tensors: advised.append(1) or devices.advise_cold(tensors))
+    losses = {}
+    for short in (False, True):
+        if short:
+            monkeypatch.setattr(pager, "host_memory_available", lambda: store.total_bytes())
+        engine = Engine(BlockStore.open(store.path), EngineConfig(method="lora", device="cpu",
+                                                                  device_budget=2 * unit, frozen_reads="mapped"))
+        assert engine.pager._advise_cold == short
+        losses[short] = [engine.train_step([random_batch(tiny_args, seed=s)]).loss for s in range(2)]
+        engine.close()
+        assert bool(advised) == short
+    assert losses[False] == losses[True]

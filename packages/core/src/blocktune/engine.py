@@ -177,7 +177,8 @@ class Engine:
         self._lora_opt: torch.optim.Optimizer | None = None
         self._built: dict[str, tuple[dict, nn.Module]] = {}
         self._templates: dict[str, nn.Module] = {}  # one meta-device module per kind of unit
-        self.pager.on_evict.append(lambda name: self._built.pop(name, None))
+        if not self.pager.mapped:  # a mapped unit's file stays mapped: its module may stay too
+            self.pager.on_evict.append(lambda name: self._built.pop(name, None))
         self.step_count = store.step if self.cfg.method == "full" else 0
 
     def _frozen_reads(self, store: BlockStore) -> str:
@@ -234,7 +235,8 @@ class Engine:
             trim_host_heap()
         resident = self.pager.get(unit)
         cached = self._built.get(unit)
-        if cached is not None and cached[0] is resident:  # same tensors: the module still fits
+        if cached is not None and cached[0].keys() == resident.keys() and all(
+                cached[0][k] is t for k, t in resident.items()):  # the same tensors: the module fits
             return cached[1].train(training)
         kind = unit if unit in ("embed", "head") else "block"
         if kind not in self._templates:
@@ -250,7 +252,7 @@ class Engine:
                 if ".lora_" not in name:
                     p.requires_grad_(False)
         # kept while the unit is resident (the pager drops it on eviction, so a module never
-        # holds the weights of a unit the budget has let go)
+        # holds the weights of a unit the budget has let go), or, mapped, while the file is
         self._built[unit] = (resident, mod)
         return mod.train(training)
 
