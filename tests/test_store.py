@@ -176,7 +176,7 @@ def test_direct_io_falls_back_where_the_file_system_refuses_it(tiny_store):
 def test_aligned_buffers():
     """Direct IO wants 4 KiB-aligned buffers; from 2 MiB up they start on a huge-page boundary
     (and ask for transparent huge pages, which only the kernel can grant)."""
-    from blocktune.store import aligned_empty
+    from blocktune.fileio import aligned_empty
 
     for n in (1, 4096, 100_000, (2 << 20) - 1):
         assert aligned_empty(n).data_ptr() % 4096 == 0 and aligned_empty(n).numel() == n
@@ -331,7 +331,7 @@ def test_auto_frozen_reads_follow_the_memory_available(tiny_store):
 def test_row_pieces_are_written_as_the_joined_tensor(tmp_path):
     """Meta's dim-0 slices are written one after another, never joined in memory: the file is
     byte for byte the one the joined tensor gives, and pieces that disagree are refused."""
-    from blocktune.store import RowPieces, write_tensors
+    from blocktune.fileio import RowPieces, write_tensors
 
     g = torch.Generator().manual_seed(0)
     pieces = [torch.randn(3, 5, generator=g), torch.randn(4, 5, generator=g)]
@@ -351,7 +351,7 @@ def test_a_unit_updated_in_place_is_written_from_its_own_buffer(tiny_store, monk
     """A unit read into an aligned buffer and changed in place is its own next file: written
     from there with direct IO (no bounce copy), byte for byte what the copying path writes."""
     from blocktune import store as store_mod
-    from blocktune.store import aligned_empty, file_image
+    from blocktune.fileio import aligned_empty, file_image
 
     tensors = tiny_store.read_file(tiny_store.record("block_00"), alloc=aligned_empty, direct=True)
     assert file_image(tensors) is not None
@@ -365,8 +365,8 @@ def test_a_unit_updated_in_place_is_written_from_its_own_buffer(tiny_store, monk
     assert (a.nbytes, a.crc32, a.tensors) == (b.nbytes, b.crc32, b.tensors)
     assert (tiny_store.path / a.file).read_bytes() == (tiny_store.path / b.file).read_bytes()
 
-    images, original = [], store_mod._write_image
-    monkeypatch.setattr(store_mod, "_write_image", lambda f, image, t: images.append(1) or original(f, image, t))
+    images, original = [], store_mod.write_image
+    monkeypatch.setattr(store_mod, "write_image", lambda f, image, t: images.append(1) or original(f, image, t))
     unit = max(tiny_store.unit_bytes(u) for u in tiny_store.units)
     engine = Engine(tiny_store, EngineConfig(method="full", device="cpu", device_budget=2 * unit))
     engine.train_step([random_batch(PRESETS["tiny-7b"], seed=0)])  # first step: fresh AdamW state

@@ -30,7 +30,7 @@ from blocktune import BlockStore, Engine, EngineConfig, OptimizerConfig
 from blocktune.adapters import load_adapter, save_adapter
 from blocktune.config import LoraConfig
 from blocktune.errors import BlocktuneError, ChecksumError, StoreError
-from blocktune.store import crc32
+from blocktune.fileio import crc32
 
 from .run import machine, save
 from .synthetic import PRESETS, make_store

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from .devices import Device, advise_cold, dtype_name, ensure_resident, host_memory_available
 from .errors import BudgetError, ConfigError
-from .store import BlockStore, FileRecord, aligned_empty
+from .fileio import aligned_empty
+from .store import BlockStore, FileRecord
 
 __all__ = ["Pager", "PagerStats", "ActivationStash", "parse_bytes"]
 

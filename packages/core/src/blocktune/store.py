@@ -31,9 +31,7 @@ import json
 import mmap
 import os
 import shutil
-import struct
 import tempfile
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -43,28 +41,30 @@ from typing import Any
 
 import torch
 
-try:  # ISA-L's crc32: the same checksum as zlib's, about 5x faster (35 vs 7 GB/s here)
-    from isal.isal_zlib import crc32
-except ImportError:  # no wheel for this platform
-    from zlib import crc32
-
 from .config import ModelArgs
-from .devices import advise_huge, dtype_name, parse_dtype
+from .devices import dtype_name, parse_dtype
 from .errors import ChecksumError, StoreError
+from .fileio import (
+    ALIGN,
+    AlignedWriter,
+    aligned_empty,
+    crc32,
+    decode_tensors,
+    file_image,
+    open_direct,
+    read_into,
+    round_up,
+    write_image,
+    write_tensors,
+)
 from .model import unit_name
 
 __all__ = ["BlockStore", "FileRecord", "FORMAT_VERSION", "unit_names", "build_store", "atomic_write",
-           "staging_dir", "RowPieces"]
+           "staging_dir"]
 
 FORMAT = "blocktune-store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-_ST_DTYPES = {
-    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-    "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "F64": torch.float64,
-}
-
 
 def unit_names(args: ModelArgs) -> list[str]:
     return ["embed"] + [unit_name(i) for i in range(args.n_layers)] + ["head"]
@@ -113,218 +113,6 @@ class FileRecord:
         if not ok:
             raise ValueError(f"file record {str(d)[:80]} is malformed")
         return cls(d["file"], int(d["bytes"]), int(d["crc32"]), tensors)
-
-
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-ALIGN = 4096  # direct IO: buffer addresses, file offsets and lengths in multiples of this
-HUGE_PAGE = 2 << 20
-_BOUNCE = 16 << 20
-_local = threading.local()
-
-
-def aligned_empty(nbytes: int) -> torch.Tensor:
-    """An uninitialised byte buffer whose first byte is ALIGN-aligned.
-
-    From 2 MiB up, the buffer starts on a 2 MiB boundary and asks for transparent huge pages
-    (Linux): direct IO then pins and maps a few 2 MiB pages instead of thousands of 4 KiB
-    ones. Measured on a 2-core VM, a 103 MB O_DIRECT read took 0.5 instead of 4 ms of CPU and
-    19 instead of 60 ms; a first touch faults once per 2 MiB.
-    """
-    if nbytes < HUGE_PAGE:
-        raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-        start = -raw.data_ptr() % ALIGN
-        return raw[start:start + nbytes]
-    span = nbytes + (-nbytes % HUGE_PAGE)
-    raw = torch.empty(span + HUGE_PAGE, dtype=torch.uint8)
-    start = -raw.data_ptr() % HUGE_PAGE
-    advise_huge(raw[start:start + span])
-    return raw[start:start + nbytes]
-
-
-def _round_up(n: int) -> int:
-    return n + (-n % ALIGN)
-
-
-def _open_direct(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_DIRECT, 0o644)
-
-
-class _AlignedWriter:
-    """Stands in for the file in `write_tensors` when the file was opened with O_DIRECT:
-    bytes are gathered in an aligned bounce buffer (one per thread, reused) and written in
-    whole blocks; `finish` pads the last block and truncates the file to its true size."""
-
-    def __init__(self, f):
-        buf = getattr(_local, "bounce", None)
-        if buf is None:
-            buf = _local.bounce = aligned_empty(_BOUNCE)
-        self.f, self.mv, self.fill = f, memoryview(buf.numpy()), 0
-
-    def write(self, data) -> None:
-        data = memoryview(data).cast("B")
-        while len(data):
-            n = min(len(data), len(self.mv) - self.fill)
-            self.mv[self.fill:self.fill + n] = data[:n]
-            self.fill += n
-            data = data[n:]
-            if self.fill == len(self.mv):
-                self._drain(self.fill)
-
-    def _drain(self, n: int) -> None:
-        out = self.mv[:n]
-        while len(out):
-            out = out[self.f.write(out):]
-        self.fill = 0
-
-    def finish(self, size: int) -> None:
-        pad = -self.fill % ALIGN
-        self.mv[self.fill:self.fill + pad] = bytes(pad)
-        self._drain(self.fill + pad)
-        self.f.truncate(size)
-
-
-class RowPieces:
-    """A tensor given as pieces to join along dim 0 (a Meta shard's slices of wq, w1, …).
-    Joined along dim 0, contiguous pieces are just their bytes one after another, so
-    `write_tensors` writes them in turn and the joined tensor never exists in memory."""
-
-    def __init__(self, pieces: list[torch.Tensor]):
-        self.pieces = [p.detach().to("cpu").contiguous() for p in pieces]
-        first = self.pieces[0]
-        if any(p.dtype != first.dtype or p.shape[1:] != first.shape[1:] for p in self.pieces):
-            raise StoreError(f"pieces to join along dim 0 differ: {[tuple(p.shape) for p in self.pieces]}")
-        self.dtype = first.dtype
-        self.shape = torch.Size([sum(p.shape[0] for p in self.pieces), *first.shape[1:]])
-
-    def numel(self) -> int:
-        return self.shape.numel()
-
-    def element_size(self) -> int:
-        return self.dtype.itemsize
-
-    def is_floating_point(self) -> bool:
-        return self.dtype.is_floating_point
-
-    def to(self, dtype: torch.dtype) -> RowPieces:
-        return self if dtype == self.dtype else RowPieces([p.to(dtype) for p in self.pieces])
-
-
-def _layout(tensors: dict) -> dict[str, dict[str, Any]]:
-    """The manifest's record of a file's tensors."""
-    return {k: {"dtype": dtype_name(v.dtype) if v.is_floating_point() else str(v.dtype),
-                "shape": list(v.shape)} for k, v in tensors.items()}
-
-
-def _header(tensors: dict) -> tuple[bytes, list[str], int]:
-    """(the file's header bytes, the keys in file order, bytes of tensor data)."""
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    header: dict[str, Any] = {}
-    offset = 0
-    for k in order:
-        n = tensors[k].numel() * tensors[k].element_size()
-        header[k] = {"dtype": _ST_NAMES[tensors[k].dtype], "shape": list(tensors[k].shape),
-                     "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-(8 + len(blob)) % 8)  # data starts 8-byte aligned
-    return struct.pack("<Q", len(blob)) + blob, order, offset
-
-
-def file_image(tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The bytes of the file `write_tensors` would write, if they already lie in one buffer: a
-    unit read into an aligned buffer and updated in place (AdamW) is its own next version, so
-    direct IO can write it from there, without a copy. The tensors must sit at exactly their
-    file offsets, after the exact header bytes; the block-rounded tail must be in the buffer.
-    None otherwise."""
-    values = list(tensors.values())
-    if not values or any(not isinstance(t, torch.Tensor) or t.device.type != "cpu" or not t.is_contiguous()
-                         for t in values):
-        return None
-    storage = values[0].untyped_storage()
-    if any(t.untyped_storage().data_ptr() != storage.data_ptr() for t in values):
-        return None
-    head, order, size = _header(tensors)
-    start = tensors[order[0]].data_ptr() - len(head)
-    offset = len(head)
-    for k in order:
-        t = tensors[k]
-        if t.numel() and t.data_ptr() != start + offset:
-            return None
-        offset += t.numel() * t.element_size()
-    first = start - storage.data_ptr()
-    if start % ALIGN or first < 0 or first + _round_up(len(head) + size) > storage.nbytes():
-        return None
-    image = torch.empty(0, dtype=torch.uint8).set_(storage, first, (_round_up(len(head) + size),))
-    if bytes(image[:len(head)].numpy()) != head:
-        return None
-    return image[:len(head) + size]
-
-
-def write_tensors(f, tensors: dict[str, torch.Tensor | RowPieces]) -> tuple[int, int, dict[str, dict[str, Any]]]:
-    """Write a safetensors file straight from the tensors' memory (no serialised copy).
-
-    Returns (bytes written, crc32, layout). Tensors are laid out largest dtype first, so
-    every tensor's data stays aligned to its element size, as the safetensors library does.
-    """
-    cpu = {k: v if isinstance(v, RowPieces) else v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    head, order, offset = _header(cpu)
-    f.write(head)
-    crc = crc32(head)
-    for k in order:
-        for part in cpu[k].pieces if isinstance(cpu[k], RowPieces) else [cpu[k]]:
-            if part.numel():
-                mv = memoryview(part.reshape(-1).view(torch.uint8).numpy())
-                f.write(mv)
-                crc = crc32(mv, crc)
-    return len(head) + offset, crc, _layout(cpu)
-
-
-def _write_image(f, image: torch.Tensor, tensors: dict[str, torch.Tensor]) -> tuple[int, int, dict[str, dict[str, Any]]]:
-    """Write a `file_image` with direct IO: whole blocks from the buffer itself (its tail
-    rounded up to a block, then cut back by truncate). Returns what `write_tensors` does."""
-    nbytes = image.numel()
-    whole = torch.empty(0, dtype=torch.uint8).set_(image.untyped_storage(), image.storage_offset(),
-                                                   (_round_up(nbytes),))
-    out = memoryview(whole.numpy())
-    while len(out):
-        out = out[f.write(out):]
-    f.truncate(nbytes)
-    return nbytes, crc32(memoryview(image.numpy())), _layout(tensors)
-
-
-def _read_into(f, view: memoryview) -> int:
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])
-        if not n:
-            break
-        got += n
-    return got
-
-
-def decode_tensors(buf: torch.Tensor, source: str) -> dict[str, torch.Tensor]:
-    """Views into a uint8 buffer holding a safetensors file (no copy where aligned)."""
-    raw = buf.numpy()
-    try:
-        (header_len,) = struct.unpack("<Q", raw[:8].tobytes())
-        if header_len > len(raw) - 8:
-            raise ValueError(f"header length {header_len} exceeds file size {len(raw)}")
-        header = json.loads(raw[8:8 + header_len].tobytes())
-        start = 8 + header_len
-        out = {}
-        for key, meta in header.items():
-            if key == "__metadata__":
-                continue
-            dtype = _ST_DTYPES[meta["dtype"]]
-            lo, hi = meta["data_offsets"]
-            view = buf[start + lo:start + hi]
-            if (start + lo) % dtype.itemsize:
-                view = view.clone()  # unaligned: copy once rather than fail
-            out[key] = view.view(dtype).view(meta["shape"])
-        return out
-    except (ValueError, KeyError, TypeError, RuntimeError, struct.error) as exc:
-        raise StoreError(f"{source}: not a readable safetensors file ({exc})") from exc
 
 
 class BlockStore:
@@ -427,7 +215,7 @@ class BlockStore:
             else:
                 buf = alloc(record.nbytes) if alloc else torch.empty(record.nbytes, dtype=torch.uint8)
                 with self.opener(path, "rb", buffering=0) as f:
-                    got = _read_into(f, memoryview(buf.numpy()))
+                    got = read_into(f, memoryview(buf.numpy()))
                     extra = f.read(1)
         except FileNotFoundError:
             raise StoreError(f"{path}: missing from the store (named in {MANIFEST}); "
@@ -451,17 +239,17 @@ class BlockStore:
         if not hasattr(os, "O_DIRECT"):
             return None
         try:
-            f = self.opener(path, "rb", buffering=0, opener=_open_direct)
+            f = self.opener(path, "rb", buffering=0, opener=open_direct)
         except OSError as exc:
             if exc.errno == errno.EINVAL:
                 return None
             raise
         with f:
-            cap = _round_up(nbytes)
+            cap = round_up(nbytes)
             buf = alloc(cap) if alloc else aligned_empty(cap)
             if buf.data_ptr() % ALIGN or buf.numel() < cap:
                 buf = aligned_empty(cap)
-            got = _read_into(f, memoryview(buf.numpy()))
+            got = read_into(f, memoryview(buf.numpy()))
         return buf[:nbytes], min(got, nbytes), got > nbytes
 
     def _map(self, path: Path, nbytes: int) -> tuple[torch.Tensor, int, bool]:
@@ -498,9 +286,9 @@ class BlockStore:
             f, direct = self._create(path, direct)
             with f:
                 if direct and (image := file_image(tensors)) is not None:
-                    nbytes, crc, layout = _write_image(f, image, tensors)
+                    nbytes, crc, layout = write_image(f, image, tensors)
                 elif direct:
-                    out = _AlignedWriter(f)
+                    out = AlignedWriter(f)
                     nbytes, crc, layout = write_tensors(out, tensors)
                     out.finish(nbytes)
                 else:
@@ -524,7 +312,7 @@ class BlockStore:
         """(file, whether it is open for direct IO)."""
         if direct and hasattr(os, "O_DIRECT"):
             try:
-                return self.opener(path, "wb", buffering=0, opener=_open_direct), True
+                return self.opener(path, "wb", buffering=0, opener=open_direct), True
             except OSError as exc:
                 if exc.errno != errno.EINVAL:  # EINVAL: this file system does no direct IO
                     raise

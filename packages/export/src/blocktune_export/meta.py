@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from blocktune.config import ModelArgs
 from blocktune.errors import ConfigError, StoreError
-from blocktune.store import BlockStore, RowPieces, build_store, staging_dir, unit_names
+from blocktune.fileio import RowPieces
+from blocktune.store import BlockStore, build_store, staging_dir, unit_names
 from blocktune.tokenizer import Tokenizer
 
 __all__ = ["SPLIT_AXIS", "split_axis", "meta_key", "read_meta", "import_meta", "export_meta",
