@@ -16,9 +16,11 @@ fsync, rename, fsync of the folder); only then are the files of the previous ste
 So the store on disk is always exactly one committed step.
 
 Direct IO: a full fine-tune rewrites every unit every step, so its versions are written with
-O_DIRECT from an aligned bounce buffer (no page-cache copy, no dirty pages to flush, next to
-no CPU: it competes with compute on a small machine) and read back the same way. Where the
-file system refuses O_DIRECT (tmpfs), the page cache is used instead.
+O_DIRECT (no page-cache copy, no dirty pages to flush, next to no CPU: it competes with compute
+on a small machine), from the buffer the unit was read into and updated in, or else through an
+aligned bounce buffer (`blocktune.fileio`), and read back the same way; frozen units of a store
+bigger than RAM are read so too. Where the file system refuses O_DIRECT (tmpfs), the page cache
+is used instead.
 
 Integrity: every file's crc32 is recorded in the manifest and checked when read (once per
 file version per process by default; ISA-L's crc32 runs at ≈35 GB/s here, zlib's at ≈7).
