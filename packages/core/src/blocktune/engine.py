@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LoraConfig, ModelArgs
-from .devices import Device, host_memory_available, parse_dtype, resolve_device, trim_host_heap
+from .devices import Device, parse_dtype, resolve_device, trim_host_heap
 from .distributed import SINGLE, DistContext
 from .errors import ConfigError, StoreError, TrainingError
 from .model import Block, Embed, Head, KVCache, init_lora_
@@ -168,7 +168,7 @@ class Engine:
         self.pager = Pager(store, self.device, budget, self.dtype, prefetch=self.cfg.prefetch,
                            verify=self.cfg.verify, host_budget=self.cfg.host_budget,
                            mutable=self.cfg.method == "full" and not self.cfg.read_only,
-                           max_dirty=self.cfg.max_dirty, frozen_reads=self._frozen_reads(store))
+                           max_dirty=self.cfg.max_dirty, frozen_reads=self.cfg.frozen_reads)
         self.units = store.units
         self.lora = self.cfg.lora if self.cfg.method == "lora" else None
         self.adapters: dict[str, dict[str, nn.Parameter]] = {}
@@ -180,12 +180,6 @@ class Engine:
         if not self.pager.mapped:  # a mapped unit's file stays mapped: its module may stay too
             self.pager.on_evict.append(lambda name: self._built.pop(name, None))
         self.step_count = store.step if self.cfg.method == "full" else 0
-
-    def _frozen_reads(self, store: BlockStore) -> str:
-        if self.cfg.frozen_reads != "auto":
-            return self.cfg.frozen_reads
-        available = host_memory_available()
-        return "direct" if available is not None and store.total_bytes() > 0.8 * available else "mapped"
 
     # ---- adapters ----
     def _init_adapters(self, given: dict[str, torch.Tensor] | None) -> None:
@@ -241,8 +235,8 @@ class Engine:
         kind = unit if unit in ("embed", "head") else "block"
         if kind not in self._templates:
             with torch.device("meta"):  # constructing runs the initialisers: ms per block, so once
-                self._templates[kind] = {"embed": lambda: Embed(self.args), "head": lambda: Head(self.args),
-                                         "block": lambda: Block(self.args, self.lora)}[kind]()
+                self._templates[kind] = (Embed(self.args) if kind == "embed" else Head(self.args)
+                                         if kind == "head" else Block(self.args, self.lora))
         mod = copy.deepcopy(self._templates[kind])
         tensors = dict(resident)
         tensors.update(self.adapters.get(unit, {}))

@@ -161,21 +161,25 @@ class Pager:
         host_budget: int | None = 0,
         mutable: bool = True,
         max_dirty: int | None = 512 << 20,
-        frozen_reads: str = "mapped",
+        frozen_reads: str = "auto",
     ):
         self.store, self.device, self.dtype = store, device, compute_dtype
         self.verify, self.prefetch_enabled = verify, prefetch
         self.mutable = mutable  # False: units are only read (LoRA), so files may be mapped read-only
-        if frozen_reads not in ("mapped", "direct"):
-            raise ConfigError(f"frozen_reads={frozen_reads!r}: choose mapped or direct")
+        if frozen_reads not in ("auto", "mapped", "direct"):
+            raise ConfigError(f"frozen_reads={frozen_reads!r}: choose auto, mapped or direct")
         # CPU, frozen units: "mapped" (the page cache, for stores that fit in RAM) or "direct"
         # (O_DIRECT into reused huge-page buffers: for stores bigger than RAM, twice the cold
-        # read rate of mapped reads here, and no page cache for the kernel to juggle)
+        # read rate of mapped reads here, and no page cache for the kernel to juggle); "auto":
+        # direct where the store is more than 80% of the memory available
+        available = host_memory_available()
+        if frozen_reads == "auto":
+            big = available is not None and store.total_bytes() > 0.8 * available
+            frozen_reads = "direct" if big else "mapped"
         self.mapped = device.is_cpu and not mutable and frozen_reads == "mapped"
         # evicted mapped units are advised cold only where the page cache may run short: the
         # advice clears the pages' accessed bits (TLB flushes the compute pays for, ~3% of a
         # LoRA step here) and is wasted where the store stays cached anyway
-        available = host_memory_available()
         self._advise_cold = self.mapped and (available is None or store.total_bytes() > available / 2)
         scale = compute_dtype.itemsize / store.dtype.itemsize
         self._size = {n: int(store.unit_bytes(n) * max(scale, 1.0)) for n in store.units}
