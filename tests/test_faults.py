@@ -8,6 +8,7 @@ import torch
 from blocktune import BlockStore, Engine, EngineConfig, OptimizerConfig, StoreError
 from blocktune.adapters import load_adapter, save_adapter
 from blocktune.config import LoraConfig
+from blocktune.storelock import LOCK_DIR
 from blocktune_bench.reliability import FailingOpener
 from blocktune_bench.synthetic import PRESETS, make_store
 from conftest import random_batch
@@ -59,7 +60,7 @@ def test_write_fault_keeps_last_step(tmp_path, tiny_args, err, after):
     reopened = BlockStore.open(store.path)
     assert reopened.step == 1 and reopened.verify() == []
     assert {u: reopened.record(u).crc32 for u in reopened.units} == committed
-    names = {p.name for p in store.path.iterdir()}
+    names = {p.name for p in store.path.iterdir()} - {LOCK_DIR}
     assert names == reopened.referenced_files(), names - reopened.referenced_files()
     # the disk recovers: training goes on from the committed step
     store.opener = open
@@ -139,13 +140,13 @@ def test_non_finite_loss_stops_before_any_change(tmp_path, tiny_args):
             yield name, t
 
     store = build_store(tmp_path / "s", tiny_args, units(), torch.float32)
-    before = {p.name: p.stat().st_mtime_ns for p in store.path.iterdir()}
+    before = {p.name: p.stat().st_mtime_ns for p in store.path.iterdir() if p.name != LOCK_DIR}
     for method in ("full", "lora"):
         engine = Engine(store, EngineConfig(method=method, device="cpu"))
         with pytest.raises(TrainingError, match="at step 0; nothing of this step was applied"):
             engine.train_step([random_batch(tiny_args, seed=0)])
         engine.close()
-    assert {p.name: p.stat().st_mtime_ns for p in store.path.iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in store.path.iterdir() if p.name != LOCK_DIR} == before
     assert BlockStore.open(store.path).step == 0
 
 
@@ -187,4 +188,4 @@ def test_write_fault_at_every_call_leaves_nothing_behind(tmp_path, tiny_args):
             engine.train_step([random_batch(tiny_args, seed=1)])
         reopened = BlockStore.open(store.path)
         assert reopened.step == 1 and reopened.verify() == []
-        assert {p.name for p in store.path.iterdir()} == reopened.referenced_files(), k
+        assert {p.name for p in store.path.iterdir()} - {LOCK_DIR} == reopened.referenced_files(), k

@@ -95,8 +95,10 @@ def test_parse_bytes():
 
 
 def test_uncommitted_versions_are_collected(tiny_store):
+    """A writer that goes away before its commit leaves versions that the next writer deletes."""
     rec = tiny_store.write_unit("block_00", tiny_store.read_unit("block_00"), 1)
     assert (tiny_store.path / rec.file).exists()
+    tiny_store.close()
     reopened = BlockStore.open(tiny_store.path)
     assert reopened.record("block_00").file == "block_00.safetensors"  # not committed: invisible
     reopened.collect_garbage()

@@ -5,6 +5,8 @@
 - kills: a real full fine-tune process (tiny model, one-unit budget) is SIGKILLed at random
   instants; each time the store must open, verify, and equal exactly one step of an
   uninterrupted run, and a resume must end where the uninterrupted run ended.
+- writers: two full fine-tunes started at once on one store while a reader verifies it in a
+  loop; exactly one may run, and every read must see one whole committed step.
 - faults: ENOSPC and EIO injected at the k-th write call of a full fine-tune step, for every k
   the step makes; the step must fail with the project's error, the store must keep the last
   committed step, and no file may be left behind.
@@ -31,6 +33,7 @@ from blocktune.adapters import load_adapter, save_adapter
 from blocktune.config import LoraConfig
 from blocktune.errors import BlocktuneError, ChecksumError, StoreError
 from blocktune.fileio import crc32
+from blocktune.storelock import LOCK_DIR
 
 from .run import machine, save
 from .synthetic import PRESETS, make_store
@@ -55,13 +58,18 @@ def _fp(store: BlockStore) -> tuple:
     return tuple(store.record(u).crc32 for u in store.units)
 
 
-def kills(root: Path, n: int) -> dict:
+def _history(root: Path) -> dict[int, tuple]:
+    """Fingerprints of every step of an uninterrupted run."""
     ref = make_store(root / "ref", ARGS, seed=2)
     history = {0: _fp(ref)}
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(ref.path), str(STEPS)], stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
         history[int(line)] = _fp(BlockStore.open(ref.path))
     proc.wait()
+    return history
+
+
+def kills(root: Path, n: int, history: dict[int, tuple]) -> dict:
     rng = random.Random(0)
     survived, at_steps = 0, []
     for k in range(n):
@@ -80,6 +88,37 @@ def kills(root: Path, n: int) -> dict:
         survived += ok
         at_steps.append(s.step)
     return {"tried": n, "survived": survived, "committed_steps_found": sorted(set(at_steps))}
+
+
+def concurrency(root: Path, n: int, history: dict[int, tuple]) -> dict:
+    """Two writers started at once on one store, with a reader verifying it in a loop: exactly
+    one writer runs, the other stops with the lock error; every read sees one whole committed
+    step; the store ends at the uninterrupted run's last step."""
+    tried = survived = reads = bad_reads = 0
+    for k in range(n):
+        store = make_store(root / f"c{k}", ARGS, seed=2)
+        store.close()
+        procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(store.path), str(STEPS)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        seen = []
+        while any(p.poll() is None for p in procs):
+            try:
+                s = BlockStore.open(store.path)
+                seen.append(s.verify() == [] and _fp(s) in history.values())
+                s.close()
+            except BlocktuneError:
+                seen.append(False)
+        errs = [p.stderr.read() for p in procs]
+        codes = sorted(p.returncode for p in procs)
+        final = BlockStore.open(store.path)
+        ok = codes[0] == 0 and codes[1] != 0 and sum("another process is writing" in e for e in errs) == 1
+        ok = ok and final.verify() == [] and _fp(final) == history[STEPS] and all(seen)
+        final.close()
+        tried += 1
+        survived += ok
+        reads += len(seen)
+        bad_reads += seen.count(False)
+    return {"tried": tried, "survived": survived, "reads": reads, "inconsistent_reads": bad_reads}
 
 
 class FailingOpener:
@@ -125,7 +164,7 @@ def faults(root: Path) -> dict:
             tried += 1
             s = BlockStore.open(store.path)
             ok = s.step == 1 and _fp(s) == committed and s.verify() == []
-            ok = ok and {q.name for q in store.path.iterdir()} == s.referenced_files()
+            ok = ok and {q.name for q in store.path.iterdir()} - {LOCK_DIR} == s.referenced_files()
             survived += ok
             k += 1
     return {"tried": tried, "survived": survived}
@@ -200,11 +239,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--kills", type=int, default=40)
     p.add_argument("--fuzz", type=int, default=2000)
+    p.add_argument("--writers", type=int, default=20, help="trials of two writers and a reader at once")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        k = kills(root, a.kills)
+        history = _history(root)
+        k = kills(root, a.kills, history)
         print("kills", k, flush=True)
+        w = concurrency(root, a.writers, history)
+        print("concurrent writers", w, flush=True)
         f = faults(root)
         print("faults", f, flush=True)
         c = corruptions(root)
@@ -216,13 +259,14 @@ def main(argv=None) -> int:
     table = ["Reliability campaign (`python -m blocktune_bench.reliability`), tiny model, real processes and files.", "",
              "| what | tried | survived / detected | notes |", "| --- | ---: | ---: | --- |",
              f"| SIGKILL of a full fine-tune at random instants | {k['tried']} | {k['survived']} | store opened, verified and equalled one step of the straight run (found steps {k['committed_steps_found']}); resume reached the same final weights; no temp files |",
+             f"| two full fine-tunes started at once on one store, a reader verifying it in a loop | {w['tried']} | {w['survived']} | one ran, the other stopped with the lock error; {w['reads']} reads, {w['inconsistent_reads']} not one whole committed step; the store ended at the straight run's last step |",
              f"| ENOSPC / EIO at the k-th write call of a step, every k | {f['tried']} | {f['survived']} | clear StoreError; last committed step intact; no file left behind |",
              f"| one flipped bit in a unit or optimizer-state file | {c['tried']} | {c['named']} | each named by file in the error |",
              f"| fuzzed manifests and adapter files | {z['cases']} | {z['clear']} | only blocktune's own errors; {z['other_exceptions']} other exceptions |",
              "", f"crc32 runs at {cost['crc32_GBps']:.1f} GB/s here: checking every byte a LoRA step reads on the "
              f"1 GB test model ({step_read / 1e9:.2f} GB) would cost {step_read / cost['crc32_GBps'] / 1e9:.2f} s; "
              "checked once per file version per process (the default) it costs that once per run."]
-    save("reliability", {"machine": machine("blocktune_bench.reliability"), "kills": k, "faults": f, "corruptions": c, "fuzz": z, **cost}, table)
+    save("reliability", {"machine": machine("blocktune_bench.reliability"), "kills": k, "concurrent_writers": w, "faults": f, "corruptions": c, "fuzz": z, **cost}, table)
     return 0
 
 

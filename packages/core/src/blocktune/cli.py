@@ -130,9 +130,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
         loss, n = engine.eval_loss(torch.stack([e.tokens for e in ex]), torch.stack([e.targets for e in ex]))
         total, count = total + loss * n, count + n
     engine.close()
+    store.close()
     loss = total / count
-    result = {"loss": loss, "ppl": math.exp(loss), "tokens": count}
-    print(json.dumps(result) if a.json else f"loss {loss:.4f}  perplexity {math.exp(loss):.2f}  over {count} tokens")
+    result = {"loss": loss, "ppl": math.exp(loss), "tokens": count, "step": store.step}
+    print(json.dumps(result) if a.json else
+          f"loss {loss:.4f}  perplexity {math.exp(loss):.2f}  over {count} tokens  (store step {store.step})")
     return 0
 
 
@@ -143,8 +145,9 @@ def cmd_verify(a: argparse.Namespace) -> int:
     problems = store.verify()
     for p in problems:
         print(p, file=sys.stderr)
+    store.close()
     n = len(store.units) + len(store.manifest.get("state", {}))
-    print(f"{a.store}: {n} files checked, {len(problems)} problem(s)")
+    print(f"{a.store}: step {store.step}, {n} files checked, {len(problems)} problem(s)")
     return 1 if problems else 0
 
 

@@ -104,6 +104,16 @@ class DistContext:
         dist.all_gather(out, torch.tensor([value], dtype=torch.int64, device=device.torch))
         return [int(t) for t in out]
 
+    def gather_strings(self, value: str) -> list[str]:
+        """Every rank's `value`, in rank order."""
+        if not self.enabled:
+            return [value]
+        import torch.distributed as dist
+
+        out: list[str] = [""] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
     def close(self) -> None:
         if self.enabled:
             import torch.distributed as dist

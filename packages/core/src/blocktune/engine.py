@@ -265,6 +265,8 @@ class Engine:
         """
         if self.cfg.read_only:
             raise ConfigError("this engine was opened read_only (for inference); it cannot train")
+        if self.cfg.method == "full":
+            self.store.acquire_writer()  # a second writer fails here, before anything is written
         t_start = time.perf_counter()
         before = self.pager.stats.snapshot()
         lr = self.cfg.optimizer.lr if lr is None else lr

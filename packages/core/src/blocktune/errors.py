@@ -5,6 +5,7 @@ __all__ = [
     "ConfigError",
     "StoreError",
     "ChecksumError",
+    "StoreLockedError",
     "BudgetError",
     "DataError",
     "TrainingError",
@@ -25,6 +26,10 @@ class StoreError(BlocktuneError):
 
 class ChecksumError(StoreError):
     """A file's bytes do not match the checksum recorded when it was written."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store's writer lock."""
 
 
 class BudgetError(BlocktuneError, ValueError):

@@ -518,7 +518,8 @@ class Pager:
             except Exception:
                 pass
         self._writes = []
-        self.store.collect_garbage()
+        if self.store.is_writer:  # a reader (or an engine that never trained) deletes nothing
+            self.store.collect_garbage()
 
     def close(self) -> None:
         self.abort_writes()

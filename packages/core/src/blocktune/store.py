@@ -22,6 +22,11 @@ aligned bounce buffer (`blocktune.fileio`), and read back the same way; frozen u
 bigger than RAM are read so too. Where the file system refuses O_DIRECT (tmpfs), the page cache
 is used instead.
 
+One writer, many readers (`blocktune.storelock`): a process takes the store's writer lock
+before it writes a file version, commits or deletes anything (`open(..., writer=True)`, or
+at its first write); a reader pins the files of the manifest version it opened, and garbage
+collection deletes only files that neither the manifest on disk nor a live pin names.
+
 Integrity: every file's crc32 is recorded in the manifest and checked when read (once per
 file version per process by default; ISA-L's crc32 runs at ≈35 GB/s here, zlib's at ≈7).
 """
@@ -60,6 +65,7 @@ from .fileio import (
     write_tensors,
 )
 from .model import unit_name
+from .storelock import ReadPin, WriterLock, pinned_files
 
 __all__ = ["BlockStore", "FileRecord", "FORMAT_VERSION", "unit_names", "build_store", "atomic_write",
            "staging_dir"]
@@ -70,6 +76,16 @@ MANIFEST = "manifest.json"
 
 def unit_names(args: ModelArgs) -> list[str]:
     return ["embed"] + [unit_name(i) for i in range(args.n_layers)] + ["head"]
+
+
+def manifest_files(m: dict[str, Any]) -> set[str]:
+    """Every file a manifest refers to, itself included."""
+    files = {r["file"] for r in m.get("units", {}).values()} | {r["file"] for r in m.get("state", {}).values()}
+    files.add(MANIFEST)
+    if m.get("tokenizer"):
+        files.add(m["tokenizer"])
+    files.update(m.get("extra_files", []))
+    return files
 
 
 def _fsync_dir(path: Path) -> None:
@@ -120,9 +136,11 @@ class FileRecord:
 class BlockStore:
     """A prepared model on disk. Opening reads only the manifest (milliseconds at any size)."""
 
-    def __init__(self, path: str | Path, manifest: dict[str, Any]):
+    def __init__(self, path: str | Path, manifest: dict[str, Any], *,
+                 lock: WriterLock | None = None, pin: ReadPin | None = None):
         self.path = Path(path)
         self.manifest = manifest
+        self._lock, self._pin = lock, pin
         self.args = ModelArgs(**manifest["model"])
         self.dtype = parse_dtype(manifest["dtype"])
         self.units = unit_names(self.args)
@@ -135,19 +153,82 @@ class BlockStore:
 
     # ---- opening ----
     @classmethod
-    def open(cls, path: str | Path) -> BlockStore:
+    def open(cls, path: str | Path, writer: bool = False) -> BlockStore:
+        """Open the committed step. `writer`: take the writer lock first (a clear error if
+        another process holds it). Otherwise the files of the step opened are pinned until
+        `close`, so a writer's garbage collection keeps them."""
         path = Path(path)
         mpath = path / MANIFEST
         if not mpath.is_file():
             hint = " (it holds params.json: run `blocktune prepare` on it first)" if (
                 path / "params.json").exists() else ""
             raise StoreError(f"{path}: not a blocktune store, no {MANIFEST}{hint}")
+        if writer:
+            lock = WriterLock.acquire(path)
+            try:
+                return cls(path, cls._read_manifest(mpath)[1], lock=lock)
+            except BaseException:
+                lock.release()
+                raise
+        raw, manifest = cls._read_manifest(mpath)
+        for _ in range(1000):
+            pin = ReadPin.create(path, manifest_files(manifest), int(manifest["step"]))
+            again = mpath.read_bytes()
+            if pin is None or again == raw:
+                return cls(path, manifest, pin=pin)
+            pin.release()  # a writer committed meanwhile: pin the step it committed
+            raw, manifest = cls._read_manifest(mpath)
+        raise StoreError(f"{mpath}: the store changed on every one of 1000 tries to open it")
+
+    @classmethod
+    def _read_manifest(cls, mpath: Path) -> tuple[bytes, dict[str, Any]]:
         try:
-            manifest = json.loads(mpath.read_text())
+            raw = mpath.read_bytes()
+            manifest = json.loads(raw)
+        except FileNotFoundError:
+            raise StoreError(f"{mpath.parent}: not a blocktune store, no {MANIFEST}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise StoreError(f"{mpath}: corrupt manifest ({exc})") from exc
         cls._check_manifest(manifest, mpath)
-        return cls(path, manifest)
+        return raw, manifest
+
+    def acquire_writer(self) -> None:
+        """Take the writer lock (if this store does not hold it yet), before anything is
+        written; the step on disk must still be the one this store opened."""
+        if self._lock is not None and self._lock.held:
+            return
+        lock = WriterLock.acquire(self.path)
+        try:
+            _, on_disk = self._read_manifest(self.path / MANIFEST)
+        except BaseException:
+            lock.release()
+            raise
+        if on_disk != self.manifest:
+            lock.release()
+            raise StoreError(f"{self.path}: another process committed step {on_disk['step']} since "
+                             f"this store was opened at step {self.step}; open it again")
+        self._lock = lock
+        if self._pin is not None:  # the writer keeps what it needs itself
+            self._pin.release()
+            self._pin = None
+
+    @property
+    def is_writer(self) -> bool:
+        return self._lock is not None and self._lock.held
+
+    def close(self) -> None:
+        """Let go of the writer lock or the read pin (the kernel does it if the process dies)."""
+        if self._lock is not None:
+            self._lock.release()
+        if self._pin is not None:
+            self._pin.release()
+            self._pin = None
+
+    def __enter__(self) -> BlockStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @staticmethod
     def _check_manifest(m: Any, mpath: Path) -> None:
@@ -283,6 +364,7 @@ class BlockStore:
         """Write a new file (a name no manifest refers to yet). With `sync=False` the fsync is
         left to `commit`, so the kernel writes the data back while compute goes on. With
         `direct`, the data bypasses the page cache (O_DIRECT) where the file system allows."""
+        self.acquire_writer()
         path = self.path / filename
         try:
             f, direct = self._create(path, direct)
@@ -335,6 +417,7 @@ class BlockStore:
                state: dict[str, FileRecord] | None = None, collect: bool = True, **extra: Any) -> None:
         """Make the new files durable, switch the store to `step` in one atomic manifest
         replace, then (unless `collect` is False: the caller does it later) delete stale files."""
+        self.acquire_writer()
         for rec in list(units.values()) + list((state or {}).values()):
             fd = os.open(self.path / rec.file, os.O_RDONLY)
             try:
@@ -359,16 +442,22 @@ class BlockStore:
             self.collect_garbage()
 
     def referenced_files(self) -> set[str]:
-        files = {r.file for r in self._records.values()} | {r.file for r in self._state.values()}
-        files.add(MANIFEST)
-        if self.manifest.get("tokenizer"):
-            files.add(self.manifest["tokenizer"])
-        files.update(self.manifest.get("extra_files", []))
-        return files
+        return manifest_files(self.manifest)
 
     def collect_garbage(self) -> list[str]:
-        """Delete files the manifest does not name (uncommitted versions, old steps, temp files)."""
-        keep = self.referenced_files()
+        """Delete files that nothing can need: not named by the committed manifest on disk
+        (read again here, under the writer lock), by this store's own view, nor by a live
+        reader's pin (uncommitted versions, old steps, temp files). Where any of these cannot
+        be read, nothing is deleted."""
+        self.acquire_writer()
+        try:
+            on_disk = json.loads((self.path / MANIFEST).read_bytes())
+        except (OSError, ValueError):
+            return []
+        pinned = pinned_files(self.path)
+        if pinned is None or not isinstance(on_disk, dict):
+            return []
+        keep = self.referenced_files() | manifest_files(on_disk) | pinned
         removed = []
         for p in self.path.iterdir():
             if p.is_file() and p.name not in keep and (
@@ -423,11 +512,13 @@ def build_store(
     tokenizer: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     extra: dict[str, Any] | None = None,
+    files: dict[str, bytes] | None = None,
 ) -> BlockStore:
     """Write a new store from (unit name, tensors) pairs in order; all or nothing.
 
     `units` may be a generator that assembles each unit on demand (streaming import), so only
-    one unit is in memory at a time.
+    one unit is in memory at a time. `files`: small extra files (name -> bytes) that belong to
+    the store (named in the manifest's `extra_files`).
     """
     expected = unit_names(args)
 
@@ -468,5 +559,9 @@ def build_store(
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
             manifest["tokenizer"] = "tokenizer.model"
+        for name, data in (files or {}).items():
+            atomic_write(tmp / name, data)
+        if files:
+            manifest["extra_files"] = sorted(files)
         atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     return BlockStore.open(dst)

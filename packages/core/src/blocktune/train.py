@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import sys
 import time
 import tomllib
@@ -162,10 +163,20 @@ class Trainer:
         self.dist = init_from_env(device, cfg.dist_timeout)
         self.log = log if self.dist.is_main else (lambda s: None)
         store_path = cfg.store.replace("{rank}", str(self.dist.rank))
-        if cfg.method == "full" and self.dist.enabled and "{rank}" not in cfg.store:
-            raise ConfigError("a data-parallel full fine-tune writes its store on every rank: give "
-                              "each rank its own copy, e.g. --store 'store-{rank}'")
-        self.store = BlockStore.open(store_path)
+        if cfg.method == "full" and self.dist.enabled:
+            # every rank writes its own store: the same folder twice (by pattern, a link or a
+            # relative path) is refused on every rank at once, before any rank writes
+            where = self.dist.gather_strings(f"{socket.gethostname()}:{os.path.realpath(store_path)}")
+            shared = sorted({w for w in where if where.count(w) > 1})
+            if "{rank}" not in cfg.store or shared:
+                raise ConfigError(
+                    f"a data-parallel full fine-tune writes its store on every rank, and ranks "
+                    f"{[i for i, w in enumerate(where) if w in shared] or list(range(len(where)))} "
+                    f"were given one store ({', '.join(shared) or cfg.store}): give each rank its "
+                    "own copy, e.g. --store 'store-{rank}'")
+        # a full fine-tune writes the store: the writer lock first (a clear error if another
+        # process has it); anything else reads the step it opened, pinned against collection
+        self.store = BlockStore.open(store_path, writer=cfg.method == "full")
         if cfg.dropout:
             # dropout is a training setting, not a property of the stored weights
             self.store.args = self.store.args.with_dropout(cfg.dropout)
@@ -340,6 +351,7 @@ class Trainer:
 
     def close(self) -> None:
         self.engine.close()
+        self.store.close()
         self.dist.close()
 
 

@@ -205,13 +205,13 @@ def import_meta(src: str | Path, dst: str | Path, dtype: torch.dtype | None = No
         yield from units
 
     extra = {"source": {"format": "meta", "shards": info["shards"], "key_order": info["key_order"]}}
-    store = build_store(dst, args, chain(), dtype, tokenizer=info["tokenizer"], progress=progress, extra=extra)
+    files = {}
     if info["extras"]:  # small (rope.freqs): kept so that export gives back the same keys
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(info["extras"], str(store.path / "extras.safetensors"))
-        store.commit(store.step, {}, extra_files=["extras.safetensors"])
-    return store
+        files["extras.safetensors"] = save(info["extras"])
+    return build_store(dst, args, chain(), dtype, tokenizer=info["tokenizer"], progress=progress,
+                       extra=extra, files=files)
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
