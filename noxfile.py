@@ -15,7 +15,10 @@ CONSTRAINTS = ["-c", "constraints.txt"]
 
 
 def install(session, *extra):
-    session.install(*CONSTRAINTS, *[f"-e./packages/{p}" for p in PACKAGES], *extra)
+    """Every package, with core's optional extras (matplotlib and tensorboard: loss.png and
+    TensorBoard events)."""
+    session.install(*CONSTRAINTS, *[f"-e./packages/{p}" + ("[plot]" if p == "core" else "") for p in PACKAGES],
+                    *extra)
 
 
 @nox.session

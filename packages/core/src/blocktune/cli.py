@@ -167,6 +167,24 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    from .report import format_summary, plot_run, summarize
+
+    run = Path(a.run)
+    if not (run / "metrics.jsonl").is_file():
+        raise BlocktuneError(f"{run}: no metrics.jsonl; give the --out folder of a finetune run")
+    summary = summarize(run)
+    figure = None if a.no_plot else plot_run(run, log=lambda s: print(s, file=sys.stderr))
+    summary["figure"] = str(figure) if figure else None
+    if a.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(format_summary(summary))
+        if figure:
+            print(f"figure    {figure}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blocktune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every file of a store against its checksum")
     p.add_argument("store")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("report", help="summarise a run folder and redraw its loss.png (a killed run too)")
+    p.add_argument("run", help="the --out folder of a finetune run")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="print the summary only")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("info", help="describe a store")
     p.add_argument("store")

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import socket
-import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -26,12 +25,14 @@ import torch
 from .adapters import save_adapter
 from .config import LoraConfig
 from .data import load_dataset
+from .devices import peak_rss_bytes
 from .distributed import init_from_env
 from .engine import Engine, EngineConfig
 from .errors import ConfigError, StoreError, TrainingError
 from .generate import SamplingConfig, generate_tokens
 from .optim import OptimizerConfig
 from .pager import parse_bytes
+from .report import Progress, ScalarLog, plot_run, read_metrics
 from .store import BlockStore, atomic_write
 from .tokenizer import Tokenizer
 
@@ -77,8 +78,10 @@ class RunConfig:
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
     dropout: float = 0.0  # embedding, attention and residual dropout
-    plot: bool = True
+    plot: bool = True  # loss.png at each checkpoint and at the end (needs matplotlib)
+    tensorboard: bool = True  # TensorBoard event files in the run folder (needs tensorboard)
     progress: bool = True
+    progress_every: float = 30.0  # seconds between progress lines when stderr is not a terminal
     dist_timeout: float = 300.0  # seconds a rank waits in a collective before giving up
 
     def __post_init__(self) -> None:
@@ -196,7 +199,7 @@ class Trainer:
         if not self.dist.is_main:
             return  # every rank holds the same adapters; rank 0 writes them
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.toml").write_text(self.cfg.to_toml())
+        atomic_write(self.out / "config.toml", self.cfg.to_toml().encode())
         if self.cfg.method == "full":
             return  # the store's manifest is the checkpoint, committed by every step
         from safetensors.torch import save
@@ -297,13 +300,15 @@ class Trainer:
         start = self._resume() if resume else 0
         metrics_path = self.out / "metrics.jsonl"
         main = self.dist.is_main
-        history = _read_metrics(metrics_path, upto=start) if resume else []
+        history = read_metrics(metrics_path, upto=start) if resume else []
         if main:
             _write_metrics(metrics_path, history)
+        scalars = ScalarLog(self.out, cfg.tensorboard and main, start, log=self.log)
         self.log(f"{'resuming at' if resume else 'starting'} step {start} of {cfg.steps}; "
                  f"{len(self.train_data)} training sequences of {cfg.seq_len} tokens")
         first_step = self.store.step - start if cfg.method == "full" else 0
-        bar = _progress(cfg.steps, start, cfg.progress and main)
+        bar = Progress(cfg.steps, start, desc="finetune", enabled=cfg.progress and main,
+                       every=cfg.progress_every)
         W, r = self.dist.world, self.dist.rank
         try:
             for step in range(start, cfg.steps):
@@ -318,6 +323,9 @@ class Trainer:
                 row = {"step": step + 1, "loss": res.loss, "lr": lr, "tokens": res.tokens,
                        "seconds": dt, "tokens_per_s": res.tokens / dt,
                        "gb_read": res.bytes_read / 1e9, "gb_written": res.bytes_written / 1e9}
+                row["peak_rss_gb"] = peak_rss_bytes() / 1e9
+                if not self.device.is_cpu:
+                    row["peak_device_gb"] = self.device.peak_memory_bytes() / 1e9
                 if W > 1:
                     row["gb_all_reduced"] = self.dist.bytes_reduced / 1e9
                     self.dist.bytes_reduced = 0
@@ -326,12 +334,19 @@ class Trainer:
                 if main and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                     row["sample"] = self.sample()
                     self.log(f"step {step + 1} sample: {cfg.sample_prompt}{row['sample']!r}")
-                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                checkpoint = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
+                if checkpoint:
                     self._save_checkpoint(step + 1)
                 history.append(row)
                 if main:
                     _append_metric(metrics_path, row)
-                bar.update(row)
+                    scalars.add(row)
+                    if checkpoint:
+                        scalars.flush()
+                        if cfg.plot:
+                            plot_run(self.out, history, log=self.log)
+                bar.update(1, loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                           read=f"{row['gb_read']:.2f}GB", wrote=f"{row['gb_written']:.2f}GB")
         except TrainingError as exc:
             raise TrainingError(f"{exc}; the last good checkpoint in {self.out} is kept") from None
         except RuntimeError as exc:
@@ -343,30 +358,13 @@ class Trainer:
                                 f"{self.out} is kept; restart every rank with --resume") from None
         finally:
             bar.close()
-        if cfg.plot and history and main:
-            from .plot import plot_losses
-
-            plot_losses(history, self.out / "loss.png")
+            scalars.close()
         return history
 
     def close(self) -> None:
         self.engine.close()
         self.store.close()
         self.dist.close()
-
-
-def _read_metrics(path: Path, upto: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        if row.get("step", 0) <= upto:
-            rows.append(row)
-    return rows
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
@@ -376,23 +374,3 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
 def _append_metric(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
-
-
-class _progress:
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", file=sys.stderr,
-                            dynamic_ncols=True)
-
-    def update(self, row: dict) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                                 read=f"{row['gb_read']:.2f}GB", wrote=f"{row['gb_written']:.2f}GB")
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

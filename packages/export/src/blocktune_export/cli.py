@@ -8,16 +8,11 @@ from pathlib import Path
 
 from blocktune.devices import parse_dtype
 from blocktune.errors import ConfigError
+from blocktune.report import Progress
 from blocktune.store import unit_names
 from blocktune.tokenizer import Tokenizer
 
 __all__ = ["register_prepare", "register_export"]
-
-
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="unit")
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
@@ -33,7 +28,7 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     else:
         tok = src / "tokenizer.model"
         args = read_params(src, Tokenizer(tok) if tok.is_file() else None)
-        bar = _progress(len(unit_names(args)), "prepare")
+        bar = Progress(len(unit_names(args)), desc="prepare", unit="unit", every=10.0)
         try:
             store = import_meta(src, a.dst, dtype, progress=lambda _: bar.update(1))
         finally:
