@@ -26,7 +26,8 @@ def one_unit_budget(store: BlockStore) -> int:
     return max(store.unit_bytes(u) for u in store.units)
 
 
-def run_pair(store, method, opt, steps=3, micro=1, budget=None, replay=True, seed=0, lr=1e-2):
+def run_pair(store, method, opt, steps=3, micro=1, budget=None, replay=True, seed=0, lr=1e-2,
+             device="cpu", host_budget=None, keep_budget=0):
     # SGD moves each weight by its gradient, so it shows gradients to rounding: the loss is cut
     # into chunks of 7 positions to test the chunked cross-entropy too. AdamW's first steps move
     # each weight by about ±lr whatever the gradient's size, which turns last-bit differences in
@@ -34,8 +35,9 @@ def run_pair(store, method, opt, steps=3, micro=1, budget=None, replay=True, see
     # the reference's (one chunk per micro-batch), so the arithmetic is the same.
     chunk = 7 if opt == "sgd" else 4096
     ocfg = OptimizerConfig(opt, lr=lr, weight_decay=0.01)
-    cfg = EngineConfig(method=method, lora=LORA, optimizer=ocfg, device="cpu",
-                       device_budget=budget, replay_rng=replay, seed=seed, loss_chunk=chunk)
+    cfg = EngineConfig(method=method, lora=LORA, optimizer=ocfg, device=device, host_budget=host_budget,
+                       device_budget=budget, replay_rng=replay, seed=seed, loss_chunk=chunk,
+                       keep_budget=keep_budget)
     engine = Engine(store, cfg)
     ref = ReferenceTrainer(store, method, LORA, ocfg, seed=seed)
     losses = []

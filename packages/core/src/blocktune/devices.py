@@ -1,7 +1,14 @@
-"""Every device branch in one place: cpu, cuda and mps.
+"""Every device branch in one place: cpu, cuda, mps, and `emu`, the emulated accelerator.
 
 Nothing else in blocktune says "cuda" or "mps": it asks a `Device` to resolve itself, copy,
 pin, synchronise, save and restore RNG state, and report memory.
+
+`emu` (`--device emu`) is the CPU behaving as an accelerator, so that every branch of the
+accelerator path runs in the ordinary test run: units are copied into separate "device"
+tensors, the host tier and staging buffers are on, and copies run asynchronously on a copy
+stream (a thread of its own) that is ordered only by events, as on CUDA. A missing wait shows
+up as wrong numbers (a tensor read before its copy landed, a staging buffer overwritten while
+a copy still reads it), not as a silent pass.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ import ctypes
 import functools
 import resource
 import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,6 +172,34 @@ def ensure_resident(tensors) -> int:
     return missing
 
 
+class EmuStream:
+    """The emulated accelerator's copy stream: work submitted to it runs in order on its own
+    thread, concurrently with the compute (the caller's thread)."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="blocktune-emu-copy")
+
+    def submit(self, fn, *args) -> Future:
+        return self._pool.submit(fn, *args)
+
+
+class EmuEvent:
+    """Done when everything submitted to its stream before it has run."""
+
+    def __init__(self, future: Future | None = None):
+        self._future = future
+
+    def synchronize(self) -> None:
+        if self._future is not None:
+            self._future.result()
+
+    def query(self) -> bool:
+        return self._future is None or self._future.done()
+
+
+_emu_current = threading.local()  # the stream a thread's copies go to (none: synchronous)
+
+
 def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return bool(mps and mps.is_available())
@@ -170,11 +207,13 @@ def _mps_available() -> bool:
 
 @dataclass(frozen=True)
 class Device:
-    type: str  # "cpu" | "cuda" | "mps"
+    type: str  # "cpu" | "cuda" | "mps" | "emu" (the CPU as an emulated accelerator)
     index: int | None = None
 
     @property
     def torch(self) -> torch.device:
+        if self.type == "emu":
+            return torch.device("cpu")
         return torch.device(self.type, self.index) if self.index is not None else torch.device(self.type)
 
     def __str__(self) -> str:
@@ -199,7 +238,10 @@ class Device:
         return tuple(ok)
 
     def default_dtype(self) -> torch.dtype:
-        """bf16 where the device has it (GPUs), else fp32 (CPU bf16 matmuls are slow and lossy)."""
+        """bf16 where the device has it (GPUs), else fp32 (CPU bf16 matmuls are slow and lossy;
+        the emulated accelerator computes as the CPU does)."""
+        if self.type == "emu":
+            return torch.float32
         if not self.is_cpu and torch.bfloat16 in self.compute_dtypes:
             return torch.bfloat16
         if not self.is_cpu and torch.float16 in self.compute_dtypes:
@@ -222,17 +264,52 @@ class Device:
         """A host byte buffer, page-locked where that makes host→device copies faster."""
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.supports_pinned)
 
-    def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """Copy to the device; asynchronous from pinned memory (order it with `stream`/events)."""
+    def host_bytes(self, nbytes: int) -> int:
+        """What `empty_host(nbytes)` really takes: torch's pinned allocator rounds every block
+        up to a power of two (a 7B store's 13.5 GB become ~17.7 GB pinned)."""
+        if self.supports_pinned and nbytes > 0:
+            return 1 << (nbytes - 1).bit_length()
+        return nbytes
+
+    def release_host_cache(self) -> None:
+        """Hand cached pinned blocks back to the OS (torch's host allocator keeps freed ones)."""
+        empty = getattr(torch._C, "_host_emptyCache", None)
+        if self.supports_pinned and empty is not None:
+            empty()
+
+    def to_device(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Copy to the device (converted to `dtype` on the way, if given); asynchronous from
+        pinned memory and on the emulated accelerator's copy stream (order it with events)."""
+        dtype = dtype or t.dtype
         if self.is_cpu:
-            return t
-        return t.to(self.torch, non_blocking=self.supports_pinned and t.is_pinned())
+            return t if t.dtype == dtype else t.to(dtype)
+        if self.type == "emu":
+            out = torch.empty(t.shape, dtype=dtype)
+            stream = getattr(_emu_current, "stream", None)
+            if stream is None:
+                out.copy_(t)
+            else:  # the copy lands later: whoever reads `out` must wait for an event after it
+                stream.submit(out.copy_, t)
+            return out
+        return t.to(self.torch, dtype, non_blocking=self.supports_pinned and t.is_pinned())
 
     def stream(self, stream):
-        """Context that makes `stream` current (CUDA); a no-op elsewhere."""
+        """Context that makes `stream` current (CUDA, emu); a no-op elsewhere."""
         if self.type == "cuda" and stream is not None:
             return torch.cuda.stream(stream)
+        if self.type == "emu" and stream is not None:
+            return self._emu_stream(stream)
         return contextlib.nullcontext()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _emu_stream(stream: EmuStream):
+        before = getattr(_emu_current, "stream", None)
+        _emu_current.stream = stream
+        try:
+            yield
+        finally:
+            _emu_current.stream = before
 
     def record_stream(self, tensors) -> None:
         if self.type == "cuda":
@@ -241,10 +318,15 @@ class Device:
                 t.record_stream(current)
 
     def copy_stream(self):
-        """A side stream for host→device copies (CUDA); None where copies are synchronous."""
-        return torch.cuda.Stream(device=self.torch) if self.type == "cuda" else None
+        """A side stream for host→device copies (CUDA, emu); None where copies are synchronous."""
+        if self.type == "cuda":
+            return torch.cuda.Stream(device=self.torch)
+        return EmuStream() if self.type == "emu" else None
 
     def record_event(self, stream=None):
+        """An event after the work submitted so far to `stream` (None: the compute stream)."""
+        if self.type == "emu":  # the compute runs on the calling thread: its work is done
+            return EmuEvent(stream.submit(lambda: None) if stream is not None else None)
         if self.type != "cuda":
             return None
         event = torch.cuda.Event()
@@ -252,8 +334,12 @@ class Device:
         return event
 
     def wait_event(self, event) -> None:
-        """Make the compute stream wait for work recorded in `event` (no host sync)."""
-        if event is not None:
+        """Make the compute stream wait for work recorded in `event` (no host sync on CUDA)."""
+        if event is None:
+            return
+        if self.type == "emu":
+            event.synchronize()
+        else:
             torch.cuda.current_stream(self.torch).wait_event(event)
 
     def synchronize(self) -> None:
@@ -309,6 +395,8 @@ def resolve_device(name: str | Device = "auto") -> Device:
         return Device("cpu")
     if kind == "cpu":
         return Device("cpu")
+    if kind == "emu":
+        return Device("emu")
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu or auto")
@@ -317,4 +405,5 @@ def resolve_device(name: str | Device = "auto") -> Device:
         if not _mps_available():
             raise ConfigError("device 'mps' requested but MPS is not available; use --device cpu or auto")
         return Device("mps")
-    raise ConfigError(f"unknown device {name!r}; choose auto, cpu, cuda[:N] or mps")
+    raise ConfigError(f"unknown device {name!r}; choose auto, cpu, cuda[:N], mps (or emu, the CPU "
+                      "as an emulated accelerator, for tests)")

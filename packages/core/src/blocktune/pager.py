@@ -205,8 +205,10 @@ class Pager:
         self._copy_stream = device.copy_stream()
         # Host tier (accelerators only; on the CPU the device tier is host RAM): raw unit files
         # kept in page-locked RAM, so a unit costs one host->device copy instead of a disk read.
+        # Keyed by file version: a unit written back is a new file, so the tier can never hand
+        # out the weights of an earlier step; counted in the bytes the allocator really takes.
         self.host_budget = 0 if device.is_cpu else (host_budget if host_budget is not None else 1 << 62)
-        self._host: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._host: OrderedDict[str, tuple[str, dict[str, torch.Tensor], int]] = OrderedDict()  # file -> (unit, tensors, bytes)
         self._host_bytes = 0
         self._staging: list[tuple[torch.Tensor, object]] = []  # reusable pinned buffers
         self._maps: dict[str, dict[str, torch.Tensor]] = {}  # file -> its mapped tensors (reader thread)
@@ -284,17 +286,29 @@ class Pager:
                 return buf
         return self.device.empty_host(max(nbytes, self.largest_unit))
 
+    @property
+    def host_tier_bytes(self) -> int:
+        """Host memory the tier holds, as allocated (pinned blocks round up to powers of two)."""
+        return self._host_bytes
+
+    def _host_drop(self, file: str) -> None:
+        _, _, nbytes = self._host.pop(file)
+        self._host_bytes -= nbytes
+
     def _host_copy(self, name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """The unit's tensors in host memory: from the host tier, or read from disk."""
-        if name in self._host:
-            self._host.move_to_end(name)
+        file = self.store.record(name).file
+        if file in self._host:
+            self._host.move_to_end(file)
             self.stats.host_hits += 1
-            return self._host[name], None
+            return self._host[file][1], None
+        for old in [f for f, (unit, _, _) in self._host.items() if unit == name]:
+            self._host_drop(old)  # an earlier version of this unit: nothing will ask for it again
         nbytes = self.store.unit_bytes(name)
-        keep = self.host_budget > 0 and nbytes <= self.host_budget
-        while keep and self._host_bytes + nbytes > self.host_budget:
-            _, old = self._host.popitem(last=False)
-            self._host_bytes -= _nbytes(old)
+        held = self.device.host_bytes(nbytes)
+        keep = self.host_budget > 0 and held <= self.host_budget
+        while keep and self._host_bytes + held > self.host_budget:
+            self._host_drop(next(iter(self._host)))
         staging = None if keep or self.device.is_cpu else self._staging_buffer(nbytes)
         alloc = self.device.empty_host if keep else (lambda n: staging[:n]) if staging is not None else None
         if self._pool is not None:
@@ -307,8 +321,8 @@ class Pager:
             self.stats.bytes_read += nbytes
             self.stats.unit_reads += 1
         if keep:
-            self._host[name] = host
-            self._host_bytes += nbytes
+            self._host[file] = (name, host, held)
+            self._host_bytes += held
         return host, staging
 
     def _mapped(self, name: str) -> dict[str, torch.Tensor]:
@@ -335,11 +349,8 @@ class Pager:
         host, staging = self._host_copy(name)
         tensors = {}
         with self.device.stream(self._copy_stream):
-            for k, v in host.items():
-                t = self.device.to_device(v)
-                if t.is_floating_point() and t.dtype != self.dtype:
-                    t = t.to(self.dtype)
-                tensors[k] = t
+            for k, v in host.items():  # copied and converted in one op on the copy stream
+                tensors[k] = self.device.to_device(v, self.dtype if v.is_floating_point() else None)
             ready = self.device.record_event(self._copy_stream)
         if staging is not None:
             self._staging.append((staging, ready))
@@ -533,6 +544,10 @@ class Pager:
         self._resident.clear()
         self._loading.clear()
         self._maps.clear()
+        self._host.clear()  # pinned memory goes back (torch's host allocator keeps it cached)
+        self._host_bytes = 0
+        self._staging.clear()
+        self.device.release_host_cache()
         if self._pool is not None:
             self._pool.clear()
 
