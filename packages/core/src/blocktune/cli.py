@@ -22,7 +22,8 @@ __all__ = ["main", "build_parser"]
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda[:N] or mps")
-    p.add_argument("--device-budget", default=None, help="bytes of weights resident on the device, e.g. 2GiB")
+    p.add_argument("--device-budget", default=None,
+                   help="bytes of weights resident on the device, e.g. 2GiB; auto (default): from the free memory")
     p.add_argument("--frozen-reads", choices=["auto", "mapped", "direct"], default=None,
                    help="CPU, frozen weights: through the page cache (mapped), past it (direct, for a "
                         "store bigger than RAM), or by the store's size against free memory (auto, default)")
@@ -76,11 +77,11 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     return 0
 
 
-def _inference_engine(a: argparse.Namespace):
+def _inference_engine(a: argparse.Namespace, batch: int, seq: int):
     """(store, engine, tokenizer) for generate and eval: read-only, with the adapter if given."""
     from .adapters import load_adapter
+    from .budgets import parse_budget
     from .engine import Engine, EngineConfig
-    from .pager import parse_bytes
     from .store import BlockStore
     from .tokenizer import Tokenizer
 
@@ -89,8 +90,8 @@ def _inference_engine(a: argparse.Namespace):
         raise BlocktuneError(f"{a.store}: the store has no tokenizer.model")
     adapter = load_adapter(a.adapter, store.args) if a.adapter else None
     cfg = EngineConfig(method="lora" if adapter else "full", lora=adapter.lora if adapter else None,
-                       device=a.device or "auto", device_budget=parse_bytes(a.device_budget),
-                       read_only=True, frozen_reads=a.frozen_reads or "auto")
+                       device=a.device or "auto", device_budget=parse_budget(a.device_budget or "auto"),
+                       read_only=True, frozen_reads=a.frozen_reads or "auto", batch_hint=(batch, seq, 1))
     engine = Engine(store, cfg, adapters=adapter.tensors if adapter else None)
     return store, engine, Tokenizer(store.tokenizer_path)
 
@@ -98,7 +99,7 @@ def _inference_engine(a: argparse.Namespace):
 def cmd_generate(a: argparse.Namespace) -> int:
     from .generate import SamplingConfig, generate_tokens, stream_text
 
-    _, engine, tok = _inference_engine(a)
+    _, engine, tok = _inference_engine(a, 1, min(len(a.prompt) + a.max_new_tokens, 4096))
     sampling = SamplingConfig(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
     prompt = tok.encode(a.prompt, bos=True)
     sys.stdout.write(a.prompt)
@@ -118,7 +119,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .data import eval_windows, read_text
     from .errors import DataError
 
-    store, engine, tok = _inference_engine(a)
+    store, engine, tok = _inference_engine(a, a.batch_size, a.seq_len)
     if a.seq_len > store.args.max_seq_len:
         raise DataError(f"--seq-len {a.seq_len} exceeds the model's context of {store.args.max_seq_len}")
     windows = eval_windows(tok, read_text(a.data), a.seq_len)

@@ -21,6 +21,7 @@ import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ import torch
 from .errors import ConfigError
 
 __all__ = ["Device", "resolve_device", "DTYPES", "parse_dtype", "peak_rss_bytes", "trim_host_heap",
-           "host_memory_available"]
+           "host_memory_available", "host_memory_free"]
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -64,35 +65,64 @@ def peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def host_memory_available() -> int | None:
-    """Bytes of RAM this process could still fill, page cache included: the kernel's
-    MemAvailable, or less where a memory cgroup (v1 or v2) limits the process. None where
-    unknown (off Linux)."""
+def _mem_available() -> int | None:
     try:
         meminfo = open("/proc/meminfo").read()
     except OSError:
         return None
     found = [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
-    if not found:
-        return None
-    limits = []
+    return found[0] if found else None
+
+
+def _cgroup_memory() -> list[tuple[int, int, int]]:
+    """(limit, usage, inactive file cache) of each memory cgroup (v1 or v2) this process is
+    in, where the limit is a number."""
+    out = []
     try:
-        for line in open("/proc/self/cgroup").read().splitlines():
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
             _, controllers, path = line.split(":", 2)
-            if controllers == "":  # v2
-                limits.append(f"/sys/fs/cgroup{path}/memory.max")
-            elif "memory" in controllers.split(","):
-                limits.append(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
-        for name in limits:
-            try:
-                text = open(name).read().strip()
-            except OSError:
-                continue
-            if text.isdigit():
-                found.append(int(text))
-    except (OSError, ValueError):
-        pass
-    return min(found)
+        except ValueError:
+            continue
+        if controllers == "":  # v2
+            d, names = Path(f"/sys/fs/cgroup{path}"), ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            d = Path(f"/sys/fs/cgroup/memory{path}")
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        try:
+            limit = (d / names[0]).read_text().strip()
+            usage = int((d / names[1]).read_text())
+            stat = dict(row.split() for row in (d / "memory.stat").read_text().splitlines() if row.count(" ") == 1)
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():
+            out.append((int(limit), usage, int(stat.get(names[2], 0))))
+    return out
+
+
+def host_memory_available() -> int | None:
+    """Bytes of RAM there are for this process, page cache included: the kernel's
+    MemAvailable, or less where a memory cgroup (v1 or v2) limits the process. None where
+    unknown (off Linux)."""
+    found = _mem_available()
+    if found is None:
+        return None
+    return min([found] + [limit for limit, _, _ in _cgroup_memory()])
+
+
+def host_memory_free() -> int | None:
+    """Bytes of RAM this process can still take now: MemAvailable, or a cgroup's limit less
+    what the cgroup uses (its inactive file cache counted as free: reclaim takes it first).
+    None where unknown (off Linux)."""
+    found = _mem_available()
+    if found is None:
+        return None
+    return min([found] + [limit - max(usage - inactive, 0) for limit, usage, inactive in _cgroup_memory()])
 
 
 @functools.cache
@@ -263,6 +293,23 @@ class Device:
     def empty_host(self, nbytes: int) -> torch.Tensor:
         """A host byte buffer, page-locked where that makes host→device copies faster."""
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.supports_pinned)
+
+    def memory_free(self) -> int | None:
+        """Bytes the device can still allocate (the host's for the CPU and the emulated device;
+        on MPS the working set Metal recommends, less what is allocated); None if unknown."""
+        if self.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.torch)
+            return free + torch.cuda.memory_reserved(self.torch) - torch.cuda.memory_allocated(self.torch)
+        if self.type == "mps":
+            rec = getattr(torch.mps, "recommended_max_memory", None)
+            return None if rec is None else rec() - torch.mps.driver_allocated_memory()
+        return host_memory_free()
+
+    @property
+    def host_tier_useful(self) -> bool:
+        """Whether a host-RAM copy of units saves anything: not where the device's memory is
+        the host's (CPU; MPS's unified memory would hold the model twice)."""
+        return self.type in ("cuda", "emu")
 
     def host_bytes(self, nbytes: int) -> int:
         """What `empty_host(nbytes)` really takes: torch's pinned allocator rounds every block

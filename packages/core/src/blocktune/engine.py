@@ -29,13 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .budgets import AUTO, Budgets
+from .budgets import resolve as resolve_budgets
 from .config import LoraConfig, ModelArgs
 from .devices import Device, parse_dtype, resolve_device, trim_host_heap
 from .distributed import SINGLE, DistContext
 from .errors import ConfigError, StoreError, TrainingError
-from .model import Block, Embed, Head, KVCache, init_lora_
+from .model import Block, Embed, Head, KVCache, Linear, init_lora_
 from .optim import OptimizerConfig, unit_step
-from .pager import ActivationStash, Pager
+from .pager import ActivationStash, Pager, resident_sizes
 from .rng import seed_micro_batch
 from .store import BlockStore
 
@@ -51,10 +53,13 @@ class EngineConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     device: str = "auto"
     compute_dtype: str | None = None  # None: the device's default (fp32 on CPU, bf16 on GPUs)
-    device_budget: int | None = None  # bytes of units resident on the device; None: no limit
-    host_budget: int | None = None  # bytes of unit files kept in (pinned) RAM for an accelerator;
+    # Budgets in bytes, None (no limit) or "auto" (from the machine's free memory: blocktune.budgets)
+    device_budget: int | str | None = AUTO  # units resident on the device
+    host_budget: int | str | None = AUTO  # unit files kept in (pinned) RAM for an accelerator;
     # on the CPU, host RAM is the device: the smaller of the two budgets bounds residency
-    activation_budget: int | None = None  # bytes of stashed block inputs in RAM before spilling
+    activation_budget: int | str | None = AUTO  # stashed block inputs in RAM before spilling
+    # the batch `auto` plans for: (micro-batch size, tokens per sequence, micro-batches per step)
+    batch_hint: tuple[int, int, int] = (1, 512, 1)
     loss_chunk: int = 2048  # positions per chunk of the cross-entropy
     seed: int = 0
     replay_rng: bool = True  # off only to prove the replay test can fail
@@ -162,11 +167,21 @@ class Engine:
         dtype = self.cfg.compute_dtype
         self.dtype = parse_dtype(dtype) if dtype else self.device.default_dtype()
         self.device.check_dtype(self.dtype)
-        budget = self.cfg.device_budget
-        if self.device.is_cpu and self.cfg.host_budget is not None:
-            budget = min(b for b in (budget, self.cfg.host_budget) if b is not None)
+        batch, seq, micro = self.cfg.batch_hint
+        self.budgets: Budgets = resolve_budgets(
+            self.device, store.args, resident_sizes(store, self.dtype),
+            {n: store.unit_bytes(n) for n in store.units}, store.dtype, self.dtype,
+            method=self.cfg.method, device_budget=self.cfg.device_budget, host_budget=self.cfg.host_budget,
+            activation_budget=self.cfg.activation_budget, batch=batch, seq=seq, micro=micro,
+            loss_chunk=self.cfg.loss_chunk, kv_cache=self.cfg.read_only)
+        # lean: hand freed heap back to the OS after every unit (slower, less RSS: the heap of
+        # many small activations fragments); asked for, or chosen where `auto` found memory tight
+        self.lean = self.cfg.lean_memory or self.budgets.tight
+        budget = self.budgets.device
+        if self.device.is_cpu and self.budgets.host is not None:
+            budget = min(b for b in (budget, self.budgets.host) if b is not None)
         self.pager = Pager(store, self.device, budget, self.dtype, prefetch=self.cfg.prefetch,
-                           verify=self.cfg.verify, host_budget=self.cfg.host_budget,
+                           verify=self.cfg.verify, host_budget=self.budgets.host,
                            mutable=self.cfg.method == "full" and not self.cfg.read_only,
                            max_dirty=self.cfg.max_dirty, frozen_reads=self.cfg.frozen_reads)
         self.units = store.units
@@ -177,15 +192,24 @@ class Engine:
         self._lora_opt: torch.optim.Optimizer | None = None
         self._built: dict[str, tuple[dict, nn.Module]] = {}
         self._templates: dict[str, nn.Module] = {}  # one meta-device module per kind of unit
-        if not self.pager.mapped:  # a mapped unit's file stays mapped: its module may stay too
+        # a mapped unit's file stays mapped, and a module that computes from that memory may stay
+        # too; one that holds converted copies (a bf16 store computed in fp32) would keep every
+        # unit's copy alive past its eviction, outside the budget
+        if not self.pager.mapped or store.dtype != self.dtype:
             self.pager.on_evict.append(lambda name: self._built.pop(name, None))
         self.step_count = store.step if self.cfg.method == "full" else 0
 
     # ---- adapters ----
     def _init_adapters(self, given: dict[str, torch.Tensor] | None) -> None:
         gen = torch.Generator().manual_seed(self.cfg.seed)
+        with torch.device("meta"):  # the base weights are never made: only the adapters are drawn
+            template = Block(self.args, self.lora)
         for unit in self.units[1:-1]:
-            block = Block(self.args, self.lora)
+            block = copy.deepcopy(template)
+            for m in block.modules():
+                if isinstance(m, Linear) and m.lora_a is not None:
+                    m.lora_a = nn.Parameter(torch.empty(m.lora_a.shape))
+                    m.lora_b = nn.Parameter(torch.empty(m.lora_b.shape))
             init_lora_(block, gen)
             self.adapters[unit] = {
                 k: nn.Parameter(v.detach().to(self.device.torch, self.dtype))
@@ -225,7 +249,7 @@ class Engine:
 
     # ---- building a unit on the meta device and mapping its tensors in ----
     def _module(self, unit: str, training: bool) -> nn.Module:
-        if self.cfg.lean_memory and self.device.is_cpu:
+        if self.lean and self.device.is_cpu:
             trim_host_heap()
         resident = self.pager.get(unit)
         cached = self._built.get(unit)
@@ -284,7 +308,7 @@ class Engine:
         for m in range(M):
             seed_micro_batch(dev, self.cfg.seed, step, m * self.dist.world + self.dist.rank)
             cursors.append(dev.get_rng_state())
-        stash = ActivationStash(self.cfg.activation_budget)
+        stash = ActivationStash(self.budgets.activation)
         replay: dict[tuple[int, int], tuple] = {}
         last = len(self.units) - 1
         full = self.cfg.method == "full"

@@ -25,7 +25,7 @@ from .errors import BudgetError, ConfigError
 from .fileio import aligned_empty
 from .store import BlockStore, FileRecord
 
-__all__ = ["Pager", "PagerStats", "ActivationStash", "parse_bytes"]
+__all__ = ["Pager", "PagerStats", "ActivationStash", "parse_bytes", "resident_sizes"]
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
           "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
@@ -44,6 +44,12 @@ def parse_bytes(text: str | int | float | None) -> int | None:
         return int(float(num) * _UNITS[unit])
     except (ValueError, KeyError):
         raise BudgetError(f"cannot read the size {text!r}; write it like 512MiB, 4GiB or 2GB") from None
+
+
+def resident_sizes(store: BlockStore, compute_dtype: torch.dtype) -> dict[str, int]:
+    """Bytes of each unit as it is held resident: in the compute dtype where that is wider."""
+    scale = compute_dtype.itemsize / store.dtype.itemsize
+    return {n: int(store.unit_bytes(n) * max(scale, 1.0)) for n in store.units}
 
 
 @dataclass
@@ -181,8 +187,7 @@ class Pager:
         # advice clears the pages' accessed bits (TLB flushes the compute pays for, ~3% of a
         # LoRA step here) and is wasted where the store stays cached anyway
         self._advise_cold = self.mapped and (available is None or store.total_bytes() > available / 2)
-        scale = compute_dtype.itemsize / store.dtype.itemsize
-        self._size = {n: int(store.unit_bytes(n) * max(scale, 1.0)) for n in store.units}
+        self._size = resident_sizes(store, compute_dtype)
         largest = self.largest_unit
         self.budget = budget if budget is not None else 1 << 62
         if self.budget < largest:
@@ -223,7 +228,14 @@ class Pager:
             per_param = 8 + (4 if store.dtype != torch.float32 else 0)
             state_file = max((r.nbytes for n in store.units if (r := store.state_record(n))),
                              default=unit_file * per_param // store.dtype.itemsize) if mutable else 0
-            self._pool = BufferPool(min(self.budget, 1 << 50) + unit_file + state_file)
+            # resident units are views of their read buffers, unless they are converted to the
+            # compute dtype: then a buffer is only in flight, and one idle one is kept for reuse
+            # (no page faults on the next read) unless memory is tight (a budget under two units)
+            if compute_dtype != store.dtype:
+                idle = unit_file if self.budget >= 2 * largest else 0
+            else:
+                idle = min(self.budget, 1 << 50) + unit_file
+            self._pool = BufferPool(idle + state_file)
         self.max_dirty = max_dirty if max_dirty is not None else 1 << 62
         self._unsynced: list[FileRecord] = []
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .adapters import save_adapter
+from .budgets import parse_budget
 from .config import LoraConfig
 from .data import load_dataset
 from .devices import peak_rss_bytes
@@ -67,9 +68,10 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     compute_dtype: str = ""  # "": the device's default (fp32 on CPU, bf16 on GPUs)
-    device_budget: str = "inf"  # weights resident on the device, e.g. "2GiB"
-    host_budget: str = "inf"  # unit files kept in RAM (pinned) for a GPU; on the CPU, the RAM for weights
-    activation_budget: str = "4GiB"  # stashed block inputs in RAM before spilling to disk
+    # "auto": from the memory free at the start (blocktune.budgets; printed with the config)
+    device_budget: str = "auto"  # weights resident on the device, e.g. "2GiB"; "inf": no limit
+    host_budget: str = "auto"  # unit files kept in RAM (pinned) for a GPU; on the CPU, the RAM for weights
+    activation_budget: str = "auto"  # stashed block inputs in RAM before spilling to disk
     keep_activations: str = "0"  # RAM for activations kept to skip the recompute, e.g. "6GiB"; "inf": all
     verify: str = "once"  # crc32 of each file: "once" per file version per process, "always", "never"
     frozen_reads: str = "auto"  # CPU, LoRA: "mapped" (page cache), "direct" (store bigger than RAM), "auto"
@@ -133,8 +135,9 @@ class RunConfig:
             method=self.method, lora=self.lora(),
             optimizer=OptimizerConfig(self.optimizer, self.lr, weight_decay=self.weight_decay),
             device=self.device, compute_dtype=self.compute_dtype or None,
-            device_budget=parse_bytes(self.device_budget), host_budget=parse_bytes(self.host_budget),
-            activation_budget=parse_bytes(self.activation_budget), seed=self.seed,
+            device_budget=parse_budget(self.device_budget), host_budget=parse_budget(self.host_budget),
+            activation_budget=parse_budget(self.activation_budget), seed=self.seed,
+            batch_hint=(self.batch_size, self.seq_len, self.grad_accum),
             keep_budget=parse_bytes(self.keep_activations), verify=self.verify,
             frozen_reads=self.frozen_reads,
         )
@@ -288,6 +291,8 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         self.log("config:\n" + cfg.to_toml())
+        for note in self.engine.budgets.notes:
+            self.log(note)
         if cfg.method == "full":
             per, total = self.estimate_disk_writes()
             self.log(f"full fine-tune writes ≈{per / 1e9:.2f} GB per step, ≈{total / 1e9:.1f} GB "

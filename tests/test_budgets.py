@@ -1,0 +1,79 @@
+"""`auto` budgets: from the machine's free memory, and a run they choose fits (a real cgroup)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from blocktune import ModelArgs
+from blocktune.budgets import AUTO, resolve, working_set
+from blocktune.devices import resolve_device
+from blocktune_bench.corpus import demo_text, tokenizer_path
+from blocktune_bench.synthetic import make_store
+
+PY = sys.executable
+MiB = 1 << 20
+ARGS = ModelArgs(dim=2048, n_layers=8, n_heads=16, vocab_size=32000, multiple_of=256)
+
+
+def _resolve(monkeypatch, free, **kw):
+    monkeypatch.setattr("blocktune.budgets.host_memory_free", lambda: free)
+    sizes = {"embed": 262 * MiB, "block_00": 206 * MiB, "head": 262 * MiB}
+    files = {k: v // 2 for k, v in sizes.items()}
+    base = dict(method="lora", device_budget=AUTO, host_budget=AUTO, activation_budget=AUTO, batch=1, seq=64, micro=8)
+    base.update(kw)
+    return resolve(resolve_device("cpu"), ARGS, sizes, files, torch.bfloat16, torch.float32, **base)
+
+
+def test_explicit_budgets_are_kept(monkeypatch):
+    b = _resolve(monkeypatch, 8 << 30, device_budget=300 * MiB, host_budget=None, activation_budget=10 * MiB)
+    assert (b.device, b.host, b.activation, b.notes) == (300 * MiB, None, 10 * MiB, ())
+
+
+def test_auto_fits_the_room_and_says_why(monkeypatch):
+    work = working_set(ARGS, torch.float32, 1, 64, 8, 2048)
+    for free in (842 * MiB, 2 << 30, 16 << 30):
+        b = _resolve(monkeypatch, free)
+        room = int(free * 0.9) - 192 * MiB
+        fixed = work["block"] + work["loss"] + 2 * 131 * MiB
+        print(f"free {free / MiB:.0f} MiB: units {b.device / MiB:.0f} MiB, stash {b.activation / MiB:.0f} MiB, tight {b.tight}")
+        assert b.device >= 262 * MiB  # at least the largest unit
+        if b.device > 262 * MiB:  # not at the floor: everything fits in the room
+            assert b.device + b.activation + fixed <= room
+        assert any(n.startswith("device_budget auto") for n in b.notes)
+        assert b.tight == (b.device < 2 * 262 * MiB)
+    short = _resolve(monkeypatch, 842 * MiB)
+    assert short.activation < work["stash"] and "spills to disk" in " ".join(short.notes)
+    roomy = _resolve(monkeypatch, 16 << 30)
+    assert roomy.activation == work["stash"] and not roomy.tight
+
+
+def _cgroup_ok() -> bool:
+    v1 = Path("/sys/fs/cgroup/memory")
+    return os.access(v1 if v1.is_dir() else Path("/sys/fs/cgroup"), os.W_OK)
+
+
+@pytest.mark.skipif(not _cgroup_ok(), reason="needs the right to make a memory cgroup")
+def test_no_flags_fits_where_unlimited_is_killed(tmp_path):
+    """A 1.1 GB bf16 store (2.2 GB computed in fp32) under a 900 MiB cgroup limit: with no budget
+    flags the LoRA step runs; with `--device-budget inf` (every unit resident) the kernel kills it."""
+    store = make_store(tmp_path / "s", ARGS, seed=0, dtype=torch.bfloat16, tokenizer=tokenizer_path())
+    store.close()
+    (tmp_path / "t.txt").write_text(demo_text())
+
+    def run(*extra):
+        cmd = [PY, "-m", "blocktune_bench.limited", "900MiB", "--", PY, "-m", "blocktune", "finetune",
+               "--store", str(store.path), "--data", str(tmp_path / "t.txt"), "--steps", "1", "--batch-size", "1",
+               "--seq-len", "64", "--grad-accum", "2", "--out", str(tmp_path / f"run{len(extra)}"), "--no-progress", *extra]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        report = json.loads(r.stderr.strip().splitlines()[-1])
+        print(report["exit_code"], report["cgroup_peak_bytes"], [line for line in r.stderr.splitlines() if "auto:" in line])
+        return report
+
+    auto = run()
+    assert auto["exit_code"] == 0 and auto["oom_kills"] == 0 and auto["cgroup_peak_bytes"] <= auto["limit_bytes"]
+    unlimited = run("--device-budget", "inf")
+    assert unlimited["exit_code"] != 0 and unlimited["oom_kills"] >= 1
