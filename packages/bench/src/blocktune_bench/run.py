@@ -496,9 +496,64 @@ def group_dist(work: Path, reps: int) -> None:
     save("dist", {"machine": machine(), "runs": runs, "median_step": med}, table)
 
 
+def cli_under_limit(limit: str, store: Path, data: Path, out: Path, *flags: str) -> dict:
+    """`blocktune finetune` as the README shows it (no budget flags), in a cgroup of `limit`."""
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "blocktune_bench.limited", limit, "--", sys.executable, "-m", "blocktune",
+           "finetune", "--store", str(store), "--data", str(data), "--out", str(out), "--no-progress", *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    report = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {"exit_code": r.returncode}
+    report["budget_notes"] = [line for line in lines if "auto:" in line or line.startswith("memory is tight")]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
+    report["step_seconds"] = rows[-1]["seconds"] if rows else None
+    report["gb_read"] = rows[-1]["gb_read"] if rows else None
+    return report
+
+
+def group_auto(work: Path) -> None:
+    """Issue 12's laptop cases, from the CLI with no budget flags, under kernel memory limits."""
+    from .corpus import demo_text, tokenizer_path
+
+    laptop = ModelArgs(dim=2048, n_layers=30, n_heads=16, vocab_size=32000, multiple_of=256)
+    small = cached_store(work / "laptop-30x2048", laptop, seed=0, dtype=torch.bfloat16, tokenizer=tokenizer_path())
+    big = cached_store(work / "shape-7b-tok", "shape-7b", seed=0, dtype=torch.bfloat16, tokenizer=tokenizer_path())
+    data = work / "notes.txt"
+    data.write_text(demo_text())
+    limit_small = BlockStore.open(small).total_bytes() // 3
+    cases = [("lora", small, limit_small, ["--method", "lora", "--steps", "1", "--batch-size", "1", "--seq-len", "64"]),
+             ("full", small, limit_small, ["--method", "full", "--steps", "1", "--batch-size", "1", "--seq-len", "64",
+                                           "--grad-accum", "1"]),
+             ("lora", big, 2 << 30, ["--method", "lora", "--steps", "1", "--batch-size", "1", "--seq-len", "128",
+                                     "--grad-accum", "1"])]
+    runs = []
+    for method, store, limit, flags in cases:
+        target = store
+        if method == "full":  # a full fine-tune changes its store: work on a copy
+            target = work / f"{store.name}-full"
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(store, target, ignore=shutil.ignore_patterns(".lock"))
+        r = cli_under_limit(str(limit), target, data, work / f"auto-{method}-{store.name}", *flags)
+        r.update({"method": method, "store": store.name, "store_bytes": BlockStore.open(store).total_bytes()})
+        print(json.dumps(r), flush=True)
+        runs.append(r)
+    table = ["`blocktune finetune` with no budget flags (budgets `auto`), fp32 compute (the CPU default), in a "
+             "memory cgroup (v1, no swap) made by `python -m blocktune_bench.limited LIMIT -- blocktune finetune ...`.", "",
+             "| store | method | limit | exit | cgroup peak | step s | GB read | budgets chosen |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in runs:
+        step = f"{r['step_seconds']:.1f}" if r.get("step_seconds") else "—"
+        table.append(f"| {r['store']} ({r['store_bytes'] / 1e9:.2f} GB bf16) | {r['method']} | {r['limit_bytes'] / 2**20:.0f} MiB | "
+                     f"{r['exit_code']}{' (OOM-killed)' if r.get('oom_kills') else ''} | "
+                     f"{(r.get('cgroup_peak_bytes') or 0) / 2**20:.0f} MiB | {step} | {r.get('gb_read') or 0:.2f} | "
+                     f"{'; '.join(r['budget_notes'])[:400]} |")
+    save("auto-budgets", {"machine": machine(), "runs": runs}, table)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="step,limit,headline,prepare,export,generate,dist")
+    p.add_argument("--only", default="step,limit,headline,auto,prepare,export,generate,dist")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("BLOCKTUNE_BENCH_DIR", "/tmp/blocktune-bench")))
     a = p.parse_args(argv)
@@ -510,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         group_limit(a.workdir)
     if "headline" in groups:
         group_headline(a.workdir)
+    if "auto" in groups:
+        group_auto(a.workdir)
     if "prepare" in groups:
         group_prepare(a.workdir, a.reps)
     if "export" in groups:
