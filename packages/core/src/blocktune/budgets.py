@@ -141,11 +141,12 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
             notes.append(f"host_budget auto: {_mib(host)} = {_mib(host_free)} free - 10% - 192 MiB "
                          f"- staging {_mib(staging)}" + (" (half: the emulated device uses the other)"
                                                          if device.type == "emu" else ""))
-    if device_budget == AUTO and dev is not None and dev < largest:  # an explicit one is the pager's to refuse
-        notes.append(f"warning: the largest unit ({_mib(largest)}) is more than the memory left for units; "
-                     "running with one unit resident, which may not fit: use a smaller --seq-len or "
-                     "--batch-size, or a machine with more memory")
-        dev = largest
+    if device_budget == AUTO and room is not None and room - fixed < largest:
+        need = fixed + largest
+        hint = ("--method lora, or optimizer = \"sgd\" in --config" if extra else "a smaller --seq-len, --batch-size or --grad-accum")
+        notes.append(f"warning: this run needs about {_mib(need)} with one unit resident (the largest, "
+                     f"{_mib(largest)}, and {_mib(fixed)} beside it) and {_mib(room)} are there after the slack: "
+                     f"it may be killed for memory; try {hint}, or a machine with more memory")
     tight = device_budget == AUTO and dev is not None and dev < 2 * largest
     if tight:
         notes.append("memory is tight (room for under two units): freed heap memory goes back to the "
