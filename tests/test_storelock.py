@@ -274,3 +274,18 @@ def test_data_parallel_ranks_given_one_store_are_refused(base, tmp_path):
     print(r.stderr[-600:])
     assert r.returncode != 0 and "were given one store" in r.stderr
     assert BlockStore.open(store).step == 0
+
+
+def test_a_second_prepare_into_one_folder_loses_nothing(tmp_path):
+    """Two writes of a new store into one folder: the one that lands second is refused with a
+    clear error and its copy discarded; the first one's store stays as it was."""
+    from blocktune.store import staging_dir
+
+    dst = tmp_path / "dst"
+    with pytest.raises(StoreError, match="another process filled this folder"):
+        with staging_dir(dst) as tmp:
+            (tmp / "manifest.json").write_text("second")
+            dst.mkdir()  # the first writer's store lands meanwhile
+            (dst / "manifest.json").write_text("first")
+    assert (dst / "manifest.json").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["dst"]  # no partial folder left behind

@@ -495,9 +495,14 @@ def staging_dir(dst: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
         yield tmp
-        if dst.exists():
-            dst.rmdir()
-        os.replace(tmp, dst)
+        try:
+            if dst.exists():
+                dst.rmdir()
+            os.replace(tmp, dst)
+        except OSError as exc:  # ENOTEMPTY: another process (a second prepare, say) got there first
+            raise StoreError(f"{dst}: another process filled this folder while this one was being "
+                             f"written ({exc.strerror}); nothing of it was changed, and this copy is "
+                             "discarded: choose a new folder") from None
         _fsync_dir(dst.parent)
     finally:
         if tmp.exists():
