@@ -259,3 +259,19 @@ def test_generate_reads_frozen_units_either_way(prepared):
     assert texts["mapped"].stdout == texts["direct"].stdout and texts["mapped"].stdout.startswith("The lighthouse")
     bad = run("--frozen-reads", "fast")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_a_finished_run_is_not_overwritten(prepared, tmp_path):
+    """`finetune` into the folder of an earlier run stops before it changes it (the record would
+    be lost); --overwrite starts afresh, --resume continues."""
+    store, text = prepared
+    out = tmp_path / "run"
+    cmd = [PY, "-m", "blocktune", "finetune", "--store", str(store), "--data", str(text), "--steps", "2",
+           "--batch-size", "1", "--grad-accum", "1", "--seq-len", "16", "--out", str(out), "--no-progress"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    before = (out / "metrics.jsonl").read_bytes()
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 2 and "not empty" in again.stderr and "--overwrite" in again.stderr
+    assert (out / "metrics.jsonl").read_bytes() == before
+    subprocess.run(cmd + ["--overwrite"], check=True, capture_output=True)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

@@ -59,7 +59,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                  "device": a.device, "device_budget": a.device_budget, "grad_accum": a.grad_accum,
                  "host_budget": a.host_budget, "activation_budget": a.activation_budget, "seed": a.seed,
                  "keep_activations": a.keep_activations, "frozen_reads": a.frozen_reads,
-                 "checkpoint_every": a.checkpoint_every, "progress": False if a.no_progress else None}
+                 "checkpoint_every": a.checkpoint_every, "progress": False if a.no_progress else None,
+                 "overwrite": True if a.overwrite else None}
     if a.resume and a.config is None and Path(a.out or "runs/latest", "config.toml").is_file():
         a.config = str(Path(a.out or "runs/latest", "config.toml"))
     cfg = RunConfig.load(a.config, **overrides)
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--out", help="run folder: config, checkpoints, metrics.jsonl, loss.png")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds an earlier run")
     p.add_argument("--host-budget", help="RAM for unit files (pinned, for a GPU); on the CPU the RAM for weights, e.g. 4GiB")
     p.add_argument("--activation-budget", help="RAM for stashed block inputs before they spill to disk, e.g. 4GiB")
     p.add_argument("--keep-activations", help="RAM for activations kept to skip the backward's recompute, e.g. 6GiB or inf")

@@ -47,6 +47,7 @@ class RunConfig:
     store: str = ""
     data: str = ""
     out: str = "runs/latest"
+    overwrite: bool = False  # start afresh in an --out that holds an earlier run's record
     method: str = "lora"  # lora | full
     steps: int = 100
     lr: float = 2e-4
@@ -289,6 +290,10 @@ class Trainer:
 
     def run(self, resume: bool = False) -> list[dict]:
         cfg = self.cfg
+        if not resume and not cfg.overwrite and self.out.is_dir() and any(self.out.iterdir()):
+            raise ConfigError(f"{self.out}: the run folder is not empty (an earlier run's record is "
+                              "there); continue it with --resume, replace it with --overwrite, or "
+                              "choose another --out")
         self.out.mkdir(parents=True, exist_ok=True)
         self.log("config:\n" + cfg.to_toml())
         for note in self.engine.budgets.notes:
