@@ -410,3 +410,21 @@ def test_mapped_units_are_advised_cold_when_memory_is_short(tiny_args, tmp_path,
         engine.close()
         assert bool(advised) == short
     assert losses[False] == losses[True]
+
+
+def test_a_flipped_byte_in_the_tokenizer_is_named(tmp_path, tiny_args):
+    """The tokenizer changes every token: `verify` and every command that loads it name it."""
+    from blocktune.tokenizer import Tokenizer
+    from blocktune_bench.corpus import tokenizer_path
+
+    store = make_store(tmp_path / "s", tiny_args, seed=1, tokenizer=tokenizer_path())
+    assert store.verify() == [] and store.tokenizer_path.is_file()
+    path = store.path / "tokenizer.model"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    problems = BlockStore.open(store.path).verify()
+    print(problems)
+    assert len(problems) == 1 and "tokenizer.model: checksum mismatch" in problems[0]
+    with pytest.raises(ChecksumError, match="tokenizer.model"):
+        Tokenizer(BlockStore.open(store.path).tokenizer_path)

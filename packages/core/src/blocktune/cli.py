@@ -49,7 +49,7 @@ def _launch(nproc: int, argv: list[str]) -> int:
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
-    from .train import RunConfig, Trainer
+    from .train import RunConfig, Trainer, check_out
 
     if a.nproc and a.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(a.nproc, sys.argv[1:])
@@ -66,6 +66,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     cfg = RunConfig.load(a.config, **overrides)
     if not cfg.store or not cfg.data:
         raise BlocktuneError("finetune needs --store and --data (or store/data in --config)")
+    check_out(cfg, a.resume)  # every rank, before any joins the others (and rank 0 writes there)
     trainer = Trainer(cfg, log=lambda s: print(s, file=sys.stderr))
     try:
         history = trainer.run(resume=a.resume)
@@ -148,7 +149,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
     for p in problems:
         print(p, file=sys.stderr)
     store.close()
-    n = len(store.units) + len(store.manifest.get("state", {}))
+    n = len(store.units) + len(store.manifest.get("state", {})) + len(store.manifest.get("checksums", {}))
     print(f"{a.store}: step {store.step}, {n} files checked, {len(problems)} problem(s)")
     return 1 if problems else 0
 

@@ -258,8 +258,31 @@ class BlockStore:
 
     @property
     def tokenizer_path(self) -> Path | None:
+        """The tokenizer file, checked against the crc32 the store recorded for it (stores
+        prepared before the checksum was recorded are not checked)."""
         name = self.manifest.get("tokenizer")
-        return self.path / name if name else None
+        if not name:
+            return None
+        self.check_small_file(name)
+        return self.path / name
+
+    def check_small_file(self, name: str) -> None:
+        """A file beside the units (tokenizer, extras) against its recorded size and crc32."""
+        want = self.manifest.get("checksums", {}).get(name)
+        if want is None or name in self._verified:
+            return
+        path = self.path / name
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"{path}: missing from the store (named in {MANIFEST}); the store is "
+                             "damaged, prepare it again") from None
+        crc = crc32(memoryview(data))
+        if len(data) != want["bytes"] or crc != want["crc32"]:
+            raise ChecksumError(f"{path}: checksum mismatch (crc32 {crc:08x}, {len(data)} bytes; the "
+                                f"manifest says {want['crc32']:08x}, {want['bytes']} bytes); the file is "
+                                "damaged: copy it again from the checkpoint the store was prepared from")
+        self._verified.add(name)
 
     def record(self, name: str) -> FileRecord:
         return self._records[name]
@@ -473,6 +496,12 @@ class BlockStore:
     def verify(self) -> list[str]:
         """Read every file and check it against the manifest; return one line per problem."""
         problems = []
+        for name in self.manifest.get("checksums", {}):
+            self._verified.discard(name)
+            try:
+                self.check_small_file(name)
+            except StoreError as exc:
+                problems.append(str(exc))
         for rec in list(self._records.values()) + list(self._state.values()):
             try:
                 tensors = self.read_file(rec)
@@ -568,5 +597,10 @@ def build_store(
             atomic_write(tmp / name, data)
         if files:
             manifest["extra_files"] = sorted(files)
+        small = [manifest["tokenizer"]] if manifest["tokenizer"] else []
+        manifest["checksums"] = {}
+        for name in small + sorted(files or {}):
+            data = (tmp / name).read_bytes()
+            manifest["checksums"][name] = {"bytes": len(data), "crc32": crc32(memoryview(data))}
         atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     return BlockStore.open(dst)

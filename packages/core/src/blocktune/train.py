@@ -37,7 +37,7 @@ from .report import Progress, ScalarLog, plot_run, read_metrics
 from .store import BlockStore, atomic_write
 from .tokenizer import Tokenizer
 
-__all__ = ["RunConfig", "Trainer", "lr_at"]
+__all__ = ["RunConfig", "Trainer", "lr_at", "check_out"]
 
 
 @dataclass
@@ -142,6 +142,14 @@ class RunConfig:
             keep_budget=parse_bytes(self.keep_activations), verify=self.verify,
             frozen_reads=self.frozen_reads,
         )
+
+
+def check_out(cfg: RunConfig, resume: bool) -> None:
+    """Refuse to start afresh in a run folder that holds an earlier run's record."""
+    out = Path(cfg.out)
+    if not resume and not cfg.overwrite and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{out}: the run folder is not empty (an earlier run's record is there); "
+                          "continue it with --resume, replace it with --overwrite, or choose another --out")
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
@@ -290,10 +298,8 @@ class Trainer:
 
     def run(self, resume: bool = False) -> list[dict]:
         cfg = self.cfg
-        if not resume and not cfg.overwrite and self.out.is_dir() and any(self.out.iterdir()):
-            raise ConfigError(f"{self.out}: the run folder is not empty (an earlier run's record is "
-                              "there); continue it with --resume, replace it with --overwrite, or "
-                              "choose another --out")
+        if not self.dist.enabled:  # ranks check before they join (the CLI): rank 0 writes here
+            check_out(cfg, resume)
         self.out.mkdir(parents=True, exist_ok=True)
         self.log("config:\n" + cfg.to_toml())
         for note in self.engine.budgets.notes:

@@ -287,6 +287,7 @@ def export_meta(store: BlockStore, out: str | Path, n_shards: int | None = None,
     n = n_shards or source.get("shards", 1)
     extras = {}
     if (store.path / "extras.safetensors").is_file():
+        store.check_small_file("extras.safetensors")
         from safetensors.torch import load_file
 
         extras = load_file(str(store.path / "extras.safetensors"))
