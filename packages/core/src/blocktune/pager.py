@@ -229,8 +229,8 @@ class Pager:
             state_file = max((r.nbytes for n in store.units if (r := store.state_record(n))),
                              default=unit_file * per_param // store.dtype.itemsize) if mutable else 0
             # resident units are views of their read buffers, unless they are converted to the
-            # compute dtype: then a buffer is only in flight, and one idle one is kept for reuse
-            # (no page faults on the next read) unless memory is tight (a budget under two units)
+            # compute dtype: then a buffer is only in flight, and idle ones are kept up to one
+            # unit file (or, where the budget is under two units, up to what was in flight at once)
             if compute_dtype != store.dtype:
                 idle = unit_file if self.budget >= 2 * largest else 0
             else:
