@@ -4,15 +4,21 @@ Writing goes straight from the tensors' memory (or, for a unit updated in place 
 it was read into, from that buffer as it stands); reading decodes views into one buffer. Direct
 IO wants 4 KiB-aligned buffers, offsets and lengths: `aligned_empty` makes them (2 MiB-aligned
 with transparent huge pages from 2 MiB up), `AlignedWriter` gathers other writes through a
-bounce buffer. The checksum is ISA-L's crc32 where it installs, zlib's otherwise.
+bounce buffer. The checksum is ISA-L's crc32 where it installs, zlib's otherwise. Whole files
+and folders appear atomically: `atomic_write` (temp, fsync, rename) and `staging_dir`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+import tempfile
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +31,7 @@ except ImportError:  # no wheel for this platform
 from .devices import advise_huge, dtype_name
 from .errors import StoreError
 
-__all__ = ["ALIGN", "HUGE_PAGE", "AlignedWriter", "RowPieces", "aligned_empty", "crc32", "decode_tensors",
+__all__ = ["atomic_write", "staging_dir", "ALIGN", "HUGE_PAGE", "AlignedWriter", "RowPieces", "aligned_empty", "crc32", "decode_tensors",
            "file_image", "open_direct", "read_into", "round_up", "write_image", "write_tensors"]
 
 _ST_DTYPES = {
@@ -242,3 +248,51 @@ def decode_tensors(buf: torch.Tensor, source: str) -> dict[str, torch.Tensor]:
         return out
     except (ValueError, KeyError, TypeError, RuntimeError, struct.error) as exc:
         raise StoreError(f"{source}: not a readable safetensors file ({exc})") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes | memoryview, *, opener: Callable = open) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with opener(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextmanager
+def staging_dir(dst: Path) -> Iterator[Path]:
+    """A temp folder beside `dst` that becomes `dst` on success and vanishes on failure."""
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise StoreError(f"{dst}: already exists and is not empty; choose a new folder or remove it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        yield tmp
+        try:
+            if dst.exists():
+                dst.rmdir()
+            os.replace(tmp, dst)
+        except OSError as exc:  # ENOTEMPTY: another process (a second prepare, say) got there first
+            raise StoreError(f"{dst}: another process filled this folder while this one was being "
+                             f"written ({exc.strerror}); nothing of it was changed, and this copy is "
+                             "discarded: choose a new folder") from None
+        _fsync_dir(dst.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

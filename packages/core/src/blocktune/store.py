@@ -37,11 +37,8 @@ import errno
 import json
 import mmap
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,12 +52,14 @@ from .fileio import (
     ALIGN,
     AlignedWriter,
     aligned_empty,
+    atomic_write,
     crc32,
     decode_tensors,
     file_image,
     open_direct,
     read_into,
     round_up,
+    staging_dir,
     write_image,
     write_tensors,
 )
@@ -86,30 +85,6 @@ def manifest_files(m: dict[str, Any]) -> set[str]:
         files.add(m["tokenizer"])
     files.update(m.get("extra_files", []))
     return files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes | memoryview, *, opener: Callable = open) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with opener(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -514,30 +489,6 @@ class BlockStore:
         return problems
 
 
-@contextmanager
-def staging_dir(dst: Path) -> Iterator[Path]:
-    """A temp folder beside `dst` that becomes `dst` on success and vanishes on failure."""
-    dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()):
-        raise StoreError(f"{dst}: already exists and is not empty; choose a new folder or remove it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
-        yield tmp
-        try:
-            if dst.exists():
-                dst.rmdir()
-            os.replace(tmp, dst)
-        except OSError as exc:  # ENOTEMPTY: another process (a second prepare, say) got there first
-            raise StoreError(f"{dst}: another process filled this folder while this one was being "
-                             f"written ({exc.strerror}); nothing of it was changed, and this copy is "
-                             "discarded: choose a new folder") from None
-        _fsync_dir(dst.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def build_store(
     dst: str | Path,
     args: ModelArgs,
@@ -590,17 +541,15 @@ def build_store(
             "units": {n: records[n].to_dict() for n in expected}, "state": {},
             "tokenizer": None, **(extra or {}),
         }
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-            manifest["tokenizer"] = "tokenizer.model"
-        for name, data in (files or {}).items():
-            atomic_write(tmp / name, data)
+        small = dict(files or {})
         if files:
             manifest["extra_files"] = sorted(files)
-        small = [manifest["tokenizer"]] if manifest["tokenizer"] else []
+        if tokenizer is not None:
+            small["tokenizer.model"] = Path(tokenizer).read_bytes()
+            manifest["tokenizer"] = "tokenizer.model"
         manifest["checksums"] = {}
-        for name in small + sorted(files or {}):
-            data = (tmp / name).read_bytes()
+        for name, data in small.items():  # small files: written and checksummed from memory
+            atomic_write(tmp / name, data)
             manifest["checksums"][name] = {"bytes": len(data), "crc32": crc32(memoryview(data))}
         atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     return BlockStore.open(dst)
