@@ -12,6 +12,8 @@ IMPORTS = {"core": "blocktune, blocktune.cli, blocktune.train",
            "export": "blocktune_export.meta, blocktune_export.hf, blocktune_export.cli",
            "bench": "blocktune_bench.reference, blocktune_bench.synthetic, blocktune_bench.demo"}
 CONSTRAINTS = ["-c", "constraints.txt"]
+# the test tools, and the oracles the format tests compare against (transformers, peft, gguf)
+TEST_DEPS = ["pytest", "pytest-benchmark", "hypothesis", "transformers", "peft", "gguf"]
 
 
 def install(session, *extra):
@@ -33,7 +35,7 @@ def smoke(session, package):
 @nox.session
 def test(session):
     """The whole suite (benchmarks left out), with every package installed."""
-    install(session, "pytest", "pytest-benchmark", "hypothesis")
+    install(session, *TEST_DEPS)
     session.run("pytest", "-m", "not bench and not cuda", *session.posargs)
 
 
@@ -42,7 +44,7 @@ def bench(session):
     """Benchmarks on this machine, results under benchmarks/results/: the pytest-benchmark suites
     (paged beside in-memory, per device; compared with the last saved run), then the measured
     figures of blocktune_bench.run (each configuration in its own process). Long: run it alone."""
-    install(session, "pytest", "pytest-benchmark", "hypothesis")
+    install(session, *TEST_DEPS)
     storage = Path("benchmarks/results/pytest-benchmark")
     # compare with the last saved run of this machine kind, where there is one (pytest-benchmark
     # refuses --benchmark-compare-fail with nothing to compare against); 50%: two back-to-back

@@ -85,17 +85,16 @@ def _inference_engine(a: argparse.Namespace, batch: int, seq: int):
     from .budgets import parse_budget
     from .engine import Engine, EngineConfig
     from .store import BlockStore
-    from .tokenizer import Tokenizer
+    from .tokenizer import load_tokenizer
 
     store = BlockStore.open(a.store)
-    if store.tokenizer_path is None:
-        raise BlocktuneError(f"{a.store}: the store has no tokenizer.model")
+    tok = load_tokenizer(store)
     adapter = load_adapter(a.adapter, store.args) if a.adapter else None
     cfg = EngineConfig(method="lora" if adapter else "full", lora=adapter.lora if adapter else None,
                        device=a.device or "auto", device_budget=parse_budget(a.device_budget or "auto"),
                        read_only=True, frozen_reads=a.frozen_reads or "auto", batch_hint=(batch, seq, 1))
     engine = Engine(store, cfg, adapters=adapter.tensors if adapter else None)
-    return store, engine, Tokenizer(store.tokenizer_path)
+    return store, engine, tok
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -103,10 +102,19 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     _, engine, tok = _inference_engine(a, 1, min(len(a.prompt) + a.max_new_tokens, 4096))
     sampling = SamplingConfig(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
-    prompt = tok.encode(a.prompt, bos=True)
-    sys.stdout.write(a.prompt)
+    if a.chat:  # the prompt as the user's turn, in the model's chat template
+        from .chat import prompt_tokens
+
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
+            {"role": "user", "content": a.prompt}]
+        prompt = prompt_tokens(tok, messages)  # the reply alone is printed
+    else:
+        if a.system:
+            raise BlocktuneError("--system needs --chat")
+        prompt = tok.encode(a.prompt, bos=True)
+        sys.stdout.write(a.prompt)
     t0 = time.perf_counter()
-    out = stream_text(tok, prompt, generate_tokens(engine, prompt, sampling, tok.eos_id),
+    out = stream_text(tok, prompt, generate_tokens(engine, prompt, sampling, tok.eos_ids),
                       lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     dt = time.perf_counter() - t0
     sys.stdout.write("\n")
@@ -194,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a store (LoRA or full) on a text or JSONL file")
     p.add_argument("--store", help="prepared block store")
-    p.add_argument("--data", help=".txt (packed) or .jsonl with prompt/response")
+    p.add_argument("--data", help=".txt (packed), or .jsonl rows of prompt/response or of chat messages")
     p.add_argument("--config", help="TOML run config; flags override it")
     p.add_argument("--method", choices=["lora", "full"])
     p.add_argument("--steps", type=int)
@@ -219,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     p.add_argument("--adapter", help="LoRA adapter file from a run")
     p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user turn in the model's chat template (Llama 2: [INST])")
+    p.add_argument("--system", help="with --chat: a system prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)

@@ -1,8 +1,11 @@
 """Typed configuration for the model and its LoRA adapters.
 
-`ModelArgs` reads and writes Meta's ``params.json`` (the file that ships next to
-``consolidated.00.pth``); the fields Meta does not have (dropout, LoRA) carry defaults
-and are written only to our own manifest.
+`ModelArgs` is one decoder for every supported family (Llama 2 and 3.x, Mistral, Qwen2.5,
+Qwen3): the families differ only in fields of it (grouped-query heads, an explicit head size,
+q/k/v biases, q/k norms, RoPE scaling, tied embeddings, a sliding window). It reads and writes
+Meta's ``params.json`` (the file that ships next to ``consolidated.00.pth``); Hugging Face's
+``config.json`` is read by `blocktune_export.hf`. Fields neither format has (dropout, LoRA)
+carry defaults and are written only to our own manifest.
 """
 
 from __future__ import annotations
@@ -15,7 +18,17 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["ModelArgs", "LoraConfig", "PRESETS", "LORA_TARGETS"]
+__all__ = ["ModelArgs", "LoraConfig", "PRESETS", "LORA_TARGETS", "ROPE_TYPES"]
+
+# RoPE scaling types and the parameters each needs (Hugging Face's names)
+ROPE_TYPES: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
+_ROPE_OPTIONAL = {"yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                           "truncate")}
 
 # Keys of Meta's params.json, in the order Meta writes them.
 _META_KEYS = (
@@ -47,15 +60,29 @@ class ModelArgs:
     embed_dropout: float = 0.0
     attn_dropout: float = 0.0
     resid_dropout: float = 0.0
+    # ---- the fields that make the other families (defaults: Llama 2) ----
+    explicit_head_dim: int | None = None  # Qwen3: not dim // n_heads (q_proj is dim -> heads·head_dim)
+    ffn_dim: int | None = None  # the SwiGLU width as given (HF's intermediate_size); None: Meta's rule
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3", "factor": 8.0, ...}
+    qkv_bias: bool = False  # Qwen2: biases on q/k/v
+    o_bias: bool = False  # Llama's attention_bias puts one on o too
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
+    tie_embeddings: bool = False  # the head's projection is the embedding matrix (one tensor)
+    sliding_window: int | None = None  # attention span, where a layer has one (Mistral v0.1)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()  # generation stops at any of these (and the tokenizer's)
+    family: str = "llama"  # the architecture it came as: llama, mistral, qwen2, qwen3
 
     def __post_init__(self) -> None:
         problems = []
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 problems.append(f"{name}={value!r} must be a positive integer")
         if not problems:
-            if self.dim % self.n_heads:
+            if self.dim % self.n_heads and self.explicit_head_dim is None:
                 problems.append(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
             elif self.head_dim % 2:
                 problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
@@ -71,12 +98,20 @@ class ModelArgs:
                 problems.append(f"{name}={p} must be in [0, 1)")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             problems.append("norm_eps and rope_theta must be positive")
+        for name in ("explicit_head_dim", "ffn_dim", "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                problems.append(f"{name}={value!r} must be a positive integer or None")
+        if self.explicit_head_dim is not None and self.explicit_head_dim % 2:
+            problems.append(f"head_dim={self.explicit_head_dim} must be even for rotary embeddings")
+        if self.rope_scaling is not None:
+            problems += _rope_problems(self.rope_scaling)
         if problems:
             raise ConfigError("invalid model arguments: " + "; ".join(problems))
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.explicit_head_dim or self.dim // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -84,7 +119,9 @@ class ModelArgs:
 
     @property
     def hidden_dim(self) -> int:
-        """SwiGLU width, computed exactly as Meta's FeedForward does."""
+        """SwiGLU width: as given, or computed exactly as Meta's FeedForward does."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
@@ -98,12 +135,15 @@ class ModelArgs:
 
     # ---- parameter counts (used for budgets and bench reports) ----
     def block_params(self) -> int:
-        kv = self.kv_heads * self.head_dim
-        attn = self.dim * self.dim * 2 + self.dim * kv * 2
-        return attn + 3 * self.dim * self.hidden_dim + 2 * self.dim
+        q, kv = self.n_heads * self.head_dim, self.kv_heads * self.head_dim
+        attn = self.dim * q * 2 + self.dim * kv * 2
+        attn += (q + 2 * kv) * self.qkv_bias + self.dim * self.o_bias + 2 * self.head_dim * self.qk_norm
+        ffn = 3 * self.dim * self.hidden_dim + (2 * self.hidden_dim + self.dim) * self.mlp_bias
+        return attn + ffn + 2 * self.dim
 
     def n_params(self) -> int:
-        return 2 * self.vocab_size * self.dim + self.n_layers * self.block_params() + self.dim
+        embeddings = (1 if self.tie_embeddings else 2) * self.vocab_size * self.dim
+        return embeddings + self.n_layers * self.block_params() + self.dim
 
     # ---- Meta params.json ----
     @classmethod
@@ -155,7 +195,33 @@ class ModelArgs:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The manifest's record: every field, the family fields only where they differ from
+        Llama 2's defaults (so a Llama-2 store's manifest reads as it always did)."""
+        out = dataclasses.asdict(self)
+        out["eos_token_ids"] = list(self.eos_token_ids)
+        for f in dataclasses.fields(self):
+            if f.name in _FAMILY_FIELDS and out[f.name] == (list(f.default) if isinstance(f.default, tuple) else f.default):
+                del out[f.name]
+        return out
+
+
+_FAMILY_FIELDS = ("explicit_head_dim", "ffn_dim", "rope_scaling", "qkv_bias", "o_bias", "mlp_bias",
+                  "qk_norm", "tie_embeddings", "sliding_window", "bos_token_id", "eos_token_ids", "family")
+
+
+def _rope_problems(scaling: dict[str, Any]) -> list[str]:
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_TYPES:
+        return [f"rope_type {kind!r} is not supported (supported: {sorted(ROPE_TYPES)})"]
+    need = ROPE_TYPES[kind]
+    missing = [k for k in need if scaling.get(k) is None]
+    unknown = sorted(set(scaling) - set(need) - set(_ROPE_OPTIONAL.get(kind, ())) - {"rope_type"})
+    out = []
+    if missing:
+        out.append(f"rope_type {kind!r} needs {missing}")
+    if unknown:
+        out.append(f"rope_type {kind!r}: unknown parameter(s) {unknown}")
+    return out
 
 
 # Named presets. Numbers from the params.json files Meta ships.

@@ -1,4 +1,6 @@
-"""Datasets: plain text (packed into windows) and JSONL prompt/response pairs (prompt masked).
+"""Datasets: plain text (packed into windows), JSONL prompt/response pairs (prompt masked) and
+JSONL chats (`{"messages": [...]}`, rendered with the model's chat template, loss on the
+assistant turns only: `blocktune.chat`).
 
 The order of examples is a pure function of (seed, global example index), so a resumed run
 sees exactly the batches the uninterrupted run would have seen, with no sampler state to save.
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .chat import chat_tokens, check_messages
 from .engine import IGNORE_INDEX
 from .errors import DataError
 from .tokenizer import Tokenizer
@@ -74,30 +77,49 @@ def eval_windows(tok: Tokenizer, text: str, seq_len: int) -> list[Example]:
     return _windows(tok.encode(text, bos=True, eos=False), seq_len, seq_len + 1)
 
 
+def _example(ids: list[int], trained: list[bool], seq_len: int, pad_id: int, where: str) -> Example:
+    """Inputs ids[:-1] and targets ids[1:] (masked where `trained` is False), cut to seq_len and
+    padded (the padding is masked)."""
+    ids, trained = ids[: seq_len + 1], trained[: seq_len + 1]
+    if not any(trained[1:]):
+        raise DataError(f"{where}: no trained token within --seq-len {seq_len} (the prompt fills it); "
+                        "raise --seq-len or shorten the prompt")
+    pad = seq_len + 1 - len(ids)
+    inputs = torch.tensor(ids[:-1] + [pad_id] * pad, dtype=torch.long)
+    targets = torch.tensor([t if m else IGNORE_INDEX for t, m in zip(ids[1:], trained[1:])]
+                           + [IGNORE_INDEX] * pad, dtype=torch.long)
+    return Example(inputs, targets)
+
+
 def _jsonl(path: Path, text: str, tok: Tokenizer, seq_len: int) -> list[Example]:
     out = []
+    pad_id = tok.eos_id if tok.eos_id is not None else 0
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path}:{n}"
         try:
             row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not JSON ({exc})") from None
+        if isinstance(row, dict) and "messages" in row:
+            ids, trained = chat_tokens(tok, check_messages(row["messages"], where))
+            out.append(_example(ids, trained, seq_len, pad_id, where))
+            continue
+        try:
             prompt, response = row["prompt"], row["response"]
             if not isinstance(prompt, str) or not isinstance(response, str):
                 raise TypeError("prompt and response must be strings")
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise DataError(f"{path}:{n}: expected {{\"prompt\": str, \"response\": str}} ({exc})") from None
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"{where}: expected {{\"prompt\": str, \"response\": str}} or "
+                            f"{{\"messages\": [...]}} ({exc})") from None
         p = tok.encode(prompt, bos=True)
         r = tok.encode(response, bos=False, eos=True)
-        ids = (p + r)[: seq_len + 1]
-        if len(p) >= len(ids):
-            raise DataError(f"{path}:{n}: the prompt alone has {len(p)} tokens, no room for the "
+        if len(p) >= seq_len + 1:
+            raise DataError(f"{where}: the prompt alone has {len(p)} tokens, no room for the "
                             f"response within --seq-len {seq_len}")
-        pad = seq_len + 1 - len(ids)
-        inputs = torch.tensor(ids[:-1] + [tok.eos_id] * pad, dtype=torch.long)
-        # the loss covers response tokens only: target i is ids[i+1], masked while inside the prompt
-        targets = torch.tensor([IGNORE_INDEX] * (len(p) - 1) + ids[len(p):] + [IGNORE_INDEX] * pad,
-                               dtype=torch.long)
-        out.append(Example(inputs, targets))
+        # the loss covers response tokens only
+        out.append(_example(p + r, [False] * len(p) + [True] * len(r), seq_len, pad_id, where))
     return out
 
 

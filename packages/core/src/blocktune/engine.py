@@ -152,6 +152,14 @@ class _WeightHandles:
         return base.as_strided(shape, stride, base.storage_offset() + offset)
 
 
+def check_window(args: ModelArgs, length: int) -> None:
+    """Attention here spans the whole sequence: past a sliding window that is a different model."""
+    if args.sliding_window is not None and length > args.sliding_window:
+        raise ConfigError(f"sequence length {length} exceeds the model's sliding_window "
+                          f"{args.sliding_window} (config.json); blocktune attends to the whole "
+                          f"sequence, so keep --seq-len (and prompt + new tokens) within {args.sliding_window}")
+
+
 def _count_targets(targets: torch.Tensor) -> int:
     return int((targets != IGNORE_INDEX).sum())
 
@@ -198,6 +206,7 @@ class Engine:
         if not self.pager.mapped or store.dtype != self.dtype:
             self.pager.on_evict.append(lambda name: self._built.pop(name, None))
         self.step_count = store.step if self.cfg.method == "full" else 0
+        self._tied_grad: torch.Tensor | None = None  # tied head: its projection's gradient, for embed
 
     # ---- adapters ----
     def _init_adapters(self, given: dict[str, torch.Tensor] | None) -> None:
@@ -463,12 +472,20 @@ class Engine:
     def _full_step(self, unit: str, mod: nn.Module, lr: float, step: int) -> None:
         params = dict(mod.named_parameters())
         grads = {k: p.grad for k, p in params.items()}
+        if self.store.tied and unit == "head":  # the embeddings' matrix: stepped with embed
+            self._tied_grad = grads.pop("output.weight")
+            params.pop("output.weight").grad = None
+        elif self.store.tied and unit == "embed" and self._tied_grad is not None:
+            grads["tok_embeddings.weight"] = grads["tok_embeddings.weight"] + self._tied_grad
+            self._tied_grad = None
         state = unit_step(self.cfg.optimizer, {k: p.data for k, p in params.items()}, grads,
                           self.pager.get_state(unit), lr, storage_dtype=self.store.dtype)
         for p in params.values():
             p.grad = None
         self.pager.set_state(unit, state)
         self.pager.write_back(unit, {k: p.data for k, p in params.items()}, state, step + 1)
+        if self.store.tied and unit == "embed":
+            self.pager.drop("head")  # it holds its own copy of the matrix from before this step
 
     def _check_lengths(self, batches) -> None:
         for tok, tgt in batches:
@@ -478,6 +495,7 @@ class Engine:
             if tok.shape[1] > self.args.max_seq_len:
                 raise ConfigError(f"sequence length {tok.shape[1]} exceeds the model's "
                                   f"max_seq_len {self.args.max_seq_len}; lower --seq-len")
+            check_window(self.args, tok.shape[1])
 
     # ---- inference ----
     def _forward_units(self, tokens: torch.Tensor, caches=None, start: int = 0) -> Iterator:

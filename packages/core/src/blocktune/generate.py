@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .engine import Engine
+from .engine import Engine, check_window
 from .errors import ConfigError
 
 __all__ = ["SamplingConfig", "generate_tokens", "sample_next"]
@@ -46,12 +46,16 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator)
 
 
 def generate_tokens(engine: Engine, prompt: list[int], cfg: SamplingConfig,
-                    eos_id: int | None = None, use_cache: bool = True) -> Iterator[int]:
-    """Yield new tokens one at a time (batch of one prompt)."""
+                    eos_id: int | Iterable[int] | None = None, use_cache: bool = True) -> Iterator[int]:
+    """Yield new tokens one at a time (batch of one prompt). Generation stops at `eos_id` (one
+    id or several: Llama 3's <|eot_id|> and <|end_of_text|>) and at the model's own EOS ids."""
     limit = engine.args.max_seq_len
     if len(prompt) >= limit:
         raise ConfigError(f"prompt has {len(prompt)} tokens; the model's context is {limit}")
     total = min(limit, len(prompt) + cfg.max_new_tokens)
+    check_window(engine.args, total)
+    stops = set(engine.args.eos_token_ids)
+    stops |= {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     gen = torch.Generator().manual_seed(cfg.seed)
     tokens = list(prompt)
     caches = engine.new_caches(1, total) if use_cache else None
@@ -66,7 +70,7 @@ def generate_tokens(engine: Engine, prompt: list[int], cfg: SamplingConfig,
         nxt = int(sample_next(logits, cfg, gen)[0])
         tokens.append(nxt)
         yield nxt
-        if cfg.stop_at_eos and eos_id is not None and nxt == eos_id:
+        if cfg.stop_at_eos and nxt in stops:
             return
 
 

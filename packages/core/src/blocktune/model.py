@@ -1,4 +1,8 @@
-"""Llama 2, as Meta's reference code defines it, cut into pageable units.
+"""The Llama decoder, as Meta's reference code defines it, cut into pageable units.
+
+One spec for every family blocktune reads: Llama 2 and 3.x, Mistral, Qwen2.5 and Qwen3 differ
+only in fields of `ModelArgs` (q/k/v biases, q/k RMSNorms, an explicit head size, RoPE scaling,
+tied embeddings), each switched on here where Hugging Face's modeling code has it.
 
 The model is three kinds of unit: `Embed` (token embeddings), `Block` (one transformer
 layer) and `Head` (final RMSNorm + output projection). `Transformer` strings them together
@@ -68,13 +72,16 @@ class _GradOnlyLinear(torch.autograd.Function):
 
 
 class Linear(nn.Module):
-    """A bias-free linear layer with an optional LoRA adapter: y = xWᵀ + s·(drop(x)Aᵀ)Bᵀ."""
+    """A linear layer (bias where the family has one) with an optional LoRA adapter:
+    y = xWᵀ + b + s·(drop(x)Aᵀ)Bᵀ."""
 
     grad_only = False  # see Block.recompute_for_backward
 
-    def __init__(self, in_features: int, out_features: int, lora: LoraConfig | None = None):
+    def __init__(self, in_features: int, out_features: int, lora: LoraConfig | None = None,
+                 bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.lora_a: nn.Parameter | None = None
         self.lora_b: nn.Parameter | None = None
         if lora is not None:
@@ -93,19 +100,78 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _GradOnlyLinear.apply(x, self.weight) if self.grad_only else F.linear(x, self.weight)
+        if self.bias is not None:
+            y = y + self.bias
         if self.lora_a is not None:
             y = y + F.linear(F.linear(self.lora_dropout(x), self.lora_a), self.lora_b) * self.scale
         return y
 
 
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
+                     device=None) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies (head_dim // 2,), factor on cos and sin) of the rotary embedding,
+    with Hugging Face's scaling rules: `linear` (position interpolation), `llama3` (Llama 3.1's
+    wavelength-banded rescale) and `yarn` (NTK-by-parts, with its attention factor)."""
+    exps = torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim
+    inv_freq = 1.0 / (theta ** exps)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq, 1.0
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        old = scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        return _yarn(head_dim, theta, factor, scaling, device)
+    raise ValueError(f"rope_type {kind!r}")
+
+
+def _yarn(head_dim: int, theta: float, factor: float, p: dict, device) -> tuple[torch.Tensor, float]:
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = p.get("attention_factor")
+    if attention is None:
+        if p.get("mscale") and p.get("mscale_all_dim"):
+            attention = mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
+        else:
+            attention = mscale(factor)
+    fast, slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+    old = p["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = correction_dim(fast), correction_dim(slow)
+    if p.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, head_dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=device) - lo) / (hi - lo)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    extrapolate = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv_freq, float(attention)
+
+
 def rope_tables(
-    head_dim: int, positions: torch.Tensor, theta: float
+    head_dim: int, positions: torch.Tensor, theta: float, scaling: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of Meta's rotary angles for `positions`, each (T, head_dim // 2), fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device)
-                                [: head_dim // 2].float() / head_dim))
+    inv_freq, attention = rope_frequencies(head_dim, theta, scaling, positions.device)
     angles = torch.outer(positions.float(), inv_freq)
-    return angles.cos(), angles.sin()
+    if attention == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * attention, angles.sin() * attention
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -138,19 +204,24 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
         self.dropout = args.attn_dropout
 
-        def lin(name: str, i: int, o: int) -> Linear:
-            return Linear(i, o, lora if lora and name in lora.targets else None)
+        def lin(name: str, i: int, o: int, bias: bool) -> Linear:
+            return Linear(i, o, lora if lora and name in lora.targets else None, bias)
 
-        self.wq = lin("wq", args.dim, self.n_heads * self.head_dim)
-        self.wk = lin("wk", args.dim, self.n_kv * self.head_dim)
-        self.wv = lin("wv", args.dim, self.n_kv * self.head_dim)
-        self.wo = lin("wo", self.n_heads * self.head_dim, args.dim)
+        self.wq = lin("wq", args.dim, self.n_heads * self.head_dim, args.qkv_bias)
+        self.wk = lin("wk", args.dim, self.n_kv * self.head_dim, args.qkv_bias)
+        self.wv = lin("wv", args.dim, self.n_kv * self.head_dim, args.qkv_bias)
+        self.wo = lin("wo", self.n_heads * self.head_dim, args.dim, args.o_bias)
+        # Qwen3: RMSNorm over each head's q and k, before the rotation
+        self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, start+T, n_kv, head_dim)
@@ -175,7 +246,7 @@ class FeedForward(nn.Module):
         h = args.hidden_dim
 
         def lin(name: str, i: int, o: int) -> Linear:
-            return Linear(i, o, lora if lora and name in lora.targets else None)
+            return Linear(i, o, lora if lora and name in lora.targets else None, args.mlp_bias)
 
         self.w1 = lin("w1", args.dim, h)
         self.w2 = lin("w2", h, args.dim)
@@ -193,14 +264,14 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.resid_dropout = nn.Dropout(args.resid_dropout)
-        self.rope_theta = args.rope_theta
+        self.rope_theta, self.rope_scaling = args.rope_theta, args.rope_scaling
         self.head_dim = args.head_dim
 
     def forward(self, x, cache: KVCache | None = None, start: int = 0):
         # x: (B, T, dim). Rotary tables are cheap next to the block's matmuls: make them here
         # so that a block needs nothing but its input.
         pos = torch.arange(start, start + x.shape[1], device=x.device)
-        cos, sin = rope_tables(self.head_dim, pos, self.rope_theta)
+        cos, sin = rope_tables(self.head_dim, pos, self.rope_theta, self.rope_scaling)
         h = x + self.resid_dropout(self.attention(self.attention_norm(x), cos, sin, cache, start))
         return h + self.resid_dropout(self.feed_forward(self.ffn_norm(h)))
 
@@ -251,6 +322,8 @@ class Transformer(nn.Module):
         self.embed = Embed(args)
         self.layers = nn.ModuleList(Block(args, lora) for _ in range(args.n_layers))
         self.head = Head(args)
+        if args.tie_embeddings:  # one tensor, both uses' gradients summed into it
+            self.head.output.weight = self.embed.tok_embeddings.weight
 
     def units(self) -> list[tuple[str, nn.Module]]:
         return [("embed", self.embed)] + [

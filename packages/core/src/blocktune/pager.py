@@ -194,6 +194,14 @@ class Pager:
     def _note_peak(self) -> None:
         self.stats.peak_resident = max(self.stats.peak_resident, self.resident_bytes)
 
+    def drop(self, name: str) -> None:
+        """Forget a resident unit (its tensors are out of date: a tied head after the embeddings'
+        step); the next `get` reads it again."""
+        entry = self._resident.pop(name, None)
+        if entry is not None:
+            for callback in self.on_evict:
+                callback(name)
+
     def pin(self, name: str) -> None:
         """Keep a resident unit resident until `unpin` (its optimizer step is still to come)."""
         self._pinned.add(name)
@@ -244,7 +252,7 @@ class Pager:
 
     def _host_copy(self, name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """The unit's tensors in host memory: from the host tier, or read from disk."""
-        file = self.store.record(name).file
+        file = self.store.unit_version(name)
         if file in self._host:
             self._host.move_to_end(file)
             self.stats.host_hits += 1
@@ -278,12 +286,12 @@ class Pager:
         its pages first under memory pressure): loading it again costs a residency check, not
         a fresh map, page-table fill and unmap (5 ms per 50 MB unit, on the core compute needs).
         With verify="always" every load maps and checks the file anew."""
-        rec = self.store.record(name)
+        version = self.store.unit_version(name)
         if self.verify in (True, "always"):
             return self.store.read_unit(name, verify=True, map_file=True)
-        tensors = self._maps.get(rec.file)
+        tensors = self._maps.get(version)
         if tensors is None:
-            tensors = self._maps[rec.file] = self.store.read_unit(name, verify=self.verify, map_file=True)
+            tensors = self._maps[version] = self.store.read_unit(name, verify=self.verify, map_file=True)
         else:
             ensure_resident(tensors.values())
         return dict(tensors)

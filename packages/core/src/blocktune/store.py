@@ -6,7 +6,8 @@
       embed.safetensors        tok_embeddings.weight
       block_00.safetensors     attention.wq.weight, …, ffn_norm.weight   (Meta names, no prefix)
       …
-      head.safetensors         norm.weight, output.weight
+      head.safetensors         norm.weight, output.weight (tied embeddings: norm.weight only;
+                               the unit is read with embed's tok_embeddings.weight as output.weight)
       block_00-000003.state.safetensors   optimizer state after step 3 (full fine-tune)
       tokenizer.model
 
@@ -65,6 +66,7 @@ from .fileio import (
 )
 from .model import unit_name
 from .storelock import ReadPin, WriterLock, pinned_files
+from .tokenizer import HF_TOKENIZER_FILES, detect_kind
 
 __all__ = ["BlockStore", "FileRecord", "FORMAT_VERSION", "unit_names", "build_store", "atomic_write",
            "staging_dir"]
@@ -265,8 +267,23 @@ class BlockStore:
     def state_record(self, name: str) -> FileRecord | None:
         return self._state.get(name)
 
+    @property
+    def tied(self) -> bool:
+        return self.args.tie_embeddings
+
+    def unit_files(self, name: str) -> list[FileRecord]:
+        """The files a unit is read from: its own, and for a tied head the embeddings' too."""
+        recs = [self._records[name]]
+        if name == "head" and self.tied:
+            recs.append(self._records["embed"])
+        return recs
+
+    def unit_version(self, name: str) -> str:
+        """A key that changes whenever any file the unit is read from does."""
+        return "+".join(r.file for r in self.unit_files(name))
+
     def unit_bytes(self, name: str) -> int:
-        return self._records[name].nbytes
+        return sum(r.nbytes for r in self.unit_files(name))
 
     def total_bytes(self) -> int:
         return sum(r.nbytes for r in self._records.values())
@@ -350,7 +367,11 @@ class BlockStore:
 
     def read_unit(self, name: str, alloc=None, verify: bool | str = True,
                   map_file: bool = False, direct: bool = False) -> dict[str, torch.Tensor]:
-        return self.read_file(self._records[name], alloc, verify, map_file, direct)
+        tensors = self.read_file(self._records[name], alloc, verify, map_file, direct)
+        if name == "head" and self.tied:
+            embed = self.read_file(self._records["embed"], alloc, verify, map_file, direct)
+            tensors["output.weight"] = embed["tok_embeddings.weight"]
+        return tensors
 
     def read_state(self, name: str) -> dict[str, torch.Tensor] | None:
         rec = self._state.get(name)
@@ -403,6 +424,8 @@ class BlockStore:
     def write_unit(self, name: str, tensors: dict[str, torch.Tensor], step: int,
                    sync: bool = True, direct: bool = False) -> FileRecord:
         old = self._records[name].tensors
+        if name == "head" and self.tied:  # the embeddings' tensor: written with embed
+            tensors = {k: v for k, v in tensors.items() if k != "output.weight"}
         if set(old) != set(tensors):
             raise StoreError(f"{name}: tensor keys changed on write-back ({sorted(set(old) ^ set(tensors))})")
         return self.write_file(f"{name}-{step:06d}.safetensors", tensors, sync, direct)
@@ -498,12 +521,15 @@ def build_store(
     progress: Callable[[str], None] | None = None,
     extra: dict[str, Any] | None = None,
     files: dict[str, bytes] | None = None,
+    tokenizer_kind: str | None = None,
 ) -> BlockStore:
     """Write a new store from (unit name, tensors) pairs in order; all or nothing.
 
     `units` may be a generator that assembles each unit on demand (streaming import), so only
     one unit is in memory at a time. `files`: small extra files (name -> bytes) that belong to
-    the store (named in the manifest's `extra_files`).
+    the store (named in the manifest's `extra_files`). `tokenizer`: a tokenizer.model
+    (sentencepiece or tiktoken, told apart by content), or with `tokenizer_kind="hf"` the folder
+    that holds tokenizer.json and its companions.
     """
     expected = unit_names(args)
 
@@ -542,11 +568,20 @@ def build_store(
             "tokenizer": None, **(extra or {}),
         }
         small = dict(files or {})
-        if files:
-            manifest["extra_files"] = sorted(files)
         if tokenizer is not None:
-            small["tokenizer.model"] = Path(tokenizer).read_bytes()
-            manifest["tokenizer"] = "tokenizer.model"
+            kind = tokenizer_kind or detect_kind(Path(tokenizer))
+            if kind == "hf":  # a folder: tokenizer.json, its config, the chat template
+                folder = Path(tokenizer)
+                small.update({n: (folder / n).read_bytes() for n in HF_TOKENIZER_FILES
+                              if (folder / n).is_file()})
+                manifest["tokenizer"] = "tokenizer.json"
+            else:
+                small["tokenizer.model"] = Path(tokenizer).read_bytes()
+                manifest["tokenizer"] = "tokenizer.model"
+            manifest["tokenizer_kind"] = kind
+        extras = sorted(set(small) - {manifest["tokenizer"]})
+        if extras:
+            manifest["extra_files"] = extras
         manifest["checksums"] = {}
         for name, data in small.items():  # small files: written and checksummed from memory
             atomic_write(tmp / name, data)

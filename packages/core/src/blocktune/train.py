@@ -35,7 +35,7 @@ from .optim import OptimizerConfig
 from .pager import parse_bytes
 from .report import Progress, ScalarLog, plot_run, read_metrics
 from .store import BlockStore, atomic_write
-from .tokenizer import Tokenizer
+from .tokenizer import load_tokenizer
 
 __all__ = ["RunConfig", "Trainer", "lr_at", "check_out"]
 
@@ -195,11 +195,7 @@ class Trainer:
         if cfg.dropout:
             # dropout is a training setting, not a property of the stored weights
             self.store.args = self.store.args.with_dropout(cfg.dropout)
-        tok_path = self.store.tokenizer_path
-        if tok_path is None:
-            raise StoreError(f"{cfg.store}: the store has no tokenizer.model; prepare it from a "
-                             "folder that has one")
-        self.tok = Tokenizer(tok_path)
+        self.tok = load_tokenizer(self.store)
         self.train_data, self.val_data = load_dataset(
             cfg.data, self.tok, cfg.seq_len, self.store.args.max_seq_len, cfg.val_ratio)
         ecfg = dataclasses.replace(cfg.engine_config(), device=str(device))
@@ -282,7 +278,7 @@ class Trainer:
     def sample(self, prompt: str | None = None, max_new: int | None = None) -> str:
         ids = self.tok.encode(prompt or self.cfg.sample_prompt, bos=True)
         cfg = SamplingConfig(max_new_tokens=max_new or self.cfg.sample_tokens, temperature=0.0)
-        new = list(generate_tokens(self.engine, ids, cfg, self.tok.eos_id))
+        new = list(generate_tokens(self.engine, ids, cfg, self.tok.eos_ids))
         return self.tok.decode(ids + new)[len(self.tok.decode(ids)):]  # keeps the leading space
 
     def estimate_disk_writes(self) -> tuple[int, int]:

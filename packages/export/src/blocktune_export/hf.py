@@ -1,4 +1,9 @@
-"""Hugging Face's Llama layout: safetensors shards, an index and config.json.
+"""Hugging Face folders of the Llama family (Llama 2/3.x, Mistral, Qwen2.5, Qwen3):
+config.json, safetensors shards (with an index where there are several), tokenizer files.
+
+`args_from_hf` reads every config.json key or refuses it by name: a setting blocktune does not
+compute is never dropped. A store prepared from HF keeps the folder's config.json verbatim
+(`source-config.json`) and its tokenizer files, and exports them back.
 
 HF names every tensor differently and, for its rotate-half rotary layout, permutes the rows
 of wq and wk within each head: Meta rotates interleaved pairs (x0, x1), HF rotates the two
@@ -8,15 +13,17 @@ halves of the head. `_to_hf` / `_from_hf` are that permutation and its inverse.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from blocktune.config import ModelArgs
+from blocktune.config import ROPE_TYPES, ModelArgs
 from blocktune.errors import ConfigError, StoreError
 from blocktune.store import BlockStore, build_store, staging_dir, unit_names
+from blocktune.tokenizer import HF_TOKENIZER_FILES
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -24,23 +31,29 @@ from .meta import meta_key, unit_of
 
 __all__ = ["export_hf", "import_hf", "HF_NAMES"]
 
-# Meta key (layers.N. removed) -> HF key (model.layers.N. removed)
+# Meta key (layers.N. removed) -> HF key (model.layers.N. removed). Biases and q/k norms are
+# the families' additions (Qwen2's q/k/v biases, Qwen3's q_norm/k_norm, Llama's optional
+# attention and MLP biases); their Meta-style names follow the weights'.
 HF_NAMES = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+for _meta, _hf in {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                   "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                   "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+                   "feed_forward.w3": "mlp.up_proj"}.items():
+    HF_NAMES[f"{_meta}.weight"] = f"{_hf}.weight"
+    HF_NAMES[f"{_meta}.bias"] = f"{_hf}.bias"
 _FROM_HF = {v: k for k, v in HF_NAMES.items()}
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+SOURCE_CONFIG = "source-config.json"  # the config.json a store was prepared from, kept verbatim
 
 
 def hf_key(meta: str) -> str:
@@ -48,93 +61,273 @@ def hf_key(meta: str) -> str:
     return f"model.layers.{m.group(1)}.{HF_NAMES[m.group(2)]}" if m else HF_NAMES[meta]
 
 
-def meta_of_hf(key: str) -> str:
+def meta_of_hf(key: str, source: str = "the checkpoint") -> str:
     m = _HF_LAYER.match(key)
     try:
         return f"layers.{m.group(1)}.{_FROM_HF[m.group(2)]}" if m else _FROM_HF[key]
     except KeyError:
-        raise StoreError(f"unknown Hugging Face key {key!r}; not a LlamaForCausalLM checkpoint") from None
+        raise StoreError(f"{source}: unknown Hugging Face key {key!r}; blocktune reads "
+                         f"{', '.join(ARCHITECTURES.values())} checkpoints") from None
 
 
 def _to_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
-    rows, cols = w.shape
-    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    """Meta's interleaved rotary pairs -> HF's rotate-half order, within each head (rows of a
+    weight, entries of a bias or a per-head norm)."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _from_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
-    rows, cols = w.shape
-    return w.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _heads(args: ModelArgs, local: str) -> int | None:
-    return {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.kv_heads}.get(local)
+    """How many heads a tensor's rows hold, where RoPE's layout permutes them."""
+    if local.startswith("attention.wq."):
+        return args.n_heads
+    if local.startswith("attention.wk."):
+        return args.kv_heads
+    if local in ("attention.q_norm.weight", "attention.k_norm.weight"):
+        return 1
+    return None
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    """config.json for a store that did not come from one (Meta layout, synthetic)."""
+    cfg = {
+        "architectures": [ARCHITECTURES[args.family]], "model_type": args.family,
         "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
         "num_attention_heads": args.n_heads, "num_hidden_layers": args.n_layers,
-        "num_key_value_heads": args.kv_heads, "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta, "vocab_size": args.vocab_size,
+        "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim, "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling, "vocab_size": args.vocab_size,
         "max_position_embeddings": args.max_seq_len, "hidden_act": "silu",
-        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+        "tie_word_embeddings": args.tie_embeddings,
+        "bos_token_id": 1 if args.bos_token_id is None else args.bos_token_id,
+        "eos_token_id": (list(args.eos_token_ids) if len(args.eos_token_ids) > 1 else
+                         args.eos_token_ids[0] if args.eos_token_ids else 2),
         "torch_dtype": str(dtype).replace("torch.", ""),
     }
+    if args.family in ("llama", "qwen3"):
+        cfg["attention_bias"] = args.o_bias
+    if args.family == "llama":
+        cfg["mlp_bias"] = args.mlp_bias
+    if args.family in ("mistral", "qwen2", "qwen3"):
+        cfg["sliding_window"] = args.sliding_window
+    return cfg
 
 
-def args_from_hf(cfg: dict, source: str) -> ModelArgs:
+# config.json keys that change nothing in the arithmetic of a forward or backward pass
+_IGNORED = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
+            "initializer_range", "use_cache", "pad_token_id", "_name_or_path", "pretraining_tp",
+            "return_dict", "output_attentions", "output_hidden_states", "torchscript", "use_bfloat16",
+            "tokenizer_class", "is_decoder", "is_encoder_decoder", "add_cross_attention",
+            "chunk_size_feed_forward", "id2label", "label2id", "problem_type", "keys_to_ignore_at_inference",
+            "max_window_layers", "use_sliding_window", "layer_types"}
+_READ = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "max_position_embeddings",
+         "hidden_act", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias", "mlp_bias",
+         "tie_word_embeddings", "sliding_window", "bos_token_id", "eos_token_id", "attention_dropout"}
+# per family: the config keys its transformers class has (others are not that family's)
+_FAMILY_KEYS = {
+    "llama": {"attention_bias", "mlp_bias", "head_dim"},
+    "mistral": {"sliding_window", "head_dim"},
+    "qwen2": {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
+    "qwen3": {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "head_dim",
+              "attention_bias"},
+}
+
+
+def _rope(cfg: dict, source: str) -> tuple[float, dict | None]:
+    """(rope_theta, scaling) from the hub's `rope_theta` + `rope_scaling` or transformers 5's
+    `rope_parameters` (which holds rope_theta)."""
+    params = cfg.get("rope_parameters")
+    scaling = cfg.get("rope_scaling")
+    if params is not None and scaling is not None and params != scaling:
+        raise ConfigError(f"{source}: both rope_parameters and rope_scaling are set, and differ")
+    raw = dict(params if params is not None else scaling or {})
+    theta = raw.pop("rope_theta", None)
+    if theta is None:
+        theta = cfg.get("rope_theta", 10000.0)
+    elif "rope_theta" in cfg and float(cfg["rope_theta"]) != float(theta):
+        raise ConfigError(f"{source}: rope_theta {cfg['rope_theta']} and rope_parameters' "
+                          f"rope_theta {theta} differ")
+    if "type" in raw:  # the older spelling
+        raw["rope_type"] = raw.pop("type")
+    kind = raw.get("rope_type", "default")
+    if kind == "default":
+        extra = sorted(set(raw) - {"rope_type"})
+        if extra:
+            raise ConfigError(f"{source}: rope_type 'default' with parameter(s) {extra}: not understood")
+        return float(theta), None
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"{source}: rope_type {kind!r} is not supported (blocktune computes "
+                          f"{sorted(ROPE_TYPES)}); refusing rather than training a different model")
+    return float(theta), raw
+
+
+def _sliding(cfg: dict, family: str, n_layers: int) -> int | None:
+    window = cfg.get("sliding_window")
+    if window is None:
+        return None
+    if family == "mistral":
+        return int(window)
+    if family in ("qwen2", "qwen3"):
+        types = cfg.get("layer_types")
+        if types is not None:
+            return int(window) if "sliding_attention" in types else None
+        if cfg.get("use_sliding_window") and cfg.get("max_window_layers", n_layers) < n_layers:
+            return int(window)
+    return None
+
+
+def args_from_hf(cfg: dict, source: str, generation: dict | None = None) -> ModelArgs:
+    """ModelArgs from a config.json; every key is understood or refused by name."""
+    arch = cfg.get("architectures") or []
+    family = cfg.get("model_type")
+    if family not in ARCHITECTURES or (arch and arch != [ARCHITECTURES[family]]):
+        raise ConfigError(f"{source}: architecture {arch or family!r} is not supported; blocktune "
+                          f"reads {', '.join(ARCHITECTURES.values())}")
+    if "quantization_config" in cfg:
+        raise ConfigError(f"{source}: a quantized checkpoint (quantization_config); blocktune "
+                          "fine-tunes exact weights: use the unquantized release")
+    allowed = _IGNORED | _READ
+    unknown = sorted(k for k in set(cfg) - allowed)
+    foreign = sorted(k for k in set(cfg) & ({k for ks in _FAMILY_KEYS.values() for k in ks}
+                                            - _FAMILY_KEYS[family]) if cfg[k] not in (None, False))
+    if unknown or foreign:
+        raise ConfigError(f"{source}: config field(s) {unknown + foreign} not understood for "
+                          f"{ARCHITECTURES[family]}; blocktune refuses rather than drop a setting")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{source}: hidden_act {act!r}: blocktune computes SwiGLU with silu only")
     try:
-        dim, inter = cfg["hidden_size"], cfg["intermediate_size"]
-        base = dict(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-                    vocab_size=cfg["vocab_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
-                    rope_theta=float(cfg.get("rope_theta", 10000.0)),
-                    max_seq_len=cfg.get("max_position_embeddings", 4096))
+        dim, inter, heads = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
+        n_layers, vocab = cfg["num_hidden_layers"], cfg["vocab_size"]
     except KeyError as exc:
         raise ConfigError(f"{source}: missing {exc} in config.json") from None
-    kv = cfg.get("num_key_value_heads", base["n_heads"])
-    base["n_kv_heads"] = None if kv == base["n_heads"] else kv
-    # Meta's params.json has no FFN width, only the rule that makes it: find the rule's inputs.
-    for mult in (256, 4096, 1024, 512, 128, 64, 32):
-        for ffm in (None, 1.3, 1.0, 1.5, 2.0):
-            a = ModelArgs(**base, multiple_of=mult, ffn_dim_multiplier=ffm)
-            if a.hidden_dim == inter:
-                return a
-    return ModelArgs(**base, multiple_of=inter)  # rounds any width ≤ inter up to exactly inter
+    theta, scaling = _rope(cfg, source)
+    head_dim = cfg.get("head_dim") or dim // heads
+    kv = cfg.get("num_key_value_heads") or heads
+    eos = cfg.get("eos_token_id")
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if generation:
+        geos = generation.get("eos_token_id")
+        eos_ids += [i for i in ([geos] if isinstance(geos, int) else geos or []) if i not in eos_ids]
+    bias = bool(cfg.get("attention_bias", False))
+    base = dict(
+        dim=dim, n_layers=n_layers, n_heads=heads, vocab_size=vocab, n_kv_heads=None if kv == heads else kv,
+        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        max_seq_len=cfg.get("max_position_embeddings", 4096),
+        explicit_head_dim=head_dim if head_dim * heads != dim else None,
+        qkv_bias=True if family == "qwen2" else bias, o_bias=False if family == "qwen2" else bias,
+        mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=family == "qwen3",
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        sliding_window=_sliding(cfg, family, n_layers),
+        bos_token_id=cfg.get("bos_token_id"), eos_token_ids=tuple(eos_ids), family=family,
+        attn_dropout=float(cfg.get("attention_dropout", 0.0)))
+    if family == "llama" and base["explicit_head_dim"] is None:
+        # Meta's params.json has no FFN width, only the rule that makes it: find the rule's
+        # inputs, so the store exports back to Meta's layout with Meta's numbers
+        for mult in (256, 4096, 1024, 512, 128, 64, 32):
+            for ffm in (None, 1.3, 1.0, 1.5, 2.0):
+                a = ModelArgs(**base, multiple_of=mult, ffn_dim_multiplier=ffm)
+                if a.hidden_dim == inter:
+                    return a
+    return ModelArgs(**base, ffn_dim=inter)
+
+
+def _export_config(store: BlockStore, dtype: torch.dtype) -> dict:
+    if (store.path / SOURCE_CONFIG).is_file():  # prepared from HF: its own config.json back
+        store.check_small_file(SOURCE_CONFIG)
+        cfg = json.loads((store.path / SOURCE_CONFIG).read_text())
+        key = "dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"
+        cfg[key] = str(dtype).replace("torch.", "")
+        return cfg
+    return hf_config(store.args, dtype)
+
+
+def _planned_tensors(store: BlockStore) -> list[tuple[str, str, list[int]]]:
+    """(unit, key, shape) of every tensor the export writes, in order (a tied head's projection
+    is the embedding matrix: written once, as model.embed_tokens.weight)."""
+    out = []
+    for unit in unit_names(store.args):
+        for k, info in store.record(unit).tensors.items():
+            out.append((unit, k, info["shape"]))
+    return out
 
 
 def export_hf(store: BlockStore, out: str | Path, adapter=None,
               dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 5 << 30) -> Path:
+    """The store as a Hugging Face folder: config.json, safetensors shards of at most
+    `shard_bytes` with an index, the tokenizer files. Streams: one unit is read (and merged)
+    at a time and each shard is written as soon as it is complete."""
     from .merge import merged_unit
 
+    item = torch.empty((), dtype=dtype).element_size()
+    plan: list[list[tuple[str, str]]] = [[]]
+    size = 0
+    for unit, k, shape in _planned_tensors(store):
+        nb = item * math.prod(shape)
+        if size and size + nb > shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append((unit, k))
+        size += nb
+    n = len(plan)
+    shard_of = {uk: i for i, shard in enumerate(plan) for uk in shard}
     with staging_dir(Path(out)) as tmp:
-        files: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
+        weight_map, total = {}, 0
+        current: dict[str, torch.Tensor] = {}
+        shard = 0
+
+        def flush() -> None:
+            nonlocal current, total
+            name = f"model-{shard + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+            save_file(current, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in current})
+            total += sum(t.numel() * t.element_size() for t in current.values())
+            current = {}
+
         for unit in unit_names(store.args):
-            for k, t in merged_unit(store, unit, adapter).items():
+            tensors = merged_unit(store, unit, adapter)
+            for k in store.record(unit).tensors:
+                if shard_of[(unit, k)] != shard:
+                    flush()
+                    shard = shard_of[(unit, k)]
+                t = tensors[k].to(dtype)
                 heads = _heads(store.args, k)
-                t = t.to(dtype)
                 if heads:
                     t = _to_hf(t, heads)
-                nb = t.numel() * t.element_size()
-                if size and size + nb > shard_bytes:
-                    files.append({})
-                    size = 0
-                files[-1][hf_key(meta_key(unit, k))] = t.contiguous()
-                size += nb
-        n = len(files)
-        weight_map = {}
-        for i, f in enumerate(files):
-            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            save_file(f, str(tmp / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in f})
-        total = sum(t.numel() * t.element_size() for f in files for t in f.values())
-        (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-        (tmp / "config.json").write_text(json.dumps(hf_config(store.args, dtype), indent=1))
+                current[hf_key(meta_key(unit, k))] = t.contiguous()
+            del tensors
+        flush()
+        if n > 1:
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(_export_config(store, dtype), indent=2, sort_keys=True) + "\n")
         if store.tokenizer_path is not None:
-            shutil.copyfile(store.tokenizer_path, tmp / "tokenizer.model")
+            names = [store.manifest["tokenizer"]] + [
+                f for f in store.manifest.get("extra_files", []) if f in HF_TOKENIZER_FILES]
+            for name in names:
+                store.check_small_file(name)
+                shutil.copyfile(store.path / name, tmp / name)
     return Path(out)
+
+
+def _check_shapes(args: ModelArgs, unit: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    from blocktune.model import Block, Embed, Head
+
+    with torch.device("meta"):
+        mod = Embed(args) if unit == "embed" else Head(args) if unit == "head" else Block(args)
+    want = {k: tuple(v.shape) for k, v in mod.state_dict().items()}
+    if unit == "head" and args.tie_embeddings:
+        del want["output.weight"]
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if want != got:
+        diff = [f"{hf_key(meta_key(unit, k))}: {got.get(k, 'missing')} vs config.json's "
+                f"{want.get(k, 'none')}" for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)]
+        raise StoreError(f"{source}: tensors do not match config.json: " + "; ".join(diff[:4]))
 
 
 def import_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None,
@@ -142,8 +335,15 @@ def import_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None
     src = Path(src)
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
-        raise StoreError(f"{src}: no config.json; is this a Hugging Face Llama folder?")
-    args = args_from_hf(json.loads(cfg_path.read_text()), str(cfg_path))
+        raise StoreError(f"{src}: no config.json; is this a Hugging Face model folder?")
+    raw_cfg = cfg_path.read_bytes()
+    try:
+        cfg = json.loads(raw_cfg)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{cfg_path}: not valid JSON ({exc})") from None
+    gen_path = src / "generation_config.json"
+    generation = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+    args = args_from_hf(cfg, str(cfg_path), generation)
     index = src / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -160,19 +360,22 @@ def import_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None
     for k in weight_map:
         if k.endswith("rotary_emb.inv_freq"):
             continue
-        by_unit.setdefault(unit_of(meta_of_hf(k))[0], []).append(k)
-    if set(by_unit) != set(unit_names(args)):
+        if k == "lm_head.weight" and args.tie_embeddings:
+            continue  # tied: transformers reads the embeddings for it, and so do we
+        by_unit.setdefault(unit_of(meta_of_hf(k, str(src)))[0], []).append(k)
+    if set(by_unit) - {"head"} != set(unit_names(args)) - {"head"}:
         raise StoreError(f"{src}: tensors do not match config.json's {args.n_layers} layers")
 
     def units():
         for unit in unit_names(args):
             out = {}
-            for k in by_unit[unit]:
+            for k in by_unit.get(unit, []):
                 with safe_open(str(src / weight_map[k]), framework="pt") as f:
                     t = f.get_tensor(k)
                 local = unit_of(meta_of_hf(k))[1]
                 heads = _heads(args, local)
                 out[local] = _from_hf(t, heads) if heads else t
+            _check_shapes(args, unit, out, str(src))
             yield unit, out
 
     gen = units()
@@ -183,6 +386,14 @@ def import_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None
         yield first
         yield from gen
 
-    tok = src / "tokenizer.model"
-    return build_store(dst, args, chain(), dtype, tokenizer=tok if tok.is_file() else None,
-                       progress=progress, extra={"source": {"format": "hf"}})
+    files = {SOURCE_CONFIG: raw_cfg}
+    if (src / "tokenizer.json").is_file():
+        tok, kind = src, "hf"
+    elif (src / "tokenizer.model").is_file():
+        tok, kind = src / "tokenizer.model", None
+        if gen_path.is_file():
+            files["generation_config.json"] = gen_path.read_bytes()
+    else:
+        tok, kind = None, None
+    return build_store(dst, args, chain(), dtype, tokenizer=tok, tokenizer_kind=kind,
+                       progress=progress, extra={"source": {"format": "hf"}}, files=files)

@@ -18,6 +18,8 @@ def merged_unit(store: BlockStore, unit: str, adapter: Adapter | None) -> dict[s
     layer = int(unit[6:])
     out = dict(tensors)
     for key in tensors:
+        if not key.endswith(".weight"):
+            continue
         stem = key[: -len(".weight")]
         a = adapter.tensors.get(f"layers.{layer}.{stem}.lora_a")
         if a is None:
