@@ -288,3 +288,62 @@ def test_llama2_inst_format_masks_the_prompts():
     spoken = tok.sp.decode([i for i, t in zip(ids, trained) if t])
     assert "roots" in spoken and "stake" in spoken and "basil" not in spoken
     assert "<<SYS>>" in tok.sp.decode(ids) and "[/INST]" in tok.sp.decode(ids)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+def test_three_adamw_steps_equal_transformers(checkpoints, family, tmp_path):
+    """Paged full fine-tune, three AdamW steps with every unit left resident between steps: a
+    tied head must see the embeddings' update (it holds its own copy of the matrix)."""
+    src, model, _ = checkpoints[family]
+    store = import_hf(src, tmp_path / "store")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src).train()
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0, foreach=False)
+    eng = _engine(store, method="full", optimizer=OptimizerConfig(name="adamw", lr=1e-2), loss_chunk=16)
+    for step in range(3):
+        tok = _tokens(store.args.vocab_size, 2, 17, seed=10 + step)
+        x, y = tok[:, :-1], tok[:, 1:]
+        logits = ref(x).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ours = eng.train_step([(x, y)])
+        assert abs(ours.loss - loss.item()) < 1e-5 * loss.item(), step
+    eng.close()
+    got = transformers.AutoModelForCausalLM.from_pretrained(export_hf(store, tmp_path / "hf", dtype=torch.float32))
+    start = model.state_dict()
+    for k, w in ref.state_dict().items():
+        # Adam divides by the gradient's own scale, so where that is near zero (an embedding row
+        # of a token seen once, q_proj behind Qwen3's q_norm) fp32 rounding of the gradient moves
+        # single elements: compare the whole change of each tensor instead
+        change = (w - start[k]).norm()
+        assert change > 0 and (got.state_dict()[k] - w).norm() < 1e-3 * change, k
+
+
+def test_cli_chat_finetune_generate_export(checkpoints, tmp_path):
+    """A new user's path with an HF folder: prepare, LoRA on chat rows, generate --chat, export
+    (back to HF by default), load the export in transformers."""
+    import subprocess
+    import sys
+
+    src = checkpoints["qwen2"][0]
+    rows = [{"messages": CHAT}] * 12
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+
+    def bt(*args):
+        r = subprocess.run([sys.executable, "-m", "blocktune", *map(str, args)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+
+    bt("prepare", src, tmp_path / "store")
+    bt("finetune", "--store", tmp_path / "store", "--data", tmp_path / "chat.jsonl", "--method", "lora",
+       "--steps", "2", "--seq-len", "96", "--out", tmp_path / "run")
+    r = bt("generate", "--store", tmp_path / "store", "--adapter", tmp_path / "run" / "adapter.safetensors",
+           "--chat", "--prompt", "How do I keep basil alive?", "--max-new-tokens", "5")
+    assert "tokens in" in r.stderr
+    bt("export", tmp_path / "store", tmp_path / "hf", "--adapter", tmp_path / "run" / "adapter.safetensors")
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    r = subprocess.run([sys.executable, "-m", "blocktune", "export", str(tmp_path / "store"), str(tmp_path / "meta"),
+                        "--format", "meta"], capture_output=True, text=True)
+    assert r.returncode != 0 and "--format hf" in r.stderr and not (tmp_path / "meta").exists()

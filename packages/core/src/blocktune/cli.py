@@ -172,7 +172,10 @@ def cmd_info(a: argparse.Namespace) -> int:
     info = {"store": str(store.path), "step": store.step, "dtype": str(store.dtype).replace("torch.", ""),
             "params": args.n_params(), "bytes": store.total_bytes(), "units": len(store.units),
             "largest_unit_bytes": max(store.unit_bytes(u) for u in store.units),
-            "model": args.to_params(), "open_seconds": round(opened, 4),
+            "family": args.family, "model": {**args.to_params(), **{
+                k: v for k, v in args.to_dict().items() if not k.endswith("dropout")}},
+            "open_seconds": round(opened, 4),
+            "tokenizer_kind": store.manifest.get("tokenizer_kind") if store.manifest.get("tokenizer") else None,
             "tokenizer": store.manifest.get("tokenizer")}
     print(json.dumps(info, indent=1))
     return 0

@@ -50,6 +50,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     store = BlockStore.open(a.store)
     adapter = load_adapter(a.adapter, store.args) if a.adapter else None
     dtype = parse_dtype(a.dtype)
+    if a.format is None:  # back to the layout it came in
+        a.format = "hf" if store.manifest.get("source", {}).get("format") == "hf" else "meta"
     if a.format == "hf":
         if a.shards:
             raise ConfigError("--shards applies to the Meta layout; HF shards by size")
@@ -74,6 +76,7 @@ def register_export(sub) -> None:
     p.add_argument("out")
     p.add_argument("--shards", type=int, help="Meta shard count (default: the imported count)")
     p.add_argument("--adapter", help="LoRA adapter to merge into the weights")
-    p.add_argument("--format", choices=["meta", "hf"], default="meta")
+    p.add_argument("--format", choices=["meta", "hf"],
+                   help="output layout (default: the one the store was prepared from)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.set_defaults(func=cmd_export)

@@ -278,11 +278,30 @@ def write_meta(out: Path, args: ModelArgs, units: Callable[[str], dict[str, torc
         shutil.copyfile(tokenizer, out / "tokenizer.model")
 
 
+def _check_meta_expressible(store: BlockStore) -> None:
+    """Meta's Llama-2 layout has no biases, q/k norms, head size, RoPE scaling or tied head:
+    a store that has any of them is refused by name rather than written as another model."""
+    a = store.args
+    found = [name for name, on in (("q/k/v biases", a.qkv_bias or a.o_bias), ("MLP biases", a.mlp_bias),
+                                   ("q/k norms", a.qk_norm), ("an explicit head_dim", a.explicit_head_dim),
+                                   ("RoPE scaling", a.rope_scaling), ("tied embeddings", a.tie_embeddings),
+                                   ("a sliding window", a.sliding_window)) if on]
+    if a.hidden_dim != ModelArgs(**{**a.to_dict(), "ffn_dim": None}).hidden_dim:
+        found.append(f"an FFN width ({a.hidden_dim}) that Meta's multiple_of rule does not give")
+    if found:
+        raise ConfigError(f"{store.path}: a {a.family} model with {', '.join(found)}: Meta's Llama-2 "
+                          "layout cannot hold it; export with --format hf")
+    if store.manifest.get("tokenizer_kind", "sentencepiece") == "hf":
+        raise ConfigError(f"{store.path}: its tokenizer is a tokenizer.json, which Meta's layout has no "
+                          "place for; export with --format hf")
+
+
 def export_meta(store: BlockStore, out: str | Path, n_shards: int | None = None,
                 adapter=None, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Store (optionally with merged LoRA adapters) -> Meta folder, written all or nothing."""
     from .merge import merged_unit
 
+    _check_meta_expressible(store)
     source = store.manifest.get("source", {})
     n = n_shards or source.get("shards", 1)
     extras = {}
