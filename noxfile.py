@@ -13,7 +13,11 @@ IMPORTS = {"core": "blocktune, blocktune.cli, blocktune.train",
            "bench": "blocktune_bench.reference, blocktune_bench.synthetic, blocktune_bench.demo"}
 CONSTRAINTS = ["-c", "constraints.txt"]
 # the test tools, and the oracles the format tests compare against (transformers, peft, gguf)
-TEST_DEPS = ["pytest", "pytest-benchmark", "hypothesis", "transformers", "peft", "gguf"]
+TEST_DEPS = ["pytest", "pytest-benchmark", "hypothesis", "transformers", "peft", "gguf", "pydantic"]
+# Meta's Llama 3 reference code (its tokenizer, chat format and model, which runs on fairscale's
+# model-parallel layers): only those modules are used, so without their many other dependencies;
+# fairscale is a source package, built against the torch already installed
+META_REFERENCE = ["--no-deps", "--no-build-isolation", "fairscale==0.4.13", "llama-models==0.3.0"]
 
 
 def install(session, *extra):
@@ -36,6 +40,7 @@ def smoke(session, package):
 def test(session):
     """The whole suite (benchmarks left out), with every package installed."""
     install(session, *TEST_DEPS)
+    session.install(*CONSTRAINTS, *META_REFERENCE)
     session.run("pytest", "-m", "not bench and not cuda", *session.posargs)
 
 

@@ -21,6 +21,7 @@ import torch
 from .corpus import corpus_text, tokenizer_path
 
 __all__ = ["FAMILIES", "SHAPES", "make_checkpoint", "make_shape_checkpoint", "train_hf_tokenizer",
+           "train_tiktoken_file",
            "LLAMA3_TEMPLATE", "CHATML_TEMPLATE"]
 
 # Chat templates in the two styles the families use, written for this project: Llama 3's
@@ -109,6 +110,40 @@ def train_hf_tokenizer(out: str | Path, style: str, vocab_size: int = 480) -> Pa
            "chat_template": template, "model_max_length": 256, "clean_up_tokenization_spaces": False}
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     return out / "tokenizer.json"
+
+
+def _byte_chars() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character for each byte (the GPT-2 mapping: printable
+    Latin-1 bytes stand for themselves, the rest are shifted past 255), inverted: char -> byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def train_tiktoken_file(out: str | Path, vocab_size: int = 480) -> Path:
+    """A Meta Llama 3 style `tokenizer.model` (base64 token, rank per line, as tiktoken reads it):
+    byte-level BPE trained by `tokenizers` on the shipped corpus, ranks in merge order."""
+    import base64
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus_text().splitlines(), trainer)
+    to_byte = _byte_chars()
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    lines = [f"{base64.b64encode(bytes(to_byte[c] for c in piece)).decode()} {rank}" for piece, rank in vocab]
+    out = Path(out)
+    out.write_text("\n".join(lines) + "\n")
+    return out
 
 
 def _config(cls_name: str, settings: dict):

@@ -148,7 +148,7 @@ class ModelArgs:
     # ---- Meta params.json ----
     @classmethod
     def from_params(cls, params: dict[str, Any], *, source: str = "params.json") -> ModelArgs:
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | {"use_scaled_rope", "rope_scaling_factor"}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ConfigError(
@@ -158,6 +158,13 @@ class ModelArgs:
         if missing:
             raise ConfigError(f"{source}: missing required key(s) {missing}")
         values = dict(params)
+        # Llama 3.1+: Meta's wavelength-banded RoPE rescale (llama-models' apply_scaling)
+        scaled = values.pop("use_scaled_rope", False)
+        factor = values.pop("rope_scaling_factor", None)
+        if scaled:
+            values["rope_scaling"] = meta_scaled_rope(factor)
+        elif factor is not None:
+            raise ConfigError(f"{source}: rope_scaling_factor without use_scaled_rope")
         if values.get("vocab_size", 0) == -1:
             raise ConfigError(
                 f"{source}: vocab_size is -1; read it from tokenizer.model "
@@ -192,6 +199,10 @@ class ModelArgs:
             if key in ("n_kv_heads", "ffn_dim_multiplier", "rope_theta") and value is None:
                 continue
             out[key] = value
+        if self.rope_scaling is not None and self.rope_scaling == meta_scaled_rope(self.rope_scaling.get("factor")):
+            out["use_scaled_rope"] = True
+            if self.rope_scaling["factor"] != 8.0:
+                out["rope_scaling_factor"] = self.rope_scaling["factor"]
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -203,6 +214,13 @@ class ModelArgs:
             if f.name in _FAMILY_FIELDS and out[f.name] == (list(f.default) if isinstance(f.default, tuple) else f.default):
                 del out[f.name]
         return out
+
+
+def meta_scaled_rope(factor: float | None = None) -> dict[str, Any]:
+    """Meta's `use_scaled_rope` as HF's llama3 rope type (llama-models: factor 8 unless the
+    params give rope_scaling_factor, low/high frequency factors 1 and 4, 8192 original positions)."""
+    return {"rope_type": "llama3", "factor": float(factor or 8.0), "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 _FAMILY_FIELDS = ("explicit_head_dim", "ffn_dim", "rope_scaling", "qkv_bias", "o_bias", "mlp_bias",

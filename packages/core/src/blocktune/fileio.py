@@ -282,6 +282,9 @@ def staging_dir(dst: Path) -> Iterator[Path]:
         raise StoreError(f"{dst}: already exists and is not empty; choose a new folder or remove it")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700: the result gets a folder's usual mode
     try:
         yield tmp
         try:

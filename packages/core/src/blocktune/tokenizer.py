@@ -158,12 +158,18 @@ def _chat_template(folder: Path, cfg: dict[str, Any]) -> str | None:
     return tpl
 
 
-# Meta's Llama 3 tokenizer (llama-models' tokenizer.py): the split pattern and special tokens
+# Meta's Llama 3 tokenizer (as llama-models 0.3 defines it): the split pattern and special tokens
 _LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                    r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+                   "<|image|>"]
+# Meta's chat format for Llama 3 (ChatFormat: a header per message, <|eot_id|> after each)
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 _LLAMA3_RESERVED = 256
 
 
@@ -182,15 +188,15 @@ class TiktokenTokenizer:
         except Exception as exc:
             raise ConfigError(f"{self.path}: not a tiktoken BPE file ({exc})") from exc
         n = len(ranks)
-        special = _LLAMA3_SPECIAL + [f"<|reserved_special_token_{i}|>"
-                                     for i in range(2, _LLAMA3_RESERVED - len(_LLAMA3_SPECIAL) + 2)]
+        special = _LLAMA3_SPECIAL + [f"<|reserved_special_token_{2 + i}|>"
+                                     for i in range(_LLAMA3_RESERVED - len(_LLAMA3_SPECIAL))]
         self.special = {t: n + i for i, t in enumerate(special)}
         self.enc = tiktoken.Encoding(self.path.name, pat_str=_LLAMA3_PATTERN, mergeable_ranks=ranks,
                                      special_tokens=self.special)
         self.bos_id = self.special["<|begin_of_text|>"]
         self.eos_id = self.special["<|end_of_text|>"]
         self.eos_ids = frozenset({self.eos_id, self.special["<|eot_id|>"], self.special["<|eom_id|>"]})
-        self.chat_template = None
+        self.chat_template = LLAMA3_CHAT_TEMPLATE
 
     @property
     def vocab_size(self) -> int:
@@ -200,8 +206,18 @@ class TiktokenTokenizer:
         ids = self.enc.encode(text, disallowed_special=())
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of `text` with its special tokens parsed, and each token's character span."""
+        ids = self.enc.encode(text, allowed_special="all")
+        _, starts = self.enc.decode_with_offsets(ids)
+        return ids, list(zip(starts, starts[1:] + [len(text)]))
+
+    def token_text(self, key: str) -> str | None:
+        return {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}.get(key)
+
     def decode(self, ids: list[int]) -> str:
-        return self.enc.decode([i for i in ids if i not in self.special.values()])
+        specials = set(self.special.values())
+        return self.enc.decode([i for i in ids if i not in specials])
 
 
 def detect_kind(path: Path) -> str:

@@ -10,14 +10,13 @@ from blocktune.devices import parse_dtype
 from blocktune.errors import ConfigError
 from blocktune.report import Progress
 from blocktune.store import unit_names
-from blocktune.tokenizer import Tokenizer
 
 __all__ = ["register_prepare", "register_export"]
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
     from .hf import import_hf
-    from .meta import import_meta, read_params
+    from .meta import import_meta, open_tokenizer_model, read_params
 
     src = Path(a.src)
     dtype = parse_dtype(a.dtype) if a.dtype else None
@@ -27,7 +26,7 @@ def cmd_prepare(a: argparse.Namespace) -> int:
         store = import_hf(src, a.dst, dtype)
     else:
         tok = src / "tokenizer.model"
-        args = read_params(src, Tokenizer(tok) if tok.is_file() else None)
+        args = read_params(src, open_tokenizer_model(tok) if tok.is_file() else None)
         bar = Progress(len(unit_names(args)), desc="prepare", unit="unit", every=10.0)
         try:
             store = import_meta(src, a.dst, dtype, progress=lambda _: bar.update(1))

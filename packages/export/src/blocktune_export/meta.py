@@ -19,7 +19,7 @@ from blocktune.config import ModelArgs
 from blocktune.errors import ConfigError, StoreError
 from blocktune.fileio import RowPieces
 from blocktune.store import BlockStore, build_store, staging_dir, unit_names
-from blocktune.tokenizer import Tokenizer
+from blocktune.tokenizer import TiktokenTokenizer, Tokenizer, detect_kind
 
 __all__ = ["SPLIT_AXIS", "split_axis", "meta_key", "read_meta", "import_meta", "export_meta",
            "write_meta", "shard_files", "load_shard"]
@@ -39,7 +39,8 @@ SPLIT_AXIS: dict[str, int | None] = {
     "attention_norm.weight": None,
     "ffn_norm.weight": None,
 }
-NOT_PARAMETERS = ("rope.freqs",)  # in Meta's files, recomputed by the model
+NOT_PARAMETERS = ("rope.freqs",)
+PARAMS_COPY = "source-params.json"  # the params.json a store was prepared from, verbatim  # in Meta's files, recomputed by the model
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
 
@@ -96,6 +97,11 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def open_tokenizer_model(path: Path):
+    """A Meta tokenizer.model: sentencepiece (Llama 2) or tiktoken (Llama 3), told by content."""
+    return TiktokenTokenizer(path) if detect_kind(path) == "tiktoken" else Tokenizer(path)
+
+
 def read_params(src: Path, tokenizer: Tokenizer | None) -> ModelArgs:
     path = src / "params.json"
     if not path.is_file():
@@ -132,7 +138,7 @@ def read_meta(src: str | Path) -> tuple[ModelArgs, Iterator[tuple[str, dict]], d
     """
     src = Path(src)
     tok_path = src / "tokenizer.model"
-    tokenizer = Tokenizer(tok_path) if tok_path.is_file() else None
+    tokenizer = open_tokenizer_model(tok_path) if tok_path.is_file() else None
     args = read_params(src, tokenizer)
     files = shard_files(src)
     # one pass over the keys (mmap: no tensor data read) to check them before writing anything
@@ -210,6 +216,7 @@ def import_meta(src: str | Path, dst: str | Path, dtype: torch.dtype | None = No
         from safetensors.torch import save
 
         files["extras.safetensors"] = save(info["extras"])
+    files[PARAMS_COPY] = (Path(src) / "params.json").read_bytes()  # given back byte for byte on export
     return build_store(dst, args, chain(), dtype, tokenizer=info["tokenizer"], progress=progress,
                        extra=extra, files=files)
 
@@ -250,7 +257,8 @@ def _shard_piece(t: torch.Tensor, axis: int | None, i: int, n: int, dtype: torch
 def write_meta(out: Path, args: ModelArgs, units: Callable[[str], dict[str, torch.Tensor]],
                n_shards: int, dtype: torch.dtype = torch.bfloat16,
                extras: dict[str, torch.Tensor] | None = None,
-               tokenizer: Path | None = None, key_order: list[str] | None = None) -> None:
+               tokenizer: Path | None = None, key_order: list[str] | None = None,
+               params: bytes | None = None) -> None:
     """Write a Meta folder; `units(name)` returns one unit's tensors (Meta names inside it).
 
     One shard at a time (`units` is called once per shard), so memory holds at most one
@@ -273,9 +281,27 @@ def write_meta(out: Path, args: ModelArgs, units: Callable[[str], dict[str, torc
         keys = sorted(sd, key=lambda k: rank.get(k, len(rank)))  # stable: model order otherwise
         torch.save({k: sd[k] for k in keys}, out / f"consolidated.{i:02d}.pth")
         del sd
-    (out / "params.json").write_text(json.dumps(args.to_params()))
+    if params is not None:
+        (out / "params.json").write_bytes(params)
+    else:
+        (out / "params.json").write_text(json.dumps(args.to_params()))
     if tokenizer is not None:
         shutil.copyfile(tokenizer, out / "tokenizer.model")
+    write_checklist(out)
+
+
+def write_checklist(out: Path) -> None:
+    """checklist.chk as Meta ships it: `md5sum` lines for the shards and params.json."""
+    import hashlib
+
+    lines = []
+    for path in sorted(out.glob("consolidated.*.pth")) + [out / "params.json"]:
+        h = hashlib.md5()
+        with open(path, "rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+        lines.append(f"{h.hexdigest()}  {path.name}\n")
+    (out / "checklist.chk").write_text("".join(lines))
 
 
 def _check_meta_expressible(store: BlockStore) -> None:
@@ -284,7 +310,9 @@ def _check_meta_expressible(store: BlockStore) -> None:
     a = store.args
     found = [name for name, on in (("q/k/v biases", a.qkv_bias or a.o_bias), ("MLP biases", a.mlp_bias),
                                    ("q/k norms", a.qk_norm), ("an explicit head_dim", a.explicit_head_dim),
-                                   ("RoPE scaling", a.rope_scaling), ("tied embeddings", a.tie_embeddings),
+                                   ("RoPE scaling other than Meta's use_scaled_rope",
+                                    a.rope_scaling and "use_scaled_rope" not in a.to_params()),
+                                   ("tied embeddings", a.tie_embeddings),
                                    ("a sliding window", a.sliding_window)) if on]
     if a.hidden_dim != ModelArgs(**{**a.to_dict(), "ffn_dim": None}).hidden_dim:
         found.append(f"an FFN width ({a.hidden_dim}) that Meta's multiple_of rule does not give")
@@ -310,7 +338,11 @@ def export_meta(store: BlockStore, out: str | Path, n_shards: int | None = None,
         from safetensors.torch import load_file
 
         extras = load_file(str(store.path / "extras.safetensors"))
+    params = None
+    if (store.path / PARAMS_COPY).is_file():
+        store.check_small_file(PARAMS_COPY)
+        params = (store.path / PARAMS_COPY).read_bytes()
     with staging_dir(Path(out)) as tmp:
         write_meta(tmp, store.args, lambda u: merged_unit(store, u, adapter), n, dtype,
-                   extras, store.tokenizer_path, source.get("key_order"))
+                   extras, store.tokenizer_path, source.get("key_order"), params)
     return Path(out)
