@@ -347,3 +347,48 @@ def test_cli_chat_finetune_generate_export(checkpoints, tmp_path):
     r = subprocess.run([sys.executable, "-m", "blocktune", "export", str(tmp_path / "store"), str(tmp_path / "meta"),
                         "--format", "meta"], capture_output=True, text=True)
     assert r.returncode != 0 and "--format hf" in r.stderr and not (tmp_path / "meta").exists()
+
+
+def test_bf16_store_keeps_frozen_embeddings_and_head_narrow(tmp_path):
+    """A bf16 store under fp32 compute: the frozen embeddings and head stay bf16 in memory (the
+    head widened a slice at a time, in the forward and the backward) and compute what
+    transformers computes with the same weights widened. A LoRA step through them equals peft's."""
+    from blocktune.config import LoraConfig
+    from blocktune.model import _SlicedCastLinear
+
+    peft = pytest.importorskip("peft")
+    make_checkpoint(tmp_path / "hf", "qwen3", dtype=torch.bfloat16)
+    store = import_hf(tmp_path / "hf", tmp_path / "store")
+    assert store.dtype == torch.bfloat16
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tok = _tokens(store.args.vocab_size, 2, 40)
+    rows = _SlicedCastLinear.ROWS
+    _SlicedCastLinear.ROWS = 100  # several slices of the 496-row head
+    try:
+        eng = _engine(store, read_only=True)
+        got = eng.logits(tok)
+        assert eng.pager.get("head")["output.weight"].dtype == torch.bfloat16
+        assert eng.pager.get("block_00")["attention.wq.weight"].dtype == torch.float32
+        eng.close()
+        with torch.no_grad():
+            assert (got - model(tok).logits).abs().max().item() < 1e-5
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for k, p in pm.named_parameters():
+                if "lora_B" in k:
+                    p.copy_(torch.randn_like(p) * 0.05)
+        start = _peft_to_ours(pm, store.args)
+        x, y = tok[:, :-1], tok[:, 1:]
+        logits = pm.train()(input_ids=x).logits
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+        torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.3).step()
+        eng = _engine(store, method="lora", lora=LoraConfig(rank=4, alpha=8, targets=("wq", "wv")),
+                      optimizer=OptimizerConfig(name="sgd", lr=0.3))
+        eng.load_adapters(start)
+        eng.train_step([(x, y)])
+        want = _peft_to_ours(pm, store.args)
+        for k, v in eng.adapter_state().items():
+            assert (v - want[k]).abs().max().item() < 1e-6, k
+        eng.close()
+    finally:
+        _SlicedCastLinear.ROWS = rows

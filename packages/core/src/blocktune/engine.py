@@ -176,8 +176,14 @@ class Engine:
         self.dtype = parse_dtype(dtype) if dtype else self.device.default_dtype()
         self.device.check_dtype(self.dtype)
         batch, seq, micro = self.cfg.batch_hint
+        # frozen embeddings and head stay in the stored dtype (bf16): the embedding reads a few
+        # rows, the head widens its matrix a slice at a time; widened whole, Llama 3's 128k
+        # vocabulary is 2.1 GB per unit in fp32
+        frozen = self.cfg.method != "full" or self.cfg.read_only
+        self.as_stored = (frozenset({"embed", "head"}) if frozen and store.dtype.itemsize < self.dtype.itemsize
+                          else frozenset())
         self.budgets: Budgets = resolve_budgets(
-            self.device, store.args, resident_sizes(store, self.dtype),
+            self.device, store.args, resident_sizes(store, self.dtype, self.as_stored),
             {n: store.unit_bytes(n) for n in store.units}, store.dtype, self.dtype,
             method=self.cfg.method, device_budget=self.cfg.device_budget, host_budget=self.cfg.host_budget,
             activation_budget=self.cfg.activation_budget, batch=batch, seq=seq, micro=micro,
@@ -191,7 +197,8 @@ class Engine:
         self.pager = Pager(store, self.device, budget, self.dtype, prefetch=self.cfg.prefetch,
                            verify=self.cfg.verify, host_budget=self.budgets.host,
                            mutable=self.cfg.method == "full" and not self.cfg.read_only,
-                           max_dirty=self.cfg.max_dirty, frozen_reads=self.cfg.frozen_reads)
+                           max_dirty=self.cfg.max_dirty, frozen_reads=self.cfg.frozen_reads,
+                           as_stored=self.as_stored)
         self.units = store.units
         self.lora = self.cfg.lora if self.cfg.method == "lora" else None
         self.adapters: dict[str, dict[str, nn.Parameter]] = {}
@@ -345,7 +352,7 @@ class Engine:
                     else:
                         stash.put((i, m), xs[m])
                         with torch.no_grad():
-                            xs[m] = mod(xs[m])
+                            xs[m] = mod(xs[m]) if i else mod(xs[m]).to(self.dtype)
                     cursors[m] = dev.get_rng_state()
                 if keep:
                     kept_bytes += hooks.activation_bytes
@@ -505,7 +512,7 @@ class Engine:
             mod = self._module(self.units[i], training=False)
             self.pager.prefetch(self._next(i, +1))
             if i == 0:
-                h = mod(h)
+                h = mod(h).to(self.dtype)
             else:
                 h = mod(h, caches[i - 1] if caches else None, start)
         return h

@@ -300,7 +300,35 @@ class Embed(nn.Module):
         self.dropout = nn.Dropout(args.embed_dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
+        # (B, T, dim), in the stored dtype where the matrix is kept so: the caller widens it
+        return self.dropout(self.tok_embeddings(tokens))
+
+
+class _SlicedCastLinear(torch.autograd.Function):
+    """x·Wᵀ for a weight kept in a narrower dtype than x (a frozen bf16 head under fp32
+    compute): W is widened a slice of rows at a time, in the forward and again in the backward,
+    so neither keeps a widened copy of it (Llama 3's head: 2.1 GB in fp32)."""
+
+    ROWS = 16384
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.cat([F.linear(x, weight[s:s + _SlicedCastLinear.ROWS].to(x.dtype))
+                          for s in range(0, weight.shape[0], _SlicedCastLinear.ROWS)], dim=-1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        gx = gw = None
+        rows = _SlicedCastLinear.ROWS
+        if ctx.needs_input_grad[0]:
+            gx = sum(g[..., s:s + rows].matmul(weight[s:s + rows].to(g.dtype))
+                     for s in range(0, weight.shape[0], rows))
+        if ctx.needs_input_grad[1]:
+            gf, xf = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+            gw = gf.t().mm(xf)
+        return gx, gw
 
 
 class Head(nn.Module):
@@ -310,7 +338,11 @@ class Head(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(self.norm(h))  # (B, T, vocab)
+        x = self.norm(h)
+        w = self.output.weight
+        if w.dtype != x.dtype:  # a frozen head kept as stored: widened slice by slice
+            return _SlicedCastLinear.apply(x, w)
+        return F.linear(x, w)  # (B, T, vocab)
 
 
 class Transformer(nn.Module):

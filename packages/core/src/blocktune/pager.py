@@ -46,10 +46,12 @@ def parse_bytes(text: str | int | float | None) -> int | None:
         raise BudgetError(f"cannot read the size {text!r}; write it like 512MiB, 4GiB or 2GB") from None
 
 
-def resident_sizes(store: BlockStore, compute_dtype: torch.dtype) -> dict[str, int]:
-    """Bytes of each unit as it is held resident: in the compute dtype where that is wider."""
-    scale = compute_dtype.itemsize / store.dtype.itemsize
-    return {n: int(store.unit_bytes(n) * max(scale, 1.0)) for n in store.units}
+def resident_sizes(store: BlockStore, compute_dtype: torch.dtype,
+                   as_stored: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Bytes of each unit as it is held resident: in the compute dtype where that is wider
+    (units in `as_stored` stay in the stored dtype)."""
+    scale = max(compute_dtype.itemsize / store.dtype.itemsize, 1.0)
+    return {n: int(store.unit_bytes(n) * (1.0 if n in as_stored else scale)) for n in store.units}
 
 
 @dataclass
@@ -103,8 +105,10 @@ class Pager:
         mutable: bool = True,
         max_dirty: int | None = 512 << 20,
         frozen_reads: str = "auto",
+        as_stored: frozenset[str] = frozenset(),
     ):
         self.store, self.device, self.dtype = store, device, compute_dtype
+        self.as_stored = as_stored  # units kept in the stored dtype (the engine widens at use)
         self.verify, self.prefetch_enabled = verify, prefetch
         self.mutable = mutable  # False: units are only read (LoRA), so files may be mapped read-only
         if frozen_reads not in ("auto", "mapped", "direct"):
@@ -122,7 +126,7 @@ class Pager:
         # advice clears the pages' accessed bits (TLB flushes the compute pays for, ~3% of a
         # LoRA step here) and is wasted where the store stays cached anyway
         self._advise_cold = self.mapped and (available is None or store.total_bytes() > available / 2)
-        self._size = resident_sizes(store, compute_dtype)
+        self._size = resident_sizes(store, compute_dtype, as_stored)
         largest = self.largest_unit
         self.budget = budget if budget is not None else 1 << 62
         if self.budget < largest:
@@ -304,8 +308,9 @@ class Pager:
         host, staging = self._host_copy(name)
         tensors = {}
         with self.device.stream(self._copy_stream):
+            wide = self.dtype if name not in self.as_stored else None
             for k, v in host.items():  # copied and converted in one op on the copy stream
-                tensors[k] = self.device.to_device(v, self.dtype if v.is_floating_point() else None)
+                tensors[k] = self.device.to_device(v, wide if v.is_floating_point() else None)
             ready = self.device.record_event(self._copy_stream)
         if staging is not None:
             self._staging.append((staging, ready))
