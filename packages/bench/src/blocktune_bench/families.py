@@ -62,18 +62,18 @@ FAMILIES: dict[str, tuple[str, dict, str]] = {
                                                                 "rope_theta": 1000000.0}), "chatml"),
 }
 
-# 7B-class shapes, from the published config.json files
-SHAPES: dict[str, tuple[str, dict]] = {
+# 7B-class shapes, from the published config.json files (and the tokenizer style of each)
+SHAPES: dict[str, tuple[str, dict, str]] = {
     "llama-3.1-8b": ("LlamaConfig", dict(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        bos_token_id=128000, eos_token_id=128001)),
+        bos_token_id=128000, eos_token_id=128001), "llama3"),
     "qwen2.5-7b": ("Qwen2Config", dict(
         hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
         num_key_value_heads=4, vocab_size=152064, max_position_embeddings=131072, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False)),
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False), "chatml"),
 }
 
 
@@ -193,9 +193,10 @@ def make_shape_checkpoint(out: str | Path, shape: str, seed: int = 0, dtype: tor
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    cls_name, settings = SHAPES[shape]
+    cls_name, settings, style = SHAPES[shape]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    train_hf_tokenizer(out, style)  # a small vocabulary: its ids all fall inside the model's
     config = _config(cls_name, settings)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

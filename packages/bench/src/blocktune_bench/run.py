@@ -551,9 +551,56 @@ def group_auto(work: Path) -> None:
     save("auto-budgets", {"machine": machine(), "runs": runs}, table)
 
 
+def group_families(work: Path) -> None:
+    """Issue 13's acceptance: a 7B-class shape of each family, as a Hugging Face folder (config by
+    transformers, bf16 shards), prepared with `blocktune prepare` and taking a LoRA step with
+    `blocktune finetune` (no budget flags), each under a 2 GiB memory cgroup."""
+    from .corpus import demo_text
+    from .families import SHAPES, make_shape_checkpoint
+
+    data = work / "notes.txt"
+    data.write_text(demo_text())
+    limit = 2 << 30
+    runs = []
+    for shape in SHAPES:
+        hf, store = work / f"hf-{shape}", work / f"store-{shape}"
+        for p in (hf, store):
+            if p.exists():
+                shutil.rmtree(p)
+        make_shape_checkpoint(hf, shape)
+        cmd = [sys.executable, "-m", "blocktune_bench.limited", str(limit), "--", sys.executable, "-m", "blocktune",
+               "prepare", str(hf), str(store)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        prep = json.loads(r.stderr.strip().splitlines()[-1])
+        shutil.rmtree(hf)  # two copies of a 16 GB model do not fit this disk beside the next one
+        step = cli_under_limit(str(limit), store, data, work / f"families-{shape}", "--method", "lora", "--steps",
+                               "1", "--batch-size", "1", "--seq-len", "128", "--grad-accum", "1")
+        info = BlockStore.open(store)
+        run = {"shape": shape, "store_bytes": info.total_bytes(), "params": info.args.n_params(),
+               "prepare": prep, "lora_step": step}
+        info.close()
+        shutil.rmtree(store)
+        print(json.dumps(run), flush=True)
+        runs.append(run)
+    table = ["7B-class shapes from Hugging Face folders, each command in its own 2 GiB memory cgroup (v1, no swap, "
+             "page cache included) via `python -m blocktune_bench.limited 2GiB -- blocktune ...`; "
+             "`blocktune prepare HF STORE`, then `blocktune finetune --store STORE --data notes.txt --method lora "
+             "--steps 1 --batch-size 1 --seq-len 128 --grad-accum 1` (budgets auto, fp32 compute).", "",
+             "| shape | params | store | prepare: exit, s, peak | LoRA step: exit, peak, step s, GB read |",
+             "| --- | ---: | ---: | --- | --- |"]
+    for r in runs:
+        p, s = r["prepare"], r["lora_step"]
+        step = f"{s['step_seconds']:.1f}" if s.get("step_seconds") else "—"
+        table.append(f"| {r['shape']} | {r['params'] / 1e9:.2f} B | {r['store_bytes'] / 1e9:.1f} GB bf16 | "
+                     f"{p['exit_code']}, {p['seconds']:.0f} s, {p['cgroup_peak_bytes'] / 2**20:.0f} MiB | "
+                     f"{s['exit_code']}{' (OOM-killed)' if s.get('oom_kills') else ''}, "
+                     f"{(s.get('cgroup_peak_bytes') or 0) / 2**20:.0f} MiB, {step} s, {s.get('gb_read') or 0:.1f} |")
+    save("families", {"machine": machine(), "limit_bytes": limit, "runs": runs}, table)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="step,limit,headline,auto,prepare,export,generate,dist")
+    p.add_argument("--only", default="step,limit,headline,auto,families,prepare,export,generate,dist")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("BLOCKTUNE_BENCH_DIR", "/tmp/blocktune-bench")))
     a = p.parse_args(argv)
@@ -567,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         group_headline(a.workdir)
     if "auto" in groups:
         group_auto(a.workdir)
+    if "families" in groups:
+        group_families(a.workdir)
     if "prepare" in groups:
         group_prepare(a.workdir, a.reps)
     if "export" in groups:
