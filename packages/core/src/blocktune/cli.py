@@ -60,7 +60,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                  "host_budget": a.host_budget, "activation_budget": a.activation_budget, "seed": a.seed,
                  "keep_activations": a.keep_activations, "frozen_reads": a.frozen_reads,
                  "checkpoint_every": a.checkpoint_every, "progress": False if a.no_progress else None,
-                 "overwrite": True if a.overwrite else None}
+                 "overwrite": True if a.overwrite else None, "adapter": a.adapter}
     if a.resume and a.config is None and Path(a.out or "runs/latest", "config.toml").is_file():
         a.config = str(Path(a.out or "runs/latest", "config.toml"))
     cfg = RunConfig.load(a.config, **overrides)
@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help=".txt (packed), or .jsonl rows of prompt/response or of chat messages")
     p.add_argument("--config", help="TOML run config; flags override it")
     p.add_argument("--method", choices=["lora", "full"])
+    p.add_argument("--adapter", help="LoRA: continue from this adapter (blocktune's adapter.safetensors or a "
+                                     "PEFT folder; its rank, alpha and targets are used)")
     p.add_argument("--steps", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
@@ -228,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text, streaming, with a KV cache")
     p.add_argument("--store", required=True)
-    p.add_argument("--adapter", help="LoRA adapter file from a run")
+    p.add_argument("--adapter", help="LoRA adapter: a run's adapter.safetensors or a PEFT folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as a user turn in the model's chat template (Llama 2: [INST])")
@@ -245,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--seq-len", type=int, required=True)
-    p.add_argument("--adapter")
+    p.add_argument("--adapter", help="LoRA adapter: a run's adapter.safetensors or a PEFT folder")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--json", action="store_true")
     _add_run_flags(p)

@@ -80,6 +80,8 @@ class RunConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+    adapter: str = ""  # LoRA: start from this adapter (blocktune's file or a PEFT folder); its rank,
+    # alpha and targets replace lora_rank, lora_alpha and lora_targets
     dropout: float = 0.0  # embedding, attention and residual dropout
     plot: bool = True  # loss.png at each checkpoint and at the end (needs matplotlib)
     tensorboard: bool = True  # TensorBoard event files in the run folder (needs tensorboard)
@@ -196,10 +198,20 @@ class Trainer:
             # dropout is a training setting, not a property of the stored weights
             self.store.args = self.store.args.with_dropout(cfg.dropout)
         self.tok = load_tokenizer(self.store)
+        start_adapters = None
+        if cfg.adapter:
+            if cfg.method != "lora":
+                raise ConfigError("--adapter starts a LoRA run from an adapter; it needs --method lora")
+            from .adapters import load_adapter
+
+            given = load_adapter(cfg.adapter, self.store.args)
+            cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets = (
+                given.lora.rank, given.lora.alpha, list(given.lora.targets))
+            start_adapters = given.tensors
         self.train_data, self.val_data = load_dataset(
             cfg.data, self.tok, cfg.seq_len, self.store.args.max_seq_len, cfg.val_ratio)
         ecfg = dataclasses.replace(cfg.engine_config(), device=str(device))
-        self.engine = Engine(self.store, ecfg, dist=self.dist)
+        self.engine = Engine(self.store, ecfg, adapters=start_adapters, dist=self.dist)
         self.start_step = 0
 
     # ---- checkpoints ----

@@ -51,6 +51,14 @@ def cmd_export(a: argparse.Namespace) -> int:
     dtype = parse_dtype(a.dtype)
     if a.format is None:  # back to the layout it came in
         a.format = "hf" if store.manifest.get("source", {}).get("format") == "hf" else "meta"
+    if a.format == "peft":  # the adapter alone, for peft / vLLM on the HF model
+        from blocktune.adapters import save_peft
+
+        if adapter is None:
+            raise ConfigError("--format peft writes an adapter: give --adapter")
+        out = save_peft(a.out, adapter, store.args)
+        print(f"exported {a.adapter} -> {out} (PEFT adapter for {store.args.family})")
+        return 0
     if a.format == "hf":
         if a.shards:
             raise ConfigError("--shards applies to the Meta layout; HF shards by size")
@@ -74,8 +82,9 @@ def register_export(sub) -> None:
     p.add_argument("store")
     p.add_argument("out")
     p.add_argument("--shards", type=int, help="Meta shard count (default: the imported count)")
-    p.add_argument("--adapter", help="LoRA adapter to merge into the weights")
-    p.add_argument("--format", choices=["meta", "hf"],
-                   help="output layout (default: the one the store was prepared from)")
+    p.add_argument("--adapter", help="LoRA adapter (blocktune's file or a PEFT folder) to merge into the weights")
+    p.add_argument("--format", choices=["meta", "hf", "peft"],
+                   help="output layout (default: the one the store was prepared from); peft: the "
+                        "--adapter alone, as a PEFT folder")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.set_defaults(func=cmd_export)

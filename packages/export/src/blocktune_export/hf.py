@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from blocktune.config import ROPE_TYPES, ModelArgs
 from blocktune.errors import ConfigError, StoreError
+from blocktune.hflayout import ARCHITECTURES, HF_NAMES, from_hf, hf_key, meta_of_hf, rotary_heads, to_hf
 from blocktune.store import BlockStore, build_store, staging_dir, unit_names
 from blocktune.tokenizer import HF_TOKENIZER_FILES
 from safetensors import safe_open
@@ -31,66 +31,8 @@ from .meta import meta_key, unit_of
 
 __all__ = ["export_hf", "import_hf", "HF_NAMES"]
 
-# Meta key (layers.N. removed) -> HF key (model.layers.N. removed). Biases and q/k norms are
-# the families' additions (Qwen2's q/k/v biases, Qwen3's q_norm/k_norm, Llama's optional
-# attention and MLP biases); their Meta-style names follow the weights'.
-HF_NAMES = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "attention.q_norm.weight": "self_attn.q_norm.weight",
-    "attention.k_norm.weight": "self_attn.k_norm.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-for _meta, _hf in {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-                   "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-                   "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-                   "feed_forward.w3": "mlp.up_proj"}.items():
-    HF_NAMES[f"{_meta}.weight"] = f"{_hf}.weight"
-    HF_NAMES[f"{_meta}.bias"] = f"{_hf}.bias"
-_FROM_HF = {v: k for k, v in HF_NAMES.items()}
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 SOURCE_CONFIG = "source-config.json"  # the config.json a store was prepared from, kept verbatim
-
-
-def hf_key(meta: str) -> str:
-    m = re.match(r"^layers\.(\d+)\.(.+)$", meta)
-    return f"model.layers.{m.group(1)}.{HF_NAMES[m.group(2)]}" if m else HF_NAMES[meta]
-
-
-def meta_of_hf(key: str, source: str = "the checkpoint") -> str:
-    m = _HF_LAYER.match(key)
-    try:
-        return f"layers.{m.group(1)}.{_FROM_HF[m.group(2)]}" if m else _FROM_HF[key]
-    except KeyError:
-        raise StoreError(f"{source}: unknown Hugging Face key {key!r}; blocktune reads "
-                         f"{', '.join(ARCHITECTURES.values())} checkpoints") from None
-
-
-def _to_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Meta's interleaved rotary pairs -> HF's rotate-half order, within each head (rows of a
-    weight, entries of a bias or a per-head norm)."""
-    rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def _from_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
-    rows = w.shape[0]
-    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def _heads(args: ModelArgs, local: str) -> int | None:
-    """How many heads a tensor's rows hold, where RoPE's layout permutes them."""
-    if local.startswith("attention.wq."):
-        return args.n_heads
-    if local.startswith("attention.wk."):
-        return args.kv_heads
-    if local in ("attention.q_norm.weight", "attention.k_norm.weight"):
-        return 1
-    return None
+_to_hf, _from_hf, _heads = to_hf, from_hf, rotary_heads
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
