@@ -177,7 +177,7 @@ def test_lora_step_equals_peft(checkpoints, family):
     torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
     opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=lr)
     opt.step()
-    eng = _engine(store, method="lora", lora=LoraConfig(rank=4, alpha=8, targets=("wq", "wv")),
+    eng = _engine(store, method="lora", lora=LoraConfig(rank=4, alpha=8, dropout=0.0, targets=("wq", "wv")),
                   optimizer=OptimizerConfig(name="sgd", lr=lr))
     eng.load_adapters(start)
     eng.train_step([(x, y)])
@@ -382,7 +382,7 @@ def test_bf16_store_keeps_frozen_embeddings_and_head_narrow(tmp_path):
         logits = pm.train()(input_ids=x).logits
         torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
         torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.3).step()
-        eng = _engine(store, method="lora", lora=LoraConfig(rank=4, alpha=8, targets=("wq", "wv")),
+        eng = _engine(store, method="lora", lora=LoraConfig(rank=4, alpha=8, dropout=0.0, targets=("wq", "wv")),
                       optimizer=OptimizerConfig(name="sgd", lr=0.3))
         eng.load_adapters(start)
         eng.train_step([(x, y)])

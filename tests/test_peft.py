@@ -29,7 +29,7 @@ def base(request, tmp_path_factory):
 
 def _trained(store, targets=("wq", "wk", "wv", "wo", "w2")):
     """A few LoRA steps, so that B is far from zero."""
-    lora = LoraConfig(rank=4, alpha=8, targets=targets)
+    lora = LoraConfig(rank=4, alpha=8, dropout=0.0, targets=targets)
     eng = Engine(store, EngineConfig(device="cpu", compute_dtype="fp32", method="lora", lora=lora,
                                      optimizer=OptimizerConfig(lr=5e-2)))
     g = torch.Generator().manual_seed(0)

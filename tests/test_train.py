@@ -229,7 +229,7 @@ def test_cli_errors_are_clear(prepared, tmp_path):
         return subprocess.run([PY, "-m", "blocktune", *args], capture_output=True, text=True)
 
     r = run("info", str(tmp_path / "nowhere"))
-    assert r.returncode == 2 and "not a blocktune store" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "not a blocktune store" in r.stderr and "Traceback" not in r.stderr
     r = run("finetune", "--store", str(prepared[0]), "--data", str(prepared[1]), "--seq-len", "5000",
             "--device", "cpu", "--out", str(tmp_path / "r"))
     assert r.returncode == 2 and "exceeds the model's context" in r.stderr

@@ -15,9 +15,51 @@ import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .errors import BlocktuneError
+from .errors import BlocktuneError, BudgetError, ConfigError, DataError
+
+# exit codes: 0 done; 1 the run failed (a store, checkpoint or adapter problem, training that
+# cannot go on, a rank that died); 2 the command line, a setting or the data is wrong (argparse's
+# usage errors are 2 too); 130 interrupted
+EXIT_FAILED, EXIT_USAGE = 1, 2
 
 __all__ = ["main", "build_parser"]
+
+
+def parse_sets(items: list[str]) -> dict:
+    """`--set key=value` pairs as RunConfig overrides; the value is read as TOML (numbers,
+    true/false, lists, quoted strings), else taken as a string."""
+    import dataclasses
+    import tomllib
+
+    from .errors import ConfigError
+    from .train import RunConfig
+
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r}: write it as key=value, e.g. --set lora_rank=16")
+        if key not in known:
+            raise ConfigError(f"--set {item!r}: {key!r} is not a setting; `blocktune finetune --print-config` "
+                              "lists them")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value
+    return out
+
+
+def _default(name: str) -> str:
+    """RunConfig's default for a setting, for --help."""
+    import dataclasses
+
+    from .train import RunConfig
+
+    f = next(f for f in dataclasses.fields(RunConfig) if f.name == name)
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return f"(default: {value!r})" if value not in ("", None) else ""
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -44,7 +86,9 @@ def _launch(nproc: int, argv: list[str]) -> int:
     try:
         torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "blocktune", *rest])
     except Exception as exc:  # torchrun's ChildFailedError names the rank and its exit code
-        raise BlocktuneError(f"a rank failed: {str(exc).splitlines()[0]}") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip() and set(line.strip()) != {"="}]
+        raise BlocktuneError("a rank failed (its error is printed above): " + (
+            "; ".join(lines[:3]) or type(exc).__name__)) from None
     return 0
 
 
@@ -61,11 +105,16 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                  "keep_activations": a.keep_activations, "frozen_reads": a.frozen_reads,
                  "checkpoint_every": a.checkpoint_every, "progress": False if a.no_progress else None,
                  "overwrite": True if a.overwrite else None, "adapter": a.adapter}
+    overrides["compute_dtype"] = a.compute_dtype
     if a.resume and a.config is None and Path(a.out or "runs/latest", "config.toml").is_file():
         a.config = str(Path(a.out or "runs/latest", "config.toml"))
-    cfg = RunConfig.load(a.config, **overrides)
+    sets = parse_sets(a.set or [])
+    cfg = RunConfig.load(a.config, **{**sets, **{k: v for k, v in overrides.items() if v is not None}})
+    if a.print_config:  # the resolved settings, as a --config file takes them
+        sys.stdout.write(cfg.to_toml())
+        return 0
     if not cfg.store or not cfg.data:
-        raise BlocktuneError("finetune needs --store and --data (or store/data in --config)")
+        raise ConfigError("finetune needs --store and --data (or store/data in --config)")
     check_out(cfg, a.resume)  # every rank, before any joins the others (and rank 0 writes there)
     trainer = Trainer(cfg, log=lambda s: print(s, file=sys.stderr))
     try:
@@ -110,7 +159,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         prompt = prompt_tokens(tok, messages)  # the reply alone is printed
     else:
         if a.system:
-            raise BlocktuneError("--system needs --chat")
+            raise ConfigError("--system needs --chat")
         prompt = tok.encode(a.prompt, bos=True)
         sys.stdout.write(a.prompt)
     t0 = time.perf_counter()
@@ -186,7 +235,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 
     run = Path(a.run)
     if not (run / "metrics.jsonl").is_file():
-        raise BlocktuneError(f"{run}: no metrics.jsonl; give the --out folder of a finetune run")
+        raise ConfigError(f"{run}: no metrics.jsonl; give the --out folder of a finetune run")
     summary = summarize(run)
     figure = None if a.no_plot else plot_run(run, log=lambda s: print(s, file=sys.stderr))
     summary["figure"] = str(figure) if figure else None
@@ -200,24 +249,34 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blocktune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="blocktune", description=__doc__.splitlines()[0],
+        epilog="exit codes: 0 done, 1 the run failed (store, checkpoint, training), 2 a wrong command "
+               "line, setting or data file, 130 interrupted")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("finetune", help="fine-tune a store (LoRA or full) on a text or JSONL file")
     p.add_argument("--store", help="prepared block store")
     p.add_argument("--data", help=".txt (packed), or .jsonl rows of prompt/response or of chat messages")
     p.add_argument("--config", help="TOML run config; flags override it")
-    p.add_argument("--method", choices=["lora", "full"])
+    p.add_argument("--method", choices=["lora", "full"], help=_default("method"))
     p.add_argument("--adapter", help="LoRA: continue from this adapter (blocktune's adapter.safetensors or a "
                                      "PEFT folder; its rank, alpha and targets are used)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--out", help="run folder: config, checkpoints, metrics.jsonl, loss.png")
+    p.add_argument("--steps", type=int, help=_default("steps"))
+    p.add_argument("--lr", type=float, help=f"peak learning rate {_default('lr')}")
+    p.add_argument("--batch-size", type=int, help=_default("batch_size"))
+    p.add_argument("--grad-accum", type=int, help=f"micro-batches per step {_default('grad_accum')}")
+    p.add_argument("--seq-len", type=int, help=_default("seq_len"))
+    p.add_argument("--seed", type=int, help=_default("seed"))
+    p.add_argument("--checkpoint-every", type=int, help=f"steps {_default('checkpoint_every')}")
+    p.add_argument("--compute-dtype", choices=["fp32", "bf16", "fp16"],
+                   help="arithmetic dtype (default: the device's, fp32 on CPU, bf16 on GPUs)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any RunConfig setting, e.g. --set lora_rank=16 --set 'lora_targets=[\"wq\",\"wv\"]' "
+                        "(repeatable; flags above win over it, it wins over --config)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved settings as TOML (a --config file) and exit")
+    p.add_argument("--out", help=f"run folder: config, checkpoints, metrics.jsonl, loss.png {_default('out')}")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds an earlier run")
     p.add_argument("--host-budget", help="RAM for unit files (pinned, for a GPU); on the CPU the RAM for weights, e.g. 4GiB")
@@ -279,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         return a.func(a)
     except BlocktuneError as exc:
         print(f"blocktune {a.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE if isinstance(exc, (ConfigError, DataError, BudgetError)) else EXIT_FAILED
     except KeyboardInterrupt:
         print(f"blocktune {a.command}: interrupted", file=sys.stderr)
         return 130

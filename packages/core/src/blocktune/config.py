@@ -265,10 +265,12 @@ LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 @dataclass(frozen=True)
 class LoraConfig:
+    """LoRA's settings. These defaults are the CLI's too (RunConfig takes them from here)."""
+
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("wq", "wv")
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
 
     def __post_init__(self) -> None:
         bad = [t for t in self.targets if t not in LORA_TARGETS]

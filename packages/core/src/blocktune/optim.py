@@ -27,7 +27,7 @@ __all__ = ["OptimizerConfig", "unit_step"]
 @dataclass(frozen=True)
 class OptimizerConfig:
     name: str = "adamw"  # adamw | sgd
-    lr: float = 1e-4
+    lr: float = 2e-4  # the CLI's default too (RunConfig takes it from here)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0

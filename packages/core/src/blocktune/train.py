@@ -50,11 +50,11 @@ class RunConfig:
     overwrite: bool = False  # start afresh in an --out that holds an earlier run's record
     method: str = "lora"  # lora | full
     steps: int = 100
-    lr: float = 2e-4
+    lr: float = OptimizerConfig.lr
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 10
-    optimizer: str = "adamw"  # adamw | sgd
-    weight_decay: float = 0.0
+    optimizer: str = OptimizerConfig.name  # adamw | sgd
+    weight_decay: float = OptimizerConfig.weight_decay
     grad_clip: float = 1.0  # global norm, LoRA only (a full fine-tune steps each unit at once)
     batch_size: int = 1
     grad_accum: int = 8
@@ -76,10 +76,11 @@ class RunConfig:
     keep_activations: str = "0"  # RAM for activations kept to skip the recompute, e.g. "6GiB"; "inf": all
     verify: str = "once"  # crc32 of each file: "once" per file version per process, "always", "never"
     frozen_reads: str = "auto"  # CPU, LoRA: "mapped" (page cache), "direct" (store bigger than RAM), "auto"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+    # LoRA's defaults are LoraConfig's (one source for the library and the CLI)
+    lora_rank: int = LoraConfig.rank
+    lora_alpha: float = LoraConfig.alpha
+    lora_dropout: float = LoraConfig.dropout
+    lora_targets: list[str] = field(default_factory=lambda: list(LoraConfig.targets))
     adapter: str = ""  # LoRA: start from this adapter (blocktune's file or a PEFT folder); its rank,
     # alpha and targets replace lora_rank, lora_alpha and lora_targets
     dropout: float = 0.0  # embedding, attention and residual dropout
