@@ -392,3 +392,32 @@ def test_bf16_store_keeps_frozen_embeddings_and_head_narrow(tmp_path):
         eng.close()
     finally:
         _SlicedCastLinear.ROWS = rows
+
+
+def test_lora_adapters_stay_fp32_under_bf16_compute(checkpoints):
+    """As peft keeps them: under bf16 compute the adapters and their AdamW state are fp32, so an
+    update far below a bf16 ulp of the adapter still lands (bf16 adapters rounded it away)."""
+    from blocktune.config import LoraConfig
+
+    _, _, store = checkpoints["qwen3"]
+    eng = Engine(store, EngineConfig(device="cpu", compute_dtype="bf16", method="lora",
+                                     lora=LoraConfig(rank=4, alpha=8, dropout=0.0, targets=("wq", "wv")),
+                                     optimizer=OptimizerConfig(name="sgd", lr=1e-6)))
+    start = eng.adapter_state()
+    g = torch.Generator().manual_seed(0)
+    eng.load_adapters({k: v if k.endswith("lora_a") else 0.05 * torch.randn(v.shape, generator=g)
+                       for k, v in start.items()})  # B != 0, so A has a gradient
+    before = {k: v.clone() for k, v in eng.adapter_state().items()}
+    assert all(v.dtype == torch.float32 for v in before.values())
+    tok = _tokens(store.args.vocab_size, 1, 17)
+    eng.train_step([(tok[:, :-1], tok[:, 1:])])
+    after = eng.adapter_state()
+    eng.close()
+    landed = 0
+    for k in before:
+        if k.endswith("lora_a"):
+            change = (after[k] - before[k]).abs().max().item()
+            ulp = before[k].abs().max().item() * 2 ** -8
+            assert change < ulp / 10, k  # a tenth of a bf16 ulp at most...
+            landed += change > 0  # ...and it landed
+    assert landed == store.args.n_layers * 2

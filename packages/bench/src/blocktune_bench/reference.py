@@ -32,8 +32,8 @@ def model_from_store(store: BlockStore, lora: LoraConfig | None = None,
             state[prefix + k] = v.to(device=device, dtype=dtype)
     if lora is not None:  # placeholders; ReferenceTrainer initialises them as the engine does
         for name, p in model.named_parameters():
-            if ".lora_" in name:
-                state[name] = torch.empty(p.shape, dtype=dtype, device=device)
+            if ".lora_" in name:  # fp32 at any compute dtype, as the engine (and peft) keep them
+                state[name] = torch.empty(p.shape, dtype=torch.float32, device=device)
     model.load_state_dict(state, assign=True, strict=True)
     return model
 

@@ -505,7 +505,7 @@ def cli_under_limit(limit: str, store: Path, data: Path, out: Path, *flags: str)
     r = subprocess.run(cmd, capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()
     report = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {"exit_code": r.returncode}
-    report["budget_notes"] = [line for line in lines if "auto:" in line or line.startswith("memory is tight")]
+    report["budget_notes"] = [line for line in lines if "auto:" in line or line.startswith(("memory is tight", "warning:"))]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
     report["step_seconds"] = rows[-1]["seconds"] if rows else None
     report["gb_read"] = rows[-1]["gb_read"] if rows else None

@@ -93,8 +93,10 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
     if device.is_cpu:
         free, room = host_free, host_room
         # raw unit files on their way in: one in flight and one idle for reuse where they are
-        # converted to the compute dtype; otherwise the resident units are the read buffers
-        in_flight = 2 * largest_file if store_dtype != compute_dtype else largest_file
+        # converted to the compute dtype; otherwise (units kept as stored: frozen embeddings and
+        # head) the resident units are the read buffers
+        converted = [unit_files[n] for n in unit_files if unit_sizes[n] > unit_files[n]]
+        in_flight = 2 * max(converted) if converted else largest_file
         where = f"{_mib(free)} free" if free is not None else ""
     else:
         free = device.memory_free()

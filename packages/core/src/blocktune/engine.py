@@ -228,7 +228,9 @@ class Engine:
                     m.lora_b = nn.Parameter(torch.empty(m.lora_b.shape))
             init_lora_(block, gen)
             self.adapters[unit] = {
-                k: nn.Parameter(v.detach().to(self.device.torch, self.dtype))
+                # fp32 whatever the compute dtype, as peft keeps them: a bf16 adapter (and its
+                # AdamW state) would round away updates below its 8-bit mantissa
+                k: nn.Parameter(v.detach().to(self.device.torch, torch.float32))
                 for k, v in block.state_dict().items() if ".lora_" in k
             }
         if given is not None:

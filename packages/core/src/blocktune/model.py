@@ -103,7 +103,10 @@ class Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         if self.lora_a is not None:
-            y = y + F.linear(F.linear(self.lora_dropout(x), self.lora_a), self.lora_b) * self.scale
+            a, b = self.lora_a, self.lora_b
+            if a.dtype != x.dtype:  # fp32 adapters beside bf16 compute: the LoRA path in fp32
+                return y + (F.linear(F.linear(self.lora_dropout(x).to(a.dtype), a), b) * self.scale).to(y.dtype)
+            y = y + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scale
         return y
 
 
