@@ -275,3 +275,74 @@ def test_a_finished_run_is_not_overwritten(prepared, tmp_path):
     assert (out / "metrics.jsonl").read_bytes() == before
     subprocess.run(cmd + ["--overwrite"], check=True, capture_output=True)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_full_finetune_keeps_the_base_model(prepared, tmp_path):
+    """By default a full fine-tune leaves the base model's files as they were (readable with
+    --base); --in-place lets the run replace them."""
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(prepared[0], store, ignore=shutil.ignore_patterns(".lock"))
+    data = prepared[1]
+    before = BlockStore.open(store)
+    want = {u: before.read_unit(u) for u in before.units}
+    before.close()
+
+    def bt(*args):
+        r = subprocess.run([sys.executable, "-m", "blocktune", *map(str, args)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+
+    def loss(*extra):
+        return json.loads(bt("eval", "--store", store, "--data", data, "--seq-len", "32", "--json", *extra).stdout)["loss"]
+
+    base_loss = loss()
+    bt("finetune", "--store", store, "--data", data, "--method", "full", "--steps", "3", "--seq-len", "32",
+       "--out", tmp_path / "run", "--lr", "1e-3")
+    assert loss() < base_loss and loss("--base") == base_loss
+    kept = BlockStore.open_base(store)
+    assert kept.step == 0 and all(torch.equal(kept.read_unit(u)[k], want[u][k]) for u in want for k in want[u])
+    kept.close()
+    assert BlockStore.open(store).verify() == []
+    bt("export", store, tmp_path / "base-out", "--base", "--dtype", "fp32")
+    # a second run continues from the tuned weights; the base stays the first run's
+    bt("finetune", "--store", store, "--data", data, "--method", "full", "--steps", "1", "--seq-len", "32",
+       "--out", tmp_path / "run2")
+    assert loss("--base") == base_loss
+    # --in-place: the base goes, its files with it
+    bt("finetune", "--store", store, "--data", data, "--method", "full", "--steps", "1", "--seq-len", "32",
+       "--out", tmp_path / "run3", "--in-place")
+    r = subprocess.run([sys.executable, "-m", "blocktune", "eval", "--store", str(store), "--data", str(data),
+                        "--seq-len", "32", "--base"], capture_output=True, text=True)
+    assert r.returncode == 1 and "no base model is kept" in r.stderr
+    m = BlockStore.open(store).manifest
+    files = {p.name for p in store.glob("*.safetensors")} - set(m.get("extra_files", []))
+    assert "base" not in m and files == {r["file"] for r in m["units"].values()} | {
+        r["file"] for r in m["state"].values()}
+
+
+def test_full_finetune_refuses_a_disk_without_room(prepared, tmp_path):
+    """On a real small file system (a tmpfs the size of the store and a bit): refused before
+    anything is written, with the numbers and the way out."""
+    import shutil
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    size = sum(p.stat().st_size for p in Path(prepared[0]).iterdir() if p.is_file())
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size + (256 << 10)}", "tmpfs", str(mnt)],
+                       capture_output=True)
+    if r.returncode:
+        pytest.skip("no right to mount a tmpfs here")
+    try:
+        shutil.copytree(prepared[0], mnt / "store", ignore=shutil.ignore_patterns(".lock"))
+        data = prepared[1]
+        listing = sorted(p.name for p in (mnt / "store").iterdir())
+        r = subprocess.run([sys.executable, "-m", "blocktune", "finetune", "--store", str(mnt / "store"), "--data",
+                            str(data), "--method", "full", "--steps", "1", "--seq-len", "32", "--out",
+                            str(tmp_path / "run")], capture_output=True, text=True)
+        assert r.returncode == 2 and "GB free" in r.stderr and "--in-place" in r.stderr, r.stderr[-1500:]
+        assert sorted(p.name for p in (mnt / "store").iterdir() if p.name != ".lock") == [
+            n for n in listing if n != ".lock"]
+    finally:
+        subprocess.run(["umount", str(mnt)])

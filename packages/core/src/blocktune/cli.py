@@ -104,7 +104,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                  "host_budget": a.host_budget, "activation_budget": a.activation_budget, "seed": a.seed,
                  "keep_activations": a.keep_activations, "frozen_reads": a.frozen_reads,
                  "checkpoint_every": a.checkpoint_every, "progress": False if a.no_progress else None,
-                 "overwrite": True if a.overwrite else None, "adapter": a.adapter}
+                 "overwrite": True if a.overwrite else None, "adapter": a.adapter,
+                 "in_place": True if a.in_place else None}
     overrides["compute_dtype"] = a.compute_dtype
     if a.resume and a.config is None and Path(a.out or "runs/latest", "config.toml").is_file():
         a.config = str(Path(a.out or "runs/latest", "config.toml"))
@@ -136,7 +137,7 @@ def _inference_engine(a: argparse.Namespace, batch: int, seq: int):
     from .store import BlockStore
     from .tokenizer import load_tokenizer
 
-    store = BlockStore.open(a.store)
+    store = BlockStore.open_base(a.store) if a.base else BlockStore.open(a.store)
     tok = load_tokenizer(store)
     adapter = load_adapter(a.adapter, store.args) if a.adapter else None
     cfg = EngineConfig(method="lora" if adapter else "full", lora=adapter.lora if adapter else None,
@@ -279,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help=f"run folder: config, checkpoints, metrics.jsonl, loss.png {_default('out')}")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds an earlier run")
+    p.add_argument("--in-place", action="store_true",
+                   help="full: the fine-tuned weights replace the base model's files (default: the base is "
+                        "kept beside them, `--base` reads it; this needs a second copy's disk space)")
     p.add_argument("--host-budget", help="RAM for unit files (pinned, for a GPU); on the CPU the RAM for weights, e.g. 4GiB")
     p.add_argument("--activation-budget", help="RAM for stashed block inputs before they spill to disk, e.g. 4GiB")
     p.add_argument("--keep-activations", help="RAM for activations kept to skip the backward's recompute, e.g. 6GiB or inf")
@@ -289,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text, streaming, with a KV cache")
     p.add_argument("--store", required=True)
+    p.add_argument("--base", action="store_true", help="the base model a full fine-tune kept, not the tuned one")
     p.add_argument("--adapter", help="LoRA adapter: a run's adapter.safetensors or a PEFT folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true",
@@ -304,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="mean next-token loss and perplexity of a text file")
     p.add_argument("--store", required=True)
+    p.add_argument("--base", action="store_true", help="the base model a full fine-tune kept, not the tuned one")
     p.add_argument("--data", required=True)
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--adapter", help="LoRA adapter: a run's adapter.safetensors or a PEFT folder")

@@ -86,6 +86,7 @@ def manifest_files(m: dict[str, Any]) -> set[str]:
     if m.get("tokenizer"):
         files.add(m["tokenizer"])
     files.update(m.get("extra_files", []))
+    files.update(r["file"] for r in m.get("base", {}).get("units", {}).values())  # the kept base model
     return files
 
 
@@ -129,6 +130,21 @@ class BlockStore:
         self._uncached: set[str] = set()  # files this process wrote with direct IO: read them so too
 
     # ---- opening ----
+    @classmethod
+    def open_base(cls, path: str | Path) -> BlockStore:
+        """The model as it was before the store's first full fine-tune (kept unless the run was
+        --in-place), read-only: the base's files, pinned like any reader's."""
+        store = cls.open(path)
+        base = store.manifest.get("base")
+        if base is None:
+            store.close()
+            raise StoreError(f"{path}: no base model is kept (the store was never fully fine-tuned, or "
+                             "with --in-place): the store itself is its only version")
+        manifest = {**store.manifest, "units": base["units"], "step": base["step"], "state": {}}
+        view = cls(store.path, manifest, pin=store._pin)
+        store._pin = None
+        return view
+
     @classmethod
     def open(cls, path: str | Path, writer: bool = False) -> BlockStore:
         """Open the committed step. `writer`: take the writer lock first (a clear error if
@@ -500,7 +516,12 @@ class BlockStore:
                 self.check_small_file(name)
             except StoreError as exc:
                 problems.append(str(exc))
-        for rec in list(self._records.values()) + list(self._state.values()):
+        base = [FileRecord.from_dict(r) for r in self.manifest.get("base", {}).get("units", {}).values()]
+        seen = set()
+        for rec in list(self._records.values()) + list(self._state.values()) + base:
+            if rec.file in seen:  # a unit the fine-tune has not changed yet is its base too
+                continue
+            seen.add(rec.file)
             try:
                 tensors = self.read_file(rec)
                 for key, meta in rec.tensors.items():

@@ -81,6 +81,7 @@ class RunConfig:
     lora_alpha: float = LoraConfig.alpha
     lora_dropout: float = LoraConfig.dropout
     lora_targets: list[str] = field(default_factory=lambda: list(LoraConfig.targets))
+    in_place: bool = False  # full: let the fine-tuned weights replace the base model's files
     adapter: str = ""  # LoRA: start from this adapter (blocktune's file or a PEFT folder); its rank,
     # alpha and targets replace lora_rank, lora_alpha and lora_targets
     dropout: float = 0.0  # embedding, attention and residual dropout
@@ -294,6 +295,28 @@ class Trainer:
         new = list(generate_tokens(self.engine, ids, cfg, self.tok.eos_ids))
         return self.tok.decode(ids + new)[len(self.tok.decode(ids)):]  # keeps the leading space
 
+    def _check_disk(self) -> None:
+        """A full fine-tune needs room for a new version of every unit and of its optimizer state
+        beside the current ones (and, keeping the base, the version after the base): refuse to
+        start, with the numbers, where the disk does not have it."""
+        import shutil
+
+        store_bytes = self.store.total_bytes()
+        per_param = (8 if self.cfg.optimizer == "adamw" else 0) + (4 if self.store.dtype != torch.float32 else 0)
+        state = self.store.args.n_params() * per_param
+        m = self.store.manifest
+        kept_base = not self.cfg.in_place and m.get("base", {}).get("units", m["units"]) == m["units"]
+        need = store_bytes * (2 if kept_base else 1) + 2 * state
+        free = shutil.disk_usage(self.store.path).free
+        if free < need:
+            raise ConfigError(
+                f"{self.store.path}: a full fine-tune needs about {need / 1e9:.1f} GB free on its disk "
+                f"({store_bytes / 1e9:.1f} GB per version of the weights, {state / 1e9:.1f} GB of optimizer "
+                f"state, {'the base model kept, ' if kept_base else ''}a new version beside the last) and "
+                f"{free / 1e9:.1f} GB are free; free space, or pass --in-place to let the run replace the base model")
+        self.log(f"disk: a full fine-tune takes about {need / 1e9:.1f} GB beside the store; "
+                 f"{free / 1e9:.1f} GB free")
+
     def estimate_disk_writes(self) -> tuple[int, int]:
         """Bytes a full fine-tune writes per step (units + optimizer state) and over the run."""
         if self.cfg.method != "full":
@@ -321,7 +344,20 @@ class Trainer:
                 self.log("note: grad_clip is ignored for a full fine-tune (each unit steps as soon "
                          "as its gradient exists, before the global norm is known)")
             if not resume:  # every rank has its own store (checked above)
-                self.store.commit(self.store.step, {}, run={"first_step": self.store.step})
+                self._check_disk()
+                base = {}
+                if not cfg.in_place and "base" not in self.store.manifest:
+                    # the weights before this run stay: their files are kept beside the new versions
+                    base = {"base": {"step": self.store.step, "units": self.store.manifest["units"]}}
+                    self.log(f"the base model (step {self.store.step}) is kept beside the fine-tuned one "
+                             f"(`--base` in export, eval and generate reads it; --in-place does not keep it)")
+                elif cfg.in_place and "base" in self.store.manifest:
+                    self.log("--in-place: the kept base model is dropped")
+                manifest = dict(self.store.manifest)
+                if cfg.in_place:
+                    manifest.pop("base", None)
+                self.store.manifest = manifest
+                self.store.commit(self.store.step, {}, run={"first_step": self.store.step}, **base)
         start = self._resume() if resume else 0
         metrics_path = self.out / "metrics.jsonl"
         main = self.dist.is_main

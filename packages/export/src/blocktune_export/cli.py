@@ -46,7 +46,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .hf import export_hf
     from .meta import export_meta
 
-    store = BlockStore.open(a.store)
+    store = BlockStore.open_base(a.store) if a.base else BlockStore.open(a.store)
     adapter = load_adapter(a.adapter, store.args) if a.adapter else None
     dtype = parse_dtype(a.dtype)
     if a.format is None:  # back to the layout it came in
@@ -83,6 +83,7 @@ def register_export(sub) -> None:
     p.add_argument("out")
     p.add_argument("--shards", type=int, help="Meta shard count (default: the imported count)")
     p.add_argument("--adapter", help="LoRA adapter (blocktune's file or a PEFT folder) to merge into the weights")
+    p.add_argument("--base", action="store_true", help="the base model a full fine-tune kept, not the tuned one")
     p.add_argument("--format", choices=["meta", "hf", "peft"],
                    help="output layout (default: the one the store was prepared from); peft: the "
                         "--adapter alone, as a PEFT folder")
