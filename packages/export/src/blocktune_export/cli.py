@@ -59,6 +59,12 @@ def cmd_export(a: argparse.Namespace) -> int:
         out = save_peft(a.out, adapter, store.args)
         print(f"exported {a.adapter} -> {out} (PEFT adapter for {store.args.family})")
         return 0
+    if a.format == "gguf":
+        from .gguf_format import export_gguf
+
+        out = export_gguf(store, a.out, adapter, dtype)
+        print(f"exported {a.store} -> {out}/model.gguf ({a.dtype}{', LoRA merged' if adapter else ''})")
+        return 0
     if a.format == "hf":
         if a.shards:
             raise ConfigError("--shards applies to the Meta layout; HF shards by size")
@@ -84,8 +90,8 @@ def register_export(sub) -> None:
     p.add_argument("--shards", type=int, help="Meta shard count (default: the imported count)")
     p.add_argument("--adapter", help="LoRA adapter (blocktune's file or a PEFT folder) to merge into the weights")
     p.add_argument("--base", action="store_true", help="the base model a full fine-tune kept, not the tuned one")
-    p.add_argument("--format", choices=["meta", "hf", "peft"],
+    p.add_argument("--format", choices=["meta", "hf", "peft", "gguf"],
                    help="output layout (default: the one the store was prepared from); peft: the "
-                        "--adapter alone, as a PEFT folder")
+                        "--adapter alone, as a PEFT folder; gguf: OUT/model.gguf for llama.cpp and Ollama")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.set_defaults(func=cmd_export)

@@ -1,0 +1,223 @@
+"""GGUF, for llama.cpp and Ollama: one file with the weights (f32, f16 or bf16: nothing is
+quantized), the model's metadata and its tokenizer, written through the `gguf` package that
+llama.cpp's project publishes.
+
+Conventions are llama.cpp's: tensor names come from gguf's own map of Hugging Face names;
+architecture `llama` (Llama 2/3, Mistral) rotates interleaved pairs (the store's Meta layout,
+written as is), `qwen2` / `qwen3` rotate halves (HF's layout, permuted on the way out); Llama
+3's RoPE scaling is the `rope_freqs` tensor of per-frequency factors; a tied head is left out
+(llama.cpp reuses the embeddings). Tokenizers: sentencepiece as `llama` (pieces, scores, types),
+a tokenizer.json BPE as `gpt2` (byte-level tokens, merges) with the pre-tokenizer named by its
+split pattern. Streams: tensor infos first, then one unit at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from blocktune.errors import ConfigError
+from blocktune.hflayout import hf_key, rotary_heads, to_hf
+from blocktune.model import rope_frequencies
+from blocktune.store import BlockStore, staging_dir, unit_names
+
+from .meta import meta_key
+
+__all__ = ["export_gguf"]
+
+_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# tokenizer.json split patterns llama.cpp knows, by the name its `tokenizer.ggml.pre` takes
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _tensor_dtype(dtype: torch.dtype):
+    import gguf
+
+    return {torch.float32: (np.float32, None, gguf.LlamaFileType.ALL_F32),
+            torch.float16: (np.float16, None, gguf.LlamaFileType.MOSTLY_F16),
+            torch.bfloat16: (np.uint16, gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16)}[dtype]
+
+
+def _as_numpy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    t = t.detach().to("cpu", dtype).contiguous()
+    return t.view(torch.uint16).numpy() if dtype == torch.bfloat16 else t.numpy()
+
+
+def _rope_factors(args) -> np.ndarray | None:
+    """Llama 3's scaling as llama.cpp takes it: per frequency, original / scaled."""
+    if not args.rope_scaling or args.rope_scaling.get("rope_type") != "llama3":
+        return None
+    plain, _ = rope_frequencies(args.head_dim, args.rope_theta)
+    scaled, _ = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
+    return (plain / scaled).to(torch.float32).numpy()
+
+
+def _write_tokenizer(w, store: BlockStore) -> None:
+    import gguf
+
+    kind = store.manifest.get("tokenizer_kind", "sentencepiece")
+    args = store.args
+    if kind == "sentencepiece":
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(store.tokenizer_path))
+        tokens, scores, types = [], [], []
+        for i in range(sp.vocab_size()):
+            tokens.append(sp.id_to_piece(i).encode("utf-8"))
+            scores.append(sp.get_score(i))
+            types.append(gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL
+                         if sp.is_control(i) else gguf.TokenType.UNUSED if sp.is_unused(i)
+                         else gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.NORMAL)
+        pad = args.vocab_size - len(tokens)  # rows past the tokenizer (a padded vocabulary)
+        tokens += [f"[PAD{i}]".encode() for i in range(pad)]
+        scores += [-1000.0] * pad
+        types += [gguf.TokenType.UNUSED] * pad
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(sp.bos_id())
+        w.add_eos_token_id(sp.eos_id())
+        w.add_unk_token_id(sp.unk_id())
+        w.add_add_bos_token(True)
+        return
+    if kind != "hf":
+        raise ConfigError(f"{store.path}: a {kind} tokenizer has no GGUF form here; export --format meta")
+    from blocktune.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(store.path, args.eos_token_ids)
+    spec = json.loads((store.path / "tokenizer.json").read_text())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise ConfigError(f"{store.path}/tokenizer.json: a {model.get('type')} model; GGUF export writes "
+                          "byte-level BPE (Llama 3, Qwen) and sentencepiece tokenizers")
+    vocab = tok.tk.get_vocab(with_added_tokens=True)
+    by_id = {i: t for t, i in vocab.items()}
+    special = {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
+    added = {a["id"] for a in spec.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(args.vocab_size):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(t)
+            types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.USER_DEFINED
+                         if i in added else gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_tokenizer(spec))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    if tok.bos_id is not None:
+        w.add_bos_token_id(tok.bos_id)
+    if tok.eos_id is not None:
+        w.add_eos_token_id(tok.eos_id)
+    if tok.pad_id is not None:
+        w.add_pad_token_id(tok.pad_id)
+    w.add_add_bos_token(tok.add_bos)
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+
+
+def _pre_tokenizer(spec: dict) -> str:
+    """llama.cpp's name for the tokenizer.json pre-tokenizer, told by its split pattern."""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre])
+    for s in steps:
+        if s.get("type") == "Split":
+            pattern = s.get("pattern", {}).get("Regex")
+            if pattern == _LLAMA3_SPLIT:
+                return "llama-bpe"
+            if pattern == _QWEN2_SPLIT:
+                return "qwen2"
+            raise ConfigError(f"tokenizer.json: split pattern {pattern!r} is not one llama.cpp names here")
+        if s.get("type") == "ByteLevel" and s.get("use_regex", True):
+            return "gpt-2"
+    raise ConfigError("tokenizer.json: no byte-level pre-tokenizer llama.cpp would know")
+
+
+def export_gguf(store: BlockStore, out: str | Path, adapter=None, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """`out` is a folder; the model goes to `out/model.gguf` (LoRA merged if given)."""
+    import gguf
+
+    from .merge import merged_unit
+
+    args = store.args
+    if args.family not in _ARCH:
+        raise ConfigError(f"{store.path}: family {args.family!r} has no GGUF architecture here")
+    if store.tokenizer_path is None:
+        raise ConfigError(f"{store.path}: the store has no tokenizer; llama.cpp needs one in the GGUF file")
+    if args.rope_scaling and args.rope_scaling.get("rope_type") not in ("llama3", "linear"):
+        raise ConfigError(f"{store.path}: rope_type {args.rope_scaling['rope_type']!r} is not written to GGUF "
+                          "here (llama.cpp's own YaRN differs in details); export --format hf and convert")
+    arch = _ARCH[args.family]
+    np_dtype, raw, ftype = _tensor_dtype(dtype)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], args.n_layers)
+    halves = arch != "llama"  # qwen2/qwen3 rotate halves: HF's layout
+
+    def gguf_name(unit: str, key: str) -> str:
+        hf = hf_key(meta_key(unit, key))
+        name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ConfigError(f"{hf}: gguf's tensor map for {arch} has no name for it")
+        return name
+
+    with staging_dir(Path(out)) as tmp:
+        path = tmp / "model.gguf"
+        w = gguf.GGUFWriter(str(path), arch)
+        w.add_name(store.manifest.get("source", {}).get("name") or store.path.name)
+        w.add_file_type(ftype)
+        w.add_vocab_size(args.vocab_size)
+        w.add_context_length(args.max_seq_len)
+        w.add_embedding_length(args.dim)
+        w.add_block_count(args.n_layers)
+        w.add_feed_forward_length(args.hidden_dim)
+        w.add_head_count(args.n_heads)
+        w.add_head_count_kv(args.kv_heads)
+        w.add_key_length(args.head_dim)
+        w.add_value_length(args.head_dim)
+        w.add_rope_dimension_count(args.head_dim)
+        w.add_rope_freq_base(args.rope_theta)
+        w.add_layer_norm_rms_eps(args.norm_eps)
+        if args.rope_scaling and args.rope_scaling["rope_type"] == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
+        _write_tokenizer(w, store)
+        factors = _rope_factors(args)
+        order = []  # (unit, key) in file order
+        for unit in unit_names(args):
+            for key, info in store.record(unit).tensors.items():
+                order.append((unit, key))
+                shape = info["shape"]
+                one_d = len(shape) == 1
+                t_dtype, t_raw = (np.float32, None) if one_d else (np_dtype, raw)
+                nbytes = int(np.prod(shape)) * np.dtype(t_dtype).itemsize
+                w.add_tensor_info(gguf_name(unit, key), shape, np.dtype(t_dtype), nbytes, t_raw)
+        if factors is not None:
+            w.add_tensor_info("rope_freqs.weight", factors.shape, factors.dtype, factors.nbytes)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for unit in unit_names(args):
+            tensors = merged_unit(store, unit, adapter)
+            for key in store.record(unit).tensors:
+                t = tensors[key]
+                heads = rotary_heads(args, key)
+                if halves and heads:
+                    t = to_hf(t, heads)
+                one_d = t.dim() == 1  # norms and biases stay f32, as llama.cpp's converter keeps them
+                w.write_tensor_data(_as_numpy(t, torch.float32 if one_d else dtype))
+            del tensors
+        if factors is not None:
+            w.write_tensor_data(factors)
+        w.close()
+    return Path(out)
