@@ -253,3 +253,19 @@ def test_kept_activations_equal_recompute(tmp_path, tiny_args, keep_budget, meth
     assert held[1] <= held[0] + 3  # full: were the kept graphs pinning units, that would be 8 more
     assert all(abs(x - y) <= TOL * abs(x) for x, y in zip(l0, l1))
     assert max(rel_err(a1[k], a0[k]) for k in a0) <= TOL
+
+
+@pytest.mark.parametrize("method,opt", [("full", "sgd"), ("lora", "adamw")])
+def test_family_fields_paged_equals_reference(tmp_path, method, opt):
+    """The families' fields (q/k/v biases, q/k norms, an explicit head_dim, tied embeddings,
+    llama3 RoPE scaling) through the paged engine with dropout, against the in-memory model:
+    one unit resident, every unit recomputed."""
+    from blocktune.config import ModelArgs
+
+    args = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_dim=160, max_seq_len=256,
+                     explicit_head_dim=24, qkv_bias=True, qk_norm=True, tie_embeddings=True, family="qwen3",
+                     rope_theta=5e5, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    store = make_store(tmp_path / "s", args.with_dropout(0.1), seed=3)
+    engine, ref, losses = run_pair(store, method, opt, budget=one_unit_budget(store))
+    assert_matches(store.path, engine, ref, method, losses)

@@ -35,6 +35,8 @@ def model_from_store(store: BlockStore, lora: LoraConfig | None = None,
             if ".lora_" in name:  # fp32 at any compute dtype, as the engine (and peft) keep them
                 state[name] = torch.empty(p.shape, dtype=torch.float32, device=device)
     model.load_state_dict(state, assign=True, strict=True)
+    if store.args.tie_embeddings:  # assign=True gave each use its own tensor: one parameter again
+        model.head.output.weight = model.embed.tok_embeddings.weight
     return model
 
 

@@ -568,6 +568,9 @@ def build_store(
         for name, tensors in units:
             if name not in expected or name in records or (pending and pending[0] == name):
                 raise StoreError(f"unexpected or repeated unit {name!r}; expected {expected}")
+            if name == "head" and args.tie_embeddings and "output.weight" in tensors:
+                raise StoreError("tied embeddings: the head's output.weight is the embedding matrix, "
+                                 "stored once with embed; leave it out of the head")
             cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
             if pending:
                 records[pending[0]] = pending[1].result()
