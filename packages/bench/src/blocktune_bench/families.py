@@ -74,6 +74,14 @@ SHAPES: dict[str, tuple[str, dict, str]] = {
         hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
         num_key_value_heads=4, vocab_size=152064, max_position_embeddings=131072, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False), "chatml"),
+    "mistral-7b": ("MistralConfig", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5,
+        sliding_window=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), "sentencepiece"),
+    "qwen3-8b": ("Qwen3Config", dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False), "chatml"),
 }
 
 
@@ -196,7 +204,10 @@ def make_shape_checkpoint(out: str | Path, shape: str, seed: int = 0, dtype: tor
     cls_name, settings, style = SHAPES[shape]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train_hf_tokenizer(out, style)  # a small vocabulary: its ids all fall inside the model's
+    if style == "sentencepiece":
+        (out / "tokenizer.model").write_bytes(tokenizer_path().read_bytes())
+    else:
+        train_hf_tokenizer(out, style)  # a small vocabulary: its ids all fall inside the model's
     config = _config(cls_name, settings)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

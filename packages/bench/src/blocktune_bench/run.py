@@ -562,7 +562,8 @@ def group_families(work: Path) -> None:
     data.write_text(demo_text())
     limit = 2 << 30
     runs = []
-    for shape in SHAPES:
+    only = os.environ.get("BLOCKTUNE_SHAPES")  # a comma-separated subset, to rerun some
+    for shape in [s for s in SHAPES if not only or s in only.split(",")]:
         hf, store = work / f"hf-{shape}", work / f"store-{shape}"
         for p in (hf, store):
             if p.exists():
@@ -582,19 +583,28 @@ def group_families(work: Path) -> None:
         shutil.rmtree(store)
         print(json.dumps(run), flush=True)
         runs.append(run)
+    # a rerun of some shapes keeps today's figures of the others (each row says its commit)
+    for r in runs:
+        r["commit"] = machine()["commit"]
+    earlier = RESULTS / f"{machine()['date'][:10]}-cpu-families.json"
+    if earlier.exists():
+        done = {r["shape"] for r in runs}
+        runs = [r for r in json.loads(earlier.read_text())["runs"] if r["shape"] not in done] + runs
+    runs.sort(key=lambda r: list(SHAPES).index(r["shape"]))
     table = ["7B-class shapes from Hugging Face folders, each command in its own 2 GiB memory cgroup (v1, no swap, "
              "page cache included) via `python -m blocktune_bench.limited 2GiB -- blocktune ...`; "
              "`blocktune prepare HF STORE`, then `blocktune finetune --store STORE --data notes.txt --method lora "
              "--steps 1 --batch-size 1 --seq-len 128 --grad-accum 1` (budgets auto, fp32 compute).", "",
-             "| shape | params | store | prepare: exit, s, peak | LoRA step: exit, peak, step s, GB read |",
-             "| --- | ---: | ---: | --- | --- |"]
+             "| shape | params | store | prepare: exit, s, peak | LoRA step: exit, peak, step s, GB read | commit |",
+             "| --- | ---: | ---: | --- | --- | --- |"]
     for r in runs:
         p, s = r["prepare"], r["lora_step"]
         step = f"{s['step_seconds']:.1f}" if s.get("step_seconds") else "—"
         table.append(f"| {r['shape']} | {r['params'] / 1e9:.2f} B | {r['store_bytes'] / 1e9:.1f} GB bf16 | "
                      f"{p['exit_code']}, {p['seconds']:.0f} s, {p['cgroup_peak_bytes'] / 2**20:.0f} MiB | "
                      f"{s['exit_code']}{' (OOM-killed)' if s.get('oom_kills') else ''}, "
-                     f"{(s.get('cgroup_peak_bytes') or 0) / 2**20:.0f} MiB, {step} s, {s.get('gb_read') or 0:.1f} |")
+                     f"{(s.get('cgroup_peak_bytes') or 0) / 2**20:.0f} MiB, {step} s, {s.get('gb_read') or 0:.1f} | "
+                     f"{r.get('commit', '64af7d3')} |")
     save("families", {"machine": machine(), "limit_bytes": limit, "runs": runs}, table)
 
 
