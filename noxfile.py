@@ -45,6 +45,18 @@ def test(session):
 
 
 @nox.session
+def gguf(session):
+    """GGUF exports run by llama.cpp itself: builds llama-cpp-python from source (about 7 minutes
+    on 2 cores; needs cmake and a C++ compiler) and runs tests/test_gguf.py, whose llama.cpp
+    checks `nox -s test` skips."""
+    install(session, *TEST_DEPS)
+    session.install(*CONSTRAINTS, "diskcache", "llama-cpp-python",
+                    env={"CMAKE_ARGS": "-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
+                                       "-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"})
+    session.run("pytest", "tests/test_gguf.py", "-v", "-s", *session.posargs)
+
+
+@nox.session
 def bench(session):
     """Benchmarks on this machine, results under benchmarks/results/: the pytest-benchmark suites
     (paged beside in-memory, per device; compared with the last saved run), then the measured

@@ -28,6 +28,8 @@ def exported(request, tmp_path_factory):
     r = subprocess.run([sys.executable, "-m", "blocktune", "export", str(store.path), str(root / "gguf"),
                         "--format", "gguf", "--dtype", "fp32"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    # the shipped sentencepiece model normalizes (nmt_nfkc), Meta's does not, nor does llama.cpp: said
+    assert ("normalizes text" in r.stderr) == (store.manifest.get("tokenizer_kind") == "sentencepiece")
     return request.param, store, root / "gguf" / "model.gguf"
 
 
@@ -52,14 +54,17 @@ def test_llama_cpp_computes_blocktunes_logits(exported):
     family, store, path = exported
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
     tok = load_tokenizer(store)
-    text = corpus_text(4000)[:300]
+    text = corpus_text(4000)[:1000]
+    if tok.kind == "sentencepiece":  # see the warning above: one line, single spaces
+        text = " ".join(text.split())
     ours = tok.encode(text)
     assert llm.tokenize(text.encode(), add_bos=True, special=False) == ours
-    ids = ours[:64]
+    ids = ours[:120]  # past original_max_position_embeddings (64) of the llama3 scaling
     llm.eval(ids)
     theirs = np.array(llm.scores[: len(ids)])
     eng = Engine(store, EngineConfig(device="cpu", compute_dtype="fp32", read_only=True))
     mine = eng.logits(torch.tensor([ids]))[0].numpy()
     eng.close()
-    scale = np.abs(mine).max()
-    assert np.abs(theirs - mine).max() < 1e-3 * scale
+    err = np.abs(theirs - mine).max() / np.abs(mine).max()
+    print(f"{family}: llama.cpp vs blocktune, max |diff| / max |logit| = {err:.2e}")
+    assert err < 1e-3

@@ -14,6 +14,7 @@ split pattern. Streams: tensor infos first, then one unit at a time.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,16 @@ def _rope_factors(args) -> np.ndarray | None:
     return (plain / scaled).to(torch.float32).numpy()
 
 
-def _write_tokenizer(w, store: BlockStore) -> None:
+def _normalizer(path: Path) -> tuple[str, bool]:
+    """(normalization rule, remove_extra_whitespaces) of a sentencepiece model file."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(path).read_bytes())
+    return proto.normalizer_spec.name, proto.normalizer_spec.remove_extra_whitespaces
+
+
+def _write_tokenizer(w, store: BlockStore, warn) -> None:
     import gguf
 
     kind = store.manifest.get("tokenizer_kind", "sentencepiece")
@@ -66,6 +76,11 @@ def _write_tokenizer(w, store: BlockStore) -> None:
         import sentencepiece as spm
 
         sp = spm.SentencePieceProcessor(model_file=str(store.tokenizer_path))
+        spec = _normalizer(store.tokenizer_path)
+        if spec != ("identity", False):  # Meta's: no normalization, whitespace kept
+            warn(f"{store.tokenizer_path}: this sentencepiece model normalizes text ({spec[0]}"
+                 f"{', removes extra whitespace' if spec[1] else ''}); llama.cpp does not, so it tokenizes "
+                 "newlines and repeated spaces differently from blocktune and sentencepiece")
         tokens, scores, types = [], [], []
         for i in range(sp.vocab_size()):
             tokens.append(sp.id_to_piece(i).encode("utf-8"))
@@ -145,7 +160,8 @@ def _pre_tokenizer(spec: dict) -> str:
     raise ConfigError("tokenizer.json: no byte-level pre-tokenizer llama.cpp would know")
 
 
-def export_gguf(store: BlockStore, out: str | Path, adapter=None, dtype: torch.dtype = torch.bfloat16) -> Path:
+def export_gguf(store: BlockStore, out: str | Path, adapter=None, dtype: torch.dtype = torch.bfloat16,
+                warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)) -> Path:
     """`out` is a folder; the model goes to `out/model.gguf` (LoRA merged if given)."""
     import gguf
 
@@ -191,7 +207,7 @@ def export_gguf(store: BlockStore, out: str | Path, adapter=None, dtype: torch.d
         if args.rope_scaling and args.rope_scaling["rope_type"] == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
-        _write_tokenizer(w, store)
+        _write_tokenizer(w, store, warn)
         factors = _rope_factors(args)
         order = []  # (unit, key) in file order
         for unit in unit_names(args):
