@@ -2,6 +2,7 @@
 Meta's own reference code, llama-models: its Transformer computes the logits, its Tokenizer the
 tokens. The checkpoint is that Transformer's state dict, saved with torch.save."""
 
+import dataclasses
 import json
 import subprocess
 
@@ -95,10 +96,37 @@ def _umask() -> int:
     return m
 
 
-def test_llama2_params_json_round_trips_byte_for_byte(tmp_path):
-    """The issue's example, a Llama-2 params.json with vocab_size -1 and no rope_theta: it comes
-    back as it was (the export wrote rope_theta and vocab_size 2000: Meta's Llama-2 ModelArgs
-    raises TypeError on the first). The checkpoint is a plain dict of Meta-named tensors."""
+@dataclasses.dataclass
+class MetaLlama2Args:
+    """The fields of Meta's Llama-2 ModelArgs (llama/model.py), written out here: params.json is
+    read as ModelArgs(**params), so a key it does not have is a TypeError."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = -1
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+
+# Meta's model-parallel split, written here independently of blocktune_export: the axis each
+# tensor is cut along across consolidated.NN.pth (None: every shard holds all of it)
+_META_SPLIT = {"tok_embeddings.weight": 1, "output.weight": 0, "norm.weight": None,
+               "attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
+               "attention.wo.weight": 1, "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0,
+               "feed_forward.w2.weight": 1, "attention_norm.weight": None, "ffn_norm.weight": None}
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_llama2_meta_folder_round_trips(tmp_path, shards):
+    """The issue's example, a Llama-2 params.json with vocab_size -1 and no rope_theta, over 1
+    and 2 model-parallel shards cut by Meta's rules: export gives back params.json byte for byte
+    (it wrote rope_theta and vocab_size 2000, which Meta's ModelArgs refuses) and every shard's
+    tensors, in order."""
     import shutil
 
     from blocktune_bench.corpus import tokenizer_path
@@ -109,23 +137,32 @@ def test_llama2_params_json_round_trips_byte_for_byte(tmp_path):
     (src / "params.json").write_bytes(raw)
     shutil.copyfile(tokenizer_path(), src / "tokenizer.model")
     g = torch.Generator().manual_seed(0)
-    sd = {"tok_embeddings.weight": torch.randn(1024, 256, generator=g)}
+    full = {"tok_embeddings.weight": torch.randn(1024, 256, generator=g)}
     for i in range(2):
         for k, shape in (("attention.wq.weight", (256, 256)), ("attention.wk.weight", (256, 256)),
                          ("attention.wv.weight", (256, 256)), ("attention.wo.weight", (256, 256)),
                          ("feed_forward.w1.weight", (768, 256)), ("feed_forward.w2.weight", (256, 768)),
                          ("feed_forward.w3.weight", (768, 256)), ("attention_norm.weight", (256,)),
                          ("ffn_norm.weight", (256,))):
-            sd[f"layers.{i}.{k}"] = torch.randn(*shape, generator=g)
-    sd["norm.weight"] = torch.ones(256)
-    sd["output.weight"] = torch.randn(1024, 256, generator=g)
-    torch.save(sd, src / "consolidated.00.pth")
+            full[f"layers.{i}.{k}"] = torch.randn(*shape, generator=g)
+    full["norm.weight"] = torch.ones(256)
+    full["output.weight"] = torch.randn(1024, 256, generator=g)
+    parts = [{} for _ in range(shards)]
+    for k, t in full.items():
+        axis = _META_SPLIT[k.split(".", 2)[2] if k.startswith("layers.") else k]
+        for n, piece in enumerate([t] * shards if axis is None else t.chunk(shards, axis)):
+            parts[n][k] = piece.clone()
+    for n, sd in enumerate(parts):
+        torch.save(sd, src / f"consolidated.{n:02d}.pth")
     store = import_meta(src, tmp_path / "store", dtype=torch.float32)
     assert store.args.vocab_size == 1024 and store.args.hidden_dim == 768
     out = export_meta(store, tmp_path / "out", dtype=torch.float32)
     assert (out / "params.json").read_bytes() == raw
-    back = torch.load(out / "consolidated.00.pth")
-    assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    MetaLlama2Args(**json.loads(raw))  # what Meta's code does with it
+    assert sorted(p.name for p in out.glob("*.pth")) == sorted(p.name for p in src.glob("*.pth"))
+    for n, sd in enumerate(parts):
+        back = torch.load(out / f"consolidated.{n:02d}.pth")
+        assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
 def test_chat_prompt_equals_meta_chat_format(meta_llama3, tmp_path):
