@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from blocktune import Engine, EngineConfig, LoraConfig, ModelArgs, OptimizerConfig
+from blocktune.model import unit_prefix
 from blocktune.store import BlockStore
 from blocktune_bench.reference import ReferenceTrainer, trained_tensors
 from blocktune_bench.synthetic import make_store
@@ -76,7 +77,7 @@ def assert_matches(store_path, engine, ref, method, losses):
         for k, w in ref.unit_state(unit).items():
             worst = max(worst, rel_err(weights[k], w))
         state = store.read_state(unit)
-        prefix = f"layers.{int(unit[6:])}." if unit.startswith("block_") else f"{unit}."
+        prefix = unit_prefix(unit) or f"{unit}."
         for k in weights:
             ref_s = ref_opt.get(prefix + k, {})
             for name in ("exp_avg", "exp_avg_sq"):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from blocktune.config import LoraConfig, ModelArgs
 from blocktune.devices import Device, resolve_device
 from blocktune.engine import IGNORE_INDEX, Engine
-from blocktune.model import Transformer, init_lora_
+from blocktune.model import Transformer, init_lora_, unit_prefix
 from blocktune.optim import OptimizerConfig
 from blocktune.rng import seed_micro_batch
 from blocktune.store import BlockStore
@@ -27,7 +27,7 @@ def model_from_store(store: BlockStore, lora: LoraConfig | None = None,
         model = Transformer(store.args, lora)
     state = {}
     for unit, _ in model.units():
-        prefix = f"layers.{int(unit[6:])}." if unit.startswith("block_") else f"{unit}."
+        prefix = unit_prefix(unit) or f"{unit}."
         for k, v in store.read_unit(unit).items():
             state[prefix + k] = v.to(device=device, dtype=dtype)
     if lora is not None:  # placeholders; ReferenceTrainer initialises them as the engine does

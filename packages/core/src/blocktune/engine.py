@@ -35,7 +35,7 @@ from .config import LoraConfig, ModelArgs
 from .devices import Device, parse_dtype, resolve_device, trim_host_heap
 from .distributed import SINGLE, DistContext
 from .errors import ConfigError, StoreError, TrainingError
-from .model import Block, Embed, Head, KVCache, Linear, init_lora_
+from .model import Block, Embed, Head, KVCache, Linear, init_lora_, unit_prefix
 from .optim import OptimizerConfig, unit_step
 from .pager import ActivationStash, Pager, resident_sizes
 from .rng import seed_micro_batch
@@ -238,7 +238,7 @@ class Engine:
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Adapters as a flat dict with Meta-style names (``layers.3.attention.wq.lora_a``)."""
-        return {f"layers.{int(u.split('_')[1])}.{k}": p.detach()
+        return {f"{unit_prefix(u)}{k}": p.detach()
                 for u, d in self.adapters.items() for k, p in d.items()}
 
     def load_adapters(self, flat: dict[str, torch.Tensor]) -> None:
@@ -254,7 +254,7 @@ class Engine:
         with torch.no_grad():
             for u, d in self.adapters.items():
                 for k, p in d.items():
-                    p.copy_(flat[f"layers.{int(u.split('_')[1])}.{k}"])
+                    p.copy_(flat[f"{unit_prefix(u)}{k}"])
 
     def adapter_params(self) -> list[nn.Parameter]:
         return [p for u in self.units[1:-1] for p in self.adapters.get(u, {}).values()]

@@ -373,7 +373,20 @@ class Transformer(nn.Module):
 
 
 def unit_name(layer: int) -> str:
+    """The unit that holds transformer layer `layer` (the one place the name format is made)."""
     return f"block_{layer:02d}"
+
+
+def layer_of(unit: str) -> int | None:
+    """The layer index of a block unit's name; None for embed and head (the one place it is read)."""
+    return int(unit[len("block_"):]) if unit.startswith("block_") else None
+
+
+def unit_prefix(unit: str) -> str:
+    """The prefix of a unit's keys in the whole model's (Meta) names: `layers.3.`, or '' for
+    embed and head, whose keys are already whole-model names."""
+    layer = layer_of(unit)
+    return "" if layer is None else f"layers.{layer}."
 
 
 def init_lora_(module: nn.Module, generator: torch.Generator | None = None) -> None:

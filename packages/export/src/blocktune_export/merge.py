@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from blocktune.adapters import Adapter
+from blocktune.model import layer_of
 from blocktune.store import BlockStore
 
 __all__ = ["merged_unit"]
@@ -13,9 +14,9 @@ def merged_unit(store: BlockStore, unit: str, adapter: Adapter | None) -> dict[s
     """One unit's weights with `adapter` folded in (fp32 where merged, stored dtype otherwise).
     The unit's file is mapped (read-only): unmerged tensors are views of the page cache."""
     tensors = store.read_unit(unit, map_file=True)
-    if adapter is None or not unit.startswith("block_"):
+    layer = layer_of(unit)
+    if adapter is None or layer is None:
         return tensors
-    layer = int(unit[6:])
     out = dict(tensors)
     for key in tensors:
         if not key.endswith(".weight"):

@@ -18,6 +18,7 @@ import torch
 from blocktune.config import ModelArgs
 from blocktune.errors import ConfigError, StoreError
 from blocktune.fileio import RowPieces
+from blocktune.model import unit_name, unit_prefix
 from blocktune.store import BlockStore, build_store, staging_dir, unit_names
 from blocktune.tokenizer import TiktokenTokenizer, Tokenizer, detect_kind
 
@@ -58,14 +59,14 @@ def unit_of(key: str) -> tuple[str, str]:
     """Meta key -> (unit name, key inside the unit)."""
     m = _LAYER.match(key)
     if m:
-        return f"block_{int(m.group(1)):02d}", m.group(2)
+        return unit_name(int(m.group(1))), m.group(2)
     if key == "tok_embeddings.weight":
         return "embed", key
     return "head", key
 
 
 def meta_key(unit: str, key: str) -> str:
-    return f"layers.{int(unit[6:])}.{key}" if unit.startswith("block_") else key
+    return unit_prefix(unit) + key
 
 
 def shard_files(src: Path) -> list[Path]:
