@@ -228,3 +228,29 @@ def test_shard_pieces_are_written_without_copies_and_without_their_neighbours(dt
         p = _shard_piece(whole, axis, 1, 2, dt, "w")
         assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
         assert torch.equal(p, whole.chunk(2, axis)[1].to(dt))
+
+
+def test_meta_export_reads_each_unit_once_whatever_the_shard_count(tmp_path):
+    """Exporting 8 shards read (crc-checked, merged) every unit 8 times; now once, and the
+    8 shards equal a 1-shard export cut by Meta's rules."""
+    src = write_meta_checkpoint(tmp_path / "src", "tiny-70b", seed=2)
+    store = import_meta(src, tmp_path / "store", dtype=torch.float32)
+    reads = []
+    real = store.read_unit
+
+    def counting(name, *a, **kw):
+        reads.append(name)
+        return real(name, *a, **kw)
+
+    store.read_unit = counting
+    out8 = export_meta(store, tmp_path / "out8", n_shards=8, dtype=torch.float32)
+    assert sorted(reads) == sorted(store.units)
+    one = torch.load(export_meta(store, tmp_path / "out1", n_shards=1, dtype=torch.float32) / "consolidated.00.pth")
+    parts = [torch.load(out8 / f"consolidated.{i:02d}.pth") for i in range(8)]
+    from blocktune_export.meta import split_axis
+
+    for k, t in one.items():
+        axis = split_axis(k) if k != "rope.freqs" else None
+        got = parts[0][k] if axis is None else torch.cat([p[k] for p in parts], axis)
+        assert torch.equal(got, t), k
+    assert not (out8 / ".pieces").exists()

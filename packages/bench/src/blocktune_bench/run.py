@@ -426,7 +426,7 @@ def group_export(work: Path, reps: int) -> None:
     size = sum(f.stat().st_size for f in store.glob("*.safetensors"))
     runs = []
     for rep in range(reps):
-        for shards in (1, 2):
+        for shards in (1, 2, 8):
             out = work / "export-out"
             shutil.rmtree(out, ignore_errors=True)
             res = subprocess.run([sys.executable, "-c", EXPORT, str(store), str(out), str(shards)],
@@ -441,7 +441,7 @@ def group_export(work: Path, reps: int) -> None:
     table = [f"bf16 store of {size / 1e9:.2f} GB (24 layers, dim 2048) -> Meta layout in bf16, warm page cache; "
              f"median of {reps} runs. Anonymous memory: RssAnon at its peak minus before the export.", "",
              "| shards | seconds | GB/s | anonymous memory at peak (GB) | of the store |", "| ---: | ---: | ---: | ---: | ---: |"]
-    for shards in (1, 2):
+    for shards in (1, 2, 8):
         ok = [r for r in runs if r["shards"] == shards and "error" not in r]
         if not ok:
             table.append(f"| {shards} | failed | | | |")

@@ -255,6 +255,48 @@ def _shard_piece(t: torch.Tensor, axis: int | None, i: int, n: int, dtype: torch
     return piece
 
 
+def _write_spilled(out: Path, names: list[str], units, n: int, dtype: torch.dtype, save) -> None:
+    """Several shards from one pass over the units: pieces to per-shard scratch files, then each
+    scratch file mapped and saved as its shard."""
+    import mmap
+    import warnings
+
+    scratch = out / ".pieces"
+    scratch.mkdir()
+    index: list[list[tuple[str, torch.dtype, tuple[int, ...], int, int]]] = [[] for _ in range(n)]
+    files = [open(scratch / f"shard-{i:02d}", "wb") for i in range(n)]
+    try:
+        for unit in names:
+            tensors = units(unit)
+            for k, t in tensors.items():
+                full = meta_key(unit, k)
+                for i in range(n):
+                    piece = _shard_piece(t, split_axis(full), i, n, dtype, full).contiguous()
+                    raw = piece.view(torch.uint8).reshape(-1).numpy() if piece.numel() else b""
+                    offset = files[i].tell()
+                    files[i].write(memoryview(raw))
+                    index[i].append((full, piece.dtype, tuple(piece.shape), offset, piece.numel() * piece.element_size()))
+                    pad = -files[i].tell() % 64
+                    files[i].write(b"\0" * pad)
+            del tensors
+    finally:
+        for f in files:
+            f.close()
+    for i in range(n):
+        path = scratch / f"shard-{i:02d}"
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) if path.stat().st_size else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a read-only mapping: nothing writes these tensors
+            buf = torch.frombuffer(mm, dtype=torch.uint8) if mm is not None else torch.empty(0, dtype=torch.uint8)
+        sd = {key: _own_storage(buf[off:off + nb].view(dt).reshape(shape))
+              for key, dt, shape, off, nb in index[i]}
+        save(i, sd)
+        del sd, buf
+        path.unlink()  # the scratch space goes shard by shard
+    scratch.rmdir()
+
+
 def write_meta(out: Path, args: ModelArgs, units: Callable[[str], dict[str, torch.Tensor]],
                n_shards: int, dtype: torch.dtype = torch.bfloat16,
                extras: dict[str, torch.Tensor] | None = None,
@@ -262,26 +304,34 @@ def write_meta(out: Path, args: ModelArgs, units: Callable[[str], dict[str, torc
                params: bytes | None = None) -> None:
     """Write a Meta folder; `units(name)` returns one unit's tensors (Meta names inside it).
 
-    One shard at a time (`units` is called once per shard), so memory holds at most one
-    shard, and where units come mapped from a file in the output dtype, not even that: their
-    pieces are written straight from the page cache. Keys are written in `key_order` (the
-    order of the imported files) when given, else in the model's own order: tok_embeddings,
-    layers…, norm, output, rope.freqs.
+    Each unit is read (checked, merged) once whatever the shard count. One shard: its tensors go
+    to `torch.save` from the mapped unit files where they need no conversion. Several: each
+    unit's pieces are spilled to one scratch file per shard, which is then mapped and saved as
+    that shard (scratch space on the output's disk: the model's size, freed shard by shard), so
+    memory holds one unit and the disk is read once, not once per shard. Keys are written in
+    `key_order` (the order of the imported files) when given, else in the model's own order:
+    tok_embeddings, layers…, norm, output, rope.freqs.
     """
     names = unit_names(args)
     rank = {k: i for i, k in enumerate(key_order or [])}
     out.mkdir(parents=True, exist_ok=True)
-    for i in range(n_shards):
-        sd: dict[str, torch.Tensor] = {}
-        for unit in names:
-            for k, t in units(unit).items():
-                full = meta_key(unit, k)
-                sd[full] = _shard_piece(t, split_axis(full), i, n_shards, dtype, full)
+
+    def save(i: int, sd: dict[str, torch.Tensor]) -> None:
         for k, v in (extras or {}).items():
             sd[k] = v.clone()
         keys = sorted(sd, key=lambda k: rank.get(k, len(rank)))  # stable: model order otherwise
         torch.save({k: sd[k] for k in keys}, out / f"consolidated.{i:02d}.pth")
+
+    if n_shards == 1:
+        sd = {}
+        for unit in names:
+            for k, t in units(unit).items():
+                full = meta_key(unit, k)
+                sd[full] = _shard_piece(t, split_axis(full), 0, 1, dtype, full)
+        save(0, sd)
         del sd
+    else:
+        _write_spilled(out, names, units, n_shards, dtype, save)
     if params is not None:
         (out / "params.json").write_bytes(params)
     else:
