@@ -76,7 +76,7 @@ def test_read_fault_is_named(tiny_store):
 
 def _manifest_bytes(tmp_path_factory):
     store = make_store(tmp_path_factory.mktemp("fz") / "s", PRESETS["tiny-7b"], seed=0)
-    return store.path, (store.path / "manifest.json").read_bytes()
+    return store.path, (store.path / "manifest.json").read_bytes(), {u: store.read_unit(u) for u in store.units}
 
 
 @pytest.fixture(scope="module")
@@ -87,25 +87,31 @@ def manifest(tmp_path_factory):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cut=st.integers(0, 10_000), flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), max_size=4))
 def test_fuzzed_manifest_gives_only_clear_errors(manifest, cut, flips):
-    path, good = manifest
+    """A damaged manifest is refused with a StoreError, or verify names a problem, or what the
+    store then reads is exactly the model (a mutation that changed nothing that matters):
+    never a raw exception, never other weights."""
+    path, good, weights = manifest
     data = bytearray(good[: cut % (len(good) + 1)] if cut % 3 == 0 else good)
     for pos, x in flips:
         if data:
             data[pos % len(data)] ^= x
-    (path / "manifest.json").write_bytes(bytes(data))
     try:
-        store = BlockStore.open(path)
-    except StoreError:
-        return
-    # the few mutations that still parse (a changed crc or digit) are reported by verify,
-    # which turns every read error into a line of its report
-    assert isinstance(store.verify(), list)
-
-
-def test_fuzz_restores(manifest):
-    path, good = manifest
-    (path / "manifest.json").write_bytes(good)
-    assert BlockStore.open(path).verify() == []
+        (path / "manifest.json").write_bytes(bytes(data))
+        try:
+            store = BlockStore.open(path)
+        except StoreError:
+            return
+        if store.verify():
+            return
+        for unit, want in weights.items():
+            try:
+                got = store.read_unit(unit)
+            except StoreError:
+                return
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), unit
+    finally:  # each example starts from the good manifest, whatever ran before
+        (path / "manifest.json").write_bytes(good)
+        assert BlockStore.open(path).verify() == []
 
 
 @settings(max_examples=60, deadline=None)
@@ -113,14 +119,17 @@ def test_fuzz_restores(manifest):
 def test_fuzzed_adapter_gives_only_clear_errors(tmp_path_factory, cut, flip):
     args = PRESETS["tiny-7b"]
     path = tmp_path_factory.mktemp("ad") / "a.safetensors"
-    save_adapter(path, {"layers.0.attention.wq.lora_a": torch.randn(2, 64)}, LoraConfig(rank=2), args)
+    original = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    save_adapter(path, {"layers.0.attention.wq.lora_a": original}, LoraConfig(rank=2), args)
     data = bytearray(path.read_bytes())
     data[flip % len(data)] ^= 0x5A
     path.write_bytes(bytes(data[: max(1, cut)] if cut < len(data) else data))
     try:
-        load_adapter(path, args)
+        got = load_adapter(path, args)
     except StoreError:
-        pass
+        return
+    # it loaded: then the damage missed the tensors and their checksum, and they are the originals
+    assert torch.equal(got.tensors["layers.0.attention.wq.lora_a"], original)
 
 
 def test_checksums_in_manifest_are_json_numbers(tiny_store):
@@ -189,3 +198,19 @@ def test_write_fault_at_every_call_leaves_nothing_behind(tmp_path, tiny_args):
         reopened = BlockStore.open(store.path)
         assert reopened.step == 1 and reopened.verify() == []
         assert {p.name for p in store.path.iterdir()} - {LOCK_DIR} == reopened.referenced_files(), k
+
+
+@pytest.mark.parametrize("needle", [b"layers.0.attention.wq.lora_a", b'alpha\\": 16.0'])
+def test_adapter_with_a_damaged_name_or_setting_is_refused(tmp_path, needle):
+    """The adapter's checksum covered its tensor data only: a flipped byte in a key name or in
+    the LoRA settings (alpha 16.0 -> 16.8: another scale) loaded without a word."""
+    args = PRESETS["tiny-7b"]
+    path = tmp_path / "a.safetensors"
+    save_adapter(path, {"layers.0.attention.wq.lora_a": torch.randn(2, 64)}, LoraConfig(rank=2, alpha=16.0), args)
+    data = bytearray(path.read_bytes())
+    setting = needle.startswith(b"alpha")
+    at = bytes(data).index(needle) + (len(needle) - 1 if setting else 7)
+    data[at] = ord("8") if setting else ord("X")  # 16.0 -> 16.8; layers.0 -> layersX0
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        load_adapter(path, args)

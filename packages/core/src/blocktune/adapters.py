@@ -45,13 +45,25 @@ class Adapter:
     model: dict
 
 
+def _named_crc(tensors: dict[str, torch.Tensor], lora: str, model: str) -> int:
+    """crc32 of the LoRA settings, the model fingerprint, the keys, shapes and data (files
+    written before it checked the data alone: a damaged key name or alpha passed)."""
+    crc = zlib.crc32(f"{lora}|{model}|".encode())
+    for k in sorted(tensors):
+        crc = zlib.crc32(f"{k}:{list(tensors[k].shape)};".encode(), crc)
+        crc = zlib.crc32(tensors[k].numpy().tobytes(), crc)
+    return crc
+
+
 def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], lora: LoraConfig,
                  args: ModelArgs) -> Path:
     path = Path(path)
     cpu = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     crc = zlib.crc32(b"".join(cpu[k].numpy().tobytes() for k in sorted(cpu)))
-    meta = {"format": "blocktune-lora", "lora": json.dumps(lora.to_dict()),
-            "model": json.dumps(_fingerprint(args)), "crc32": str(crc)}
+    lora_text, model_text = json.dumps(lora.to_dict()), json.dumps(_fingerprint(args))
+    named = _named_crc(cpu, lora_text, model_text)
+    meta = {"format": "blocktune-lora", "lora": lora_text, "model": model_text, "crc32": str(crc),
+            "crc32_named": str(named)}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, save(cpu, metadata=meta))
     return path
@@ -79,12 +91,13 @@ def load_adapter(path: str | Path, args: ModelArgs | None = None) -> Adapter:
         lora = LoraConfig.from_dict(json.loads(meta["lora"]))
         model = json.loads(meta["model"])
         crc = int(meta["crc32"])
+        named = int(meta["crc32_named"]) if "crc32_named" in meta else None
     except StoreError:
         raise
     except Exception as exc:
         raise StoreError(f"{path}: unreadable adapter file ({type(exc).__name__}: {exc})") from exc
     got = zlib.crc32(b"".join(tensors[k].numpy().tobytes() for k in sorted(tensors)))
-    if got != crc:
+    if got != crc or (named is not None and _named_crc(tensors, meta["lora"], meta["model"]) != named):
         raise StoreError(f"{path}: checksum mismatch; the adapter file is damaged")
     if args is not None and model != _fingerprint(args):
         diff = {k: (model.get(k), getattr(args, k)) for k in _SHAPE_KEYS if model.get(k) != getattr(args, k)}
