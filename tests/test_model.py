@@ -62,8 +62,18 @@ def test_causal_mask_and_lora_start_at_base():
 
 
 def test_params_json_round_trip_and_errors(tmp_path):
-    for args in PRESETS.values():
-        assert ModelArgs.from_params(args.to_params()).to_params() == args.to_params()
+    # the params.json files Meta ships (vocab_size -1: read from the tokenizer), written out here,
+    # and the FFN widths of the checkpoints they describe (w1's rows in consolidated.*.pth)
+    meta = {"llama-2-7b": ({"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
+                            "vocab_size": -1}, 11008),
+            "llama-2-13b": ({"dim": 5120, "multiple_of": 256, "n_heads": 40, "n_layers": 40, "norm_eps": 1e-05,
+                             "vocab_size": -1}, 13824),
+            "llama-2-70b": ({"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64,
+                             "n_kv_heads": 8, "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1}, 28672)}
+    for name, (params, ffn) in meta.items():
+        args = ModelArgs.from_params({**params, "vocab_size": 32000})
+        assert args.hidden_dim == ffn and args == PRESETS[name], name
+        assert args.to_params() == {**params, "vocab_size": 32000}
     with pytest.raises(ConfigError, match="n_kv_heads=3 must divide n_heads=8"):
         ModelArgs(dim=64, n_heads=8, n_kv_heads=3)
     with pytest.raises(ConfigError, match="unknown key.*'dimension'"):
@@ -80,7 +90,8 @@ def test_params_json_round_trip_and_errors(tmp_path):
 def test_devices_resolve_and_probe():
     cpu = resolve_device("cpu")
     assert torch.float32 in cpu.compute_dtypes and cpu.default_dtype() == torch.float32
-    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
     with pytest.raises(ConfigError, match="unknown device"):
         resolve_device("tpu")
     state = cpu.get_rng_state()
@@ -118,3 +129,30 @@ def test_recompute_for_backward_gives_the_same_gradients(lora, tiny_args):
     assert len(plain) == len(tail) > 1
     assert all(torch.equal(a, b) for a, b in zip(plain, tail))
     assert not block.feed_forward.w2.grad_only  # switched back off
+
+
+def test_top_k_and_top_p_sampling():
+    """Sampling draws only from the top k / the smallest set reaching top_p, with the renormalised
+    probabilities (5,000 draws per case, compared with the exact distribution)."""
+    from blocktune.generate import SamplingConfig, sample_next
+
+    logits = torch.log(torch.tensor([[0.05, 0.30, 0.10, 0.40, 0.15]]))
+    probs = torch.softmax(logits, -1)[0]
+    gen = torch.Generator().manual_seed(0)
+
+    def draws(cfg, n=5000):
+        return torch.bincount(torch.cat([sample_next(logits, cfg, gen) for _ in range(n)]), minlength=5).float() / n
+
+    assert int(sample_next(logits, SamplingConfig(temperature=0.0), gen)) == 3  # greedy
+    for cfg, allowed in ((SamplingConfig(temperature=1.0, top_k=2), [3, 1]),
+                         (SamplingConfig(temperature=1.0, top_p=0.8), [3, 1, 4]),  # 0.40 + 0.30 < 0.8 <= +0.15
+                         (SamplingConfig(temperature=1.0, top_p=0.35), [3]),
+                         (SamplingConfig(temperature=1.0, top_k=4, top_p=0.75), [3, 1, 4])):
+        got = draws(cfg)
+        want = torch.zeros(5)
+        want[allowed] = probs[allowed] / probs[allowed].sum()
+        assert got[[i for i in range(5) if i not in allowed]].sum() == 0, cfg
+        assert (got - want).abs().max() < 0.03, (cfg, got, want)
+    # temperature: 0.5 sharpens towards the top token
+    hot = draws(SamplingConfig(temperature=0.5))
+    assert abs(hot[3] - torch.softmax(logits / 0.5, -1)[0, 3]) < 0.03

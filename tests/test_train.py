@@ -198,7 +198,17 @@ def test_eval_command_definition(prepared, tmp_path):
     n_windows = len(ids) // 33
     assert got["tokens"] == n_windows * 32
     assert len(eval_windows(tok, text.read_text(), 32)) == n_windows
-    assert math.isclose(got["ppl"], math.exp(got["loss"]), rel_tol=1e-9)
+    # the loss itself, computed here from the definition with the in-memory model: BOS + text,
+    # consecutive 33-token windows, mean next-token cross-entropy over every predicted position
+    from blocktune_bench.reference import model_from_store
+
+    model = model_from_store(st).eval()
+    windows = torch.tensor([ids[i * 33:(i + 1) * 33] for i in range(n_windows)])
+    with torch.no_grad():
+        logits = model(windows[:, :-1])
+    want = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+    assert math.isclose(got["loss"], want, rel_tol=1e-6), (got["loss"], want)
+    assert math.isclose(got["ppl"], math.exp(want), rel_tol=1e-6)
 
 
 def test_lr_schedule():

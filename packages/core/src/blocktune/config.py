@@ -196,7 +196,9 @@ class ModelArgs:
         out: dict[str, Any] = {}
         for key in _META_KEYS:
             value = getattr(self, key)
-            if key in ("n_kv_heads", "ffn_dim_multiplier", "rope_theta") and value is None:
+            if key in ("n_kv_heads", "ffn_dim_multiplier") and value is None:
+                continue
+            if key == "rope_theta" and value == 10000.0:  # Llama 2's default: its params.json has no key
                 continue
             out[key] = value
         if self.rope_scaling is not None and self.rope_scaling == meta_scaled_rope(self.rope_scaling.get("factor")):
