@@ -71,6 +71,26 @@ def _finetune_cmd(store, text, out, method, steps, extra=()):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_kill_between_checkpoint_and_metrics_leaves_no_gap(prepared, tmp_path, method):
+    """The files a kill leaves right after step 3's checkpoint (a full fine-tune: its commit)
+    and before its metrics row: resume fills the row from the checkpoint (it left a gap)."""
+    store, text = prepared
+    (tmp_path / f"{method}.toml").write_text("eval_every = 0\nsample_every = 0\nplot = false\nval_ratio = 0.0\n")
+    run = tmp_path / "x" / "run"
+    run.parent.mkdir()
+    s = _copy_store(store, tmp_path / "s")
+    subprocess.run(_finetune_cmd(s, text, run, method, 3), check=True, capture_output=True)
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    lost = json.loads(rows[-1])
+    (run / "metrics.jsonl").write_text("\n".join(rows[:-1]) + "\n")  # the append that never happened
+    r = subprocess.run(_finetune_cmd(s, text, run, method, 5, ["--resume"]), capture_output=True, text=True)
+    assert r.returncode == 0 and "step 3's metrics row was lost" in r.stderr, r.stderr[-1500:]
+    after = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in after] == [1, 2, 3, 4, 5]
+    assert after[2]["recovered"] and after[2]["loss"] == lost["loss"] and after[2]["lr"] == lost["lr"]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
 def test_resume_after_kill_is_exact(prepared, tmp_path, method):
     store, text = prepared
     (tmp_path / f"{method}.toml").write_text(

@@ -419,7 +419,10 @@ class Engine:
             if full:
                 if pending is not None:
                     pending()
-                self.pager.commit(step + 1)
+                # the step's own figures go into its commit: a run killed before it logs them
+                # recovers them on resume (blocktune.train)
+                self.pager.commit(step + 1, last_step={"step": step + 1, "loss": float(loss), "tokens": n_tok,
+                                                       "lr": lr})
             else:
                 params = self.adapter_params()
                 for p in params:

@@ -452,8 +452,9 @@ class Pager:
                     os.close(fd)
             self._unsynced = []
 
-    def commit(self, step: int) -> None:
-        """Wait for every write of this step, then switch the store's manifest to it atomically."""
+    def commit(self, step: int, **extra) -> None:
+        """Wait for every write of this step, then switch the store's manifest to it atomically
+        (`extra`: fields that go into the same manifest, e.g. what the step measured)."""
         units, states = {}, {}
         writes, self._writes = self._writes, []
         for i, fut in enumerate(writes):
@@ -472,7 +473,7 @@ class Pager:
             if srec is not None:
                 states[name] = srec
         self._unsynced = []  # commit fsyncs every file of the step
-        self.store.commit(step, units, states, collect=False)
+        self.store.commit(step, units, states, collect=False, **extra)
         # deleting the last step's files takes a while (freeing extents): do it on the writer
         # thread, which is also the only thread that creates files, so nothing new is deleted
         self._writes.append(self._writer.submit(self._collect))

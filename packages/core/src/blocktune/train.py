@@ -217,7 +217,7 @@ class Trainer:
         self.start_step = 0
 
     # ---- checkpoints ----
-    def _save_checkpoint(self, step: int) -> None:
+    def _save_checkpoint(self, step: int, row: dict | None = None) -> None:
         if not self.dist.is_main:
             return  # every rank holds the same adapters; rank 0 writes them
         self.out.mkdir(parents=True, exist_ok=True)
@@ -233,10 +233,29 @@ class Trainer:
                 tensors[f"optim.{i}.{k}"] = torch.as_tensor(v).detach().cpu()
         meta = {"step": str(step), "format": "blocktune-checkpoint",
                 "lora": json.dumps(self.cfg.lora().to_dict())}
+        if row is not None:  # this step's metrics, in case the run dies before it logs them
+            meta["row"] = json.dumps(row)
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         atomic_write(self.out / CHECKPOINT, save(cpu, metadata=meta))
         save_adapter(self.out / "adapter.safetensors", self.engine.adapter_state(),
                      self.cfg.lora(), self.store.args)
+
+    def _lost_row(self, step: int) -> dict | None:
+        """The metrics of checkpoint step `step` as the checkpoint recorded them: the whole row
+        (LoRA checkpoint), or what the store's commit carries (full: loss, tokens, lr)."""
+        if self.cfg.method == "full":
+            last = self.store.manifest.get("last_step") or {}
+            first = int((self.store.manifest.get("run") or {}).get("first_step", 0))
+            if last.get("step") != step + first:
+                return None
+            return {"step": step, "loss": last["loss"], "tokens": last["tokens"], "lr": last["lr"],
+                    "recovered": True}
+        from safetensors import safe_open
+
+        with safe_open(str(self.out / CHECKPOINT), framework="pt") as f:
+            meta = f.metadata() or {}
+        row = json.loads(meta["row"]) if "row" in meta else None
+        return {**row, "recovered": True} if row and row.get("step") == step else None
 
     def _resume(self) -> int:
         if self.cfg.method == "full":
@@ -362,6 +381,11 @@ class Trainer:
         metrics_path = self.out / "metrics.jsonl"
         main = self.dist.is_main
         history = read_metrics(metrics_path, upto=start) if resume else []
+        if resume and start and (not history or history[-1]["step"] < start):
+            lost = self._lost_row(start)  # killed after the checkpoint, before its metrics row
+            if lost is not None:
+                history.append(lost)
+                self.log(f"step {start}'s metrics row was lost with the killed run; recovered from the checkpoint")
         if main:
             _write_metrics(metrics_path, history)
         scalars = ScalarLog(self.out, cfg.tensorboard and main, start, log=self.log)
@@ -397,7 +421,7 @@ class Trainer:
                     self.log(f"step {step + 1} sample: {cfg.sample_prompt}{row['sample']!r}")
                 checkpoint = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
                 if checkpoint:
-                    self._save_checkpoint(step + 1)
+                    self._save_checkpoint(step + 1, row)
                 history.append(row)
                 if main:
                     _append_metric(metrics_path, row)
