@@ -34,8 +34,9 @@ from .budgets import resolve as resolve_budgets
 from .config import LoraConfig, ModelArgs
 from .devices import Device, parse_dtype, resolve_device, trim_host_heap
 from .distributed import SINGLE, DistContext
-from .errors import ConfigError, StoreError, TrainingError
-from .model import Block, Embed, Head, KVCache, Linear, init_lora_, unit_prefix
+from .errors import ConfigError, TrainingError
+from .lora import LoraAdapters
+from .model import Block, Embed, Head, KVCache
 from .optim import OptimizerConfig, unit_step
 from .pager import ActivationStash, Pager, resident_sizes
 from .rng import seed_micro_batch
@@ -201,9 +202,10 @@ class Engine:
                            as_stored=self.as_stored)
         self.units = store.units
         self.lora = self.cfg.lora if self.cfg.method == "lora" else None
-        self.adapters: dict[str, dict[str, nn.Parameter]] = {}
+        self.adapters: LoraAdapters | None = None
         if self.lora is not None:
-            self._init_adapters(adapters)
+            self.adapters = LoraAdapters(self.args, self.lora, self.units[1:-1], self.device.torch, self.cfg.seed,
+                                         adapters)
         self._lora_opt: torch.optim.Optimizer | None = None
         self._built: dict[str, tuple[dict, nn.Module]] = {}
         self._templates: dict[str, nn.Module] = {}  # one meta-device module per kind of unit
@@ -216,48 +218,17 @@ class Engine:
         self._tied_grad: torch.Tensor | None = None  # tied head: its projection's gradient, for embed
 
     # ---- adapters ----
-    def _init_adapters(self, given: dict[str, torch.Tensor] | None) -> None:
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        with torch.device("meta"):  # the base weights are never made: only the adapters are drawn
-            template = Block(self.args, self.lora)
-        for unit in self.units[1:-1]:
-            block = copy.deepcopy(template)
-            for m in block.modules():
-                if isinstance(m, Linear) and m.lora_a is not None:
-                    m.lora_a = nn.Parameter(torch.empty(m.lora_a.shape))
-                    m.lora_b = nn.Parameter(torch.empty(m.lora_b.shape))
-            init_lora_(block, gen)
-            self.adapters[unit] = {
-                # fp32 whatever the compute dtype, as peft keeps them: a bf16 adapter (and its
-                # AdamW state) would round away updates below its 8-bit mantissa
-                k: nn.Parameter(v.detach().to(self.device.torch, torch.float32))
-                for k, v in block.state_dict().items() if ".lora_" in k
-            }
-        if given is not None:
-            self.load_adapters(given)
-
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Adapters as a flat dict with Meta-style names (``layers.3.attention.wq.lora_a``)."""
-        return {f"{unit_prefix(u)}{k}": p.detach()
-                for u, d in self.adapters.items() for k, p in d.items()}
+        return self.adapters.state() if self.adapters is not None else {}
 
     def load_adapters(self, flat: dict[str, torch.Tensor]) -> None:
-        mine = self.adapter_state()
-        if set(flat) != set(mine):
-            extra, missing = sorted(set(flat) - set(mine))[:3], sorted(set(mine) - set(flat))[:3]
-            raise StoreError(f"adapter keys do not match this model and LoRA config "
-                             f"(unexpected {extra}, missing {missing})")
-        for name, t in flat.items():
-            if t.shape != mine[name].shape:
-                raise StoreError(f"adapter {name}: shape {tuple(t.shape)} != expected "
-                                 f"{tuple(mine[name].shape)} (LoRA rank or model differs)")
-        with torch.no_grad():
-            for u, d in self.adapters.items():
-                for k, p in d.items():
-                    p.copy_(flat[f"{unit_prefix(u)}{k}"])
+        if self.adapters is None:
+            raise ConfigError("this engine has no LoRA adapters (method is not lora)")
+        self.adapters.load(flat)
 
     def adapter_params(self) -> list[nn.Parameter]:
-        return [p for u in self.units[1:-1] for p in self.adapters.get(u, {}).values()]
+        return self.adapters.params() if self.adapters is not None else []
 
     @property
     def lora_optimizer(self) -> torch.optim.Optimizer:
@@ -281,7 +252,8 @@ class Engine:
                                          if kind == "head" else Block(self.args, self.lora))
         mod = copy.deepcopy(self._templates[kind])
         tensors = dict(resident)
-        tensors.update(self.adapters.get(unit, {}))
+        if self.adapters is not None:
+            tensors.update(self.adapters.of(unit))
         mod.load_state_dict(tensors, assign=True, strict=True)
         if self.cfg.method == "lora":
             for name, p in mod.named_parameters():
