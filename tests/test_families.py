@@ -15,11 +15,12 @@ import torch
 from blocktune.engine import Engine, EngineConfig
 from blocktune.errors import ConfigError
 from blocktune.generate import SamplingConfig, generate_tokens
+from blocktune.hflayout import from_hf
 from blocktune.optim import OptimizerConfig
 from blocktune.tokenizer import load_tokenizer
 from blocktune_bench.corpus import corpus_text
 from blocktune_bench.families import FAMILIES, make_checkpoint
-from blocktune_export.hf import _from_hf, export_hf, import_hf
+from blocktune_export.hf import export_hf, import_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -151,7 +152,7 @@ def _peft_to_ours(peft_model, args) -> dict[str, torch.Tensor]:
         if "lora_A" in k:
             out[f"layers.{layer}.{ours}.lora_a"] = t
         else:
-            out[f"layers.{layer}.{ours}.lora_b"] = _from_hf(t, heads) if heads else t
+            out[f"layers.{layer}.{ours}.lora_b"] = from_hf(t, heads) if heads else t
     return out
 
 

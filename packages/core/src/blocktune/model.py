@@ -382,6 +382,17 @@ def layer_of(unit: str) -> int | None:
     return int(unit[len("block_"):]) if unit.startswith("block_") else None
 
 
+def stored_shapes(args: ModelArgs, unit: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the tensors a unit's file holds, in the module's order (a tied head holds
+    its norm only: its projection is the embedding matrix, stored with embed)."""
+    with torch.device("meta"):
+        mod = Embed(args) if unit == "embed" else Head(args) if unit == "head" else Block(args)
+    shapes = {k: tuple(v.shape) for k, v in mod.state_dict().items()}
+    if unit == "head" and args.tie_embeddings:
+        del shapes["output.weight"]
+    return shapes
+
+
 def unit_prefix(unit: str) -> str:
     """The prefix of a unit's keys in the whole model's (Meta) names: `layers.3.`, or '' for
     embed and head, whose keys are already whole-model names."""

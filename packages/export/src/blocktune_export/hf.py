@@ -7,7 +7,7 @@ compute is never dropped. A store prepared from HF keeps the folder's config.jso
 
 HF names every tensor differently and, for its rotate-half rotary layout, permutes the rows
 of wq and wk within each head: Meta rotates interleaved pairs (x0, x1), HF rotates the two
-halves of the head. `_to_hf` / `_from_hf` are that permutation and its inverse.
+halves of the head: `blocktune.hflayout.to_hf` / `from_hf` are that permutation and its inverse.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from blocktune.config import ROPE_TYPES, ModelArgs
 from blocktune.errors import ConfigError, StoreError
 from blocktune.hflayout import ARCHITECTURES, HF_NAMES, from_hf, hf_key, meta_of_hf, rotary_heads, to_hf
+from blocktune.model import stored_shapes
 from blocktune.store import BlockStore, build_store, staging_dir, unit_names
 from blocktune.tokenizer import HF_TOKENIZER_FILES
 from safetensors import safe_open
@@ -32,7 +33,6 @@ from .meta import meta_key, unit_of
 __all__ = ["export_hf", "import_hf", "HF_NAMES"]
 
 SOURCE_CONFIG = "source-config.json"  # the config.json a store was prepared from, kept verbatim
-_to_hf, _from_hf, _heads = to_hf, from_hf, rotary_heads
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
@@ -238,9 +238,9 @@ def export_hf(store: BlockStore, out: str | Path, adapter=None,
                     flush()
                     shard = shard_of[(unit, k)]
                 t = tensors[k].to(dtype)
-                heads = _heads(store.args, k)
+                heads = rotary_heads(store.args, k)
                 if heads:
-                    t = _to_hf(t, heads)
+                    t = to_hf(t, heads)
                 current[hf_key(meta_key(unit, k))] = t.contiguous()
             del tensors
         flush()
@@ -258,13 +258,7 @@ def export_hf(store: BlockStore, out: str | Path, adapter=None,
 
 
 def _check_shapes(args: ModelArgs, unit: str, tensors: dict[str, torch.Tensor], source: str) -> None:
-    from blocktune.model import Block, Embed, Head
-
-    with torch.device("meta"):
-        mod = Embed(args) if unit == "embed" else Head(args) if unit == "head" else Block(args)
-    want = {k: tuple(v.shape) for k, v in mod.state_dict().items()}
-    if unit == "head" and args.tie_embeddings:
-        del want["output.weight"]
+    want = stored_shapes(args, unit)
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if want != got:
         diff = [f"{hf_key(meta_key(unit, k))}: {got.get(k, 'missing')} vs config.json's "
@@ -315,8 +309,8 @@ def import_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None
                 with safe_open(str(src / weight_map[k]), framework="pt") as f:
                     t = f.get_tensor(k)
                 local = unit_of(meta_of_hf(k))[1]
-                heads = _heads(args, local)
-                out[local] = _from_hf(t, heads) if heads else t
+                heads = rotary_heads(args, local)
+                out[local] = from_hf(t, heads) if heads else t
             _check_shapes(args, unit, out, str(src))
             yield unit, out
 

@@ -18,7 +18,7 @@ import torch
 from blocktune.config import ModelArgs
 from blocktune.errors import ConfigError, StoreError
 from blocktune.fileio import RowPieces
-from blocktune.model import unit_name, unit_prefix
+from blocktune.model import stored_shapes, unit_name, unit_prefix
 from blocktune.store import BlockStore, build_store, staging_dir, unit_names
 from blocktune.tokenizer import TiktokenTokenizer, Tokenizer, detect_kind
 
@@ -116,11 +116,7 @@ def read_params(src: Path, tokenizer: Tokenizer | None) -> ModelArgs:
 
 
 def _check_shapes(args: ModelArgs, unit: str, tensors: dict[str, torch.Tensor], files) -> None:
-    from blocktune.model import Block, Embed, Head
-
-    with torch.device("meta"):
-        mod = Embed(args) if unit == "embed" else Head(args) if unit == "head" else Block(args)
-    want = {k: tuple(v.shape) for k, v in mod.state_dict().items()}
+    want = stored_shapes(args, unit)
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if want != got:
         diff = [f"{meta_key(unit, k)}: {got.get(k)} vs params.json's {want.get(k)}"
