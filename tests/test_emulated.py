@@ -62,13 +62,48 @@ def test_a_missing_wait_is_caught(tmp_path, tiny_args, monkeypatch):
 
 
 def test_host_tier_is_bounded_and_released(tmp_path, tiny_args):
+    """The tier takes page-locked slots of exactly the largest unit's bytes (no power-of-two
+    rounding), as many as the budget holds, and hands every one back on close."""
+    from blocktune.devices import emu_registered_bytes
+
     store = make_store(tmp_path / "s", tiny_args, seed=3)
     unit = one_unit_budget(store)
+    before = emu_registered_bytes()
     engine = Engine(store, EngineConfig(method="full", device="emu", device_budget=unit, host_budget=3 * unit,
                                         optimizer=OptimizerConfig("sgd", 1e-2)))
     for s in range(3):
         engine.train_step([random_batch(tiny_args, seed=s)])
     pager = engine.pager
-    assert 0 < pager.host_tier_bytes <= 3 * unit
+    slot = pager._tier.slot_bytes
+    assert slot < 1.01 * max(store.unit_bytes(u) for u in store.units) + 4096
+    assert pager.host_tier_bytes == (3 * unit // slot) * slot  # full, and within the budget
+    assert emu_registered_bytes() - before == pager.host_tier_bytes  # what it says is what it holds
+    assert pager.stats.host_hits > 0
     engine.close()
-    assert pager.host_tier_bytes == 0
+    assert pager.host_tier_bytes == 0 and emu_registered_bytes() == before
+
+
+@pytest.mark.parametrize("method,opt", [("full", "adamw"), ("lora", "adamw")])
+@pytest.mark.parametrize("units", [1, 2])
+def test_emulated_mps_copies_on_one_thread(tmp_path, tiny_args, method, opt, units):
+    """`emu-mps` behaves as MPS: one memory (no host tier), and a device copy off the computing
+    thread is an error. Paged training still equals the reference."""
+    store = make_store(tmp_path / "s", tiny_args.with_dropout(0.1), seed=3)
+    budget = units * one_unit_budget(store)
+    engine, ref, losses = run_pair(store, method, opt, steps=3, budget=budget, device="emu-mps",
+                                   host_budget="auto")
+    assert engine.budgets.host == 0 and engine.pager.stats.host_hits == 0
+    assert engine.pager.stats.bytes_to_device > 0
+    assert_matches(store.path, engine, ref, method, losses)
+
+
+def test_emulated_mps_catches_a_copy_off_thread(tmp_path, tiny_args, monkeypatch):
+    """The check has teeth: let the pager copy on its reader thread, as on CUDA, and the
+    emulated MPS refuses."""
+    from blocktune.devices import Device
+
+    store = make_store(tmp_path / "s", tiny_args, seed=3)
+    monkeypatch.setattr(Device, "copies_on_any_thread", property(lambda self: True))
+    engine = Engine(store, EngineConfig(method="lora", device="emu-mps"))
+    with pytest.raises(RuntimeError, match="emu-mps: a device copy on thread 'blocktune-read"):
+        engine.train_step([random_batch(tiny_args, seed=0)])

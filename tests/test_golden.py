@@ -18,7 +18,7 @@ def expected():
 
 def test_golden_outputs_match(expected):
     actual = compute_golden()
-    same_env = expected["environment"] == actual["environment"]
+    same_env = {"cpu_vendor": "AuthenticAMD", **expected["environment"]} == actual["environment"]
     print(f"golden written with {expected['environment']}; here {actual['environment']}; "
           f"digests {'compared' if same_env else 'not compared (other kernels)'}")
     diffs = compare_golden(expected, actual)

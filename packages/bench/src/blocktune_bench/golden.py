@@ -6,9 +6,11 @@ greedy tokens, and the norms and hashes of the updated tensors. The engine and t
 share the model code, so they could drift together; these numbers cannot.
 
 Regenerate with one command: ``nox -s golden`` (``python -m blocktune_bench.golden --write``).
-Compared with stated tolerances: numbers to 1e-5 relative, greedy tokens exactly, digests
-exactly only on the torch version and CPU kernel family that wrote them (BLAS kernels differ
-in the last bit between CPU families).
+Compared with stated tolerances: logits and losses to 1e-5 relative, the norms of trained
+tensors to 1e-4 (three AdamW steps at lr 1e-2 carry a last-bit difference in a gradient to
+2e-5 of a norm: an Intel Xeon against the AMD EPYC that wrote them), greedy tokens exactly,
+digests exactly only on the torch version, CPU vendor and kernel family that wrote them (BLAS
+kernels differ in the last bit between CPU families, and MKL picks its kernels by vendor).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = ["compute_golden", "compare_golden", "GOLDEN_PATH", "REL_TOL"]
 
 GOLDEN_PATH = Path(__file__).resolve().parents[4] / "golden" / "golden.json"
 REL_TOL = 1e-5
+TRAINED_TOL = 1e-4  # norms of tensors after three AdamW steps
 CASES = ("tiny-7b", "tiny-70b")
 SEED = 1234
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
@@ -71,8 +74,18 @@ def _case(name: str, root: Path) -> dict:
     return out
 
 
+def _cpu_vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment() -> dict:
-    return {"torch": torch.__version__, "machine": platform.machine(),
+    return {"torch": torch.__version__, "machine": platform.machine(), "cpu_vendor": _cpu_vendor(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "seed": SEED}
 
 
@@ -82,14 +95,15 @@ def compute_golden() -> dict:
         return {"environment": environment(), "cases": {n: _case(n, Path(tmp)) for n in CASES}}
 
 
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= REL_TOL * max(abs(a), abs(b), 1e-12)
+def _close(a: float, b: float, tol: float = REL_TOL) -> bool:
+    return abs(a - b) <= tol * max(abs(a), abs(b), 1e-12)
 
 
 def compare_golden(expected: dict, actual: dict) -> list[str]:
     """Every difference beyond the stated tolerances, one line each (empty: all match)."""
     diffs: list[str] = []
-    exact = expected["environment"] == actual["environment"]
+    # files written before the vendor was recorded were written on an AMD EPYC
+    exact = {"cpu_vendor": "AuthenticAMD", **expected["environment"]} == actual["environment"]
     for name, exp in expected["cases"].items():
         act = actual["cases"][name]
         for key in ("sum", "abs_mean"):
@@ -108,7 +122,7 @@ def compare_golden(expected: dict, actual: dict) -> list[str]:
                 if not _close(x, y):
                     diffs.append(f"{name} {method} loss of step {i + 1}: {y} vs golden {x}")
             for k, x in e["norms"].items():
-                if k not in a["norms"] or not _close(x, a["norms"][k]):
+                if k not in a["norms"] or not _close(x, a["norms"][k], TRAINED_TOL):
                     diffs.append(f"{name} {method} norm of {k}: {a['norms'].get(k)} vs golden {x}")
             if exact:
                 bad = [k for k in e["sha256"] if e["sha256"][k] != a["sha256"].get(k)]

@@ -4,7 +4,7 @@ A run holds, besides the interpreter and torch (already resident when this is re
 units (the device budget), the host tier (accelerators), stashed block inputs (the activation
 budget, spilled to disk past it), one block's recompute intermediates, one loss chunk's
 logits and their gradient, raw unit files in flight between disk and compute, and for a full
-fine-tune one unit's gradients and optimizer state. `resolve` measures the memory free now
+fine-tune one unit's gradients and its optimizer step's pieces of state. `resolve` measures the memory free now
 (MemAvailable, or a cgroup's limit minus its usage, whichever is smaller; the accelerator's free
 memory through the device module), keeps a slack for the allocators, estimates the rest from
 the model and the batch, and gives the units what is left. An explicit budget wins; a budget
@@ -19,6 +19,9 @@ import torch
 
 from .config import ModelArgs
 from .devices import Device, host_memory_free
+from .fileio import round_up
+from .hosttier import STAGING_SLOTS
+from .optim import STATE_PIECE
 
 __all__ = ["Budgets", "resolve", "parse_budget", "AUTO"]
 
@@ -81,9 +84,9 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
     largest, largest_file = max(unit_sizes.values()), max(unit_files.values())
     work = working_set(args, compute_dtype, batch, seq, micro, loss_chunk, kv_cache)
     params = largest // compute_dtype.itemsize
-    extra = 0  # a full fine-tune: one unit's fp32 gradients and its AdamW state beside it
-    if method == "full":
-        extra = params * 4 + params * (8 + (4 if store_dtype != torch.float32 else 0))
+    extra = 0  # a full fine-tune: one unit's fp32 gradients, and its optimizer step's pieces
+    if method == "full":  # (old and new, of each kind of state, and a piece being written)
+        extra = params * 4 + 10 * STATE_PIECE * 4
     notes = []
     host_free = host_memory_free()
     # 10% and 192 MiB: allocator fragmentation, temporaries, the tokenizer and data
@@ -121,7 +124,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
             notes.append(f"device_budget auto: {_mib(dev)} ({dev / largest:.1f}x the largest unit) = {where} "
                          f"- 10% and {256 if not device.is_cpu else 192} MiB slack - {_mib(fixed)} for one block's "
                          f"recompute, the loss chunk, units in flight"
-                         + (", a unit's gradients and AdamW state" if extra else "")
+                         + (", a unit's gradients and optimizer step" if extra else "")
                          + (", the KV cache" if work["kv"] else "") + f" - {_mib(stash_wanted)} of stash")
         if act == AUTO:
             act = min(work["stash"], max(16 * MiB, avail - (dev or 0)))
@@ -138,7 +141,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
             notes.append("host_budget auto: 0 (this OS does not say how much memory is free)")
         else:
             hroom = host_room // 2 if device.type == "emu" else host_room
-            staging = 2 * device.host_bytes(largest_file)
+            staging = STAGING_SLOTS * round_up(largest_file)
             host = max(hroom - staging, 0)
             notes.append(f"host_budget auto: {_mib(host)} = {_mib(host_free)} free - 10% - 192 MiB "
                          f"- staging {_mib(staging)}" + (" (half: the emulated device uses the other)"

@@ -63,7 +63,8 @@ def _default(name: str) -> str:
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda[:N] or mps")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda[:N] or mps; emu and emu-mps: the CPU "
+                   "behaving as an accelerator (as MPS), for tests")
     p.add_argument("--device-budget", default=None,
                    help="bytes of weights resident on the device, e.g. 2GiB; auto (default): from the free memory")
     p.add_argument("--frozen-reads", choices=["auto", "mapped", "direct"], default=None,

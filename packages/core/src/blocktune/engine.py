@@ -32,12 +32,12 @@ from torch import nn
 from .budgets import AUTO, Budgets
 from .budgets import resolve as resolve_budgets
 from .config import LoraConfig, ModelArgs
-from .devices import Device, parse_dtype, resolve_device, trim_host_heap
+from .devices import Device, fix_mmap_threshold, parse_dtype, resolve_device, trim_host_heap
 from .distributed import SINGLE, DistContext
 from .errors import ConfigError, TrainingError
 from .lora import LoraAdapters
 from .model import Block, Embed, Head, KVCache
-from .optim import OptimizerConfig, unit_step
+from .optim import OptimizerConfig
 from .pager import ActivationStash, Pager, resident_sizes
 from .rng import seed_micro_batch
 from .store import BlockStore
@@ -192,6 +192,8 @@ class Engine:
         # lean: hand freed heap back to the OS after every unit (slower, less RSS: the heap of
         # many small activations fragments); asked for, or chosen where `auto` found memory tight
         self.lean = self.cfg.lean_memory or self.budgets.tight
+        if self.lean and self.device.is_cpu:
+            fix_mmap_threshold()
         budget = self.budgets.device
         if self.device.is_cpu and self.budgets.host is not None:
             budget = min(b for b in (budget, self.budgets.host) if b is not None)
@@ -357,7 +359,7 @@ class Engine:
             for i in range(last - 1, first - 1, -1):
                 if (i, 0) in kept:  # the graph is there: make the weights resident, run it
                     tensors = self.pager.get(self.units[i])
-                    self.pager.prefetch(self._next(i, -1) if i > first else None, with_state=full)
+                    self.pager.prefetch(self._next(i, -1) if i > first else None)
                     mod = kept_mods.pop(i, None)
                     if mod is not None:
                         for name, p in mod.named_parameters():
@@ -371,7 +373,7 @@ class Engine:
                     del mod
                     continue
                 mod = self._module(self.units[i], training=True)
-                self.pager.prefetch(self._next(i, -1) if i > first else None, with_state=full)
+                self.pager.prefetch(self._next(i, -1) if i > first else None)
                 for m in range(M):
                     x = stash.pop((i, m))
                     if self.cfg.replay_rng:
@@ -462,12 +464,10 @@ class Engine:
         elif self.store.tied and unit == "embed" and self._tied_grad is not None:
             grads["tok_embeddings.weight"] = grads["tok_embeddings.weight"] + self._tied_grad
             self._tied_grad = None
-        state = unit_step(self.cfg.optimizer, {k: p.data for k, p in params.items()}, grads,
-                          self.pager.get_state(unit), lr, storage_dtype=self.store.dtype)
+        self.pager.step_and_write(unit, {k: p.data for k, p in params.items()}, grads, self.cfg.optimizer,
+                                  lr, step + 1)
         for p in params.values():
             p.grad = None
-        self.pager.set_state(unit, state)
-        self.pager.write_back(unit, {k: p.data for k, p in params.items()}, state, step + 1)
         if self.store.tied and unit == "embed":
             self.pager.drop("head")  # it holds its own copy of the matrix from before this step
 

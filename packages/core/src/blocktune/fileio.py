@@ -11,12 +11,13 @@ and folders appear atomically: `atomic_write` (temp, fsync, rename) and `staging
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ except ImportError:  # no wheel for this platform
 from .devices import advise_huge, dtype_name
 from .errors import StoreError
 
-__all__ = ["atomic_write", "staging_dir", "ALIGN", "HUGE_PAGE", "AlignedWriter", "RowPieces", "aligned_empty", "crc32", "decode_tensors",
+__all__ = ["atomic_write", "staging_dir", "ALIGN", "HUGE_PAGE", "AlignedWriter", "RowPieces", "write_stream", "aligned_empty", "crc32", "decode_tensors",
            "file_image", "open_direct", "read_into", "round_up", "write_image", "write_tensors"]
 
 _ST_DTYPES = {
@@ -142,16 +143,21 @@ def _layout(tensors: dict) -> dict[str, dict[str, Any]]:
 def _header(tensors: dict) -> tuple[bytes, list[str], int]:
     """(the file's header bytes, the keys in file order, bytes of tensor data)."""
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    head, size = _spec_header([(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in order])
+    return head, order, size
+
+
+def _spec_header(spec: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[bytes, int]:
+    """Header bytes of a file holding `spec`'s tensors in that order, and bytes of their data."""
     header: dict[str, Any] = {}
     offset = 0
-    for k in order:
-        n = tensors[k].numel() * tensors[k].element_size()
-        header[k] = {"dtype": _ST_NAMES[tensors[k].dtype], "shape": list(tensors[k].shape),
-                     "data_offsets": [offset, offset + n]}
+    for k, dtype, shape in spec:
+        n = math.prod(shape) * dtype.itemsize
+        header[k] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-(8 + len(blob)) % 8)  # data starts 8-byte aligned
-    return struct.pack("<Q", len(blob)) + blob, order, offset
+    return struct.pack("<Q", len(blob)) + blob, offset
 
 
 def file_image(tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -201,6 +207,29 @@ def write_tensors(f, tensors: dict[str, torch.Tensor | RowPieces]) -> tuple[int,
                 f.write(mv)
                 crc = crc32(mv, crc)
     return len(head) + offset, crc, _layout(cpu)
+
+
+def write_stream(f, spec: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 data: Iterable[torch.Tensor]) -> tuple[int, int, dict[str, dict[str, Any]]]:
+    """Write a safetensors file whose tensors are `spec` (key, dtype, shape), in that order,
+    from `data`: pieces, made as they are needed, whose bytes one after another are the
+    tensors' (one piece per tensor, or several). Nothing but the piece at hand is held.
+    Returns what `write_tensors` does; a piece count or size that is not the spec's is an error."""
+    head, size = _spec_header(spec)
+    f.write(head)
+    crc, done = crc32(head), 0
+    for piece in data:
+        piece = piece.detach().to("cpu", copy=False).contiguous()
+        if piece.numel():
+            mv = memoryview(piece.reshape(-1).view(torch.uint8).numpy())
+            f.write(mv)
+            crc = crc32(mv, crc)
+            done += len(mv)
+    if done != size:
+        raise StoreError(f"the pieces hold {done} bytes for {size} bytes of tensors")
+    layout = {k: {"dtype": dtype_name(d) if d.is_floating_point else str(d), "shape": list(shape)}
+              for k, d, shape in spec}
+    return len(head) + size, crc, layout
 
 
 def write_image(f, image: torch.Tensor, tensors: dict[str, torch.Tensor]) -> tuple[int, int, dict[str, dict[str, Any]]]:

@@ -9,6 +9,13 @@ so that it can be written to a safetensors file next to the unit.
 Master weights: when weights are stored in bf16 or fp16, an fp32 copy of each (``master.<key>``)
 lives in the optimizer state; the update is applied to the master and the stored weight is
 the master rounded, so updates smaller than a bf16 ulp accumulate instead of vanishing.
+
+A unit's state is 8-12 bytes per parameter (a 7B block: 2.4 GB): more than the unit. The
+paged step (`streamed_step`) never holds it whole: it reads the old state a piece at a time,
+steps that piece of each tensor (AdamW is elementwise, so pieces step exactly as the whole),
+and hands the new pieces to the writer as they are made. The state file is stored piece by
+piece (``exp_avg.<key>#<i>``: `STATE_PIECE` elements each, every kind of piece i together),
+in the order the step makes them; `whole_state` joins a file back into the flat dict.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["OptimizerConfig", "unit_step"]
+__all__ = ["OptimizerConfig", "unit_step", "streamed_step", "state_kinds", "whole_state", "STATE_PIECE"]
+
+STATE_PIECE = 1 << 22  # elements of each piece of a state file (16 MiB in fp32)
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,7 @@ def unit_step(
         state["step"].fill_(float(step))
     else:
         state["step"] = torch.tensor(float(step))
-    use_master = cfg.master_dtype is not None and storage_dtype != torch.float32
+    use_master = _uses_master(cfg, storage_dtype)
     targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (what is updated, its gradient)
     for key, p in params.items():
         g = grads[key]
@@ -146,3 +155,92 @@ def _adamw(cfg: OptimizerConfig, targets: dict[str, tuple[torch.Tensor, torch.Te
         opt.state[leaf] = {"step": torch.tensor(float(step - 1), device=on),  # AdamW adds the 1
                            "exp_avg": state[f"exp_avg.{key}"], "exp_avg_sq": state[f"exp_avg_sq.{key}"]}
     opt.step()
+
+
+def _uses_master(cfg: OptimizerConfig, storage_dtype: torch.dtype) -> bool:
+    return cfg.master_dtype is not None and storage_dtype != torch.float32
+
+
+def state_kinds(cfg: OptimizerConfig, storage_dtype: torch.dtype) -> list[str]:
+    """The per-parameter tensors of the optimizer's state, in their file order."""
+    kinds = ["master"] if _uses_master(cfg, storage_dtype) else []
+    if cfg.name == "adamw":
+        kinds += ["exp_avg", "exp_avg_sq"]
+    elif cfg.momentum:
+        kinds.append("momentum")
+    return kinds
+
+
+def _pieces(n: int) -> list[tuple[int, int]]:
+    return [(s, min(s + STATE_PIECE, n)) for s in range(0, n, STATE_PIECE)] or [(0, 0)]
+
+
+def streamed_step(
+    cfg: OptimizerConfig,
+    params: dict[str, torch.Tensor],
+    grads: dict[str, torch.Tensor],
+    old: dict[str, torch.Tensor] | None,
+    lr: float,
+    storage_dtype: torch.dtype = torch.float32,
+    to_device=None,
+):
+    """`unit_step` a piece at a time: returns (the new state file's tensors as
+    [(key, dtype, shape)] in file order, an iterator over their data in that order).
+
+    Iterating it steps `params` in place, piece after piece; what it holds at any moment is
+    one piece of each kind, old and new. `old` is the previous state file's tensors (mapped:
+    only the pieces read are in memory), pieced or whole (files written before pieces were).
+    The pieces are computed on the parameters' device; `old`'s are copied there as needed
+    (by `to_device`, a writable fp32 copy; default: `Tensor.to`).
+    """
+    step = int(old["step"].item()) + 1 if old is not None and "step" in old else 1
+    kinds = state_kinds(cfg, storage_dtype)
+    spec: list[tuple[str, torch.dtype, tuple[int, ...]]] = [("step", torch.float32, ())]
+    for key, p in params.items():
+        for i, (s, e) in enumerate(_pieces(p.numel())):
+            spec += [(f"{kind}.{key}#{i}", torch.float32, (e - s,)) for kind in kinds]
+
+    def old_piece(kind: str, key: str, i: int, s: int, e: int, device) -> torch.Tensor | None:
+        if old is None:
+            return None
+        t = old.get(f"{kind}.{key}#{i}")
+        if t is None and f"{kind}.{key}" in old:  # a whole-tensor file
+            t = old[f"{kind}.{key}"].reshape(-1)[s:e]
+        if t is None:
+            return None
+        return to_device(t) if to_device is not None else t.to(device, torch.float32, copy=True)
+
+    def data():
+        yield torch.tensor(float(step))
+        for key, p in params.items():
+            if not p.is_contiguous():
+                raise ValueError(f"{key}: a paged optimizer step needs contiguous parameters")
+            flat_p, flat_g = p.view(-1), grads[key].reshape(-1)
+            for i, (s, e) in enumerate(_pieces(p.numel())):
+                state = {f"{kind}.{key}": t for kind in kinds
+                         if (t := old_piece(kind, key, i, s, e, p.device)) is not None}
+                if step > 1:
+                    state["step"] = torch.tensor(float(step - 1))
+                new = unit_step(cfg, {key: flat_p[s:e]}, {key: flat_g[s:e]}, state, lr, storage_dtype)
+                for kind in kinds:
+                    yield new[f"{kind}.{key}"]
+
+    return spec, data()
+
+
+def whole_state(flat: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A state file's tensors as `unit_step`'s flat dict: pieces joined into each parameter's
+    shape (`shapes`: the unit's tensors); a whole-tensor file is returned as it is."""
+    out: dict[str, torch.Tensor] = {}
+    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for name, t in flat.items():
+        base, sep, index = name.rpartition("#")
+        if sep and index.isdigit():
+            pieces.setdefault(base, []).append((int(index), t))
+        else:
+            out[name] = t
+    for base, parts in pieces.items():
+        key = base.split(".", 1)[1]
+        joined = torch.cat([t.reshape(-1) for _, t in sorted(parts, key=lambda it: it[0])])
+        out[base] = joined.view(shapes[key])
+    return out

@@ -23,6 +23,9 @@ from safetensors.torch import load_file, save_file
 from .buffers import BufferPool
 from .devices import Device, advise_cold, dtype_name, ensure_resident, host_memory_available
 from .errors import BudgetError, ConfigError
+from .fileio import round_up
+from .hosttier import HostTier
+from .optim import OptimizerConfig, streamed_step
 from .store import BlockStore, FileRecord
 
 __all__ = ["Pager", "PagerStats", "ActivationStash", "parse_bytes", "resident_sizes"]
@@ -75,9 +78,21 @@ class PagerStats:
 class _Entry:
     tensors: dict[str, torch.Tensor]
     nbytes: int
-    state: dict[str, torch.Tensor] | None = None
-    state_bytes: int = 0
-    ready: object = None  # CUDA event for a copy still in flight
+    ready: object = None
+    landed: _Landed | None = None  # tensors still in host memory: `get` copies them (MPS)  # CUDA event for a copy still in flight
+
+
+class _Landed:
+    """A host slot's copy made by the computing thread (MPS): set once `get` has copied."""
+
+    def __init__(self):
+        self._done = threading.Event()
+
+    def set(self) -> None:
+        self._done.set()
+
+    def synchronize(self) -> None:
+        self._done.wait()
 
 
 def _nbytes(tensors: dict[str, torch.Tensor] | None) -> int:
@@ -147,34 +162,30 @@ class Pager:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="blocktune-write")
         self._writes: list[Future] = []
         self._copy_stream = device.copy_stream()
-        # Host tier (accelerators only; on the CPU the device tier is host RAM): raw unit files
-        # kept in page-locked RAM, so a unit costs one host->device copy instead of a disk read.
-        # Keyed by file version: a unit written back is a new file, so the tier can never hand
-        # out the weights of an earlier step; counted in the bytes the allocator really takes.
+        # Host tier and staging slots (accelerators only; on the CPU the device tier is host RAM)
         self.host_budget = 0 if device.is_cpu else (host_budget if host_budget is not None else 1 << 62)
-        self._host: OrderedDict[str, tuple[str, dict[str, torch.Tensor], int]] = OrderedDict()  # file -> (unit, tensors, bytes)
-        self._host_bytes = 0
-        self._staging: list[tuple[torch.Tensor, object]] = []  # reusable pinned buffers
+        self._tier = None
+        if not device.is_cpu:
+            slot = max(sum(round_up(r.nbytes) for r in store.unit_files(n)) for n in store.units)
+            self._tier = HostTier(device, self.host_budget, slot)
         self._maps: dict[str, dict[str, torch.Tensor]] = {}  # file -> its mapped tensors (reader thread)
         # CPU, units not mapped (a full fine-tune, or direct reads of frozen units): files are
-        # read into reused buffers, idle ones kept up to the resident units, one more unit and
-        # one optimizer state (or what was in use at once, if more). Before the first step,
-        # AdamW's state is estimated: fp32 moments, and an fp32 master copy under a
-        # lower-precision store.
+        # read with direct IO into reused buffers, idle ones kept up to the resident units and
+        # one more unit (or what was in use at once, if more). Optimizer state never comes whole
+        # into memory (`optim.streamed_step`), so it takes no buffer.
+        self._direct = device.is_cpu and not self.mapped
         self._pool = None
-        if device.is_cpu and not self.mapped:
+        if self._direct:
             unit_file = max(store.unit_bytes(n) for n in store.units)
-            per_param = 8 + (4 if store.dtype != torch.float32 else 0)
-            state_file = max((r.nbytes for n in store.units if (r := store.state_record(n))),
-                             default=unit_file * per_param // store.dtype.itemsize) if mutable else 0
             # resident units are views of their read buffers, unless they are converted to the
             # compute dtype: then a buffer is only in flight, and idle ones are kept up to one
-            # unit file (or, where the budget is under two units, up to what was in flight at once)
+            # unit file; where the budget holds under two units, none (a fresh buffer per read
+            # costs its page faults, ~1 s per 2.5 GB here; an idle one, a unit's file of RAM)
             if compute_dtype != store.dtype:
                 idle = unit_file if self.budget >= 2 * largest else 0
             else:
                 idle = min(self.budget, 1 << 50) + unit_file
-            self._pool = BufferPool(idle + state_file)
+            self._pool = BufferPool(idle) if idle else None
         self.max_dirty = max_dirty if max_dirty is not None else 1 << 62
         self._unsynced: list[FileRecord] = []
 
@@ -192,7 +203,7 @@ class Pager:
 
     @property
     def resident_bytes(self) -> int:
-        held = sum(e.nbytes + e.state_bytes for e in self._resident.values())
+        held = sum(e.nbytes for e in self._resident.values())
         return held + sum(p.reserved for p in self._loading.values())
 
     def _note_peak(self) -> None:
@@ -235,54 +246,35 @@ class Pager:
             advise_cold(entry.tensors.values())
 
     # ---- loading ----
-    def _staging_buffer(self, nbytes: int) -> torch.Tensor:
-        """A pinned buffer to read into; reused once the copy out of it has finished."""
-        for i, (buf, event) in enumerate(self._staging):
-            if buf.numel() >= nbytes:
-                if event is not None:
-                    event.synchronize()
-                del self._staging[i]
-                return buf
-        return self.device.empty_host(max(nbytes, self.largest_unit))
-
     @property
     def host_tier_bytes(self) -> int:
-        """Host memory the tier holds, as allocated (pinned blocks round up to powers of two)."""
-        return self._host_bytes
+        """Host memory the tier and its staging slots hold (page-locked, exactly)."""
+        return self._tier.bytes if self._tier is not None else 0
 
-    def _host_drop(self, file: str) -> None:
-        _, _, nbytes = self._host.pop(file)
-        self._host_bytes -= nbytes
-
-    def _host_copy(self, name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """The unit's tensors in host memory: from the host tier, or read from disk."""
-        file = self.store.unit_version(name)
-        if file in self._host:
-            self._host.move_to_end(file)
-            self.stats.host_hits += 1
-            return self._host[file][1], None
-        for old in [f for f, (unit, _, _) in self._host.items() if unit == name]:
-            self._host_drop(old)  # an earlier version of this unit: nothing will ask for it again
-        nbytes = self.store.unit_bytes(name)
-        held = self.device.host_bytes(nbytes)
-        keep = self.host_budget > 0 and held <= self.host_budget
-        while keep and self._host_bytes + held > self.host_budget:
-            self._host_drop(next(iter(self._host)))
-        staging = None if keep or self.device.is_cpu else self._staging_buffer(nbytes)
-        alloc = self.device.empty_host if keep else (lambda n: staging[:n]) if staging is not None else None
-        if self._pool is not None:
-            alloc = self._pool.take
-        if self.mapped:
+    def _host_copy(self, name: str):
+        """The unit's tensors in host memory, and the host slot they are in (accelerators):
+        from the host tier, or read from disk."""
+        slot = None
+        if self._tier is not None:
+            file = self.store.unit_version(name)
+            host = self._tier.get(file)
+            if host is not None:
+                with self._lock:
+                    self.stats.host_hits += 1
+                return host, None
+            slot, keep = self._tier.slot_for(name, file)
+            host = self.store.read_unit(name, alloc=slot.alloc, verify=self.verify)
+            if keep:
+                self._tier.keep(name, file, host, slot)
+        elif self.mapped:
             host = self._mapped(name)
         else:  # on the CPU, past the page cache: a unit is read once a pass, and RAM is short
-            host = self.store.read_unit(name, alloc=alloc, verify=self.verify, direct=self._pool is not None)
+            alloc = self._pool.take if self._pool is not None else None
+            host = self.store.read_unit(name, alloc=alloc, verify=self.verify, direct=self._direct)
         with self._lock:
-            self.stats.bytes_read += nbytes
+            self.stats.bytes_read += self.store.unit_bytes(name)
             self.stats.unit_reads += 1
-        if keep:
-            self._host[file] = (name, host, held)
-            self._host_bytes += held
-        return host, staging
+        return host, slot
 
     def _mapped(self, name: str) -> dict[str, torch.Tensor]:
         """CPU, frozen units: the unit file mapped read-only, so compute reads the page cache
@@ -300,32 +292,38 @@ class Pager:
             ensure_resident(tensors.values())
         return dict(tensors)
 
-    def _load(self, name: str, with_state: bool = False) -> _Entry:
-        """Runs on the reader thread only (the host tier and staging pool are its own)."""
+    def _load(self, name: str) -> _Entry:
+        """Runs on the reader thread only (the host tier and its slots are its own). Where only
+        the computing thread may copy to the device (MPS), the unit comes back in host memory
+        and `get` copies it; its slot is reused only after that."""
+        host, slot = self._host_copy(name)
+        if not self.device.copies_on_any_thread:
+            landed = _Landed()
+            if slot is not None:
+                self._tier.copied(slot, landed)
+            return _Entry(host, self._size[name], landed=landed)
+        return self._to_device(name, host, slot)
+
+    def _to_device(self, name: str, host: dict[str, torch.Tensor], slot) -> _Entry:
         import time
 
         t0 = time.perf_counter()
-        host, staging = self._host_copy(name)
         tensors = {}
         with self.device.stream(self._copy_stream):
             wide = self.dtype if name not in self.as_stored else None
             for k, v in host.items():  # copied and converted in one op on the copy stream
                 tensors[k] = self.device.to_device(v, wide if v.is_floating_point() else None)
             ready = self.device.record_event(self._copy_stream)
-        if staging is not None:
-            self._staging.append((staging, ready))
+        if slot is not None:
+            self._tier.copied(slot, ready)
         with self._lock:
             self.stats.read_seconds += time.perf_counter() - t0
             if not self.device.is_cpu:
                 self.stats.bytes_to_device += self.store.unit_bytes(name)
-        entry = _Entry(tensors, _nbytes(tensors), ready=ready)
-        if with_state:  # a full fine-tune's backward: the optimizer step follows the recompute
-            entry.state = self._read_state(name)
-        return entry
+        return _Entry(tensors, _nbytes(tensors), ready=ready)
 
-    def prefetch(self, name: str | None, with_state: bool = False) -> None:
-        """Start loading `name` (and its optimizer state) in the background if the budget has
-        room beside the current unit."""
+    def prefetch(self, name: str | None) -> None:
+        """Start loading `name` in the background if the budget has room beside the current unit."""
         if not self.prefetch_enabled or name is None:
             return
         if name in self._resident or name in self._loading:
@@ -333,7 +331,7 @@ class Pager:
         keep = {self._current} if self._current else set()
         if not self._make_room(self._size[name], keep):
             return
-        self._loading[name] = _Pending(self._reader.submit(self._load, name, with_state), self._size[name])
+        self._loading[name] = _Pending(self._reader.submit(self._load, name), self._size[name])
         self._note_peak()
 
     def get(self, name: str) -> dict[str, torch.Tensor]:
@@ -357,6 +355,7 @@ class Pager:
                     del self._loading[name]
             else:
                 entry = pending.future.result()
+            entry = self._on_device(name, entry)
             self._resident[name] = entry
             self._note_peak()
         if entry.ready is not None:
@@ -367,44 +366,28 @@ class Pager:
             entry.ready = None
         return entry.tensors
 
+    def _on_device(self, name: str, entry: _Entry) -> _Entry:
+        """A loaded unit, copied to the device here if it came back in host memory (MPS)."""
+        if entry.landed is None:
+            return entry
+        on_device = self._to_device(name, entry.tensors, None)
+        entry.landed.set()
+        return on_device
+
     def _drain(self) -> None:
         for other, p in list(self._loading.items()):
-            entry = p.future.result()
+            entry = self._on_device(other, p.future.result())
             del self._loading[other]
             self._resident[other] = entry
             self._resident.move_to_end(other, last=False)  # first to go
 
-    def _read_state(self, name: str) -> dict[str, torch.Tensor] | None:
-        rec = self.store.state_record(name)
-        if rec is None:
-            return None
-        host = self.store.read_file(rec, alloc=self._pool.take if self._pool else None, verify=self.verify)
-        with self._lock:
-            self.stats.bytes_read += rec.nbytes
-        return {k: self.device.to_device(v) for k, v in host.items()}
-
-    def get_state(self, name: str) -> dict[str, torch.Tensor] | None:
-        """Optimizer state of a unit (None before its first step), held with the unit."""
-        entry = self._resident[name]
-        if entry.state is None:
-            entry.state = self._read_state(name)
-        return entry.state
-
-    def set_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        entry = self._resident[name]
-        entry.state, entry.state_bytes = state, _nbytes(state)
-        # Optimizer state is only needed around its unit's step: drop other units' state first.
-        for other, e in self._resident.items():
-            if other != name and self.resident_bytes > self.budget and e.state is not None:
-                e.state, e.state_bytes = None, 0
-        if self.resident_bytes > self.budget:  # state does not fit beside the unit: keep it on disk
-            entry.state, entry.state_bytes = None, 0
-        self._note_peak()
-
     # ---- writing ----
-    def write_back(self, name: str, weights: dict[str, torch.Tensor],
-                   state: dict[str, torch.Tensor] | None, step: int) -> Future:
-        """Write a new version of a unit (and its optimizer state) in the background."""
+    def step_and_write(self, name: str, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+                       optimizer: OptimizerConfig, lr: float, step: int) -> Future:
+        """A full fine-tune's optimizer step of a unit, and its new version (weights and
+        state), in the background: the old state is read a piece at a time and the new one
+        written as it is made (`optim.streamed_step`), so no unit's state is ever whole in
+        memory; `params` are stepped in place, then written in the store's dtype."""
         import time
 
         event = self.device.record_event()
@@ -412,26 +395,45 @@ class Pager:
         def job() -> tuple[str, FileRecord, FileRecord | None]:
             t0 = time.perf_counter()
             if event is not None:
-                event.synchronize()
-            store_w = {k: v.to(self.store.dtype) for k, v in weights.items()}
+                event.synchronize()  # the gradients are complete
+            old_rec = self.store.state_record(name)
+            old = self.store.map_state(name, verify=self.verify)
+            dev = self.device
+            to_device = None if dev.is_cpu else (lambda t: dev.to_device(t, torch.float32))
+            spec, data = streamed_step(optimizer, params, grads, old, lr, self.store.dtype, to_device)
+            if not dev.is_cpu:
+                data = (dev.to_host(piece) for piece in data)
             # fsync'd at commit; direct IO: every unit is rewritten every step, caching it helps nothing
-            rec = self.store.write_unit(name, store_w, step, sync=False, direct=True)
-            srec = (self.store.write_state(name, state, step, sync=False, direct=True)
-                    if state is not None else None)
-            self._bound_dirty([r for r in (rec, srec) if r is not None])
+            srec = self.store.write_state_stream(name, spec, data, step, sync=False, direct=True)
+            del old, data
+            if dev.is_cpu and all(v.dtype == self.store.dtype for v in params.values() if v.is_floating_point()):
+                rec = self.store.write_unit(name, params, step, sync=False, direct=True)  # from its buffer
+            else:
+                rec = self.store.write_unit_stream(name, params, step, sync=False, direct=True,
+                                                   to_host=None if dev.is_cpu else dev.to_host)
+            self._bound_dirty([rec, srec])
             with self._lock:
-                self.stats.bytes_written += rec.nbytes + (srec.nbytes if srec else 0)
+                self.stats.bytes_read += old_rec.nbytes if old_rec is not None else 0
+                self.stats.bytes_written += rec.nbytes + srec.nbytes
                 self.stats.unit_writes += 1
                 self.stats.write_seconds += time.perf_counter() - t0
             return name, rec, srec
 
-        # A queued write holds its unit and state in memory: with the disk behind, wait for the
+        # A queued step holds its unit and gradients in memory: with the disk behind, wait for the
         # oldest rather than let the queue (and RSS) grow. Where the budget does not hold two
         # units, memory is tight: the write finishes before the backward goes on. Errors
         # surface at commit.
         queued = [f for f in self._writes if not f.done()]
         if len(queued) >= self.MAX_QUEUED_WRITES:
             wait(queued[:len(queued) - self.MAX_QUEUED_WRITES + 1])
+        if not self.device.copies_on_any_thread:  # MPS: the step's copies stay on this thread
+            fut = Future()
+            try:
+                fut.set_result(job())
+            except BaseException as exc:  # surfaces at commit, as a background write's would
+                fut.set_exception(exc)
+            self._writes.append(fut)
+            return fut
         fut = self._writer.submit(job)
         self._writes.append(fut)
         if self.budget < 2 * self.largest_unit:
@@ -505,10 +507,8 @@ class Pager:
         self._resident.clear()
         self._loading.clear()
         self._maps.clear()
-        self._host.clear()  # pinned memory goes back (torch's host allocator keeps it cached)
-        self._host_bytes = 0
-        self._staging.clear()
-        self.device.release_host_cache()
+        if self._tier is not None:
+            self._tier.close()  # page-locked memory goes back to the OS
         if self._pool is not None:
             self._pool.clear()
 

@@ -62,6 +62,7 @@ from .fileio import (
     round_up,
     staging_dir,
     write_image,
+    write_stream,
     write_tensors,
 )
 from .model import unit_name
@@ -306,7 +307,7 @@ class BlockStore:
 
     def read_file(
         self, record: FileRecord, alloc: Callable[[int], torch.Tensor] | None = None,
-        verify: bool | str = True, map_file: bool = False, direct: bool = False,
+        verify: bool | str = True, map_file: bool = False, direct: bool = False, populate: bool = True,
     ) -> dict[str, torch.Tensor]:
         """One file's tensors, checked against the manifest.
 
@@ -322,7 +323,7 @@ class BlockStore:
         check = verify in (True, "always") or (verify == "once" and record.file not in self._verified)
         try:
             if map_file and alloc is None:
-                buf, got, extra = self._map(path, record.nbytes)
+                buf, got, extra = self._map(path, record.nbytes, populate)
             elif (direct or record.file in self._uncached) and (
                     read := self._read_direct(path, record.nbytes, alloc)) is not None:
                 buf, got, extra = read
@@ -366,14 +367,14 @@ class BlockStore:
             got = read_into(f, memoryview(buf.numpy()))
         return buf[:nbytes], min(got, nbytes), got > nbytes
 
-    def _map(self, path: Path, nbytes: int) -> tuple[torch.Tensor, int, bool]:
+    def _map(self, path: Path, nbytes: int, populate: bool = True) -> tuple[torch.Tensor, int, bool]:
         with self.opener(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             if size != nbytes or size == 0:
                 return torch.empty(0, dtype=torch.uint8), min(size, nbytes), size > nbytes
             # Read-only, pre-faulted here (not in compute). Read-only matters: the kernel populates
             # a writable private mapping by copying every page, which would undo the point.
-            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+            flags = mmap.MAP_PRIVATE | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
             mm = mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ)
         import warnings
 
@@ -390,8 +391,23 @@ class BlockStore:
         return tensors
 
     def read_state(self, name: str) -> dict[str, torch.Tensor] | None:
+        """A unit's optimizer state as `optim.unit_step` keeps it (pieces joined), or None."""
+        from .optim import whole_state
+
         rec = self._state.get(name)
-        return None if rec is None else self.read_file(rec)
+        if rec is None:
+            return None
+        shapes = {k: tuple(t["shape"]) for k, t in self._records[name].tensors.items()}
+        if name == "head" and self.tied:
+            shapes["output.weight"] = tuple(self._records["embed"].tensors["tok_embeddings.weight"]["shape"])
+        return whole_state(self.read_file(rec), shapes)
+
+    def map_state(self, name: str, verify: bool | str = True) -> dict[str, torch.Tensor] | None:
+        """A unit's optimizer state file as it is stored (in pieces), mapped read-only and not
+        pre-faulted: a paged step reads one piece at a time, so only that piece is in memory
+        (page cache the kernel can take back). None before the unit's first step."""
+        rec = self._state.get(name)
+        return None if rec is None else self.read_file(rec, verify=verify, map_file=True, populate=False)
 
     # ---- writing (new versions; invisible until commit) ----
     def write_file(self, filename: str, tensors: dict[str, torch.Tensor],
@@ -399,19 +415,28 @@ class BlockStore:
         """Write a new file (a name no manifest refers to yet). With `sync=False` the fsync is
         left to `commit`, so the kernel writes the data back while compute goes on. With
         `direct`, the data bypasses the page cache (O_DIRECT) where the file system allows."""
+        def body(out, raw):  # raw: the file itself, where it is open for direct IO (else None)
+            if raw is not None and (image := file_image(tensors)) is not None:
+                return write_image(raw, image, tensors)  # whole blocks from the buffer itself
+            return write_tensors(out, tensors)
+
+        return self._write_new(filename, body, sync, direct)
+
+    def write_stream(self, filename: str, spec: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                     data: Iterable[torch.Tensor], sync: bool = True, direct: bool = False) -> FileRecord:
+        """`write_file` from pieces made as they are written (`fileio.write_stream`)."""
+        return self._write_new(filename, lambda out, raw: write_stream(out, spec, data), sync, direct)
+
+    def _write_new(self, filename: str, body: Callable, sync: bool, direct: bool) -> FileRecord:
         self.acquire_writer()
         path = self.path / filename
         try:
             f, direct = self._create(path, direct)
             with f:
-                if direct and (image := file_image(tensors)) is not None:
-                    nbytes, crc, layout = write_image(f, image, tensors)
-                elif direct:
-                    out = AlignedWriter(f)
-                    nbytes, crc, layout = write_tensors(out, tensors)
+                out = AlignedWriter(f) if direct else f
+                nbytes, crc, layout = body(out, f if direct else None)
+                if direct:
                     out.finish(nbytes)
-                else:
-                    nbytes, crc, layout = write_tensors(f, tensors)
                 if sync:
                     f.flush()
                     os.fsync(f.fileno())
@@ -448,7 +473,39 @@ class BlockStore:
 
     def write_state(self, name: str, tensors: dict[str, torch.Tensor], step: int,
                     sync: bool = True, direct: bool = False) -> FileRecord:
-        return self.write_file(f"{name}-{step:06d}.state.safetensors", tensors, sync, direct)
+        return self.write_file(self._state_file(name, step), tensors, sync, direct)
+
+    def write_state_stream(self, name: str, spec, data, step: int, sync: bool = True,
+                           direct: bool = False) -> FileRecord:
+        """A unit's new optimizer state from pieces (`optim.streamed_step`)."""
+        return self.write_stream(self._state_file(name, step), spec, data, sync, direct)
+
+    def write_unit_stream(self, name: str, tensors: dict[str, torch.Tensor], step: int,
+                          sync: bool = True, direct: bool = False, to_host=None) -> FileRecord:
+        """`write_unit` of wider tensors (fp32 compute) in the store's dtype, converted a piece
+        at a time: no converted copy of the whole unit (`to_host` brings a piece off the device)."""
+        if name == "head" and self.tied:
+            tensors = {k: v for k, v in tensors.items() if k != "output.weight"}
+        old = self._records[name].tensors
+        if set(old) != set(tensors):
+            raise StoreError(f"{name}: tensor keys changed on write-back ({sorted(set(old) ^ set(tensors))})")
+        dtypes = {k: self.dtype if t.is_floating_point() else t.dtype for k, t in tensors.items()}
+        order = sorted(tensors, key=lambda k: (-dtypes[k].itemsize, k))  # as write_tensors lays them out
+        spec = [(k, dtypes[k], tuple(tensors[k].shape)) for k in order]
+        piece = 1 << 22
+
+        def data():
+            for k in order:
+                flat = tensors[k].reshape(-1)
+                for s in range(0, flat.numel(), piece):
+                    out = flat[s:s + piece].to(dtypes[k])
+                    yield to_host(out) if to_host is not None else out
+
+        return self.write_stream(f"{name}-{step:06d}.safetensors", spec, data(), sync, direct)
+
+    @staticmethod
+    def _state_file(name: str, step: int) -> str:
+        return f"{name}-{step:06d}.state.safetensors"
 
     def commit(self, step: int, units: dict[str, FileRecord],
                state: dict[str, FileRecord] | None = None, collect: bool = True, **extra: Any) -> None:
