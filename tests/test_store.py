@@ -232,7 +232,7 @@ def test_buffer_pool_keeps_idle_buffers_only_up_to_its_busiest_moment():
 
 def test_cold_advice_on_mapped_units_is_only_a_hint(tiny_store):
     """advise_cold runs on every eviction of a mapped unit: the data must stay intact."""
-    from blocktune.devices import advise_cold
+    from blocktune.hostmem import advise_cold
 
     rec = tiny_store.record("block_00")
     mapped = tiny_store.read_file(rec, map_file=True)
@@ -288,7 +288,7 @@ def test_reclaimed_pages_of_a_mapped_unit_are_faulted_back(tiny_store):
     faulted back in before compute reads it; the data is unchanged."""
     import ctypes
 
-    from blocktune.devices import _libc, _page_span, ensure_resident
+    from blocktune.hostmem import _libc, _page_span, ensure_resident
 
     mapped = tiny_store.read_file(tiny_store.record("block_00"), map_file=True)
     copied = {k: v.clone() for k, v in mapped.items()}
@@ -325,7 +325,7 @@ def test_direct_reads_of_frozen_units_match_mapped_ones(tiny_args, tmp_path):
 
 
 def test_auto_frozen_reads_follow_the_memory_available(tiny_store):
-    from blocktune.devices import host_memory_available
+    from blocktune.hostmem import host_memory_available
 
     available = host_memory_available()
     if available is None:
@@ -392,7 +392,7 @@ def test_peak_rss_of_a_child_is_its_own():
     import subprocess
 
     big = torch.ones(1 << 28)  # 1 GiB, touched
-    code = "from blocktune.devices import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from blocktune.hostmem import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 0 < child < big.numel() * big.element_size()
 

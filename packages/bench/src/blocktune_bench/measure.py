@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from blocktune import Engine, EngineConfig, LoraConfig, OptimizerConfig
-from blocktune.devices import peak_rss_bytes
+from blocktune.hostmem import peak_rss_bytes
 from blocktune.pager import parse_bytes
 from blocktune.store import BlockStore
 

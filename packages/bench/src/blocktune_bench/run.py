@@ -316,7 +316,7 @@ def group_headline(work: Path) -> None:
 
 PREPARE = """
 import sys, time
-from blocktune.devices import peak_rss_bytes
+from blocktune.hostmem import peak_rss_bytes
 from blocktune_bench.measure import track_anon_peak
 from blocktune_export.meta import import_meta
 peak = track_anon_peak()

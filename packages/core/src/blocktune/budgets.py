@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelArgs
-from .devices import Device, host_memory_free
+from .devices import Device
 from .fileio import round_up
+from .hostmem import host_memory_free
 from .hosttier import STAGING_SLOTS
 from .optim import STATE_PIECE
 

@@ -32,9 +32,10 @@ from torch import nn
 from .budgets import AUTO, Budgets
 from .budgets import resolve as resolve_budgets
 from .config import LoraConfig, ModelArgs
-from .devices import Device, fix_mmap_threshold, parse_dtype, resolve_device, trim_host_heap
+from .devices import Device, parse_dtype, resolve_device
 from .distributed import SINGLE, DistContext
 from .errors import ConfigError, TrainingError
+from .hostmem import fix_mmap_threshold, trim_host_heap
 from .lora import LoraAdapters
 from .model import Block, Embed, Head, KVCache
 from .optim import OptimizerConfig

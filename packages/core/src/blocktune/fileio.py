@@ -29,8 +29,9 @@ try:  # ISA-L's crc32: the same checksum as zlib's, about 5x faster (35 vs 7 GB/
 except ImportError:  # no wheel for this platform
     from zlib import crc32
 
-from .devices import advise_huge, dtype_name
+from .devices import dtype_name
 from .errors import StoreError
+from .hostmem import advise_huge
 
 __all__ = ["atomic_write", "staging_dir", "ALIGN", "HUGE_PAGE", "AlignedWriter", "RowPieces", "write_stream", "aligned_empty", "crc32", "decode_tensors",
            "file_image", "open_direct", "read_into", "round_up", "write_image", "write_tensors"]

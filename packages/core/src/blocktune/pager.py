@@ -21,9 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .buffers import BufferPool
-from .devices import Device, advise_cold, dtype_name, ensure_resident, host_memory_available
+from .devices import Device, dtype_name
 from .errors import BudgetError, ConfigError
 from .fileio import round_up
+from .hostmem import advise_cold, ensure_resident, host_memory_available
 from .hosttier import HostTier
 from .optim import OptimizerConfig, streamed_step
 from .store import BlockStore, FileRecord

@@ -26,11 +26,11 @@ from .adapters import save_adapter
 from .budgets import parse_budget
 from .config import LoraConfig
 from .data import load_dataset
-from .devices import peak_rss_bytes
 from .distributed import init_from_env
 from .engine import Engine, EngineConfig
 from .errors import ConfigError, StoreError, TrainingError
 from .generate import SamplingConfig, generate_tokens
+from .hostmem import peak_rss_bytes
 from .optim import OptimizerConfig
 from .pager import parse_bytes
 from .report import Progress, ScalarLog, plot_run, read_metrics
@@ -411,6 +411,7 @@ class Trainer:
                 row["peak_rss_gb"] = peak_rss_bytes() / 1e9
                 if not self.device.is_cpu:
                     row["peak_device_gb"] = self.device.peak_memory_bytes() / 1e9
+                    row["peak_device_reserved_gb"] = self.device.peak_reserved_bytes() / 1e9
                 if W > 1:
                     row["gb_all_reduced"] = self.dist.bytes_reduced / 1e9
                     self.dist.bytes_reduced = 0
