@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 from blocktune import BlockStore, BudgetError, ChecksumError, Engine, EngineConfig, StoreError
-from blocktune.pager import BufferPool, parse_bytes
+from blocktune.buffers import BufferPool
+from blocktune.config import parse_bytes
 from blocktune.store import build_store
 from blocktune_bench.synthetic import PRESETS, make_store, random_units
 from conftest import random_batch
@@ -112,7 +113,7 @@ def test_uncommitted_versions_are_collected(tiny_store):
 
 
 def test_activation_stash_spills(tmp_path):
-    from blocktune.pager import ActivationStash
+    from blocktune.stash import ActivationStash
 
     stash = ActivationStash(budget=1000, spill_dir=tmp_path)
     a, b = torch.randn(100), torch.randn(300)

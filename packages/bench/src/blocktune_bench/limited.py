@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from blocktune.pager import parse_bytes
+from blocktune.config import parse_bytes
 
 from .measure import cgroup_peak, enter_cgroup
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ModelArgs
+from .config import ModelArgs, parse_bytes
 from .devices import Device
 from .fileio import round_up
 from .hostmem import host_memory_free
@@ -41,7 +41,6 @@ class Budgets:
 
 def parse_budget(text: str | int | None) -> int | str | None:
     """'auto', or bytes as `parse_bytes` reads them ('4GiB'; None and 'inf': unlimited)."""
-    from .pager import parse_bytes
 
     if isinstance(text, str) and text.strip().lower() == AUTO:
         return AUTO

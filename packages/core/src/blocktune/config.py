@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import BudgetError, ConfigError
 
 __all__ = ["ModelArgs", "LoraConfig", "PRESETS", "LORA_TARGETS", "ROPE_TYPES"]
 
@@ -42,6 +42,25 @@ _META_KEYS = (
     "rope_theta",
     "vocab_size",
 )
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
+
+
+def parse_bytes(text: str | int | float | None) -> int | None:
+    """'4GiB' -> 4294967296; None and 'inf' mean unlimited."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else int(text)
+    s = text.strip().lower().replace(" ", "")
+    if s in ("inf", "none", "unlimited"):
+        return None
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        return int(float(num) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise BudgetError(f"cannot read the size {text!r}; write it like 512MiB, 4GiB or 2GB") from None
 
 
 @dataclass(frozen=True)

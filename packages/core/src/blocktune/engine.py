@@ -39,8 +39,9 @@ from .hostmem import fix_mmap_threshold, trim_host_heap
 from .lora import LoraAdapters
 from .model import Block, Embed, Head, KVCache
 from .optim import OptimizerConfig
-from .pager import ActivationStash, Pager, resident_sizes
+from .pager import Pager, resident_sizes
 from .rng import seed_micro_batch
+from .stash import ActivationStash
 from .store import BlockStore
 
 __all__ = ["EngineConfig", "Engine", "StepResult", "IGNORE_INDEX", "chunked_cross_entropy"]

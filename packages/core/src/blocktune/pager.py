@@ -1,24 +1,20 @@
 """The pager: which units are resident on the compute device, under a byte budget.
 
 It loads units on demand, prefetches the next one on a background thread while the current
-one computes, writes updated units back on another thread, and counts every byte it moves.
-Eviction is least-recently-used, which is also direction-aware for free: after a forward
-pass the last units used are the first ones the backward pass needs.
+one computes, and counts every byte it moves. Eviction is least-recently-used, which is also
+direction-aware for free: after a forward pass the last units used are the first ones the
+backward pass needs. Its neighbours, one idea each: the host tier (`hosttier`), reusable read
+buffers (`buffers`), write-back and commit (`writeback`), the activation stash (`stash`).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from .buffers import BufferPool
 from .devices import Device, dtype_name
@@ -26,28 +22,11 @@ from .errors import BudgetError, ConfigError
 from .fileio import round_up
 from .hostmem import advise_cold, ensure_resident, host_memory_available
 from .hosttier import HostTier
-from .optim import OptimizerConfig, streamed_step
-from .store import BlockStore, FileRecord
+from .optim import OptimizerConfig
+from .store import BlockStore
+from .writeback import WriteBack
 
-__all__ = ["Pager", "PagerStats", "ActivationStash", "parse_bytes", "resident_sizes"]
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
-          "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
-
-
-def parse_bytes(text: str | int | float | None) -> int | None:
-    """'4GiB' -> 4294967296; None and 'inf' mean unlimited."""
-    if text is None or isinstance(text, (int, float)):
-        return None if text is None else int(text)
-    s = text.strip().lower().replace(" ", "")
-    if s in ("inf", "none", "unlimited"):
-        return None
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num):]
-    try:
-        return int(float(num) * _UNITS[unit])
-    except (ValueError, KeyError):
-        raise BudgetError(f"cannot read the size {text!r}; write it like 512MiB, 4GiB or 2GB") from None
+__all__ = ["Pager", "PagerStats", "resident_sizes"]
 
 
 def resident_sizes(store: BlockStore, compute_dtype: torch.dtype,
@@ -107,7 +86,6 @@ class _Pending:
 
 
 class Pager:
-    MAX_QUEUED_WRITES = 1  # unit write-backs waiting or in progress at once
 
     def __init__(
         self,
@@ -160,8 +138,6 @@ class Pager:
         self.on_evict: list = []  # callbacks(name): whoever holds a unit's tensors lets go
         self._lock = threading.Lock()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="blocktune-read")
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="blocktune-write")
-        self._writes: list[Future] = []
         self._copy_stream = device.copy_stream()
         # Host tier and staging slots (accelerators only; on the CPU the device tier is host RAM)
         self.host_budget = 0 if device.is_cpu else (host_budget if host_budget is not None else 1 << 62)
@@ -187,8 +163,7 @@ class Pager:
             else:
                 idle = min(self.budget, 1 << 50) + unit_file
             self._pool = BufferPool(idle) if idle else None
-        self.max_dirty = max_dirty if max_dirty is not None else 1 << 62
-        self._unsynced: list[FileRecord] = []
+        self.writes = WriteBack(store, device, self.stats, self._lock, verify, max_dirty)
 
     # ---- accounting ----
     @property
@@ -382,129 +357,28 @@ class Pager:
             self._resident[other] = entry
             self._resident.move_to_end(other, last=False)  # first to go
 
-    # ---- writing ----
+    # ---- writing: blocktune.writeback ----
     def step_and_write(self, name: str, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
                        optimizer: OptimizerConfig, lr: float, step: int) -> Future:
-        """A full fine-tune's optimizer step of a unit, and its new version (weights and
-        state), in the background: the old state is read a piece at a time and the new one
-        written as it is made (`optim.streamed_step`), so no unit's state is ever whole in
-        memory; `params` are stepped in place, then written in the store's dtype."""
-        import time
-
-        event = self.device.record_event()
-
-        def job() -> tuple[str, FileRecord, FileRecord | None]:
-            t0 = time.perf_counter()
-            if event is not None:
-                event.synchronize()  # the gradients are complete
-            old_rec = self.store.state_record(name)
-            old = self.store.map_state(name, verify=self.verify)
-            dev = self.device
-            to_device = None if dev.is_cpu else (lambda t: dev.to_device(t, torch.float32))
-            spec, data = streamed_step(optimizer, params, grads, old, lr, self.store.dtype, to_device)
-            if not dev.is_cpu:
-                data = (dev.to_host(piece) for piece in data)
-            # fsync'd at commit; direct IO: every unit is rewritten every step, caching it helps nothing
-            srec = self.store.write_state_stream(name, spec, data, step, sync=False, direct=True)
-            del old, data
-            if dev.is_cpu and all(v.dtype == self.store.dtype for v in params.values() if v.is_floating_point()):
-                rec = self.store.write_unit(name, params, step, sync=False, direct=True)  # from its buffer
-            else:
-                rec = self.store.write_unit_stream(name, params, step, sync=False, direct=True,
-                                                   to_host=None if dev.is_cpu else dev.to_host)
-            self._bound_dirty([rec, srec])
-            with self._lock:
-                self.stats.bytes_read += old_rec.nbytes if old_rec is not None else 0
-                self.stats.bytes_written += rec.nbytes + srec.nbytes
-                self.stats.unit_writes += 1
-                self.stats.write_seconds += time.perf_counter() - t0
-            return name, rec, srec
-
-        # A queued step holds its unit and gradients in memory: with the disk behind, wait for the
-        # oldest rather than let the queue (and RSS) grow. Where the budget does not hold two
-        # units, memory is tight: the write finishes before the backward goes on. Errors
-        # surface at commit.
-        queued = [f for f in self._writes if not f.done()]
-        if len(queued) >= self.MAX_QUEUED_WRITES:
-            wait(queued[:len(queued) - self.MAX_QUEUED_WRITES + 1])
-        if not self.device.copies_on_any_thread:  # MPS: the step's copies stay on this thread
-            fut = Future()
-            try:
-                fut.set_result(job())
-            except BaseException as exc:  # surfaces at commit, as a background write's would
-                fut.set_exception(exc)
-            self._writes.append(fut)
-            return fut
-        fut = self._writer.submit(job)
-        self._writes.append(fut)
-        if self.budget < 2 * self.largest_unit:
-            wait([fut])
-        return fut
-
-    def _bound_dirty(self, written: list[FileRecord]) -> None:
-        """Unsynced written data is memory the kernel cannot reclaim until it reaches the disk
-        (and a memory cgroup v1 does not throttle it): past `max_dirty` bytes, sync it now."""
-        self._unsynced += written
-        if sum(r.nbytes for r in self._unsynced) > self.max_dirty:
-            for r in self._unsynced:
-                fd = os.open(self.store.path / r.file, os.O_RDONLY)
-                try:
-                    os.fdatasync(fd)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # written: not needed in RAM
-                finally:
-                    os.close(fd)
-            self._unsynced = []
+        """A full fine-tune's step of a unit and its new version, in the background (where the
+        budget holds under two units, memory is tight: finished before this returns)."""
+        return self.writes.step_and_write(name, params, grads, optimizer, lr, step,
+                                          tight=self.budget < 2 * self.largest_unit)
 
     def commit(self, step: int, **extra) -> None:
-        """Wait for every write of this step, then switch the store's manifest to it atomically
-        (`extra`: fields that go into the same manifest, e.g. what the step measured)."""
-        units, states = {}, {}
-        writes, self._writes = self._writes, []
-        for i, fut in enumerate(writes):
-            try:
-                done = fut.result()
-            except BaseException:
-                # let the writes still in flight finish before anything is cleaned up, or they
-                # would land after the clean-up and stay behind
-                self._writes = writes[i + 1:]
-                self.abort_writes()
-                raise
-            if done is None:  # a garbage collection queued by the previous commit
-                continue
-            name, rec, srec = done
-            units[name] = rec
-            if srec is not None:
-                states[name] = srec
-        self._unsynced = []  # commit fsyncs every file of the step
-        self.store.commit(step, units, states, collect=False, **extra)
-        # deleting the last step's files takes a while (freeing extents): do it on the writer
-        # thread, which is also the only thread that creates files, so nothing new is deleted
-        self._writes.append(self._writer.submit(self._collect))
-
-    def _collect(self):
-        self.store.collect_garbage()
-        return None
+        self.writes.commit(step, **extra)
 
     def abort_writes(self) -> None:
-        """Wait for outstanding writes and drop them: the store keeps its last committed step."""
-        for fut in self._writes:
-            try:
-                fut.result()
-            except Exception:
-                pass
-        self._writes = []
-        if self.store.is_writer:  # a reader (or an engine that never trained) deletes nothing
-            self.store.collect_garbage()
+        self.writes.abort()
 
     def close(self) -> None:
-        self.abort_writes()
+        self.writes.close()
         for p in self._loading.values():
             try:
                 p.future.result()
             except Exception:
                 pass
         self._reader.shutdown(wait=True)
-        self._writer.shutdown(wait=True)
         self._resident.clear()
         self._loading.clear()
         self._maps.clear()
@@ -512,49 +386,3 @@ class Pager:
             self._tier.close()  # page-locked memory goes back to the OS
         if self._pool is not None:
             self._pool.clear()
-
-
-class ActivationStash:
-    """Cached block inputs for the backward pass: in RAM up to a budget, then spilled to disk."""
-
-    def __init__(self, budget: int | None = None, spill_dir: str | Path | None = None):
-        self.budget = budget if budget is not None else 1 << 62
-        self._mem: dict[tuple, torch.Tensor] = {}
-        self._disk: dict[tuple, Path] = {}
-        self._bytes = 0
-        self.peak_bytes = 0
-        self.spilled_bytes = 0
-        self._dir_arg = spill_dir
-        self._dir: Path | None = None
-
-    def put(self, key: tuple, t: torch.Tensor) -> None:
-        n = t.numel() * t.element_size()
-        if self._bytes + n <= self.budget:
-            self._mem[key] = t
-            self._bytes += n
-            self.peak_bytes = max(self.peak_bytes, self._bytes)
-            return
-        if self._dir is None:
-            self._dir = Path(tempfile.mkdtemp(prefix="blocktune-acts-", dir=self._dir_arg))
-        path = self._dir / f"{'_'.join(map(str, key))}.safetensors"
-        save_file({"t": t.detach().to("cpu").contiguous()}, str(path))
-        self._disk[key] = (path, t.device)
-        self.spilled_bytes += n
-
-    def pop(self, key: tuple) -> torch.Tensor:
-        if key in self._mem:
-            t = self._mem.pop(key)
-            self._bytes -= t.numel() * t.element_size()
-            return t
-        path, device = self._disk.pop(key)
-        t = load_file(str(path))["t"].to(device)
-        os.unlink(path)
-        return t
-
-    def clear(self) -> None:
-        self._mem.clear()
-        self._disk.clear()
-        self._bytes = 0
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None

@@ -24,7 +24,7 @@ import torch
 
 from .adapters import save_adapter
 from .budgets import parse_budget
-from .config import LoraConfig
+from .config import LoraConfig, parse_bytes
 from .data import load_dataset
 from .distributed import init_from_env
 from .engine import Engine, EngineConfig
@@ -32,7 +32,6 @@ from .errors import ConfigError, StoreError, TrainingError
 from .generate import SamplingConfig, generate_tokens
 from .hostmem import peak_rss_bytes
 from .optim import OptimizerConfig
-from .pager import parse_bytes
 from .report import Progress, ScalarLog, plot_run, read_metrics
 from .store import BlockStore, atomic_write
 from .tokenizer import load_tokenizer
