@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from blocktune.config import LoraConfig, ModelArgs
 from blocktune.devices import Device, resolve_device
-from blocktune.engine import IGNORE_INDEX, Engine
+from blocktune.engine import Engine
+from blocktune.loss import IGNORE_INDEX
 from blocktune.model import Transformer, init_lora_, unit_prefix
 from blocktune.optim import OptimizerConfig
 from blocktune.rng import seed_micro_batch

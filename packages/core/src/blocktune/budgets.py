@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ModelArgs, parse_bytes
+from .config import AUTO, ModelArgs, parse_bytes
 from .devices import Device
 from .fileio import round_up
 from .hostmem import host_memory_free
@@ -26,7 +26,6 @@ from .optim import STATE_PIECE
 
 __all__ = ["Budgets", "resolve", "parse_budget", "AUTO"]
 
-AUTO = "auto"
 MiB = 1 << 20
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import BudgetError, ConfigError
+from .optim import OptimizerConfig
 
-__all__ = ["ModelArgs", "LoraConfig", "PRESETS", "LORA_TARGETS", "ROPE_TYPES"]
+__all__ = ["ModelArgs", "LoraConfig", "EngineConfig", "PRESETS", "LORA_TARGETS", "ROPE_TYPES", "AUTO", "parse_bytes"]
 
 # RoPE scaling types and the parameters each needs (Hugging Face's names)
 ROPE_TYPES: dict[str, tuple[str, ...]] = {
@@ -316,3 +317,47 @@ class LoraConfig:
     def from_dict(cls, d: dict[str, Any]) -> LoraConfig:
         return cls(**{**d, "targets": tuple(d.get("targets", cls.targets))})
 
+
+AUTO = "auto"  # a budget worked out from the machine at the start (blocktune.budgets)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    method: str = "lora"  # lora | full
+    lora: LoraConfig | None = field(default_factory=LoraConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    device: str = "auto"
+    compute_dtype: str | None = None  # None: the device's default (fp32 on CPU, bf16 on GPUs)
+    # Budgets in bytes, None (no limit) or "auto" (from the machine's free memory: blocktune.budgets)
+    device_budget: int | str | None = AUTO  # units resident on the device
+    host_budget: int | str | None = AUTO  # unit files kept in (pinned) RAM for an accelerator;
+    # on the CPU, host RAM is the device: the smaller of the two budgets bounds residency
+    activation_budget: int | str | None = AUTO  # stashed block inputs in RAM before spilling
+    # the batch `auto` plans for: (micro-batch size, tokens per sequence, micro-batches per step)
+    batch_hint: tuple[int, int, int] = (1, 512, 1)
+    loss_chunk: int = 2048  # positions per chunk of the cross-entropy
+    seed: int = 0
+    replay_rng: bool = True  # off only to prove the replay test can fail
+    prefetch: bool = True
+    verify: str = "once"  # crc32 of each file version: "always" on every read, "once" per process, "never"
+    read_only: bool = False  # inference only (generate, eval): units are never written
+    lean_memory: bool = False  # return freed host memory to the OS after every unit (slower; less RSS)
+    max_dirty: int | None = 512 << 20  # full fine-tune: written-but-unsynced bytes before an early fsync
+    # Bytes of autograd activations kept from the first forward instead of recomputing the
+    # unit in the backward (weights in the graph become handles the pager resolves).
+    # 0: always recompute; None: keep every unit's. Units past the budget are recomputed.
+    keep_budget: int | None = 0
+    # CPU, frozen units (LoRA, inference): "mapped" reads them through the page cache, "direct"
+    # with O_DIRECT into reused buffers (for a store bigger than RAM); "auto" picks direct when
+    # the store is more than 80% of the memory available (MemAvailable, or a cgroup's limit).
+    frozen_reads: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise ConfigError(f"method {self.method!r} is not supported; choose lora or full")
+        if self.method == "lora" and self.lora is None:
+            raise ConfigError("method 'lora' needs a LoRA configuration")
+        if self.frozen_reads not in ("auto", "mapped", "direct"):
+            raise ConfigError(f"frozen_reads={self.frozen_reads!r}: choose auto, mapped or direct")
+        if self.loss_chunk <= 0:
+            raise ConfigError(f"loss_chunk={self.loss_chunk} must be positive")

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from .chat import chat_tokens, check_messages
-from .engine import IGNORE_INDEX
 from .errors import DataError
+from .loss import IGNORE_INDEX
 from .tokenizer import Tokenizer
 
 __all__ = ["Example", "Dataset", "load_dataset", "read_text", "eval_windows"]

@@ -22,73 +22,30 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .budgets import AUTO, Budgets
+from .budgets import Budgets
 from .budgets import resolve as resolve_budgets
-from .config import LoraConfig, ModelArgs
+from .config import EngineConfig, ModelArgs
 from .devices import Device, parse_dtype, resolve_device
 from .distributed import SINGLE, DistContext
 from .errors import ConfigError, TrainingError
+from .handles import WeightHandles
 from .hostmem import fix_mmap_threshold, trim_host_heap
+from .inference import Inference
 from .lora import LoraAdapters
-from .model import Block, Embed, Head, KVCache
-from .optim import OptimizerConfig
+from .loss import check_window, chunked_cross_entropy, count_targets
+from .model import Block, Embed, Head
 from .pager import Pager, resident_sizes
 from .rng import seed_micro_batch
 from .stash import ActivationStash
 from .store import BlockStore
 
-__all__ = ["EngineConfig", "Engine", "StepResult", "IGNORE_INDEX", "chunked_cross_entropy"]
+__all__ = ["EngineConfig", "Engine", "StepResult"]
 
-IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    method: str = "lora"  # lora | full
-    lora: LoraConfig | None = field(default_factory=LoraConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    device: str = "auto"
-    compute_dtype: str | None = None  # None: the device's default (fp32 on CPU, bf16 on GPUs)
-    # Budgets in bytes, None (no limit) or "auto" (from the machine's free memory: blocktune.budgets)
-    device_budget: int | str | None = AUTO  # units resident on the device
-    host_budget: int | str | None = AUTO  # unit files kept in (pinned) RAM for an accelerator;
-    # on the CPU, host RAM is the device: the smaller of the two budgets bounds residency
-    activation_budget: int | str | None = AUTO  # stashed block inputs in RAM before spilling
-    # the batch `auto` plans for: (micro-batch size, tokens per sequence, micro-batches per step)
-    batch_hint: tuple[int, int, int] = (1, 512, 1)
-    loss_chunk: int = 2048  # positions per chunk of the cross-entropy
-    seed: int = 0
-    replay_rng: bool = True  # off only to prove the replay test can fail
-    prefetch: bool = True
-    verify: str = "once"  # crc32 of each file version: "always" on every read, "once" per process, "never"
-    read_only: bool = False  # inference only (generate, eval): units are never written
-    lean_memory: bool = False  # return freed host memory to the OS after every unit (slower; less RSS)
-    max_dirty: int | None = 512 << 20  # full fine-tune: written-but-unsynced bytes before an early fsync
-    # Bytes of autograd activations kept from the first forward instead of recomputing the
-    # unit in the backward (weights in the graph become handles the pager resolves).
-    # 0: always recompute; None: keep every unit's. Units past the budget are recomputed.
-    keep_budget: int | None = 0
-    # CPU, frozen units (LoRA, inference): "mapped" reads them through the page cache, "direct"
-    # with O_DIRECT into reused buffers (for a store bigger than RAM); "auto" picks direct when
-    # the store is more than 80% of the memory available (MemAvailable, or a cgroup's limit).
-    frozen_reads: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.method not in ("lora", "full"):
-            raise ConfigError(f"method {self.method!r} is not supported; choose lora or full")
-        if self.method == "lora" and self.lora is None:
-            raise ConfigError("method 'lora' needs a LoRA configuration")
-        if self.frozen_reads not in ("auto", "mapped", "direct"):
-            raise ConfigError(f"frozen_reads={self.frozen_reads!r}: choose auto, mapped or direct")
-        if self.loss_chunk <= 0:
-            raise ConfigError(f"loss_chunk={self.loss_chunk} must be positive")
 
 
 @dataclass
@@ -101,74 +58,19 @@ class StepResult:
     kept_units: int = 0  # units whose backward used kept activations instead of a recompute
 
 
-def chunked_cross_entropy(
-    head: nn.Module, h: torch.Tensor, targets: torch.Tensor, denom: int, chunk: int,
-    backward: bool,
-) -> torch.Tensor:
-    """Σ cross-entropy / denom over (B, T) positions, `chunk` positions of logits at a time.
-
-    With `backward`, each chunk's gradient is accumulated into h.grad and the head's
-    parameters right away, so only one chunk's logits exist at any moment.
-    """
-    flat_h = h.reshape(-1, h.shape[-1])
-    flat_t = targets.reshape(-1)
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
-    for s in range(0, flat_t.numel(), chunk):
-        t = flat_t[s:s + chunk]
-        if not bool((t != IGNORE_INDEX).any()):  # note: a host sync; skips masked chunks
-            continue
-        logits = head(flat_h[s:s + chunk]).float()
-        loss = F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum") / denom
-        if backward:
-            loss.backward()
-        total += loss.detach()
-    return total
+@dataclass
+class _StepRun:
+    """What one step's forward leaves for its backward."""
+    stash: ActivationStash  # block inputs to recompute from
+    replay: dict  # (unit, micro-batch) -> RNG state before the unit's forward
+    kept: dict  # (unit, micro-batch) -> (input, output) of a graph kept from the forward
+    kept_mods: dict  # full fine-tune: unit -> the module its kept graphs use
+    kept_at_start: dict = field(default_factory=dict)  # kept's keys after the forward (the count)
 
 
-class _WeightHandles:
-    """saved_tensors_hooks for one unit: a weight that autograd saves for the backward is
-    replaced by a handle (its key, and how the saved tensor views it) and fetched back from the
-    pager when the backward needs it, so a kept graph does not pin the unit's weights in memory.
-    Everything else saved (activations) is kept as is, and its bytes are counted."""
-
-    def __init__(self, pager: Pager, unit: str):
-        self.pager, self.unit = pager, unit
-        # storage -> (a key in it, that key's offset). Units read from one file buffer share one
-        # storage; a handle's offset is relative to the key it names, so any key will do.
-        self.weights = {t.untyped_storage().data_ptr(): (k, t.storage_offset())
-                        for k, t in pager.get(unit).items()}
-        self.activation_bytes = 0
-
-    def pack(self, t: torch.Tensor):
-        found = self.weights.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
-        if found is None:
-            self.activation_bytes += t.numel() * t.element_size()
-            return t
-        key, base_offset = found
-        return (key, tuple(t.shape), t.stride(), t.storage_offset() - base_offset)
-
-    def unpack(self, packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        key, shape, stride, offset = packed
-        base = self.pager.get(self.unit)[key]
-        return base.as_strided(shape, stride, base.storage_offset() + offset)
-
-
-def check_window(args: ModelArgs, length: int) -> None:
-    """Attention here spans the whole sequence: past a sliding window that is a different model."""
-    if args.sliding_window is not None and length > args.sliding_window:
-        raise ConfigError(f"sequence length {length} exceeds the model's sliding_window "
-                          f"{args.sliding_window} (config.json); blocktune attends to the whole "
-                          f"sequence, so keep --seq-len (and prompt + new tokens) within {args.sliding_window}")
-
-
-def _count_targets(targets: torch.Tensor) -> int:
-    return int((targets != IGNORE_INDEX).sum())
-
-
-class Engine:
-    """Runs a model held in a `BlockStore` one unit at a time."""
+class Engine(Inference):
+    """Runs a model held in a `BlockStore` one unit at a time (training here; forward-only
+    passes for evaluation and generation in `blocktune.inference`)."""
 
     def __init__(self, store: BlockStore, cfg: EngineConfig | None = None,
                  adapters: dict[str, torch.Tensor] | None = None, dist: DistContext = SINGLE):
@@ -220,6 +122,7 @@ class Engine:
             self.pager.on_evict.append(lambda name: self._built.pop(name, None))
         self.step_count = store.step if self.cfg.method == "full" else 0
         self._tied_grad: torch.Tensor | None = None  # tied head: its projection's gradient, for embed
+        self._head: nn.Module | None = None  # the head module between the loss and its step
 
     # ---- adapters ----
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -292,7 +195,7 @@ class Engine:
         dev = self.device
         self._check_lengths(micro_batches)
         # the loss is a mean over the whole global batch: every rank divides by the same count
-        n_tok = self.dist.sum_int(sum(_count_targets(t) for _, t in micro_batches), dev)
+        n_tok = self.dist.sum_int(sum(count_targets(t) for _, t in micro_batches), dev)
         if n_tok == 0:
             raise TrainingError("every target of this step is masked; nothing to learn from")
         M = len(micro_batches)
@@ -302,126 +205,148 @@ class Engine:
         for m in range(M):
             seed_micro_batch(dev, self.cfg.seed, step, m * self.dist.world + self.dist.rank)
             cursors.append(dev.get_rng_state())
-        stash = ActivationStash(self.budgets.activation)
-        replay: dict[tuple[int, int], tuple] = {}
-        last = len(self.units) - 1
+        run = _StepRun(ActivationStash(self.budgets.activation), {}, {}, {})
         full = self.cfg.method == "full"
         try:
-            # forward: embed and blocks; without a graph, or (LoRA, within keep_budget) with one
-            # whose saved weights are handles, so the backward needs no recompute
-            kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-            kept_mods: dict[int, nn.Module] = {}  # full fine-tune: the modules the kept graphs use
-            kept_bytes = 0
-            for i in range(last):
-                mod = self._module(self.units[i], training=True)
-                self.pager.prefetch(self._next(i, +1))
-                keep = (i > 0 and self.cfg.keep_budget != 0
-                        and (self.cfg.keep_budget is None or kept_bytes < self.cfg.keep_budget))
-                hooks = _WeightHandles(self.pager, self.units[i]) if keep else None
-                for m in range(M):
-                    dev.set_rng_state(cursors[m])
-                    replay[(i, m)] = cursors[m]
-                    if keep:
-                        x = xs[m].detach().requires_grad_(i > 1 or full)
-                        with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
-                            out = mod(x)
-                        kept[(i, m)] = (x, out)
-                        xs[m] = out.detach()
-                    else:
-                        stash.put((i, m), xs[m])
-                        with torch.no_grad():
-                            xs[m] = mod(xs[m]) if i else mod(xs[m]).to(self.dtype)
-                    cursors[m] = dev.get_rng_state()
-                if keep:
-                    kept_bytes += hooks.activation_bytes
-                    if full:  # the graph holds the parameters (to accumulate their gradients)
-                        kept_mods[i] = self._detach_weights(self.units[i], mod)
-                del mod
-            n_kept = len({i for i, _ in kept})
-            # loss and its gradient through the head
-            head = self._module(self.units[last], training=True)
-            self.pager.prefetch(self._next(last, -1))
-            loss = torch.zeros((), device=dev.torch)
-            grads = []
-            for m in range(M):
-                h = xs[m].detach().requires_grad_(True)
-                loss += chunked_cross_entropy(head, h, targets[m], n_tok, self.cfg.loss_chunk, True)
-                grads.append(h.grad)
-            xs.clear()
+            self._forward(run, xs, cursors)
+            loss, grads = self._loss(xs, targets, n_tok)
             loss = self.dist.sum_float(loss)  # every rank sees the global loss, and stops together
             if not bool(torch.isfinite(loss)):  # note: a host sync; before any weight changes
                 raise TrainingError(f"loss is {float(loss)} at step {step}; nothing of this step "
                                     "was applied (lower the learning rate, check the data)")
-            pending = None
+            self._backward(run, grads, lr, step)
             if full:
-                pending = self._reduce_then_step(self.units[last], head, lr, step, None)
-            del head
-            # backward, unit by unit in reverse
-            first = 0 if full else 1  # LoRA: the embeddings have nothing to train
-            for i in range(last - 1, first - 1, -1):
-                if (i, 0) in kept:  # the graph is there: make the weights resident, run it
-                    tensors = self.pager.get(self.units[i])
-                    self.pager.prefetch(self._next(i, -1) if i > first else None)
-                    mod = kept_mods.pop(i, None)
-                    if mod is not None:
-                        for name, p in mod.named_parameters():
-                            p.data = tensors[name]
-                    for m in range(M):
-                        x, out = kept.pop((i, m))
-                        out.backward(grads[m])
-                        grads[m] = x.grad if i > 1 or full else None
-                    if full:
-                        pending = self._reduce_then_step(self.units[i], mod, lr, step, pending)
-                    del mod
-                    continue
-                mod = self._module(self.units[i], training=True)
-                self.pager.prefetch(self._next(i, -1) if i > first else None)
-                for m in range(M):
-                    x = stash.pop((i, m))
-                    if self.cfg.replay_rng:
-                        dev.set_rng_state(replay[(i, m)])
-                    want_dx = i > 1 or (i == 1 and full)
-                    if i > 0:
-                        x.requires_grad_(want_dx)
-                        with mod.recompute_for_backward():
-                            out = mod(x)
-                    else:
-                        out = mod(x)
-                    out.backward(grads[m])
-                    grads[m] = x.grad if want_dx else None
-                if full:
-                    pending = self._reduce_then_step(self.units[i], mod, lr, step, pending)
-                del mod
-            if full:
-                if pending is not None:
-                    pending()
                 # the step's own figures go into its commit: a run killed before it logs them
                 # recovers them on resume (blocktune.train)
                 self.pager.commit(step + 1, last_step={"step": step + 1, "loss": float(loss), "tokens": n_tok,
                                                        "lr": lr})
             else:
-                params = self.adapter_params()
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                self.dist.all_reduce_([p.grad for p in params])  # one flat all-reduce per step
-                if max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=False)
-                self.lora_optimizer.param_groups[0]["lr"] = lr
-                self.lora_optimizer.step()
-                self.lora_optimizer.zero_grad(set_to_none=True)
+                self._lora_step(lr, max_grad_norm)
         except BaseException:
             if full:
                 self.pager.abort_writes()
             raise
         finally:
-            stash.clear()
+            run.stash.clear()
         loss_value = float(loss)
         self.step_count = step + 1
         after = self.pager.stats
         return StepResult(loss_value, n_tok, time.perf_counter() - t_start,
                           after.bytes_read - before["bytes_read"],
-                          after.bytes_written - before["bytes_written"], n_kept)
+                          after.bytes_written - before["bytes_written"], len({i for i, _ in run.kept_at_start}))
+
+    def _wants_dx(self, i: int) -> bool:
+        """Whether unit i's backward passes a gradient on to its input: not into the
+        embeddings' (tokens), nor (LoRA) into the frozen embeddings."""
+        return i > 1 or (i == 1 and self.cfg.method == "full")
+
+    def _forward(self, run: _StepRun, xs: list[torch.Tensor], cursors: list) -> None:
+        """Embeddings and blocks, each micro-batch through a unit while it is resident. Without
+        a graph (the input stashed, the RNG state noted for the replay), or, within
+        keep_budget, with one whose saved weights are handles, so the backward needs no
+        recompute. xs becomes the head's inputs."""
+        dev, full, kept_bytes = self.device, self.cfg.method == "full", 0
+        for i in range(len(self.units) - 1):
+            mod = self._module(self.units[i], training=True)
+            self.pager.prefetch(self._next(i, +1))
+            keep = (i > 0 and self.cfg.keep_budget != 0
+                    and (self.cfg.keep_budget is None or kept_bytes < self.cfg.keep_budget))
+            hooks = WeightHandles(self.pager, self.units[i]) if keep else None
+            for m in range(len(xs)):
+                dev.set_rng_state(cursors[m])
+                run.replay[(i, m)] = cursors[m]
+                if keep:
+                    x = xs[m].detach().requires_grad_(self._wants_dx(i))
+                    with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+                        out = mod(x)
+                    run.kept[(i, m)] = (x, out)
+                    xs[m] = out.detach()
+                else:
+                    run.stash.put((i, m), xs[m])
+                    with torch.no_grad():
+                        xs[m] = mod(xs[m]) if i else mod(xs[m]).to(self.dtype)
+                cursors[m] = dev.get_rng_state()
+            if keep:
+                kept_bytes += hooks.activation_bytes
+                if full:  # the graph holds the parameters (to accumulate their gradients)
+                    run.kept_mods[i] = self._detach_weights(self.units[i], mod)
+            del mod
+        run.kept_at_start = dict.fromkeys(run.kept)
+
+    def _loss(self, xs: list[torch.Tensor], targets: list[torch.Tensor], n_tok: int):
+        """The loss through the head and its gradient w.r.t. each micro-batch's head input; a
+        full fine-tune's head steps right after (its gradient is complete)."""
+        last = len(self.units) - 1
+        head = self._module(self.units[last], training=True)
+        self.pager.prefetch(self._next(last, -1))
+        loss = torch.zeros((), device=self.device.torch)
+        grads = []
+        for m in range(len(xs)):
+            h = xs[m].detach().requires_grad_(True)
+            loss += chunked_cross_entropy(head, h, targets[m], n_tok, self.cfg.loss_chunk, True)
+            grads.append(h.grad)
+        xs.clear()
+        self._head = head
+        return loss, grads
+
+    def _backward(self, run: _StepRun, grads: list, lr: float, step: int) -> None:
+        """Unit by unit in reverse, each micro-batch's graph through the unit while it is
+        resident: the graph kept from the forward, or recomputed from the stashed input with
+        the RNG replayed. A full fine-tune steps each unit as its gradient is complete."""
+        full, last = self.cfg.method == "full", len(self.units) - 1
+        pending = None
+        if full:
+            pending = self._reduce_then_step(self.units[last], self._head, lr, step, None)
+        self._head = None
+        first = 0 if full else 1  # LoRA: the embeddings have nothing to train
+        for i in range(last - 1, first - 1, -1):
+            mod, graph = self._graph_source(run, i)
+            self.pager.prefetch(self._next(i, -1) if i > first else None)
+            for m in range(len(grads)):
+                x, out = graph(m)
+                out.backward(grads[m])
+                grads[m] = x.grad if self._wants_dx(i) else None
+            if full:
+                pending = self._reduce_then_step(self.units[i], mod, lr, step, pending)
+            del mod, graph
+        if pending is not None:
+            pending()
+
+    def _graph_source(self, run: _StepRun, i: int):
+        """(unit i's module, m -> (input, output) of micro-batch m's graph through it)."""
+        unit = self.units[i]
+        if (i, 0) in run.kept:  # the graph is there: make the weights it names resident
+            tensors = self.pager.get(unit)
+            mod = run.kept_mods.pop(i, None)
+            if mod is not None:
+                for name, p in mod.named_parameters():
+                    p.data = tensors[name]
+            return mod, lambda m: run.kept.pop((i, m))
+        mod = self._module(unit, training=True)
+
+        def recompute(m: int):
+            x = run.stash.pop((i, m))
+            if self.cfg.replay_rng:
+                self.device.set_rng_state(run.replay[(i, m)])
+            if i == 0:
+                return x, mod(x)
+            x.requires_grad_(self._wants_dx(i))
+            with mod.recompute_for_backward():
+                return x, mod(x)
+
+        return mod, recompute
+
+    def _lora_step(self, lr: float, max_grad_norm: float | None) -> None:
+        params = self.adapter_params()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.dist.all_reduce_([p.grad for p in params])  # one flat all-reduce per step
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=False)
+        self.lora_optimizer.param_groups[0]["lr"] = lr
+        self.lora_optimizer.step()
+        self.lora_optimizer.zero_grad(set_to_none=True)
 
     def _detach_weights(self, unit: str, mod: nn.Module) -> nn.Module:
         """Full fine-tune, kept graph: its AccumulateGrad nodes hold `mod`'s parameters, which
@@ -482,49 +407,6 @@ class Engine:
                 raise ConfigError(f"sequence length {tok.shape[1]} exceeds the model's "
                                   f"max_seq_len {self.args.max_seq_len}; lower --seq-len")
             check_window(self.args, tok.shape[1])
-
-    # ---- inference ----
-    def _forward_units(self, tokens: torch.Tensor, caches=None, start: int = 0) -> Iterator:
-        """Yield the hidden state after embed and each block (eval mode, no graph)."""
-        h = tokens.to(self.device.torch)
-        for i in range(len(self.units) - 1):
-            mod = self._module(self.units[i], training=False)
-            self.pager.prefetch(self._next(i, +1))
-            if i == 0:
-                h = mod(h).to(self.dtype)
-            else:
-                h = mod(h, caches[i - 1] if caches else None, start)
-        return h
-
-    @torch.no_grad()
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Eval-mode logits (B, T, vocab) of the whole model (materialised: for tests and short inputs)."""
-        h = self._forward_units(tokens)
-        return self._module("head", training=False)(h)
-
-    @torch.no_grad()
-    def eval_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
-        """(mean cross-entropy, predicted positions) in eval mode, logits chunked."""
-        self._check_lengths([(tokens, targets)])
-        n = _count_targets(targets)
-        h = self._forward_units(tokens)
-        head = self._module("head", training=False)
-        total = chunked_cross_entropy(head, h, targets.to(self.device.torch), max(n, 1),
-                                      self.cfg.loss_chunk, backward=False)
-        return float(total), n
-
-    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
-        a = self.args
-        return [KVCache(batch, max_len, a.kv_heads, a.head_dim, self.dtype, self.device.torch)
-                for _ in range(a.n_layers)]
-
-    @torch.no_grad()
-    def next_logits(self, tokens: torch.Tensor, caches: list[KVCache] | None, start: int):
-        """Logits of the last position only, extending `caches` from position `start`."""
-        h = self._forward_units(tokens, caches, start)
-        head = self._module("head", training=False)
-        self.pager.prefetch(self.units[0])  # the next token starts again at the embeddings
-        return head(h[:, -1:, :])[:, -1, :].float()
 
     def close(self) -> None:
         self._built.clear()

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import Engine, check_window
+from .engine import Engine
 from .errors import ConfigError
+from .loss import check_window
 
 __all__ = ["SamplingConfig", "generate_tokens", "sample_next"]
 

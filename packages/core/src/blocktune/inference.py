@@ -1,0 +1,56 @@
+"""Forward-only passes of the paged model: logits, evaluation loss, and the next token's
+logits with a KV cache (generation). Mixed into `Engine`, whose pager and modules they use."""
+
+from __future__ import annotations
+
+import torch
+
+from .loss import chunked_cross_entropy, count_targets
+from .model import KVCache
+
+__all__ = ["Inference"]
+
+
+class Inference:
+    def _forward_units(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
+                       start: int = 0) -> torch.Tensor:
+        """The hidden state after embed and every block (eval mode, no graph)."""
+        h = tokens.to(self.device.torch)
+        for i in range(len(self.units) - 1):
+            mod = self._module(self.units[i], training=False)
+            self.pager.prefetch(self._next(i, +1))
+            if i == 0:
+                h = mod(h).to(self.dtype)
+            else:
+                h = mod(h, caches[i - 1] if caches else None, start)
+        return h
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Eval-mode logits (B, T, vocab) of the whole model (materialised: for tests and short inputs)."""
+        h = self._forward_units(tokens)
+        return self._module("head", training=False)(h)
+
+    @torch.no_grad()
+    def eval_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+        """(mean cross-entropy, predicted positions) in eval mode, logits chunked."""
+        self._check_lengths([(tokens, targets)])
+        n = count_targets(targets)
+        h = self._forward_units(tokens)
+        head = self._module("head", training=False)
+        total = chunked_cross_entropy(head, h, targets.to(self.device.torch), max(n, 1),
+                                      self.cfg.loss_chunk, backward=False)
+        return float(total), n
+
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        a = self.args
+        return [KVCache(batch, max_len, a.kv_heads, a.head_dim, self.dtype, self.device.torch)
+                for _ in range(a.n_layers)]
+
+    @torch.no_grad()
+    def next_logits(self, tokens: torch.Tensor, caches: list[KVCache] | None, start: int):
+        """Logits of the last position only, extending `caches` from position `start`."""
+        h = self._forward_units(tokens, caches, start)
+        head = self._module("head", training=False)
+        self.pager.prefetch(self.units[0])  # the next token starts again at the embeddings
+        return head(h[:, -1:, :])[:, -1, :].float()
