@@ -139,7 +139,7 @@ def test_checksums_in_manifest_are_json_numbers(tiny_store):
 
 def test_non_finite_loss_stops_before_any_change(tmp_path, tiny_args):
     from blocktune import TrainingError
-    from blocktune.store import build_store
+    from blocktune.build import build_store
     from blocktune_bench.synthetic import random_units
 
     def units():

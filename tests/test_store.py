@@ -9,8 +9,8 @@ import pytest
 import torch
 from blocktune import BlockStore, BudgetError, ChecksumError, Engine, EngineConfig, StoreError
 from blocktune.buffers import BufferPool
+from blocktune.build import build_store
 from blocktune.config import parse_bytes
-from blocktune.store import build_store
 from blocktune_bench.synthetic import PRESETS, make_store, random_units
 from conftest import random_batch
 
@@ -359,7 +359,7 @@ def test_row_pieces_are_written_as_the_joined_tensor(tmp_path):
 def test_a_unit_updated_in_place_is_written_from_its_own_buffer(tiny_store, monkeypatch):
     """A unit read into an aligned buffer and changed in place is its own next file: written
     from there with direct IO (no bounce copy), byte for byte what the copying path writes."""
-    from blocktune import store as store_mod
+    from blocktune import unitfiles as store_mod
     from blocktune.fileio import aligned_empty, file_image
 
     tensors = tiny_store.read_file(tiny_store.record("block_00"), alloc=aligned_empty, direct=True)

@@ -31,8 +31,10 @@ from pathlib import Path
 
 import torch
 from blocktune import Engine, EngineConfig, LoraConfig, ModelArgs, OptimizerConfig
+from blocktune.build import build_store
 from blocktune.devices import resolve_device
-from blocktune.store import BlockStore, build_store, unit_names
+from blocktune.records import unit_names
+from blocktune.store import BlockStore
 
 from .reference import ReferenceTrainer
 from .synthetic import PRESETS, make_store

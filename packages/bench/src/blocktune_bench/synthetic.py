@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from blocktune.build import build_store
 from blocktune.config import ModelArgs
 from blocktune.model import stored_shapes
-from blocktune.store import BlockStore, build_store, unit_names
+from blocktune.records import unit_names
+from blocktune.store import BlockStore
 
 __all__ = ["PRESETS", "random_unit", "random_units", "make_store", "preset"]
 

@@ -1,5 +1,6 @@
 """blocktune: fine-tune Llama-2 models larger than memory, paging one unit at a time."""
 
+from .build import build_store
 from .config import PRESETS, LoraConfig, ModelArgs
 from .devices import Device, resolve_device
 from .engine import Engine, EngineConfig, StepResult
@@ -13,7 +14,7 @@ from .errors import (
                      TrainingError,
 )
 from .optim import OptimizerConfig
-from .store import BlockStore, build_store
+from .store import BlockStore
 
 __version__ = "0.1.0"
 

@@ -21,8 +21,8 @@ from safetensors.torch import save
 
 from .config import LORA_TARGETS, LoraConfig, ModelArgs
 from .errors import StoreError
+from .fileio import atomic_write
 from .hflayout import HF_MODULES, from_hf, rotary_heads, to_hf
-from .store import atomic_write
 
 __all__ = ["Adapter", "save_adapter", "load_adapter", "load_peft", "save_peft"]
 

@@ -29,11 +29,12 @@ from .data import load_dataset
 from .distributed import init_from_env
 from .engine import Engine, EngineConfig
 from .errors import ConfigError, StoreError, TrainingError
+from .fileio import atomic_write
 from .generate import SamplingConfig, generate_tokens
 from .hostmem import peak_rss_bytes
 from .optim import OptimizerConfig
 from .report import Progress, ScalarLog, plot_run, read_metrics
-from .store import BlockStore, atomic_write
+from .store import BlockStore
 from .tokenizer import load_tokenizer
 
 __all__ = ["RunConfig", "Trainer", "lr_at", "check_out"]

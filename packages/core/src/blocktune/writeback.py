@@ -19,7 +19,8 @@ import torch
 
 from .devices import Device
 from .optim import OptimizerConfig, streamed_step
-from .store import BlockStore, FileRecord
+from .records import FileRecord
+from .store import BlockStore
 
 __all__ = ["WriteBack"]
 

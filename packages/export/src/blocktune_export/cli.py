@@ -8,8 +8,8 @@ from pathlib import Path
 
 from blocktune.devices import parse_dtype
 from blocktune.errors import ConfigError
+from blocktune.records import unit_names
 from blocktune.report import Progress
-from blocktune.store import unit_names
 
 __all__ = ["register_prepare", "register_export"]
 

@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from blocktune.errors import ConfigError
+from blocktune.fileio import staging_dir
 from blocktune.hflayout import hf_key, rotary_heads, to_hf
 from blocktune.model import rope_frequencies
-from blocktune.store import BlockStore, staging_dir, unit_names
+from blocktune.records import unit_names
+from blocktune.store import BlockStore
 
 from .meta import meta_key
 

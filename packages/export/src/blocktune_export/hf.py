@@ -19,11 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from blocktune.build import build_store
 from blocktune.config import ROPE_TYPES, ModelArgs
 from blocktune.errors import ConfigError, StoreError
+from blocktune.fileio import staging_dir
 from blocktune.hflayout import ARCHITECTURES, HF_NAMES, from_hf, hf_key, meta_of_hf, rotary_heads, to_hf
 from blocktune.model import stored_shapes
-from blocktune.store import BlockStore, build_store, staging_dir, unit_names
+from blocktune.records import unit_names
+from blocktune.store import BlockStore
 from blocktune.tokenizer import HF_TOKENIZER_FILES
 from safetensors import safe_open
 from safetensors.torch import save_file

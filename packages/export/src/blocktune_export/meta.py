@@ -15,11 +15,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from blocktune.build import build_store
 from blocktune.config import ModelArgs
 from blocktune.errors import ConfigError, StoreError
-from blocktune.fileio import RowPieces
+from blocktune.fileio import RowPieces, staging_dir
 from blocktune.model import stored_shapes, unit_name, unit_prefix
-from blocktune.store import BlockStore, build_store, staging_dir, unit_names
+from blocktune.records import unit_names
+from blocktune.store import BlockStore
 from blocktune.tokenizer import TiktokenTokenizer, Tokenizer, detect_kind
 
 __all__ = ["SPLIT_AXIS", "split_axis", "meta_key", "read_meta", "import_meta", "export_meta",
