@@ -129,7 +129,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
             act = min(work["stash"], max(16 * MiB, avail - (dev or 0)))
             notes.append(f"activation_budget auto: {_mib(act)} (the stashed block inputs need ≈"
                          f"{_mib(work['stash'])}" + ("; the rest spills to disk)" if act < work["stash"] else ")"))
-    if device.is_cpu:
+    if device.host_is_device:
         host = None if host == AUTO else host  # the CPU has no host tier: RAM is the device
     elif host == AUTO:
         if not device.host_tier_useful:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch
 from .errors import ConfigError
 from .hostmem import host_memory_free, peak_rss_bytes
 
-__all__ = ["Device", "resolve_device", "emu_registered_bytes", "DTYPES", "parse_dtype", "dtype_name"]
+__all__ = ["Device", "resolve_device", "fused_adamw", "emu_registered_bytes", "DTYPES", "parse_dtype", "dtype_name"]
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -103,6 +104,24 @@ class Device:
 
     def __str__(self) -> str:
         return "emu-mps" if self.unified else "emu" if self.type == "emu" else str(self.torch)
+
+    @property
+    def dist_backend(self) -> str:
+        """torch.distributed's backend here: nccl on CUDA, gloo elsewhere (MPS through the CPU)."""
+        return "nccl" if self.type == "cuda" else "gloo"
+
+    def for_local_rank(self) -> Device:
+        """This process's GPU under torchrun (cuda:LOCAL_RANK, made current); itself elsewhere."""
+        if self.type != "cuda" or "LOCAL_RANK" not in os.environ:
+            return self
+        dev = Device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev.index)
+        return dev
+
+    @property
+    def host_is_device(self) -> bool:
+        """On the CPU, host RAM is the device: no host tier, and the smaller budget bounds residency."""
+        return self.type == "cpu"
 
     @property
     def copies_on_any_thread(self) -> bool:
@@ -304,6 +323,18 @@ class Device:
 
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)  # seeds the CPU and every accelerator's default generator
+
+
+@functools.cache
+def fused_adamw(device_type: str) -> bool:
+    """Whether torch's fused AdamW kernel exists for this device type in this build."""
+    try:
+        p = torch.nn.Parameter(torch.zeros(1, device=device_type))
+        p.grad = torch.zeros_like(p)
+        torch.optim.AdamW([p], fused=True).step()
+        return True
+    except (RuntimeError, TypeError, ValueError):
+        return False
 
 
 def resolve_device(name: str | Device = "auto") -> Device:

@@ -132,8 +132,6 @@ def init_from_env(device: Device, timeout_s: float = 300.0) -> DistContext:
         return DistContext()
     import torch.distributed as dist
 
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    device.for_local_rank()  # a GPU per process: made current before the group forms
+    dist.init_process_group(device.dist_backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistContext(rank=dist.get_rank(), world=dist.get_world_size())

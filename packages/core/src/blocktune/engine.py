@@ -99,7 +99,7 @@ class Engine(Inference):
         if self.lean and self.device.is_cpu:
             fix_mmap_threshold()
         budget = self.budgets.device
-        if self.device.is_cpu and self.budgets.host is not None:
+        if self.device.host_is_device and self.budgets.host is not None:
             budget = min(b for b in (budget, self.budgets.host) if b is not None)
         self.pager = Pager(store, self.device, budget, self.dtype, prefetch=self.cfg.prefetch,
                            verify=self.cfg.verify, host_budget=self.budgets.host,

@@ -20,12 +20,12 @@ in the order the step makes them; `whole_state` joins a file back into the flat 
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
+from .devices import fused_adamw
 from .errors import ConfigError
 
 __all__ = ["OptimizerConfig", "unit_step", "streamed_step", "state_kinds", "whole_state", "STATE_PIECE"]
@@ -65,20 +65,8 @@ class OptimizerConfig:
                                weight_decay=self.weight_decay, foreach=False)
 
 
-@functools.cache
-def _fused_on(device_type: str) -> bool:
-    """Whether torch's fused AdamW kernel exists for this device type in this build."""
-    try:
-        p = torch.nn.Parameter(torch.zeros(1, device=device_type))
-        p.grad = torch.zeros_like(p)
-        torch.optim.AdamW([p], fused=True).step()
-        return True
-    except (RuntimeError, TypeError, ValueError):
-        return False
-
-
 def _fused(cfg: OptimizerConfig, device: torch.device) -> bool:
-    return cfg.name == "adamw" and _fused_on(device.type)
+    return cfg.name == "adamw" and fused_adamw(device.type)
 
 
 @torch.no_grad()

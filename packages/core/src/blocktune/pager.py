@@ -140,7 +140,7 @@ class Pager:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="blocktune-read")
         self._copy_stream = device.copy_stream()
         # Host tier and staging slots (accelerators only; on the CPU the device tier is host RAM)
-        self.host_budget = 0 if device.is_cpu else (host_budget if host_budget is not None else 1 << 62)
+        self.host_budget = 0 if device.host_is_device else (host_budget if host_budget is not None else 1 << 62)
         self._tier = None
         if not device.is_cpu:
             slot = max(sum(round_up(r.nbytes) for r in store.unit_files(n)) for n in store.units)

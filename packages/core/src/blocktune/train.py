@@ -175,9 +175,7 @@ class Trainer:
         self.out = Path(cfg.out)
         from .devices import resolve_device
 
-        device = resolve_device(cfg.device)  # a bad --device fails before any data is read
-        if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-            device = resolve_device(f"cuda:{os.environ['LOCAL_RANK']}")
+        device = resolve_device(cfg.device).for_local_rank()  # a bad --device fails before any data is read
         self.device = device
         self.dist = init_from_env(device, cfg.dist_timeout)
         self.log = log if self.dist.is_main else (lambda s: None)
