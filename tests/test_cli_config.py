@@ -3,8 +3,6 @@ every RunConfig field, --print-config, the shipped example configs, and exit cod
 a wrong command line from a failed run."""
 
 import dataclasses
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -13,12 +11,9 @@ from blocktune.config import LoraConfig
 from blocktune.engine import EngineConfig
 from blocktune.optim import OptimizerConfig
 from blocktune.train import RunConfig
+from conftest import bt
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.toml"))
-
-
-def bt(*args):
-    return subprocess.run([sys.executable, "-m", "blocktune", *map(str, args)], capture_output=True, text=True)
 
 
 def test_library_and_cli_defaults_are_one():

@@ -21,6 +21,7 @@ from blocktune.tokenizer import load_tokenizer
 from blocktune_bench.corpus import corpus_text
 from blocktune_bench.families import FAMILIES, make_checkpoint
 from blocktune_export.hf import export_hf, import_hf
+from conftest import bt as run_bt
 
 transformers = pytest.importorskip("transformers")
 
@@ -334,9 +335,7 @@ def test_cli_chat_finetune_generate_export(checkpoints, tmp_path):
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
 
     def bt(*args):
-        r = subprocess.run([sys.executable, "-m", "blocktune", *map(str, args)], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-2000:]
-        return r
+        return run_bt(*args, check=True)
 
     bt("prepare", src, tmp_path / "store")
     bt("finetune", "--store", tmp_path / "store", "--data", tmp_path / "chat.jsonl", "--method", "lora",

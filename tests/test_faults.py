@@ -9,39 +9,11 @@ from blocktune import BlockStore, Engine, EngineConfig, OptimizerConfig, StoreEr
 from blocktune.adapters import load_adapter, save_adapter
 from blocktune.config import LoraConfig
 from blocktune.storelock import LOCK_DIR
-from blocktune_bench.reliability import FailingOpener
+from blocktune_bench.reliability import FaultyOpener
 from blocktune_bench.synthetic import PRESETS, make_store
 from conftest import random_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-
-class FaultyOpener:
-    """open() whose files fail with `err` once `budget` bytes have been written (or on read)."""
-
-    def __init__(self, err: int, write_budget: int | None = None, fail_reads: bool = False):
-        self.err, self.left, self.fail_reads = err, write_budget, fail_reads
-        self.faults = 0
-
-    def __call__(self, path, mode="r", **kw):
-        if "r" in mode and self.fail_reads:
-            self.faults += 1
-            raise OSError(self.err, "injected", str(path))
-        f = open(path, mode, **kw)
-        if "w" in mode and self.left is not None:
-            outer = self
-            real_write = f.write
-
-            def write(data):
-                n = len(memoryview(data).cast("B"))
-                if outer.left - n < 0:
-                    outer.faults += 1
-                    raise OSError(outer.err, "No space left on device" if outer.err == errno.ENOSPC else "injected")
-                outer.left -= n
-                return real_write(data)
-
-            f.write = write
-        return f
 
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
@@ -186,13 +158,13 @@ def test_write_fault_at_every_call_leaves_nothing_behind(tmp_path, tiny_args):
         return store, engine
 
     store, engine = engine_after_one_step(tmp_path / "count")
-    store.opener = counter = FailingOpener(errno.ENOSPC, 0)  # fails no call: counts them
+    store.opener = counter = FaultyOpener(errno.ENOSPC, fail_at=0)  # fails no call: counts them
     engine.train_step([random_batch(tiny_args, seed=1)])
     engine.close()
     assert counter.calls >= 2 * len(store.units)  # every unit and its state, then the manifest
     for k in range(1, counter.calls + 1):
         store, engine = engine_after_one_step(tmp_path / f"s{k}")
-        store.opener = FailingOpener(errno.ENOSPC, k)
+        store.opener = FaultyOpener(errno.ENOSPC, fail_at=k)
         with pytest.raises(StoreError):
             engine.train_step([random_batch(tiny_args, seed=1)])
         reopened = BlockStore.open(store.path)

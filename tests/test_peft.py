@@ -3,8 +3,6 @@ model with the same logits; what peft trains and saves, blocktune uses (generate
 and continues training. The base checkpoints are written by transformers (families fixture)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from blocktune.errors import StoreError
 from blocktune.optim import OptimizerConfig
 from blocktune_bench.families import make_checkpoint
 from blocktune_export.hf import export_hf, import_hf
+from conftest import bt as run_bt
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -95,9 +94,7 @@ def test_peft_adapter_is_used_and_continued_by_blocktune(base, tmp_path):
         pytest.skip("no tokenizer")
 
     def bt(*args):
-        r = subprocess.run([sys.executable, "-m", "blocktune", *map(str, args)], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-2000:]
-        return r
+        return run_bt(*args, check=True)
 
     r = bt("eval", "--store", store.path, "--data", text, "--seq-len", "32", "--adapter", tmp_path / "peft", "--json")
     assert json.loads(r.stdout)["loss"] > 0

@@ -20,6 +20,7 @@ from blocktune_bench.corpus import demo_text
 from blocktune_bench.reference import ReferenceTrainer
 from blocktune_bench.synthetic import write_meta_checkpoint
 from blocktune_export.meta import import_meta
+from conftest import bt as run_bt
 
 PY = sys.executable
 
@@ -320,9 +321,7 @@ def test_full_finetune_keeps_the_base_model(prepared, tmp_path):
     before.close()
 
     def bt(*args):
-        r = subprocess.run([sys.executable, "-m", "blocktune", *map(str, args)], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-2000:]
-        return r
+        return run_bt(*args, check=True)
 
     def loss(*extra):
         return json.loads(bt("eval", "--store", store, "--data", data, "--seq-len", "32", "--json", *extra).stdout)["loss"]

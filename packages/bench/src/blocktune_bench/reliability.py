@@ -121,21 +121,34 @@ def concurrency(root: Path, n: int, history: dict[int, tuple]) -> dict:
     return {"tried": tried, "survived": survived, "reads": reads, "inconsistent_reads": bad_reads}
 
 
-class FailingOpener:
-    """open() for a store's IO seam whose `fail_at`-th write call raises OSError(err)."""
+class FaultyOpener:
+    """open() for a store's IO seam (`BlockStore.opener`) that injects OSError(err): on the
+    `fail_at`-th write call, once more than `write_budget` bytes would have been written, or
+    on every read (`fail_reads`). `faults` counts the errors raised."""
 
-    def __init__(self, err: int, fail_at: int):
-        self.err, self.fail_at, self.calls = err, fail_at, 0
+    def __init__(self, err: int, write_budget: int | None = None, fail_at: int | None = None,
+                 fail_reads: bool = False):
+        self.err, self.left, self.fail_at, self.fail_reads = err, write_budget, fail_at, fail_reads
+        self.calls = self.faults = 0
+
+    def _fail(self, path) -> OSError:
+        self.faults += 1
+        return OSError(self.err, "No space left on device" if self.err == errno.ENOSPC else "injected", str(path))
 
     def __call__(self, path, mode="r", **kw):
+        if "r" in mode and self.fail_reads:
+            raise self._fail(path)
         f = open(path, mode, **kw)
-        if "w" in mode:
+        if "w" in mode and (self.left is not None or self.fail_at is not None):
             real = f.write
 
             def write(data):
                 self.calls += 1
-                if self.calls == self.fail_at:
-                    raise OSError(self.err, "injected", str(path))
+                n = len(memoryview(data).cast("B"))
+                if self.calls == self.fail_at or (self.left is not None and self.left - n < 0):
+                    raise self._fail(path)
+                if self.left is not None:
+                    self.left -= n
                 return real(data)
 
             f.write = write
@@ -153,7 +166,7 @@ def faults(root: Path) -> dict:
             tok = torch.randint(0, ARGS.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
             engine.train_step([(tok[:, :-1], tok[:, 1:])])
             committed = _fp(store)
-            opener = FailingOpener(err, k)
+            opener = FaultyOpener(err, fail_at=k)
             store.opener = opener
             try:
                 engine.train_step([(tok[:, :-1], tok[:, 1:])])
