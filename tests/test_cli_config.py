@@ -10,7 +10,7 @@ import pytest
 from blocktune.config import LoraConfig
 from blocktune.engine import EngineConfig
 from blocktune.optim import OptimizerConfig
-from blocktune.train import RunConfig
+from blocktune.runconfig import RunConfig
 from conftest import bt
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.toml"))

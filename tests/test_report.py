@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 from blocktune.report import Progress, draw_run, read_metrics
-from blocktune.train import RunConfig, Trainer
+from blocktune.runconfig import RunConfig
+from blocktune.train import Trainer
 from blocktune_bench.corpus import demo_text
 from blocktune_bench.synthetic import write_meta_checkpoint
 from blocktune_export.meta import import_meta

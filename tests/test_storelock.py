@@ -17,8 +17,9 @@ import pytest
 import torch
 from blocktune import BlockStore, StoreError, cli
 from blocktune.errors import StoreLockedError
+from blocktune.runconfig import RunConfig
 from blocktune.storelock import LOCK_DIR, pinned_files
-from blocktune.train import RunConfig, Trainer
+from blocktune.train import Trainer
 from blocktune_bench.corpus import demo_text
 from blocktune_bench.synthetic import write_meta_checkpoint
 from blocktune_export.meta import import_meta

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from blocktune import BlockStore, DataError, Engine, EngineConfig
 from blocktune.data import eval_windows, load_dataset
 from blocktune.generate import SamplingConfig, generate_tokens
+from blocktune.runconfig import RunConfig, lr_at
 from blocktune.tokenizer import Tokenizer
-from blocktune.train import RunConfig, Trainer, lr_at
+from blocktune.train import Trainer
 from blocktune_bench.corpus import demo_text
 from blocktune_bench.reference import ReferenceTrainer
 from blocktune_bench.synthetic import write_meta_checkpoint

@@ -12,7 +12,8 @@ import shutil
 import time
 from pathlib import Path
 
-from blocktune.train import RunConfig, Trainer
+from blocktune.runconfig import RunConfig
+from blocktune.train import Trainer
 from blocktune_export.meta import export_meta, import_meta
 
 from .corpus import demo_text

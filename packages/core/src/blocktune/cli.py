@@ -32,7 +32,7 @@ def parse_sets(items: list[str]) -> dict:
     import tomllib
 
     from .errors import ConfigError
-    from .train import RunConfig
+    from .runconfig import RunConfig
 
     known = {f.name for f in dataclasses.fields(RunConfig)}
     out = {}
@@ -55,7 +55,7 @@ def _default(name: str) -> str:
     """RunConfig's default for a setting, for --help."""
     import dataclasses
 
-    from .train import RunConfig
+    from .runconfig import RunConfig
 
     f = next(f for f in dataclasses.fields(RunConfig) if f.name == name)
     value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -94,7 +94,8 @@ def _launch(nproc: int, argv: list[str]) -> int:
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
-    from .train import RunConfig, Trainer, check_out
+    from .runconfig import RunConfig, check_out
+    from .train import Trainer
 
     if a.nproc and a.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(a.nproc, sys.argv[1:])
