@@ -35,7 +35,7 @@ from blocktune.errors import BlocktuneError, ChecksumError, StoreError
 from blocktune.fileio import crc32
 from blocktune.storelock import LOCK_DIR
 
-from .run import machine, save
+from .common import machine, save
 from .synthetic import PRESETS, make_store
 
 STEPS = 6

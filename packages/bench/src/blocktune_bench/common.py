@@ -1,0 +1,152 @@
+"""What every benchmark group shares: the machine record, a measured run, cached stores,
+saved results, the disk's and the matmul's rates measured on the spot, a CLI run in a cgroup."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import mmap
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .measure import evict_from_page_cache
+from .synthetic import make_store
+
+RESULTS = Path("benchmarks/results")
+
+
+def machine(module: str = "blocktune_bench.run") -> dict:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_GB": round(mem / 1e9, 1), "python": platform.python_version(),
+            "torch": torch.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "commit": commit or "?", "command": f"python -m {module} " + " ".join(sys.argv[1:])}
+
+
+def measure(store: Path, mode: str, method: str, *extra: str) -> dict:
+    cmd = [sys.executable, "-m", "blocktune_bench.measure", "--store", str(store), "--mode", mode,
+           "--method", method, *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"mode": mode, "method": method, "error": out.stderr[-800:], "returncode": out.returncode}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cached_store(path: Path, args, **kw) -> Path:
+    """A synthetic store at `path`, made on the first run and reused after (minutes at 7B)."""
+    if not (path / "manifest.json").exists():
+        make_store(path, args, **kw)
+    return path
+
+
+def save(group: str, data: dict, table: list[str]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"{data['machine']['date'][:10]}-cpu-{group}"
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    m = data["machine"]
+    head = [f"# {group} — {m['cpu']}, {m['cores']} cores, {m['memory_GB']} GB", "",
+            f"{m['date']}, commit {m['commit']}, torch {m['torch']}, `{m['command']}`", ""]
+    stem.with_suffix(".md").write_text("\n".join(head + table) + "\n")
+    print("\n".join(table))
+
+
+def disk_bandwidth(path: Path, nbytes: int = 1 << 30, files: int = 1) -> dict:
+    """This disk's bandwidths, measured on the spot with `files` files of `nbytes` each (the
+    sizes a run moves): an O_DIRECT write and read (how a full fine-tune writes and reads
+    back its units) and a cold mapped read (how frozen units are read: mmap + MAP_POPULATE).
+    The read is also the figure for a cold buffered read."""
+    from blocktune.fileio import ALIGN, aligned_empty
+
+    nbytes -= nbytes % ALIGN
+    buf = aligned_empty(nbytes)
+    buf.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8))
+    view = memoryview(buf.numpy())
+    paths = [path / f"bw-{i}.bin" for i in range(files)]
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        for f in paths:
+            fn(f)
+        return nbytes * files / (time.perf_counter() - t0) / 1e9
+
+    def write(f: Path) -> None:
+        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        try:
+            done = 0
+            while done < nbytes:
+                done += os.write(fd, view[done:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(f: Path) -> None:
+        fd = os.open(f, os.O_RDONLY | os.O_DIRECT)
+        try:
+            done = 0
+            while done < nbytes:
+                done += os.readv(fd, [view[done:]])
+        finally:
+            os.close(fd)
+
+    def mapped(f: Path) -> None:
+        with open(f, "rb", buffering=0) as fh:
+            mmap.mmap(fh.fileno(), nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE, prot=mmap.PROT_READ).close()
+
+    try:
+        out = {"file_bytes": nbytes, "files": files, "direct_write_GBps": timed(write),
+               "direct_read_GBps": timed(read)}
+        evict_from_page_cache(paths)
+        out["read_GBps"] = timed(mapped)
+    finally:
+        for f in paths:
+            f.unlink(missing_ok=True)
+    return out
+
+
+def matmul_rate(tokens: int, dim: int, hidden: int, dtype: torch.dtype) -> float:
+    """FLOP/s of this machine's matmuls at a block's shapes (tokens x dim into dim and hidden
+    outputs), in this process's threads: the median of 5 timed rounds after a warm-up."""
+    x = torch.randn(tokens, dim).to(dtype)
+    ws = [torch.randn(n, dim).to(dtype) for n in (dim, hidden)]
+    work = sum(2 * tokens * dim * w.shape[0] for w in ws) * 10
+    rounds = []
+    for i in range(6):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            for w in ws:
+                x @ w.t()
+        if i:
+            rounds.append(work / (time.perf_counter() - t0))
+    return statistics.median(rounds)
+
+
+def cli_under_limit(limit: str, store: Path, data: Path, out: Path, *flags: str) -> dict:
+    """`blocktune finetune` as the README shows it (no budget flags), in a cgroup of `limit`."""
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "blocktune_bench.limited", limit, "--", sys.executable, "-m", "blocktune",
+           "finetune", "--store", str(store), "--data", str(data), "--out", str(out), "--no-progress", *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    report = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {"exit_code": r.returncode}
+    report["budget_notes"] = [line for line in lines if "auto:" in line or line.startswith(("memory is tight", "warning:"))]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
+    report["step_seconds"] = rows[-1]["seconds"] if rows else None
+    report["gb_read"] = rows[-1]["gb_read"] if rows else None
+    return report
