@@ -436,3 +436,21 @@ def test_a_flipped_byte_in_the_tokenizer_is_named(tmp_path, tiny_args):
     assert len(problems) == 1 and "tokenizer.model: checksum mismatch" in problems[0]
     with pytest.raises(ChecksumError, match="tokenizer.model"):
         Tokenizer(BlockStore.open(store.path).tokenizer_path)
+
+
+def test_reader_time_counts_the_disk_read(tiny_store, monkeypatch):
+    """The pager's read_seconds (the benchmark's 'reader thread busy') includes reading a
+    unit's file, not only its copy to the device (it had dropped the read: 0.0 s for a 7B
+    step that read 25.6 GB)."""
+    real = tiny_store.read_unit
+
+    def slow(*a, **kw):
+        time.sleep(0.02)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tiny_store, "read_unit", slow)
+    engine = Engine(tiny_store, EngineConfig(method="lora", device="cpu", frozen_reads="direct"))
+    engine.train_step([random_batch(PRESETS["tiny-7b"], seed=0)])
+    stats = engine.pager.stats
+    assert stats.unit_reads > 0 and stats.read_seconds >= 0.02 * stats.unit_reads
+    engine.close()

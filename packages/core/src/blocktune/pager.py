@@ -10,6 +10,7 @@ buffers (`buffers`), write-back and commit (`writeback`), the activation stash (
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -272,7 +273,10 @@ class Pager:
         """Runs on the reader thread only (the host tier and its slots are its own). Where only
         the computing thread may copy to the device (MPS), the unit comes back in host memory
         and `get` copies it; its slot is reused only after that."""
+        t0 = time.perf_counter()
         host, slot = self._host_copy(name)
+        with self._lock:  # the disk read (or the tier's hit), then the copy below
+            self.stats.read_seconds += time.perf_counter() - t0
         if not self.device.copies_on_any_thread:
             landed = _Landed()
             if slot is not None:
@@ -281,8 +285,6 @@ class Pager:
         return self._to_device(name, host, slot)
 
     def _to_device(self, name: str, host: dict[str, torch.Tensor], slot) -> _Entry:
-        import time
-
         t0 = time.perf_counter()
         tensors = {}
         with self.device.stream(self._copy_stream):
