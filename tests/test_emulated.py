@@ -107,3 +107,24 @@ def test_emulated_mps_catches_a_copy_off_thread(tmp_path, tiny_args, monkeypatch
     engine = Engine(store, EngineConfig(method="lora", device="emu-mps"))
     with pytest.raises(RuntimeError, match="emu-mps: a device copy on thread 'blocktune-read"):
         engine.train_step([random_batch(tiny_args, seed=0)])
+
+
+def test_host_tier_of_an_engine_never_closed_is_released(tmp_path, tiny_args):
+    """An engine dropped without close still unregisters its slots (before their memory is
+    freed), and a later engine's count is its own (a freed slot's address can recur)."""
+    import gc
+
+    from blocktune.devices import emu_registered_bytes
+
+    store = make_store(tmp_path / "s", tiny_args, seed=3)
+    unit = one_unit_budget(store)
+    before = emu_registered_bytes()
+    for _ in range(2):
+        engine = Engine(store, EngineConfig(method="lora", device="emu", device_budget=unit, host_budget=3 * unit))
+        engine.train_step([random_batch(tiny_args, seed=0)])
+        held = engine.pager.host_tier_bytes
+        assert held > 0 and emu_registered_bytes() - before == held
+        engine.pager._reader.shutdown(wait=True)
+        del engine
+        gc.collect()
+        assert emu_registered_bytes() == before

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -82,7 +83,8 @@ def _mps_available() -> bool:
     return bool(mps and mps.is_available())
 
 
-_emu_registered: dict[int, int] = {}  # emu: "page-locked" buffers (address -> bytes)
+_emu_registered: dict[int, int] = {}  # emu: "page-locked" buffers (registration -> bytes)
+_emu_keys = itertools.count()
 
 
 def emu_registered_bytes() -> int:
@@ -183,9 +185,10 @@ class Device:
                 raise RuntimeError(f"cudaHostRegister of {nbytes:,} bytes failed (cudaError {err}); "
                                    "lower --host-budget")
             return lambda: cudart.cudaHostUnregister(ptr)
-        if self.type == "emu":
-            _emu_registered[ptr] = nbytes
-            return lambda: _emu_registered.pop(ptr, None)
+        if self.type == "emu":  # keyed by registration, not address: a freed buffer's may recur
+            key = next(_emu_keys)
+            _emu_registered[key] = nbytes
+            return lambda: _emu_registered.pop(key, None)
         return lambda: None
 
     def memory_free(self) -> int | None:

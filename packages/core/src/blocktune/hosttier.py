@@ -13,6 +13,7 @@ finished (its event). `close` hands every slot back to the OS.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -23,13 +24,17 @@ from .fileio import aligned_empty, round_up
 
 __all__ = ["HostTier"]
 
+
+def _unregister(release, buf: torch.Tensor) -> None:
+    release()
+
 STAGING_SLOTS = 2  # one unit being copied to the device while the next is read
 
 
 @dataclass
 class _Slot:
     buf: torch.Tensor
-    release: object  # unregisters the buffer (callable)
+    release: object  # unregisters the buffer (callable, once)
     event: object = None  # the last copy out of the slot
     used: int = 0  # bytes handed out of it for the file being read
 
@@ -75,7 +80,11 @@ class HostTier:
 
     def _new_slot(self) -> _Slot:
         buf = aligned_empty(self.slot_bytes)
-        return _Slot(buf, self.device.register_host(buf))
+        slot = _Slot(buf, None)
+        # released on close, or when the slot is collected (an engine never closed): the
+        # finalizer holds the buffer, so it is unregistered before its memory goes back
+        slot.release = weakref.finalize(slot, _unregister, self.device.register_host(buf), buf)
+        return slot
 
     def get(self, file: str) -> dict[str, torch.Tensor] | None:
         entry = self._entries.get(file)
