@@ -1,6 +1,7 @@
 """The accelerator path on the CPU (`device="emu"`): separate device tensors, the host tier,
 staging buffers and a copy stream ordered by events. Same equivalence, same tolerances."""
 
+import gc
 import time
 
 import pytest
@@ -68,6 +69,7 @@ def test_host_tier_is_bounded_and_released(tmp_path, tiny_args):
 
     store = make_store(tmp_path / "s", tiny_args, seed=3)
     unit = one_unit_budget(store)
+    gc.collect()  # engines other tests dropped unclosed go now, not in the middle of this test
     before = emu_registered_bytes()
     engine = Engine(store, EngineConfig(method="full", device="emu", device_budget=unit, host_budget=3 * unit,
                                         optimizer=OptimizerConfig("sgd", 1e-2)))
@@ -112,12 +114,11 @@ def test_emulated_mps_catches_a_copy_off_thread(tmp_path, tiny_args, monkeypatch
 def test_host_tier_of_an_engine_never_closed_is_released(tmp_path, tiny_args):
     """An engine dropped without close still unregisters its slots (before their memory is
     freed), and a later engine's count is its own (a freed slot's address can recur)."""
-    import gc
-
     from blocktune.devices import emu_registered_bytes
 
     store = make_store(tmp_path / "s", tiny_args, seed=3)
     unit = one_unit_budget(store)
+    gc.collect()  # engines other tests dropped unclosed go now, not in the middle of this test
     before = emu_registered_bytes()
     for _ in range(2):
         engine = Engine(store, EngineConfig(method="lora", device="emu", device_budget=unit, host_budget=3 * unit))
