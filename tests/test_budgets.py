@@ -25,7 +25,7 @@ def _resolve(monkeypatch, free, **kw):
     files = {k: v // 2 for k, v in sizes.items()}
     base = dict(method="lora", device_budget=AUTO, host_budget=AUTO, activation_budget=AUTO, batch=1, seq=64, micro=8)
     base.update(kw)
-    return resolve(resolve_device("cpu"), ARGS, sizes, files, torch.bfloat16, torch.float32, **base)
+    return resolve(resolve_device("cpu"), ARGS, sizes, files, torch.float32, **base)
 
 
 def test_explicit_budgets_are_kept(monkeypatch):

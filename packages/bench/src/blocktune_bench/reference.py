@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from blocktune.config import LoraConfig, ModelArgs
 from blocktune.devices import Device, resolve_device
 from blocktune.engine import Engine
+from blocktune.lora import add_lora, init_lora_
 from blocktune.loss import IGNORE_INDEX
-from blocktune.model import Transformer, init_lora_, unit_prefix
+from blocktune.model import Transformer, unit_prefix
 from blocktune.optim import OptimizerConfig
 from blocktune.rng import seed_micro_batch
 from blocktune.store import BlockStore
@@ -25,7 +26,9 @@ __all__ = ["ReferenceTrainer", "model_from_store"]
 def model_from_store(store: BlockStore, lora: LoraConfig | None = None,
                      dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transformer:
     with torch.device("meta"):
-        model = Transformer(store.args, lora)
+        model = Transformer(store.args)
+        if lora is not None:
+            add_lora(model.layers, lora)
     state = {}
     for unit, _ in model.units():
         prefix = unit_prefix(unit) or f"{unit}."
@@ -66,12 +69,7 @@ class ReferenceTrainer:
             # the same initial adapters as the engine: one generator, blocks in order
             gen = torch.Generator().manual_seed(seed)
             for layer in self.model.layers:
-                tmp = type(layer)(self.args, lora)
-                init_lora_(tmp, gen)
-                with torch.no_grad():
-                    for k, v in tmp.state_dict().items():
-                        if ".lora_" in k:
-                            layer.get_parameter(k).copy_(v)
+                init_lora_(layer, gen)
             for name, p in self.model.named_parameters():
                 p.requires_grad_(".lora_" in name)
         self.opt_cfg = optimizer or OptimizerConfig()

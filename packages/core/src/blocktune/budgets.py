@@ -70,7 +70,7 @@ def working_set(args: ModelArgs, dtype: torch.dtype, batch: int, seq: int, micro
 
 
 def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_files: dict[str, int],
-            store_dtype: torch.dtype, compute_dtype: torch.dtype, *, method: str,
+            compute_dtype: torch.dtype, *, method: str,
             device_budget, host_budget, activation_budget, batch: int = 1, seq: int = 512,
             micro: int = 1, loss_chunk: int = 2048, kv_cache: bool = False) -> Budgets:
     """Budgets in bytes (None: unlimited) for budgets given as bytes, None, or "auto".

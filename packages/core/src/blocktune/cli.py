@@ -15,6 +15,7 @@ import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from .config import FROZEN_READS
 from .errors import BlocktuneError, BudgetError, ConfigError, DataError
 
 # exit codes: 0 done; 1 the run failed (a store, checkpoint or adapter problem, training that
@@ -67,7 +68,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    "behaving as an accelerator (as MPS), for tests")
     p.add_argument("--device-budget", default=None,
                    help="bytes of weights resident on the device, e.g. 2GiB; auto (default): from the free memory")
-    p.add_argument("--frozen-reads", choices=["auto", "mapped", "direct"], default=None,
+    p.add_argument("--frozen-reads", choices=FROZEN_READS, default=None,
                    help="CPU, frozen weights: through the page cache (mapped), past it (direct, for a "
                         "store bigger than RAM), or by the store's size against free memory (auto, default)")
 

@@ -19,7 +19,8 @@ from typing import Any
 from .errors import BudgetError, ConfigError
 from .optim import OptimizerConfig
 
-__all__ = ["ModelArgs", "LoraConfig", "EngineConfig", "PRESETS", "LORA_TARGETS", "ROPE_TYPES", "AUTO", "parse_bytes"]
+__all__ = ["ModelArgs", "LoraConfig", "EngineConfig", "PRESETS", "LORA_TARGETS", "ROPE_TYPES", "AUTO", "parse_bytes",
+           "FROZEN_READS", "check_frozen_reads"]
 
 # RoPE scaling types and the parameters each needs (Hugging Face's names)
 ROPE_TYPES: dict[str, tuple[str, ...]] = {
@@ -321,6 +322,15 @@ class LoraConfig:
 AUTO = "auto"  # a budget worked out from the machine at the start (blocktune.budgets)
 
 
+FROZEN_READS = ("auto", "mapped", "direct")
+
+
+def check_frozen_reads(value: str) -> str:
+    if value not in FROZEN_READS:
+        raise ConfigError(f"frozen_reads={value!r}: choose {', '.join(FROZEN_READS[:-1])} or {FROZEN_READS[-1]}")
+    return value
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     method: str = "lora"  # lora | full
@@ -357,7 +367,6 @@ class EngineConfig:
             raise ConfigError(f"method {self.method!r} is not supported; choose lora or full")
         if self.method == "lora" and self.lora is None:
             raise ConfigError("method 'lora' needs a LoRA configuration")
-        if self.frozen_reads not in ("auto", "mapped", "direct"):
-            raise ConfigError(f"frozen_reads={self.frozen_reads!r}: choose auto, mapped or direct")
+        check_frozen_reads(self.frozen_reads)
         if self.loss_chunk <= 0:
             raise ConfigError(f"loss_chunk={self.loss_chunk} must be positive")

@@ -36,10 +36,11 @@ from .errors import ConfigError, TrainingError
 from .handles import WeightHandles
 from .hostmem import fix_mmap_threshold, trim_host_heap
 from .inference import Inference
-from .lora import LoraAdapters
+from .lora import LoraAdapters, add_lora
 from .loss import check_window, chunked_cross_entropy, count_targets
 from .model import Block, Embed, Head
 from .pager import Pager, resident_sizes
+from .recompute import skip_unread_product
 from .rng import seed_micro_batch
 from .stash import ActivationStash
 from .store import BlockStore
@@ -89,7 +90,7 @@ class Engine(Inference):
                           else frozenset())
         self.budgets: Budgets = resolve_budgets(
             self.device, store.args, resident_sizes(store, self.dtype, self.as_stored),
-            {n: store.unit_bytes(n) for n in store.units}, store.dtype, self.dtype,
+            {n: store.unit_bytes(n) for n in store.units}, self.dtype,
             method=self.cfg.method, device_budget=self.cfg.device_budget, host_budget=self.cfg.host_budget,
             activation_budget=self.cfg.activation_budget, batch=batch, seq=seq, micro=micro,
             loss_chunk=self.cfg.loss_chunk, kv_cache=self.cfg.read_only)
@@ -111,8 +112,7 @@ class Engine(Inference):
         self.adapters: LoraAdapters | None = None
         if self.lora is not None:
             self.adapters = LoraAdapters(self.args, self.lora, self.units[1:-1], self.device.torch, self.cfg.seed,
-                                         adapters)
-        self._lora_opt: torch.optim.Optimizer | None = None
+                                         adapters, self.cfg.optimizer)
         self._built: dict[str, tuple[dict, nn.Module]] = {}
         self._templates: dict[str, nn.Module] = {}  # one meta-device module per kind of unit
         # a mapped unit's file stays mapped, and a module that computes from that memory may stay
@@ -139,9 +139,9 @@ class Engine(Inference):
 
     @property
     def lora_optimizer(self) -> torch.optim.Optimizer:
-        if self._lora_opt is None:
-            self._lora_opt = self.cfg.optimizer.torch_optimizer(self.adapter_params())
-        return self._lora_opt
+        if self.adapters is None:
+            raise ConfigError("this engine has no LoRA adapters (method is not lora)")
+        return self.adapters.optimizer
 
     # ---- building a unit on the meta device and mapping its tensors in ----
     def _module(self, unit: str, training: bool) -> nn.Module:
@@ -156,7 +156,7 @@ class Engine(Inference):
         if kind not in self._templates:
             with torch.device("meta"):  # constructing runs the initialisers: ms per block, so once
                 self._templates[kind] = (Embed(self.args) if kind == "embed" else Head(self.args)
-                                         if kind == "head" else Block(self.args, self.lora))
+                                         if kind == "head" else self._block_template())
         mod = copy.deepcopy(self._templates[kind])
         tensors = dict(resident)
         if self.adapters is not None:
@@ -170,6 +170,10 @@ class Engine(Inference):
         # holds the weights of a unit the budget has let go), or, mapped, while the file is
         self._built[unit] = (resident, mod)
         return mod.train(training)
+
+    def _block_template(self) -> nn.Module:
+        block = Block(self.args)
+        return block if self.lora is None else add_lora(block, self.lora)
 
     def _next(self, i: int, step: int) -> str | None:
         j = i + step
@@ -221,7 +225,7 @@ class Engine(Inference):
                 self.pager.commit(step + 1, last_step={"step": step + 1, "loss": float(loss), "tokens": n_tok,
                                                        "lr": lr})
             else:
-                self._lora_step(lr, max_grad_norm)
+                self.adapters.step(lr, max_grad_norm, self.dist)
         except BaseException:
             if full:
                 self.pager.abort_writes()
@@ -331,22 +335,10 @@ class Engine(Inference):
             if i == 0:
                 return x, mod(x)
             x.requires_grad_(self._wants_dx(i))
-            with mod.recompute_for_backward():
+            with skip_unread_product(mod):
                 return x, mod(x)
 
         return mod, recompute
-
-    def _lora_step(self, lr: float, max_grad_norm: float | None) -> None:
-        params = self.adapter_params()
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        self.dist.all_reduce_([p.grad for p in params])  # one flat all-reduce per step
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=False)
-        self.lora_optimizer.param_groups[0]["lr"] = lr
-        self.lora_optimizer.step()
-        self.lora_optimizer.zero_grad(set_to_none=True)
 
     def _detach_weights(self, unit: str, mod: nn.Module) -> nn.Module:
         """Full fine-tune, kept graph: its AccumulateGrad nodes hold `mod`'s parameters, which

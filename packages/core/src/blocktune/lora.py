@@ -1,5 +1,9 @@
 """The trainable LoRA matrices of a paged model, apart from the frozen units they adapt.
 
+`LoraLinear` adds an adapter to one of the spec's `Linear`s, y = xWᵀ + b + s·(drop(x)Aᵀ)Bᵀ,
+and `add_lora` puts one on every targeted linear of a module, as peft injects its layers (the
+base weight keeps its name, the matrices are `<linear>.lora_a` / `.lora_b`).
+
 `LoraAdapters` draws every block's A and B as peft draws them (A kaiming-uniform from one
 generator, blocks in order; B zero), on a meta-device template (the base weights are never
 made), keeps them in fp32 whatever the compute dtype (as peft does: a bf16 adapter and its AdamW
@@ -11,35 +15,91 @@ merges a block's matrices into the module it builds for that block; files are
 
 from __future__ import annotations
 
-import copy
+import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import LoraConfig, ModelArgs
+from .distributed import DistContext
 from .errors import StoreError
-from .model import Block, Linear, init_lora_, unit_prefix
+from .model import Block, Linear, unit_prefix
+from .optim import OptimizerConfig
 
-__all__ = ["LoraAdapters"]
+__all__ = ["LoraLinear", "add_lora", "init_lora_", "LoraAdapters"]
+
+
+class LoraLinear(Linear):
+    """A spec `Linear` (the same weight and bias parameters) with a LoRA adapter beside it."""
+
+    def __init__(self, base: Linear, lora: LoraConfig):
+        nn.Module.__init__(self)
+        self.weight, self.bias = base.weight, base.bias
+        out_features, in_features = base.weight.shape
+        dev = base.weight.device
+        self.lora_a = nn.Parameter(torch.zeros(lora.rank, in_features, device=dev))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, lora.rank, device=dev))
+        self.scale = lora.scale
+        self.lora_dropout = nn.Dropout(lora.dropout)
+
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus the adapter's term for input x (in the adapters' dtype: fp32 beside bf16 compute)."""
+        a, b = self.lora_a, self.lora_b
+        if a.dtype != x.dtype:
+            return y + (F.linear(F.linear(self.lora_dropout(x).to(a.dtype), a), b) * self.scale).to(y.dtype)
+        return y + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_delta(x, super().forward(x))
+
+
+def add_lora(module: nn.Module, lora: LoraConfig) -> nn.Module:
+    """Replace, in place, every `Linear` named in `lora.targets` (wq, w2, ...) by a `LoraLinear`
+    around it; returns `module`. Module order is kept (initialisation draws in that order)."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if name in lora.targets and type(child) is Linear:
+                setattr(parent, name, LoraLinear(child, lora))
+    return module
+
+
+def _draw_a_(a: torch.Tensor, generator: torch.Generator | None) -> None:
+    bound = 1.0 / math.sqrt(a.shape[1])  # kaiming_uniform with a=sqrt(5)
+    with torch.no_grad():
+        a.uniform_(-bound, bound, generator=generator)
+
+
+def init_lora_(module: nn.Module, generator: torch.Generator | None = None) -> None:
+    """PEFT's initialisation: A ~ kaiming-uniform(a=√5), B = 0, so training starts at the base model."""
+    for m in module.modules():
+        if isinstance(m, LoraLinear):
+            _draw_a_(m.lora_a, generator)
+            with torch.no_grad():
+                m.lora_b.zero_()
 
 
 class LoraAdapters:
     def __init__(self, args: ModelArgs, lora: LoraConfig, blocks: list[str], device: torch.device, seed: int,
-                 given: dict[str, torch.Tensor] | None = None):
+                 given: dict[str, torch.Tensor] | None = None, optimizer: OptimizerConfig | None = None):
         self.blocks = list(blocks)
+        self.opt_cfg = optimizer or OptimizerConfig()
+        self._opt: torch.optim.Optimizer | None = None
         gen = torch.Generator().manual_seed(seed)
-        with torch.device("meta"):
-            template = Block(args, lora)
+        with torch.device("meta"):  # only the adapters' shapes: the base weights are never made
+            template = Block(args)
+        shapes = {f"{name}.lora_{ab}": shape
+                  for name, m in template.named_modules() if name.rsplit(".", 1)[-1] in lora.targets
+                  for ab, shape in (("a", (lora.rank, m.weight.shape[1])), ("b", (m.weight.shape[0], lora.rank)))}
         self.by_unit: dict[str, dict[str, nn.Parameter]] = {}
         for unit in self.blocks:
-            block = copy.deepcopy(template)
-            for m in block.modules():
-                if isinstance(m, Linear) and m.lora_a is not None:
-                    m.lora_a = nn.Parameter(torch.empty(m.lora_a.shape))
-                    m.lora_b = nn.Parameter(torch.empty(m.lora_b.shape))
-            init_lora_(block, gen)
-            self.by_unit[unit] = {k: nn.Parameter(v.detach().to(device, torch.float32))
-                                  for k, v in block.state_dict().items() if ".lora_" in k}
+            drawn = {}
+            for key, shape in shapes.items():  # module order, A then B: init_lora_'s draws
+                t = torch.zeros(shape, dtype=torch.float32)
+                if key.endswith("lora_a"):
+                    _draw_a_(t, gen)
+                drawn[key] = nn.Parameter(t.to(device))
+            self.by_unit[unit] = drawn
         if given is not None:
             self.load(given)
 
@@ -69,3 +129,23 @@ class LoraAdapters:
     def params(self) -> list[nn.Parameter]:
         """In block order (the optimizer's, and the flat all-reduce's, order)."""
         return [p for u in self.blocks for p in self.by_unit[u].values()]
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self._opt is None:
+            self._opt = self.opt_cfg.torch_optimizer(self.params())
+        return self._opt
+
+    def step(self, lr: float, max_grad_norm: float | None, dist: DistContext) -> None:
+        """One optimizer step over every adapter: gradients summed over the ranks first (one flat
+        all-reduce), clipped to `max_grad_norm` by their global norm if given."""
+        params = self.params()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        dist.all_reduce_([p.grad for p in params])
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=False)
+        self.optimizer.param_groups[0]["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)

@@ -16,14 +16,12 @@ so a unit's state dict *is* a slice of Meta's checkpoint.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LoraConfig, ModelArgs
+from .config import ModelArgs
 
 __all__ = [
     "RMSNorm",
@@ -52,62 +50,20 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-class _GradOnlyLinear(torch.autograd.Function):
-    """xWᵀ for a graph whose output value is never read, only differentiated through: the
-    forward skips the product (the result is uninitialised memory of the right shape) and the
-    backward is F.linear's, gx = g·W and gW = gᵀ·x."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        gx = g.matmul(weight) if ctx.needs_input_grad[0] else None
-        gw = (g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
-              if ctx.needs_input_grad[1] else None)
-        return gx, gw
-
-
 class Linear(nn.Module):
-    """A linear layer (bias where the family has one) with an optional LoRA adapter:
-    y = xWᵀ + b + s·(drop(x)Aᵀ)Bᵀ."""
+    """y = xWᵀ (+ b where the family has a bias). LoRA adapters and the recompute's skipped
+    product are the engine's wrappers around it (`blocktune.lora`, `blocktune.recompute`)."""
 
-    grad_only = False  # see Block.recompute_for_backward
-
-    def __init__(self, in_features: int, out_features: int, lora: LoraConfig | None = None,
-                 bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.lora_a: nn.Parameter | None = None
-        self.lora_b: nn.Parameter | None = None
-        if lora is not None:
-            self.lora_a = nn.Parameter(torch.empty(lora.rank, in_features))
-            self.lora_b = nn.Parameter(torch.empty(out_features, lora.rank))
-            self.scale = lora.scale
-            self.lora_dropout = nn.Dropout(lora.dropout)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
         # a no-op on the meta device, where the paged engine builds units before mapping weights in
         nn.init.normal_(self.weight, std=0.02)
-        if self.lora_a is not None:
-            nn.init.uniform_(self.lora_a, -1 / math.sqrt(self.lora_a.shape[1]), 1 / math.sqrt(self.lora_a.shape[1]))
-            nn.init.zeros_(self.lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _GradOnlyLinear.apply(x, self.weight) if self.grad_only else F.linear(x, self.weight)
-        if self.bias is not None:
-            y = y + self.bias
-        if self.lora_a is not None:
-            a, b = self.lora_a, self.lora_b
-            if a.dtype != x.dtype:  # fp32 adapters beside bf16 compute: the LoRA path in fp32
-                return y + (F.linear(F.linear(self.lora_dropout(x).to(a.dtype), a), b) * self.scale).to(y.dtype)
-            y = y + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scale
-        return y
+        y = F.linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
@@ -202,18 +158,14 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, lora: LoraConfig | None):
+    def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
         self.dropout = args.attn_dropout
-
-        def lin(name: str, i: int, o: int, bias: bool) -> Linear:
-            return Linear(i, o, lora if lora and name in lora.targets else None, bias)
-
-        self.wq = lin("wq", args.dim, self.n_heads * self.head_dim, args.qkv_bias)
-        self.wk = lin("wk", args.dim, self.n_kv * self.head_dim, args.qkv_bias)
-        self.wv = lin("wv", args.dim, self.n_kv * self.head_dim, args.qkv_bias)
-        self.wo = lin("wo", self.n_heads * self.head_dim, args.dim, args.o_bias)
+        self.wq = Linear(args.dim, self.n_heads * self.head_dim, args.qkv_bias)
+        self.wk = Linear(args.dim, self.n_kv * self.head_dim, args.qkv_bias)
+        self.wv = Linear(args.dim, self.n_kv * self.head_dim, args.qkv_bias)
+        self.wo = Linear(self.n_heads * self.head_dim, args.dim, args.o_bias)
         # Qwen3: RMSNorm over each head's q and k, before the rotation
         self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
@@ -244,26 +196,22 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs, lora: LoraConfig | None):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        h = args.hidden_dim
-
-        def lin(name: str, i: int, o: int) -> Linear:
-            return Linear(i, o, lora if lora and name in lora.targets else None, args.mlp_bias)
-
-        self.w1 = lin("w1", args.dim, h)
-        self.w2 = lin("w2", h, args.dim)
-        self.w3 = lin("w3", args.dim, h)
+        h, bias = args.hidden_dim, args.mlp_bias
+        self.w1 = Linear(args.dim, h, bias)
+        self.w2 = Linear(h, args.dim, bias)
+        self.w3 = Linear(args.dim, h, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, lora: LoraConfig | None = None):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.attention = Attention(args, lora)
-        self.feed_forward = FeedForward(args, lora)
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.resid_dropout = nn.Dropout(args.resid_dropout)
@@ -277,23 +225,6 @@ class Block(nn.Module):
         cos, sin = rope_tables(self.head_dim, pos, self.rope_theta, self.rope_scaling)
         h = x + self.resid_dropout(self.attention(self.attention_norm(x), cos, sin, cache, start))
         return h + self.resid_dropout(self.feed_forward(self.ffn_norm(h)))
-
-    @contextmanager
-    def recompute_for_backward(self) -> Iterator[None]:
-        """While active, the block's output is only good for `backward`: its value is garbage.
-
-        A recompute needs the graph, not the output (the forward pass already passed it on).
-        Past w2's product nothing reads a value in the backward (a LoRA term and the residual
-        add, dropout's saved mask), so w2's base matmul, about a fifth of the block's
-        arithmetic, is skipped; torch's activation checkpointing skips the same through its
-        early stop, so the paged engine does the in-memory reference's arithmetic.
-        """
-        w2 = self.feed_forward.w2
-        w2.grad_only = True
-        try:
-            yield
-        finally:
-            w2.grad_only = False
 
 
 class Embed(nn.Module):
@@ -351,11 +282,11 @@ class Head(nn.Module):
 class Transformer(nn.Module):
     """The whole model in memory: the reference the paged engine is tested against."""
 
-    def __init__(self, args: ModelArgs, lora: LoraConfig | None = None):
+    def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.embed = Embed(args)
-        self.layers = nn.ModuleList(Block(args, lora) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.head = Head(args)
         if args.tie_embeddings:  # one tensor, both uses' gradients summed into it
             self.head.output.weight = self.embed.tok_embeddings.weight
@@ -398,13 +329,3 @@ def unit_prefix(unit: str) -> str:
     embed and head, whose keys are already whole-model names."""
     layer = layer_of(unit)
     return "" if layer is None else f"layers.{layer}."
-
-
-def init_lora_(module: nn.Module, generator: torch.Generator | None = None) -> None:
-    """PEFT's initialisation: A ~ kaiming-uniform(a=√5), B = 0, so training starts at the base model."""
-    for m in module.modules():
-        if isinstance(m, Linear) and m.lora_a is not None:
-            bound = 1.0 / math.sqrt(m.lora_a.shape[1])  # kaiming_uniform with a=sqrt(5)
-            with torch.no_grad():
-                m.lora_a.uniform_(-bound, bound, generator=generator)
-                m.lora_b.zero_()

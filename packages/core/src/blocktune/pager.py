@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from .buffers import BufferPool
+from .config import check_frozen_reads
 from .devices import Device, dtype_name
-from .errors import BudgetError, ConfigError
+from .errors import BudgetError
 from .fileio import round_up
 from .hostmem import advise_cold, ensure_resident, host_memory_available
 from .hosttier import HostTier
@@ -106,8 +107,7 @@ class Pager:
         self.as_stored = as_stored  # units kept in the stored dtype (the engine widens at use)
         self.verify, self.prefetch_enabled = verify, prefetch
         self.mutable = mutable  # False: units are only read (LoRA), so files may be mapped read-only
-        if frozen_reads not in ("auto", "mapped", "direct"):
-            raise ConfigError(f"frozen_reads={frozen_reads!r}: choose auto, mapped or direct")
+        check_frozen_reads(frozen_reads)
         # CPU, frozen units: "mapped" (the page cache, for stores that fit in RAM) or "direct"
         # (O_DIRECT into reused huge-page buffers: for stores bigger than RAM, twice the cold
         # read rate of mapped reads here, and no page cache for the kernel to juggle); "auto":

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .budgets import parse_budget
-from .config import EngineConfig, LoraConfig, parse_bytes
+from .config import EngineConfig, LoraConfig, check_frozen_reads, parse_bytes
 from .errors import ConfigError
 from .optim import OptimizerConfig
 
@@ -78,8 +78,7 @@ class RunConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
         if self.verify not in ("once", "always", "never"):
             raise ConfigError(f"verify={self.verify!r}: choose once, always or never")
-        if self.frozen_reads not in ("auto", "mapped", "direct"):
-            raise ConfigError(f"frozen_reads={self.frozen_reads!r}: choose auto, mapped or direct")
+        check_frozen_reads(self.frozen_reads)
         if not 0 <= self.val_ratio < 1:
             raise ConfigError(f"val_ratio={self.val_ratio} must be in [0, 1)")
         self.lora_targets = list(self.lora_targets)

@@ -1,0 +1,99 @@
+"""Pipeline stages: several machines, each paging only its share of the units.
+
+Layout. `--stages S` over W = S·D processes: rank r is stage r // D, replica r % D. Stage s
+holds a contiguous range of units (stage 0 the embeddings, the last the norm and head), cut so
+that the stages' stored bytes are as even as contiguity allows (`split_by_bytes`). Each rank
+opens the store (shared, or its own copy) and pages only its own range: its disk reads fall
+with S, and where its share fits in RAM the disk leaves the step.
+
+Schedule. The engine keeps the block-major order on every stage: all micro-batches go through
+a unit while it is resident, so each unit is read once per pass, as on one machine. A stage
+passes each micro-batch on as soon as its last unit has computed it (`Pipe.send` is
+asynchronous), so the next stage starts its first unit while this one finishes the rest: the
+stages overlap by one unit, not more, and a step's compute is that of one machine (the bubble,
+(S-1)/S of each rank's step, is reported as `pipeline_wait` in the metrics). What stages buy is
+IO: each rank reads 1/S of the model. Backward is the same in reverse with the gradients of
+the boundary activations.
+
+Same answer. What crosses a boundary is the activation (compute dtype) and, with it, each
+micro-batch's RNG state after the units before it, so every dropout mask is the one a single
+process draws, whatever S and D (D enters only as data parallel does: stream m·D + replica).
+The loss is summed over every rank (stages without the head add 0); gradients are all-reduced
+within a stage's replica group only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = ["split_by_bytes", "Pipe"]
+
+
+def split_by_bytes(sizes: list[int], stages: int) -> list[tuple[int, int]]:
+    """Contiguous ranges [lo, hi) of the units, one per stage, minimising the largest stage's
+    bytes (exact: dynamic programming over the cut points; ties go to the earliest cuts)."""
+    n = len(sizes)
+    if stages < 1:
+        raise ConfigError(f"stages={stages}: give at least 1")
+    if stages > n:
+        raise ConfigError(f"stages={stages} is more than the model's {n} units (embed, blocks, head): "
+                          f"give at most {n}")
+    prefix = [0]
+    for s in sizes:
+        prefix.append(prefix[-1] + s)
+    inf = float("inf")
+    # best[k][j]: the smallest possible largest stage when the first j units make k stages
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0
+    for k in range(1, stages + 1):
+        for j in range(k, n - (stages - k) + 1):
+            for i in range(k - 1, j):
+                worst = max(best[k - 1][i], prefix[j] - prefix[i])
+                if worst < best[k][j]:
+                    best[k][j], cut[k][j] = worst, i
+    bounds, j = [], n
+    for k in range(stages, 0, -1):
+        i = cut[k][j]
+        bounds.append((i, j))
+        j = i
+    return bounds[::-1]
+
+
+@dataclass
+class Pipe:
+    """Point-to-point sends and receives to the neighbouring stages of this rank's replica."""
+    prev: int | None  # global rank of the stage before (None on stage 0)
+    next: int | None  # global rank of the stage after (None on the last)
+    wire: torch.device  # where tensors travel from: the GPU for nccl, the CPU for gloo
+    bytes_sent: int = 0
+    wait_seconds: float = 0.0  # time spent blocked in a receive: the pipeline's bubble
+    _pending: list = field(default_factory=list)
+
+    def send(self, t: torch.Tensor, to: int) -> None:
+        import torch.distributed as dist
+
+        buf = t.detach().to(self.wire).contiguous()
+        self._pending.append((buf, dist.isend(buf, to)))
+        self.bytes_sent += buf.numel() * buf.element_size()
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, device: torch.device) -> torch.Tensor:
+        import time
+
+        import torch.distributed as dist
+
+        buf = torch.empty(shape, dtype=dtype, device=self.wire)
+        t0 = time.perf_counter()
+        dist.recv(buf, src)
+        self.wait_seconds += time.perf_counter() - t0
+        return buf.to(device)
+
+    def flush(self) -> None:
+        """Wait for every send to complete (their buffers are kept alive until then)."""
+        for _, work in self._pending:
+            work.wait()
+        self._pending.clear()
