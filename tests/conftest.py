@@ -33,3 +33,31 @@ def bt(*args, check: bool = False) -> subprocess.CompletedProcess:
     if check:
         assert r.returncode == 0, r.stderr[-2000:]
     return r
+
+
+def finetune_cmd(root, store, out, method, batch, steps=3, extra=(), accum=2) -> list[str]:
+    """The multi-process tests' `blocktune finetune`: root holds text.txt and run.toml."""
+    return [sys.executable, "-m", "blocktune", "finetune", "--store", str(store), "--data", str(root / "text.txt"),
+            "--out", str(out), "--method", method, "--steps", str(steps), "--seq-len", "16",
+            "--batch-size", str(batch), "--grad-accum", str(accum), "--lr", "0.1", "--device", "cpu",
+            "--no-progress", "--config", str(root / "run.toml"), *extra]
+
+
+def multi_process_root(root, config: str):
+    """A tiny-7b store in fp32 imported from Meta's layout, text.txt and run.toml (`config`) in root."""
+    from blocktune_bench.corpus import demo_text
+    from blocktune_bench.synthetic import write_meta_checkpoint
+    from blocktune_export.meta import import_meta
+
+    store = import_meta(write_meta_checkpoint(root / "meta", "tiny-7b", seed=0), root / "store", dtype=torch.float32)
+    (root / "text.txt").write_text(demo_text() * 2)
+    (root / "run.toml").write_text(config)
+    return store.path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

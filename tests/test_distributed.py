@@ -4,17 +4,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
-import torch
 from blocktune import BlockStore
-from blocktune_bench.corpus import demo_text
-from blocktune_bench.synthetic import write_meta_checkpoint
-from blocktune_export.meta import import_meta
+from conftest import finetune_cmd, free_port, multi_process_root
 from safetensors.torch import load_file
 
 PY = sys.executable
@@ -27,18 +23,8 @@ CONFIG = ("dropout = 0.0\nlora_dropout = 0.0\nwarmup_steps = 1\neval_every = 0\n
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    store = import_meta(write_meta_checkpoint(root / "meta", "tiny-7b", seed=0), root / "store",
-                        dtype=torch.float32)
-    (root / "text.txt").write_text(demo_text() * 2)
-    (root / "run.toml").write_text(CONFIG)
-    return root, store.path
-
-
-def _cmd(root, store, out, method, batch, steps=3, extra=()):
-    return [PY, "-m", "blocktune", "finetune", "--store", str(store), "--data", str(root / "text.txt"),
-            "--out", str(out), "--method", method, "--steps", str(steps), "--seq-len", "16",
-            "--batch-size", str(batch), "--grad-accum", "2", "--lr", "0.1", "--device", "cpu",
-            "--no-progress", "--config", str(root / "run.toml"), *extra]
+    store = multi_process_root(root, CONFIG)
+    return root, store
 
 
 def _losses(run):
@@ -61,8 +47,8 @@ def test_two_ranks_equal_one_rank_with_double_batch(prepared, tmp_path, method, 
         for r in (0, 1):
             shutil.copytree(store, tmp_path / f"rank-{r}")
         rank_store = tmp_path / "rank-{rank}"
-    subprocess.run(_cmd(root, single_store, tmp_path / "one", method, 4), check=True, capture_output=True)
-    two = subprocess.run(_cmd(root, rank_store, tmp_path / "two", method, 2,
+    subprocess.run(finetune_cmd(root, single_store, tmp_path / "one", method, 4), check=True, capture_output=True)
+    two = subprocess.run(finetune_cmd(root, rank_store, tmp_path / "two", method, 2,
                               extra=["--nproc", "2", "--device-budget", budget]),
                          capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
@@ -85,16 +71,13 @@ def test_two_ranks_equal_one_rank_with_double_batch(prepared, tmp_path, method, 
     assert worst <= 1e-6
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_a_dead_rank_stops_the_others(prepared, tmp_path):
+@pytest.mark.parametrize("extra,said", [([], "rank 0 of 2: lost contact"),
+                                        (["--stages", "2"], "rank 0 of 2 (stage 0 of 2, next to ranks [1]): lost contact")])
+def test_a_dead_rank_stops_the_others(prepared, tmp_path, extra, said):
+    """Data parallel, or pipeline stages: rank 1 is killed mid-run; rank 0 stops with an error."""
     root, store = prepared
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
-    procs = [subprocess.Popen(_cmd(root, store, tmp_path / "run", "lora", 2, steps=10_000),
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen(finetune_cmd(root, store, tmp_path / "run", "lora", 2, steps=10_000, extra=extra),
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for r in (0, 1)]
@@ -113,4 +96,4 @@ def test_a_dead_rank_stops_the_others(prepared, tmp_path):
     waited = time.time() - t0
     err = procs[0].stderr.read()
     print(f"rank 0 exited {code} after {waited:.1f}s: {err.strip().splitlines()[-1]}")
-    assert code == 1 and "lost contact with the other ranks" in err and "Traceback" not in err
+    assert code == 1 and said in err and "Traceback" not in err

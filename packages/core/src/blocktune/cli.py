@@ -108,7 +108,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                  "keep_activations": a.keep_activations, "frozen_reads": a.frozen_reads,
                  "checkpoint_every": a.checkpoint_every, "progress": False if a.no_progress else None,
                  "overwrite": True if a.overwrite else None, "adapter": a.adapter,
-                 "in_place": True if a.in_place else None}
+                 "in_place": True if a.in_place else None, "stages": a.stages}
     overrides["compute_dtype"] = a.compute_dtype
     if a.resume and a.config is None and Path(a.out or "runs/latest", "config.toml").is_file():
         a.config = str(Path(a.out or "runs/latest", "config.toml"))
@@ -290,7 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-budget", help="RAM for stashed block inputs before they spill to disk, e.g. 4GiB")
     p.add_argument("--keep-activations", help="RAM for activations kept to skip the backward's recompute, e.g. 6GiB or inf")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--nproc", type=int, help="data-parallel processes on this machine (torchrun --standalone)")
+    p.add_argument("--nproc", type=int, help="processes on this machine (torchrun --standalone): data parallel, "
+                                           "or stages x replicas with --stages")
+    p.add_argument("--stages", type=int, help="pipeline stages: each process pages only its stage's units; "
+                                             f"the processes are stages x data-parallel replicas {_default('stages')}")
     _add_run_flags(p)
     p.set_defaults(func=cmd_finetune)
 

@@ -33,15 +33,17 @@ from .config import EngineConfig, ModelArgs
 from .devices import Device, parse_dtype, resolve_device
 from .distributed import SINGLE, DistContext
 from .errors import ConfigError, TrainingError
+from .fullstep import FullStep
 from .handles import WeightHandles
 from .hostmem import fix_mmap_threshold, trim_host_heap
 from .inference import Inference
 from .lora import LoraAdapters, add_lora
-from .loss import check_window, chunked_cross_entropy, count_targets
+from .loss import check_batches, chunked_cross_entropy, count_targets
 from .model import Block, Embed, Head
 from .pager import Pager, resident_sizes
 from .recompute import skip_unread_product
 from .rng import seed_micro_batch
+from .stages import split_by_bytes
 from .stash import ActivationStash
 from .store import BlockStore
 
@@ -57,6 +59,7 @@ class StepResult:
     bytes_read: int
     bytes_written: int
     kept_units: int = 0  # units whose backward used kept activations instead of a recompute
+    units_read: list = field(default_factory=list)  # the units read from the store, in model order
 
 
 @dataclass
@@ -67,9 +70,10 @@ class _StepRun:
     kept: dict  # (unit, micro-batch) -> (input, output) of a graph kept from the forward
     kept_mods: dict  # full fine-tune: unit -> the module its kept graphs use
     kept_at_start: dict = field(default_factory=dict)  # kept's keys after the forward (the count)
+    shapes: list = field(default_factory=list)  # each micro-batch's (batch, seq)
 
 
-class Engine(Inference):
+class Engine(Inference, FullStep):
     """Runs a model held in a `BlockStore` one unit at a time (training here; forward-only
     passes for evaluation and generation in `blocktune.inference`)."""
 
@@ -85,12 +89,16 @@ class Engine(Inference):
         # frozen embeddings and head stay in the stored dtype (bf16): the embedding reads a few
         # rows, the head widens its matrix a slice at a time; widened whole, Llama 3's 128k
         # vocabulary is 2.1 GB per unit in fp32
+        self.units = store.units
+        self.lo, self.hi = self._stage_range()
+        own = self.units[self.lo:self.hi]
         frozen = self.cfg.method != "full" or self.cfg.read_only
         self.as_stored = (frozenset({"embed", "head"}) if frozen and store.dtype.itemsize < self.dtype.itemsize
                           else frozenset())
         self.budgets: Budgets = resolve_budgets(
-            self.device, store.args, resident_sizes(store, self.dtype, self.as_stored),
-            {n: store.unit_bytes(n) for n in store.units}, self.dtype,
+            self.device, store.args, {n: b for n, b in resident_sizes(store, self.dtype, self.as_stored).items()
+                                      if n in own},
+            {n: store.unit_bytes(n) for n in own}, self.dtype,
             method=self.cfg.method, device_budget=self.cfg.device_budget, host_budget=self.cfg.host_budget,
             activation_budget=self.cfg.activation_budget, batch=batch, seq=seq, micro=micro,
             loss_chunk=self.cfg.loss_chunk, kv_cache=self.cfg.read_only)
@@ -107,12 +115,11 @@ class Engine(Inference):
                            mutable=self.cfg.method == "full" and not self.cfg.read_only,
                            max_dirty=self.cfg.max_dirty, frozen_reads=self.cfg.frozen_reads,
                            as_stored=self.as_stored)
-        self.units = store.units
         self.lora = self.cfg.lora if self.cfg.method == "lora" else None
         self.adapters: LoraAdapters | None = None
         if self.lora is not None:
             self.adapters = LoraAdapters(self.args, self.lora, self.units[1:-1], self.device.torch, self.cfg.seed,
-                                         adapters, self.cfg.optimizer)
+                                         adapters, self.cfg.optimizer, keep=own)
         self._built: dict[str, tuple[dict, nn.Module]] = {}
         self._templates: dict[str, nn.Module] = {}  # one meta-device module per kind of unit
         # a mapped unit's file stays mapped, and a module that computes from that memory may stay
@@ -123,6 +130,16 @@ class Engine(Inference):
         self.step_count = store.step if self.cfg.method == "full" else 0
         self._tied_grad: torch.Tensor | None = None  # tied head: its projection's gradient, for embed
         self._head: nn.Module | None = None  # the head module between the loss and its step
+
+    def _stage_range(self) -> tuple[int, int]:
+        """This rank's units [lo, hi): all of them, or its pipeline stage's (`blocktune.stages`)."""
+        if self.dist.stages == 1:
+            return 0, len(self.units)
+        if self.store.tied:
+            raise ConfigError(f"{self.store.path}: tied embeddings share one matrix between the first "
+                              "and the last stage; --stages does not split such a model yet (use "
+                              "data parallel: --nproc without --stages)")
+        return split_by_bytes([self.store.unit_bytes(u) for u in self.units], self.dist.stages)[self.dist.stage]
 
     # ---- adapters ----
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -177,7 +194,7 @@ class Engine(Inference):
 
     def _next(self, i: int, step: int) -> str | None:
         j = i + step
-        return self.units[j] if 0 <= j < len(self.units) else None
+        return self.units[j] if self.lo <= j < self.hi else None
 
     # ---- training ----
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -207,13 +224,13 @@ class Engine(Inference):
         targets = [t.to(dev.torch) for _, t in micro_batches]
         cursors = []
         for m in range(M):
-            seed_micro_batch(dev, self.cfg.seed, step, m * self.dist.world + self.dist.rank)
+            seed_micro_batch(dev, self.cfg.seed, step, m * self.dist.dp_world + self.dist.dp_rank)
             cursors.append(dev.get_rng_state())
-        run = _StepRun(ActivationStash(self.budgets.activation), {}, {}, {})
+        run = _StepRun(ActivationStash(self.budgets.activation), {}, {}, {}, shapes=[tuple(x.shape) for x in xs])
         full = self.cfg.method == "full"
         try:
             self._forward(run, xs, cursors)
-            loss, grads = self._loss(xs, targets, n_tok)
+            loss, grads = self._loss(xs, targets, n_tok, cursors)
             loss = self.dist.sum_float(loss)  # every rank sees the global loss, and stops together
             if not bool(torch.isfinite(loss)):  # note: a host sync; before any weight changes
                 raise TrainingError(f"loss is {float(loss)} at step {step}; nothing of this step "
@@ -222,7 +239,7 @@ class Engine(Inference):
             if full:
                 # the step's own figures go into its commit: a run killed before it logs them
                 # recovers them on resume (blocktune.train)
-                self.pager.commit(step + 1, last_step={"step": step + 1, "loss": float(loss), "tokens": n_tok,
+                self.pager.commit(step + 1, keep_previous=self.dist.enabled, last_step={"step": step + 1, "loss": float(loss), "tokens": n_tok,
                                                        "lr": lr})
             else:
                 self.adapters.step(lr, max_grad_norm, self.dist)
@@ -237,7 +254,8 @@ class Engine(Inference):
         after = self.pager.stats
         return StepResult(loss_value, n_tok, time.perf_counter() - t_start,
                           after.bytes_read - before["bytes_read"],
-                          after.bytes_written - before["bytes_written"], len({i for i, _ in run.kept_at_start}))
+                          after.bytes_written - before["bytes_written"], len({i for i, _ in run.kept_at_start}),
+                          [u for u in self.units if after.reads_by_unit.get(u, 0) > before["reads_by_unit"].get(u, 0)])
 
     def _wants_dx(self, i: int) -> bool:
         """Whether unit i's backward passes a gradient on to its input: not into the
@@ -245,18 +263,22 @@ class Engine(Inference):
         return i > 1 or (i == 1 and self.cfg.method == "full")
 
     def _forward(self, run: _StepRun, xs: list[torch.Tensor], cursors: list) -> None:
-        """Embeddings and blocks, each micro-batch through a unit while it is resident. Without
-        a graph (the input stashed, the RNG state noted for the replay), or, within
-        keep_budget, with one whose saved weights are handles, so the backward needs no
-        recompute. xs becomes the head's inputs."""
+        """Embeddings and blocks (this stage's), each micro-batch through a unit while it is
+        resident. Without a graph (the input stashed, the RNG state noted for the replay), or,
+        within keep_budget, with one whose saved weights are handles, so the backward needs no
+        recompute. xs becomes the head's inputs (or, on a stage without the head, goes on to
+        the next stage, each micro-batch as soon as it is done)."""
         dev, full, kept_bytes = self.device, self.cfg.method == "full", 0
-        for i in range(len(self.units) - 1):
+        end = min(self.hi, len(self.units) - 1)
+        for i in range(self.lo, end):
             mod = self._module(self.units[i], training=True)
             self.pager.prefetch(self._next(i, +1))
             keep = (i > 0 and self.cfg.keep_budget != 0
                     and (self.cfg.keep_budget is None or kept_bytes < self.cfg.keep_budget))
             hooks = WeightHandles(self.pager, self.units[i]) if keep else None
             for m in range(len(xs)):
+                if i == self.lo:
+                    self._arrive(xs, cursors, m)
                 dev.set_rng_state(cursors[m])
                 run.replay[(i, m)] = cursors[m]
                 if keep:
@@ -270,6 +292,9 @@ class Engine(Inference):
                     with torch.no_grad():
                         xs[m] = mod(xs[m]) if i else mod(xs[m]).to(self.dtype)
                 cursors[m] = dev.get_rng_state()
+                if i == self.hi - 1:  # the stage's last unit: on to the next stage
+                    self.dist.pipe.send(xs[m], self.dist.pipe.next)
+                    self.dist.pipe.send_rng(cursors[m], self.dist.pipe.next)
             if keep:
                 kept_bytes += hooks.activation_bytes
                 if full:  # the graph holds the parameters (to accumulate their gradients)
@@ -277,21 +302,42 @@ class Engine(Inference):
             del mod
         run.kept_at_start = dict.fromkeys(run.kept)
 
-    def _loss(self, xs: list[torch.Tensor], targets: list[torch.Tensor], n_tok: int):
+    def _arrive(self, xs: list[torch.Tensor], cursors: list, m: int) -> None:
+        """On a stage after the first: micro-batch m's activation and RNG state from the stage before."""
+        if self.lo == 0:
+            return
+        pipe, (B, T) = self.dist.pipe, xs[m].shape[:2]
+        xs[m] = pipe.recv((B, T, self.args.dim), self.dtype, pipe.prev, self.device.torch)
+        cursors[m] = pipe.recv_rng(cursors[m], pipe.prev)
+
+    def _loss(self, xs: list[torch.Tensor], targets: list[torch.Tensor], n_tok: int, cursors: list):
         """The loss through the head and its gradient w.r.t. each micro-batch's head input; a
-        full fine-tune's head steps right after (its gradient is complete)."""
+        full fine-tune's head steps right after (its gradient is complete). A stage without the
+        head adds 0 (and gets its gradients from the next stage in the backward)."""
         last = len(self.units) - 1
+        loss = torch.zeros((), device=self.device.torch)
+        if self.hi <= last:
+            return loss, [None] * len(xs)
         head = self._module(self.units[last], training=True)
         self.pager.prefetch(self._next(last, -1))
-        loss = torch.zeros((), device=self.device.torch)
         grads = []
         for m in range(len(xs)):
+            if self.lo == last:
+                self._arrive(xs, cursors, m)
             h = xs[m].detach().requires_grad_(True)
             loss += chunked_cross_entropy(head, h, targets[m], n_tok, self.cfg.loss_chunk, True)
             grads.append(h.grad)
+            if self.lo == last:
+                self._pass_back(grads, m)
         xs.clear()
         self._head = head
         return loss, grads
+
+    def _pass_back(self, grads: list, m: int) -> None:
+        """On a stage after the first: micro-batch m's gradient w.r.t. this stage's input, to the
+        stage before (when that one trains anything below it)."""
+        if self.lo > 0 and self._wants_dx(self.lo):
+            self.dist.pipe.send(grads[m], self.dist.pipe.prev)
 
     def _backward(self, run: _StepRun, grads: list, lr: float, step: int) -> None:
         """Unit by unit in reverse, each micro-batch's graph through the unit while it is
@@ -299,22 +345,30 @@ class Engine(Inference):
         the RNG replayed. A full fine-tune steps each unit as its gradient is complete."""
         full, last = self.cfg.method == "full", len(self.units) - 1
         pending = None
-        if full:
+        if full and self.hi > last:
             pending = self._reduce_then_step(self.units[last], self._head, lr, step, None)
         self._head = None
-        first = 0 if full else 1  # LoRA: the embeddings have nothing to train
-        for i in range(last - 1, first - 1, -1):
+        first = max(0 if full else 1, self.lo)  # LoRA: the embeddings have nothing to train
+        top = min(self.hi, last) - 1
+        for i in range(top, first - 1, -1):
             mod, graph = self._graph_source(run, i)
             self.pager.prefetch(self._next(i, -1) if i > first else None)
             for m in range(len(grads)):
                 x, out = graph(m)
+                if i == self.hi - 1:  # the stage's last unit: its gradient from the next stage
+                    pipe = self.dist.pipe
+                    grads[m] = pipe.recv(run.shapes[m] + (self.args.dim,), self.dtype, pipe.next, self.device.torch)
                 out.backward(grads[m])
                 grads[m] = x.grad if self._wants_dx(i) else None
+                if i == self.lo:
+                    self._pass_back(grads, m)
             if full:
                 pending = self._reduce_then_step(self.units[i], mod, lr, step, pending)
             del mod, graph
         if pending is not None:
             pending()
+        if self.dist.pipe is not None:
+            self.dist.pipe.flush()
 
     def _graph_source(self, run: _StepRun, i: int):
         """(unit i's module, m -> (input, output) of micro-batch m's graph through it)."""
@@ -340,65 +394,8 @@ class Engine(Inference):
 
         return mod, recompute
 
-    def _detach_weights(self, unit: str, mod: nn.Module) -> nn.Module:
-        """Full fine-tune, kept graph: its AccumulateGrad nodes hold `mod`'s parameters, which
-        would pin the unit's weights until the backward. Point them at a 0-byte placeholder of
-        the same shape (the backward points them back at whatever the pager then holds), and
-        keep the module out of the cache, where it would be reused with the placeholders."""
-        self._built.pop(unit, None)
-        for p in mod.parameters():
-            p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
-        return mod
-
-    def _reduce_then_step(self, unit: str, mod: nn.Module, lr: float, step: int, pending):
-        """Data parallel: sum this unit's gradient over the ranks, then step it. When the budget
-        holds two units, the all-reduce is started now and the step runs after the next unit's
-        backward (returned as `pending`); otherwise both happen now."""
-        if pending is not None:
-            pending()
-        if not self.dist.enabled:
-            self._full_step(unit, mod, lr, step)
-            return None
-        grads = [p.grad for p in mod.parameters()]
-        if self.pager.budget < 2 * self.pager.largest_unit:
-            self.dist.all_reduce_(grads)
-            self._full_step(unit, mod, lr, step)
-            return None
-        finish = self.dist.all_reduce_async(grads)
-        self.pager.pin(unit)
-
-        def complete() -> None:
-            finish()
-            self._full_step(unit, mod, lr, step)
-            self.pager.unpin(unit)
-
-        return complete
-
-    def _full_step(self, unit: str, mod: nn.Module, lr: float, step: int) -> None:
-        params = dict(mod.named_parameters())
-        grads = {k: p.grad for k, p in params.items()}
-        if self.store.tied and unit == "head":  # the embeddings' matrix: stepped with embed
-            self._tied_grad = grads.pop("output.weight")
-            params.pop("output.weight").grad = None
-        elif self.store.tied and unit == "embed" and self._tied_grad is not None:
-            grads["tok_embeddings.weight"] = grads["tok_embeddings.weight"] + self._tied_grad
-            self._tied_grad = None
-        self.pager.step_and_write(unit, {k: p.data for k, p in params.items()}, grads, self.cfg.optimizer,
-                                  lr, step + 1)
-        for p in params.values():
-            p.grad = None
-        if self.store.tied and unit == "embed":
-            self.pager.drop("head")  # it holds its own copy of the matrix from before this step
-
     def _check_lengths(self, batches) -> None:
-        for tok, tgt in batches:
-            if tok.shape != tgt.shape or tok.dim() != 2:
-                raise ConfigError(f"tokens {tuple(tok.shape)} and targets {tuple(tgt.shape)} "
-                                  "must both be (batch, seq_len)")
-            if tok.shape[1] > self.args.max_seq_len:
-                raise ConfigError(f"sequence length {tok.shape[1]} exceeds the model's "
-                                  f"max_seq_len {self.args.max_seq_len}; lower --seq-len")
-            check_window(self.args, tok.shape[1])
+        check_batches(self.args, batches)
 
     def close(self) -> None:
         self._built.clear()

@@ -36,11 +36,34 @@ class Inference:
         """(mean cross-entropy, predicted positions) in eval mode, logits chunked."""
         self._check_lengths([(tokens, targets)])
         n = count_targets(targets)
+        if self.dist.stages > 1:
+            return self._staged_eval_loss(tokens, targets, n), n
         h = self._forward_units(tokens)
         head = self._module("head", training=False)
         total = chunked_cross_entropy(head, h, targets.to(self.device.torch), max(n, 1),
                                       self.cfg.loss_chunk, backward=False)
         return float(total), n
+
+    def _staged_eval_loss(self, tokens: torch.Tensor, targets: torch.Tensor, n: int) -> float:
+        """eval_loss through the pipeline stages: every rank calls it; each runs its own units."""
+        last, pipe = len(self.units) - 1, self.dist.pipe
+        h = tokens.to(self.device.torch)
+        shape = tuple(tokens.shape) + (self.args.dim,)
+        if self.lo > 0:
+            h = pipe.recv(shape, self.dtype, pipe.prev, self.device.torch)
+        for i in range(self.lo, min(self.hi, last)):
+            mod = self._module(self.units[i], training=False)
+            self.pager.prefetch(self._next(i, +1))
+            h = mod(h).to(self.dtype) if i == 0 else mod(h)
+        total = torch.zeros((), device=self.device.torch)
+        if self.hi <= last:
+            pipe.send(h, pipe.next)
+            pipe.flush()
+        else:
+            head = self._module("head", training=False)
+            total = chunked_cross_entropy(head, h, targets.to(self.device.torch), max(n, 1),
+                                          self.cfg.loss_chunk, backward=False)
+        return float(self.dist.sum_float(total)) / self.dist.dp_world  # every replica adds its copy
 
     def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
         a = self.args

@@ -81,9 +81,14 @@ def init_lora_(module: nn.Module, generator: torch.Generator | None = None) -> N
 
 class LoraAdapters:
     def __init__(self, args: ModelArgs, lora: LoraConfig, blocks: list[str], device: torch.device, seed: int,
-                 given: dict[str, torch.Tensor] | None = None, optimizer: OptimizerConfig | None = None):
-        self.blocks = list(blocks)
-        self.opt_cfg = optimizer or OptimizerConfig()
+                 given: dict[str, torch.Tensor] | None = None, optimizer: OptimizerConfig | None = None,
+                 keep: list[str] | None = None):
+        """`keep`: the blocks this process trains (a pipeline stage's), of `blocks`, all of
+        which are drawn so that a stage's adapters are the single process's."""
+        keep = list(blocks) if keep is None else list(keep)
+        self.blocks = [b for b in blocks if b in keep]
+        self.others = [b for b in blocks if b not in keep]
+        self.opt_cfg, self.device = optimizer or OptimizerConfig(), device
         self._opt: torch.optim.Optimizer | None = None
         gen = torch.Generator().manual_seed(seed)
         with torch.device("meta"):  # only the adapters' shapes: the base weights are never made
@@ -92,14 +97,17 @@ class LoraAdapters:
                   for name, m in template.named_modules() if name.rsplit(".", 1)[-1] in lora.targets
                   for ab, shape in (("a", (lora.rank, m.weight.shape[1])), ("b", (m.weight.shape[0], lora.rank)))}
         self.by_unit: dict[str, dict[str, nn.Parameter]] = {}
-        for unit in self.blocks:
+        # where this process's matrices start in the whole model's (the optimizer's) order
+        self.offset = len(shapes) * blocks.index(self.blocks[0]) if self.blocks else 0
+        for unit in blocks:
             drawn = {}
             for key, shape in shapes.items():  # module order, A then B: init_lora_'s draws
                 t = torch.zeros(shape, dtype=torch.float32)
                 if key.endswith("lora_a"):
                     _draw_a_(t, gen)
                 drawn[key] = nn.Parameter(t.to(device))
-            self.by_unit[unit] = drawn
+            if unit in keep:
+                self.by_unit[unit] = drawn
         if given is not None:
             self.load(given)
 
@@ -112,7 +120,11 @@ class LoraAdapters:
         return {f"{unit_prefix(u)}{k}": p.detach() for u, d in self.by_unit.items() for k, p in d.items()}
 
     def load(self, flat: dict[str, torch.Tensor]) -> None:
+        """Set every matrix from `flat` (whole-model names; a stage takes its own blocks')."""
         mine = self.state()
+        others = tuple(unit_prefix(u) for u in self.others)  # another stage's blocks
+        if others:
+            flat = {k: v for k, v in flat.items() if not k.startswith(others)}
         if set(flat) != set(mine):
             extra, missing = sorted(set(flat) - set(mine))[:3], sorted(set(mine) - set(flat))[:3]
             raise StoreError(f"adapter keys do not match this model and LoRA config "
@@ -144,8 +156,23 @@ class LoraAdapters:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         dist.all_reduce_([p.grad for p in params])
-        if max_grad_norm:
+        if max_grad_norm and dist.stages > 1:  # the global norm: every stage's share of it
+            sq = torch.stack([torch.linalg.vector_norm(p.grad) for p in params]).square().sum() if params \
+                else torch.zeros((), device=self.device)
+            total = dist.sum_float(sq).div(dist.dp_world).sqrt()  # replicas hold equal gradients
+            coef = torch.clamp(max_grad_norm / (total + 1e-6), max=1.0)
+            for p in params:
+                p.grad.mul_(coef)
+        elif max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=False)
+        if not params:  # a pipeline stage without blocks (embed or head only): nothing to step
+            return
         self.optimizer.param_groups[0]["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_state(self) -> dict:
+        """The optimizer's state_dict (an empty one for a stage without blocks)."""
+        if not self.blocks:
+            return {"state": {}, "param_groups": [{"params": []}]}
+        return self.optimizer.state_dict()

@@ -11,7 +11,7 @@ from torch import nn
 from .config import ModelArgs
 from .errors import ConfigError
 
-__all__ = ["IGNORE_INDEX", "chunked_cross_entropy", "count_targets", "check_window"]
+__all__ = ["IGNORE_INDEX", "chunked_cross_entropy", "count_targets", "check_window", "check_batches"]
 
 IGNORE_INDEX = -100
 
@@ -50,3 +50,15 @@ def check_window(args: ModelArgs, length: int) -> None:
 
 def count_targets(targets: torch.Tensor) -> int:
     return int((targets != IGNORE_INDEX).sum())
+
+
+def check_batches(args: ModelArgs, batches) -> None:
+    """(tokens, targets) pairs: both (batch, seq_len), no longer than the model and its window allow."""
+    for tok, tgt in batches:
+        if tok.shape != tgt.shape or tok.dim() != 2:
+            raise ConfigError(f"tokens {tuple(tok.shape)} and targets {tuple(tgt.shape)} "
+                              "must both be (batch, seq_len)")
+        if tok.shape[1] > args.max_seq_len:
+            raise ConfigError(f"sequence length {tok.shape[1]} exceeds the model's "
+                              f"max_seq_len {args.max_seq_len}; lower --seq-len")
+        check_window(args, tok.shape[1])

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,9 +51,10 @@ class PagerStats:
     peak_resident: int = 0
     read_seconds: float = 0.0
     write_seconds: float = 0.0
+    reads_by_unit: dict = field(default_factory=dict)  # unit -> times read from the store
 
     def snapshot(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "reads_by_unit": dict(self.reads_by_unit)}
 
 
 @dataclass
@@ -251,6 +252,7 @@ class Pager:
         with self._lock:
             self.stats.bytes_read += self.store.unit_bytes(name)
             self.stats.unit_reads += 1
+            self.stats.reads_by_unit[name] = self.stats.reads_by_unit.get(name, 0) + 1
         return host, slot
 
     def _mapped(self, name: str) -> dict[str, torch.Tensor]:

@@ -27,6 +27,8 @@ def manifest_files(m: dict[str, Any]) -> set[str]:
         files.add(m["tokenizer"])
     files.update(m.get("extra_files", []))
     files.update(r["file"] for r in m.get("base", {}).get("units", {}).values())  # the kept base model
+    prev = m.get("previous", {})  # the step before, kept for a roll-back
+    files.update(r["file"] for part in ("units", "state") for r in prev.get(part, {}).values())
     return files
 
 

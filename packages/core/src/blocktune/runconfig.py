@@ -69,11 +69,12 @@ class RunConfig:
     progress: bool = True
     progress_every: float = 30.0  # seconds between progress lines when stderr is not a terminal
     dist_timeout: float = 300.0  # seconds a rank waits in a collective before giving up
+    stages: int = 1  # pipeline stages over the processes (each pages only its share of the units)
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
             raise ConfigError(f"method={self.method!r}: choose lora or full")
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "checkpoint_every"):
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "checkpoint_every", "stages"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
         if self.verify not in ("once", "always", "never"):

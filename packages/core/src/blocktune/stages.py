@@ -92,6 +92,20 @@ class Pipe:
         self.wait_seconds += time.perf_counter() - t0
         return buf.to(device)
 
+    def send_rng(self, state: tuple, to: int) -> None:
+        """A device's RNG state (`Device.get_rng_state`: the CPU's, and the accelerator's or None)."""
+        self.send(torch.cat([t.reshape(-1) for t in state if t is not None]), to)
+
+    def recv_rng(self, like: tuple, src: int) -> tuple:
+        """An RNG state shaped like `like` (this rank's own: the same device type as the sender's)."""
+        n = sum(t.numel() for t in like if t is not None)
+        flat = self.recv((n,), torch.uint8, src, torch.device("cpu"))
+        out, at = [], 0
+        for t in like:
+            out.append(None if t is None else flat[at:at + t.numel()].clone())
+            at += 0 if t is None else t.numel()
+        return tuple(out)
+
     def flush(self) -> None:
         """Wait for every send to complete (their buffers are kept alive until then)."""
         for _, work in self._pending:

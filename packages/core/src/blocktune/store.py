@@ -244,10 +244,12 @@ class BlockStore(UnitFiles):
     def total_bytes(self) -> int:
         return sum(r.nbytes for r in self._records.values())
 
-    def commit(self, step: int, units: dict[str, FileRecord],
-               state: dict[str, FileRecord] | None = None, collect: bool = True, **extra: Any) -> None:
+    def commit(self, step: int, units: dict[str, FileRecord], state: dict[str, FileRecord] | None = None,
+               collect: bool = True, keep_previous: bool = False, **extra: Any) -> None:
         """Make the new files durable, switch the store to `step` in one atomic manifest
-        replace, then (unless `collect` is False: the caller does it later) delete stale files."""
+        replace, then (unless `collect` is False: the caller does it later) delete stale files.
+        `keep_previous`: the step before stays on disk until the next commit, so that
+        `roll_back` can return to it (processes that must agree on one step: stages, replicas)."""
         self.acquire_writer()
         for rec in list(units.values()) + list((state or {}).values()):
             fd = os.open(self.path / rec.file, os.O_RDONLY)
@@ -256,6 +258,10 @@ class BlockStore(UnitFiles):
             finally:
                 os.close(fd)
         manifest = dict(self.manifest)
+        manifest.pop("previous", None)
+        if keep_previous and step != self.step:
+            manifest["previous"] = {"step": self.step, "units": self.manifest["units"],
+                                    "state": self.manifest.get("state", {})}
         manifest["step"] = step
         manifest["units"] = {n: (units.get(n) or self._records[n]).to_dict() for n in self.units}
         merged_state = {**self._state, **(state or {})}
@@ -271,6 +277,20 @@ class BlockStore(UnitFiles):
         self._state = merged_state
         if collect:
             self.collect_garbage()
+
+    def roll_back(self) -> None:
+        """Return the store to the step before its last commit (kept by `keep_previous`), in
+        one atomic manifest replace; the newer step's files go at the next collection."""
+        self.acquire_writer()
+        prev = self.manifest.get("previous")
+        if prev is None:
+            raise StoreError(f"{self.path}: step {self.step} kept no previous step to return to")
+        manifest = {k: v for k, v in self.manifest.items() if k not in ("previous", "last_step")}
+        manifest.update(step=prev["step"], units=prev["units"], state=prev["state"])
+        atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1).encode(), opener=self.opener)
+        self.manifest = manifest
+        self._records = {n: FileRecord.from_dict(manifest["units"][n]) for n in self.units}
+        self._state = {n: FileRecord.from_dict(r) for n, r in manifest["state"].items()}
 
     def referenced_files(self) -> set[str]:
         return manifest_files(self.manifest)

@@ -45,13 +45,13 @@ class Trainer:
 
         device = resolve_device(cfg.device).for_local_rank()  # a bad --device fails before any data is read
         self.device = device
-        self.dist = init_from_env(device, cfg.dist_timeout)
+        self.dist = init_from_env(device, cfg.dist_timeout, cfg.stages)
         self.log = log if self.dist.is_main else (lambda s: None)
         store_path = cfg.store.replace("{rank}", str(self.dist.rank))
         if cfg.method == "full" and self.dist.enabled:
             # every rank writes its own store: the same folder twice (by pattern, a link or a
             # relative path) is refused on every rank at once, before any rank writes
-            where = self.dist.gather_strings(f"{socket.gethostname()}:{os.path.realpath(store_path)}")
+            where = self.dist.gather_objects(f"{socket.gethostname()}:{os.path.realpath(store_path)}")
             shared = sorted({w for w in where if where.count(w) > 1})
             if "{rank}" not in cfg.store or shared:
                 raise ConfigError(
@@ -84,16 +84,23 @@ class Trainer:
 
     # ---- checkpoints ----
     def _save_checkpoint(self, step: int, row: dict | None = None) -> None:
+        staged = self.cfg.method == "lora" and self.dist.stages > 1
+        adapters, opt = ((self.engine.adapter_state(), self.engine.adapters.optimizer_state())
+                         if self.cfg.method == "lora" else ({}, {}))
+        if staged:  # each stage holds its blocks' adapters: rank 0 writes them all, in one file
+            mine = ({k: v.cpu() for k, v in adapters.items()},
+                    {"state": {i: {k: torch.as_tensor(v).cpu() for k, v in st.items()} for i, st in opt["state"].items()},
+                     "param_groups": opt["param_groups"]})
+            adapters, opt = _merge_stages(self.dist.gather_objects(mine), self.dist)
         if not self.dist.is_main:
-            return  # every rank holds the same adapters; rank 0 writes them
+            return  # every replica holds the same adapters; rank 0 writes them
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write(self.out / "config.toml", self.cfg.to_toml().encode())
         if self.cfg.method == "full":
             return  # the store's manifest is the checkpoint, committed by every step
         from safetensors.torch import save
 
-        tensors = {f"adapter.{k}": v for k, v in self.engine.adapter_state().items()}
-        opt = self.engine.lora_optimizer.state_dict()
+        tensors = {f"adapter.{k}": v for k, v in adapters.items()}
         for i, st in opt["state"].items():
             for k, v in st.items():
                 tensors[f"optim.{i}.{k}"] = torch.as_tensor(v).detach().cpu()
@@ -103,8 +110,7 @@ class Trainer:
             meta["row"] = json.dumps(row)
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         atomic_write(self.out / CHECKPOINT, save(cpu, metadata=meta))
-        save_adapter(self.out / "adapter.safetensors", self.engine.adapter_state(),
-                     self.cfg.lora(), self.store.args)
+        save_adapter(self.out / "adapter.safetensors", adapters, self.cfg.lora(), self.store.args)
 
     def _lost_row(self, step: int) -> dict | None:
         """The metrics of checkpoint step `step` as the checkpoint recorded them: the whole row
@@ -128,10 +134,18 @@ class Trainer:
             state = self.store.manifest.get("run") or {}
             step = self.store.step - int(state.get("first_step", self.store.step))
             steps = self.dist.gather_ints(step, self.device)
+            if len(set(steps)) > 1 and max(steps) - min(steps) == 1 and step > min(steps) \
+                    and (self.store.manifest.get("previous") or {}).get("step") == self.store.step - 1:
+                # killed between the ranks' commits: the ranks ahead return to the step all have
+                self.store.roll_back()
+                print(f"rank {self.dist.rank}: the ranks' stores were at steps {steps} (killed between "
+                      f"their commits); this one rolled back to step {min(steps)}", flush=True)
+                step -= 1
+            steps = self.dist.gather_ints(step, self.device)
             if len(set(steps)) > 1:
-                raise TrainingError(f"the ranks' stores are at different steps {steps} (a rank was "
-                                    "killed between commits); copy the store of the furthest rank "
-                                    "over the others, then resume")
+                raise TrainingError(f"the ranks' stores are at different steps {steps} and cannot be "
+                                    "brought to one (more than a step apart, or no previous step kept); "
+                                    "copy the store of one rank over the others, then resume")
             return step
         path = self.out / CHECKPOINT
         if not path.is_file():
@@ -149,13 +163,17 @@ class Trainer:
             raise ConfigError(f"{path}: checkpoint was made with LoRA {saved_lora}, the config "
                               f"says {self.cfg.lora()}; resume with the run's own config.toml")
         self.engine.load_adapters({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
+        if not self.engine.adapters.blocks:  # a pipeline stage without blocks: no optimizer state
+            return int(meta["step"])
         opt = self.engine.lora_optimizer
         sd = opt.state_dict()
         state: dict[int, dict[str, torch.Tensor]] = {}
+        lo, n = self.engine.adapters.offset, len(sd["param_groups"][0]["params"])  # a stage's slice
         for k, v in tensors.items():
             if k.startswith("optim."):
                 _, i, name = k.split(".", 2)
-                state.setdefault(int(i), {})[name] = v
+                if lo <= int(i) < lo + n:
+                    state.setdefault(int(i) - lo, {})[name] = v
         sd["state"] = state
         opt.load_state_dict(sd)
         return int(meta["step"])
@@ -191,7 +209,9 @@ class Trainer:
         state = self.store.args.n_params() * per_param
         m = self.store.manifest
         kept_base = not self.cfg.in_place and m.get("base", {}).get("units", m["units"]) == m["units"]
-        need = store_bytes * (2 if kept_base else 1) + 2 * state
+        # processes that must agree on a step keep the one before until the next commit
+        kept_prev = self.dist.enabled
+        need = store_bytes * (1 + kept_base + kept_prev) + (2 + kept_prev) * state
         free = shutil.disk_usage(self.store.path).free
         if free < need:
             raise ConfigError(
@@ -246,6 +266,10 @@ class Trainer:
         start = self._resume() if resume else 0
         metrics_path = self.out / "metrics.jsonl"
         main = self.dist.is_main
+        staged = self.dist.stages > 1
+        if staged and cfg.sample_every:
+            self.log("note: samples need the whole model in one process; with --stages they are "
+                     "not drawn (export the result, then `blocktune generate`)")
         history = read_metrics(metrics_path, upto=start) if resume else []
         if resume and start and (not history or history[-1]["step"] < start):
             lost = self._lost_row(start)  # killed after the checkpoint, before its metrics row
@@ -260,7 +284,7 @@ class Trainer:
         first_step = self.store.step - start if cfg.method == "full" else 0
         bar = Progress(cfg.steps, start, desc="finetune", enabled=cfg.progress and main,
                        every=cfg.progress_every)
-        W, r = self.dist.world, self.dist.rank
+        W, r = self.dist.dp_world, self.dist.dp_rank
         try:
             for step in range(start, cfg.steps):
                 t0 = time.perf_counter()
@@ -278,12 +302,18 @@ class Trainer:
                 if not self.device.is_cpu:
                     row["peak_device_gb"] = self.device.peak_memory_bytes() / 1e9
                     row["peak_device_reserved_gb"] = self.device.peak_reserved_bytes() / 1e9
-                if W > 1:
+                if self.dist.enabled:
                     row["gb_all_reduced"] = self.dist.bytes_reduced / 1e9
                     self.dist.bytes_reduced = 0
-                if main and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                if staged:  # what each rank read and waited for its neighbours, in rank order
+                    row["bytes_read_by_rank"] = self.dist.gather_ints(res.bytes_read, self.device)
+                    row["units_read_by_rank"] = self.dist.gather_objects(res.units_read)
+                    row["pipeline_wait_s_by_rank"] = [
+                        w / 1e6 for w in self.dist.gather_ints(int(self.dist.pipe.wait_seconds * 1e6), self.device)]
+                    self.dist.pipe.wait_seconds = 0.0
+                if (main or staged) and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                     row["val_loss"] = self.validate()
-                if main and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+                if main and not staged and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                     row["sample"] = self.sample()
                     self.log(f"step {step + 1} sample: {cfg.sample_prompt}{row['sample']!r}")
                 checkpoint = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
@@ -305,7 +335,12 @@ class Trainer:
             if not self.dist.enabled:
                 raise
             # a collective failed: another rank died or timed out
-            raise TrainingError(f"rank {r} of {W}: lost contact with the other ranks "
+            where = f"rank {self.dist.rank} of {self.dist.world}"
+            if self.dist.stages > 1:
+                pipe = self.dist.pipe
+                where += (f" (stage {self.dist.stage} of {self.dist.stages}, next to ranks "
+                          f"{[x for x in (pipe.prev, pipe.next) if x is not None]})")
+            raise TrainingError(f"{where}: lost contact with the other ranks "
                                 f"({str(exc).splitlines()[0][:200]}); the last checkpoint in "
                                 f"{self.out} is kept; restart every rank with --resume") from None
         finally:
@@ -317,6 +352,23 @@ class Trainer:
         self.engine.close()
         self.store.close()
         self.dist.close()
+
+
+def _merge_stages(parts: list, dist) -> tuple[dict, dict]:
+    """The adapters and optimizer state of the whole model from every rank's (adapters,
+    optimizer state dict): replica 0 of each stage, in stage order, its parameters' indices
+    shifted past the stages before (the single process's order and checkpoint)."""
+    adapters, state, offset = {}, {}, 0
+    groups = None
+    for s in range(dist.stages):
+        ad, sd = parts[s * dist.dp_world]
+        adapters.update(ad)
+        for i, st in sd["state"].items():
+            state[int(i) + offset] = st
+        group = dict(sd["param_groups"][0])
+        offset += len(group["params"])
+        groups = groups or group
+    return adapters, {"state": state, "param_groups": [{**groups, "params": list(range(offset))}]}
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
