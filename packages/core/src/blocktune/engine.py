@@ -115,6 +115,10 @@ class Engine(Inference, FullStep):
                            mutable=self.cfg.method == "full" and not self.cfg.read_only,
                            max_dirty=self.cfg.max_dirty, frozen_reads=self.cfg.frozen_reads,
                            as_stored=self.as_stored)
+        # a stage whose units all stay resident takes each micro-batch through all of them (`_order`)
+        own_bytes = sum(resident_sizes(store, self.dtype, self.as_stored)[u] for u in own)
+        self.interleave = (self.dist.stages > 1 and self.cfg.keep_budget == 0
+                           and own_bytes <= self.pager.budget)
         self.lora = self.cfg.lora if self.cfg.method == "lora" else None
         self.adapters: LoraAdapters | None = None
         if self.lora is not None:
@@ -262,43 +266,54 @@ class Engine(Inference, FullStep):
         embeddings' (tokens), nor (LoRA) into the frozen embeddings."""
         return i > 1 or (i == 1 and self.cfg.method == "full")
 
+    def _order(self, units: range, M: int) -> list[tuple[int, int]]:
+        """(unit, micro-batch) in the order the passes visit them: block-major (every
+        micro-batch through a unit while it is resident), or, on a pipeline stage whose units all
+        stay resident, micro-batch-major, so that each micro-batch goes on to the next stage as
+        soon as it is through this one's units (GPipe's fill and drain; one read per unit still)."""
+        if self.interleave:
+            return [(i, m) for m in range(M) for i in units]
+        return [(i, m) for i in units for m in range(M)]
+
     def _forward(self, run: _StepRun, xs: list[torch.Tensor], cursors: list) -> None:
-        """Embeddings and blocks (this stage's), each micro-batch through a unit while it is
-        resident. Without a graph (the input stashed, the RNG state noted for the replay), or,
-        within keep_budget, with one whose saved weights are handles, so the backward needs no
-        recompute. xs becomes the head's inputs (or, on a stage without the head, goes on to
-        the next stage, each micro-batch as soon as it is done)."""
-        dev, full, kept_bytes = self.device, self.cfg.method == "full", 0
-        end = min(self.hi, len(self.units) - 1)
-        for i in range(self.lo, end):
-            mod = self._module(self.units[i], training=True)
-            self.pager.prefetch(self._next(i, +1))
-            keep = (i > 0 and self.cfg.keep_budget != 0
-                    and (self.cfg.keep_budget is None or kept_bytes < self.cfg.keep_budget))
-            hooks = WeightHandles(self.pager, self.units[i]) if keep else None
-            for m in range(len(xs)):
-                if i == self.lo:
-                    self._arrive(xs, cursors, m)
-                dev.set_rng_state(cursors[m])
-                run.replay[(i, m)] = cursors[m]
-                if keep:
-                    x = xs[m].detach().requires_grad_(self._wants_dx(i))
-                    with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
-                        out = mod(x)
-                    run.kept[(i, m)] = (x, out)
-                    xs[m] = out.detach()
-                else:
-                    run.stash.put((i, m), xs[m])
-                    with torch.no_grad():
-                        xs[m] = mod(xs[m]) if i else mod(xs[m]).to(self.dtype)
-                cursors[m] = dev.get_rng_state()
-                if i == self.hi - 1:  # the stage's last unit: on to the next stage
-                    self.dist.pipe.send(xs[m], self.dist.pipe.next)
-                    self.dist.pipe.send_rng(cursors[m], self.dist.pipe.next)
-            if keep:
-                kept_bytes += hooks.activation_bytes
-                if full:  # the graph holds the parameters (to accumulate their gradients)
-                    run.kept_mods[i] = self._detach_weights(self.units[i], mod)
+        """Embeddings and blocks (this stage's), in `_order`. Without a graph (the input
+        stashed, the RNG state noted for the replay), or, within keep_budget, with one whose
+        saved weights are handles, so the backward needs no recompute. xs becomes the head's
+        inputs (or, on a stage without the head, goes on to the next stage)."""
+        dev, full, kept_bytes, M = self.device, self.cfg.method == "full", 0, len(xs)
+        mods, hooks = {}, {}
+        for i, m in self._order(range(self.lo, min(self.hi, len(self.units) - 1)), M):
+            if m == 0:  # the unit's first visit
+                mods[i] = self._module(self.units[i], training=True)
+                self.pager.prefetch(self._next(i, +1))
+                keep = (i > 0 and self.cfg.keep_budget != 0
+                        and (self.cfg.keep_budget is None or kept_bytes < self.cfg.keep_budget))
+                hooks[i] = WeightHandles(self.pager, self.units[i]) if keep else None
+            mod, hook = mods[i], hooks[i]
+            if i == self.lo:
+                self._arrive(xs, cursors, m)
+            dev.set_rng_state(cursors[m])
+            run.replay[(i, m)] = cursors[m]
+            if hook is not None:
+                x = xs[m].detach().requires_grad_(self._wants_dx(i))
+                with torch.autograd.graph.saved_tensors_hooks(hook.pack, hook.unpack):
+                    out = mod(x)
+                run.kept[(i, m)] = (x, out)
+                xs[m] = out.detach()
+            else:
+                run.stash.put((i, m), xs[m])
+                with torch.no_grad():
+                    xs[m] = mod(xs[m]) if i else mod(xs[m]).to(self.dtype)
+            cursors[m] = dev.get_rng_state()
+            if i == self.hi - 1:  # the stage's last unit: on to the next stage
+                self.dist.pipe.send(xs[m], self.dist.pipe.next)
+                self.dist.pipe.send_rng(cursors[m], self.dist.pipe.next)
+            if m == M - 1:  # the unit's last visit
+                if hook is not None:
+                    kept_bytes += hook.activation_bytes
+                    if full:  # the graph holds the parameters (to accumulate their gradients)
+                        run.kept_mods[i] = self._detach_weights(self.units[i], mod)
+                del mods[i], hooks[i]
             del mod
         run.kept_at_start = dict.fromkeys(run.kept)
 
@@ -349,22 +364,25 @@ class Engine(Inference, FullStep):
             pending = self._reduce_then_step(self.units[last], self._head, lr, step, None)
         self._head = None
         first = max(0 if full else 1, self.lo)  # LoRA: the embeddings have nothing to train
-        top = min(self.hi, last) - 1
-        for i in range(top, first - 1, -1):
-            mod, graph = self._graph_source(run, i)
-            self.pager.prefetch(self._next(i, -1) if i > first else None)
-            for m in range(len(grads)):
-                x, out = graph(m)
-                if i == self.hi - 1:  # the stage's last unit: its gradient from the next stage
-                    pipe = self.dist.pipe
-                    grads[m] = pipe.recv(run.shapes[m] + (self.args.dim,), self.dtype, pipe.next, self.device.torch)
-                out.backward(grads[m])
-                grads[m] = x.grad if self._wants_dx(i) else None
-                if i == self.lo:
-                    self._pass_back(grads, m)
-            if full:
-                pending = self._reduce_then_step(self.units[i], mod, lr, step, pending)
-            del mod, graph
+        M, sources = len(grads), {}
+        for i, m in self._order(range(min(self.hi, last) - 1, first - 1, -1), M):
+            if m == 0:  # the unit's first visit
+                sources[i] = self._graph_source(run, i)
+                self.pager.prefetch(self._next(i, -1) if i > first else None)
+            mod, graph = sources[i]
+            x, out = graph(m)
+            if i == self.hi - 1:  # the stage's last unit: its gradient from the next stage
+                pipe = self.dist.pipe
+                grads[m] = pipe.recv(run.shapes[m] + (self.args.dim,), self.dtype, pipe.next, self.device.torch)
+            out.backward(grads[m])
+            grads[m] = x.grad if self._wants_dx(i) else None
+            if i == self.lo:
+                self._pass_back(grads, m)
+            if m == M - 1:  # the unit's last visit: its gradient is complete
+                if full:
+                    pending = self._reduce_then_step(self.units[i], mod, lr, step, pending)
+                del sources[i]
+            del mod, graph, x, out
         if pending is not None:
             pending()
         if self.dist.pipe is not None:

@@ -267,6 +267,14 @@ class Trainer:
         metrics_path = self.out / "metrics.jsonl"
         main = self.dist.is_main
         staged = self.dist.stages > 1
+        if staged:  # every rank says what it holds
+            e = self.engine
+            own = e.units[e.lo:e.hi]
+            print(f"rank {self.dist.rank}: stage {self.dist.stage} of {self.dist.stages} (replica {self.dist.dp_rank}), "
+                  f"units {own[0]}..{own[-1]} ({sum(self.store.unit_bytes(u) for u in own) / 1e9:.2f} GB), "
+                  + ("each micro-batch through them in turn (they stay resident)" if e.interleave
+                     else "every micro-batch through each unit (block-major: the budget does not hold them all)"),
+                  flush=True)
         if staged and cfg.sample_every:
             self.log("note: samples need the whole model in one process; with --stages they are "
                      "not drawn (export the result, then `blocktune generate`)")
