@@ -36,6 +36,7 @@ from .common import cached_store, disk_bandwidth, machine, matmul_rate, measure,
 from .measure import evict_from_page_cache
 from .run_io import group_dist, group_export, group_generate, group_prepare
 from .run_limits import group_auto, group_families
+from .run_stages import group_stages
 from .synthetic import PRESETS
 
 
@@ -199,7 +200,7 @@ def group_headline(work: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="step,limit,headline,auto,families,prepare,export,generate,dist")
+    p.add_argument("--only", default="step,limit,headline,auto,families,prepare,export,generate,dist,stages")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("BLOCKTUNE_BENCH_DIR", "/tmp/blocktune-bench")))
     a = p.parse_args(argv)
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         group_generate(a.workdir, a.reps)
     if "dist" in groups:
         group_dist(a.workdir, a.reps)
+    if "stages" in groups:
+        group_stages(a.workdir, a.reps)
     return 0
 
 
