@@ -61,3 +61,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def signal_rank_one(cmd: list[str], metrics, sig) -> tuple[int, float, str]:
+    """Ranks 0 and 1 of `cmd` on loopback; once `metrics` has two rows, `sig` to rank 1. Returns
+    rank 0's exit code, the seconds it took to exit after the signal, and its stderr."""
+    import time
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    assert metrics.exists(), procs[0].stderr.read()[-2000:]
+    procs[1].send_signal(sig)
+    t0 = time.time()
+    try:
+        code = procs[0].wait(timeout=90)
+    finally:
+        for p in procs:
+            p.kill()
+    waited = time.time() - t0
+    err = procs[0].stderr.read()
+    print(f"rank 0 exited {code} after {waited:.1f}s: {err.strip().splitlines()[-1]}")
+    return code, waited, err

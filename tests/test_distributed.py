@@ -1,16 +1,14 @@
 """Data parallel over real processes on loopback (gloo): W ranks x batch B == 1 rank x batch W*B."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from blocktune import BlockStore
-from conftest import finetune_cmd, free_port, multi_process_root
+from conftest import finetune_cmd, multi_process_root, signal_rank_one
 from safetensors.torch import load_file
 
 PY = sys.executable
@@ -76,24 +74,6 @@ def test_two_ranks_equal_one_rank_with_double_batch(prepared, tmp_path, method, 
 def test_a_dead_rank_stops_the_others(prepared, tmp_path, extra, said):
     """Data parallel, or pipeline stages: rank 1 is killed mid-run; rank 0 stops with an error."""
     root, store = prepared
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    procs = [subprocess.Popen(finetune_cmd(root, store, tmp_path / "run", "lora", 2, steps=10_000, extra=extra),
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for r in (0, 1)]
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.05)
-    assert metrics.exists(), procs[0].stderr.read()[-2000:]
-    procs[1].send_signal(signal.SIGKILL)
-    t0 = time.time()
-    try:
-        code = procs[0].wait(timeout=90)
-    finally:
-        for p in procs:
-            p.kill()
-    waited = time.time() - t0
-    err = procs[0].stderr.read()
-    print(f"rank 0 exited {code} after {waited:.1f}s: {err.strip().splitlines()[-1]}")
+    cmd = finetune_cmd(root, store, tmp_path / "run", "lora", 2, steps=10_000, extra=extra)
+    code, _, err = signal_rank_one(cmd, tmp_path / "run" / "metrics.jsonl", signal.SIGKILL)
     assert code == 1 and said in err and "Traceback" not in err

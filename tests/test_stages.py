@@ -6,16 +6,20 @@ process at the same global batch.
 """
 
 import json
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from blocktune import BlockStore
 from blocktune.errors import ConfigError
 from blocktune.stages import split_by_bytes
-from conftest import finetune_cmd, multi_process_root
+from conftest import finetune_cmd, multi_process_root, signal_rank_one
 from safetensors.torch import load_file
 
 PY = sys.executable
@@ -62,11 +66,12 @@ def prepared(tmp_path_factory):
     return root, store, runs
 
 
-def _store_copies(where, store, ranks):
-    """A full fine-tune writes its store on every rank: one copy each (`{rank}` in --store)."""
-    where.mkdir()
-    for r in range(ranks):
-        shutil.copytree(store, where / f"rank-{r}")
+def _store_copies(where, store, ranks, stages=1):
+    """A full fine-tune writes its store on every rank: one each (`{rank}` in --store), made by
+    `blocktune split-stages` (hard links: a rank's writes must not reach the others' files)."""
+    r = subprocess.run([PY, "-m", "blocktune", "split-stages", str(store), "--out", str(where / "rank-{rank}"),
+                        "--stages", str(stages), "--nproc", str(ranks)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     return where / ("rank-{rank}" if ranks > 1 else "rank-0")
 
 
@@ -90,7 +95,7 @@ def test_stages_equal_one_process(prepared, tmp_path, method, stages, replicas, 
     root, store, runs = prepared
     one, single_store = runs[method, replicas]
     world = stages * replicas
-    rank_store = _store_copies(tmp_path / "stores", store, world) if method == "full" else store
+    rank_store = _store_copies(tmp_path / "stores", store, world, stages) if method == "full" else store
     rows = _run(root, rank_store, tmp_path / "staged", method, BATCH // replicas,
                 extra=["--nproc", str(world), "--stages", str(stages), "--device-budget", budget])
     said = (tmp_path / "staged" / "console.txt").read_text()
@@ -134,6 +139,16 @@ def test_stages_equal_one_process(prepared, tmp_path, method, stages, replicas, 
                 worst = max([worst] + [_rel(mine.read_unit(u)[k], v) for k, v in want.read_unit(u).items()])
             for u in s0.units[:lo] + s0.units[hi:]:  # another stage's units: untouched here
                 assert mine.record(u).crc32 == s0.record(u).crc32
+        # one store of the whole tuned model, for export, eval and generate
+        merged = tmp_path / "merged"
+        r = subprocess.run([PY, "-m", "blocktune", "merge-stages", str(merged), "--store", str(rank_store),
+                            "--nproc", str(world), "--stages", str(stages)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        whole = BlockStore.open(merged)
+        assert whole.step == want.step and whole.verify() == []
+        for u in s0.units:
+            for k, v in want.read_unit(u).items():
+                assert _rel(whole.read_unit(u)[k], v) <= 1e-6, (u, k)
     print(f"worst relative difference of the trained tensors: {worst:.2e}")
     assert worst <= 1e-6
 
@@ -141,13 +156,32 @@ def test_stages_equal_one_process(prepared, tmp_path, method, stages, replicas, 
 def test_a_kill_between_the_stages_commits_resumes_at_one_step(prepared, tmp_path):
     """Stage 0 committed step 2, stage 1 did not (its store is put back at step 1, as a kill
     between the two commits leaves it): the resume brings stage 0 back to step 1 (each stage's
-    store keeps the step before its last commit) and the run ends as the uninterrupted one."""
+    store keeps the step before its last commit) and the run ends as the uninterrupted one.
+    The per-rank stores are on another file system than the store they were split from (tmpfs,
+    where it is one): no hard links, so each holds its own stage's unit files only."""
     root, store, runs = prepared
     one, single_store = runs["full", 1]
-    stores = _store_copies(tmp_path / "stores", store, 2)
+    elsewhere = Path("/dev/shm")
+    apart = elsewhere.is_dir() and os.stat(elsewhere).st_dev != os.stat(store).st_dev
+    where = Path(tempfile.mkdtemp(dir=elsewhere)) if apart else tmp_path
+    try:
+        _kill_between_commits(root, store, one, single_store, where / "stores", tmp_path, apart)
+    finally:
+        if apart:
+            shutil.rmtree(where)
+
+
+def _kill_between_commits(root, store, one, single_store, stores_dir, tmp_path, apart):
+    stores = _store_copies(stores_dir, store, 2, 2)
+    base = BlockStore.open(store)
+    bounds = split_by_bytes([base.unit_bytes(u) for u in base.units], 2)
+    if apart:  # rank 0 has its stage's unit files and not the others'
+        files = {p.name for p in (stores_dir / "rank-0").iterdir()}
+        assert {base.record(u).file for u in base.units[:bounds[0][1]]} <= files
+        assert not {base.record(u).file for u in base.units[bounds[0][1]:]} & files
     staged = ["--nproc", "2", "--stages", "2"]
     _run(root, stores, tmp_path / "run", "full", BATCH, steps=2, extra=staged)
-    behind = BlockStore.open(tmp_path / "stores" / "rank-1", writer=True)
+    behind = BlockStore.open(stores_dir / "rank-1", writer=True)
     behind.roll_back()
     assert behind.step == BlockStore.open(store).step + 1
     behind.close()
@@ -159,10 +193,9 @@ def test_a_kill_between_the_stages_commits_resumes_at_one_step(prepared, tmp_pat
     ref = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert all(abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"]) for a, b in zip(ref, rows))
-    want, base = BlockStore.open(single_store), BlockStore.open(store)
-    bounds = split_by_bytes([base.unit_bytes(u) for u in base.units], 2)
+    want = BlockStore.open(single_store)
     for r, (lo, hi) in enumerate(bounds):
-        mine = BlockStore.open(tmp_path / "stores" / f"rank-{r}")
+        mine = BlockStore.open(stores_dir / f"rank-{r}")
         assert mine.step == want.step
         for u in base.units[lo:hi]:
             for k, v in want.read_unit(u).items():
@@ -183,3 +216,24 @@ def test_a_staged_lora_checkpoint_is_the_single_process_one(prepared, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         a, b = load_file(str(one / "adapter.safetensors")), load_file(str(out / "adapter.safetensors"))
         assert max(_rel(b[k], a[k]) for k in a) <= 1e-6, out.name
+
+
+def test_validation_runs_through_the_stages(prepared, tmp_path):
+    """The validation loss, computed by every rank on its own units, is the single process's."""
+    root, store, _ = prepared
+    val = ["--set", "val_ratio=0.2", "--set", "eval_every=1", "--set", "eval_batches=2"]
+    one = _run(root, store, tmp_path / "one", "lora", BATCH, steps=2, extra=val)
+    two = _run(root, store, tmp_path / "two", "lora", BATCH, steps=2, extra=[*val, "--nproc", "2", "--stages", "2"])
+    assert [r["val_loss"] for r in one] == pytest.approx([r["val_loss"] for r in two], rel=1e-6)
+    assert one[0]["val_loss"] != one[1]["val_loss"]  # it moved: the adapters were trained between
+
+
+def test_a_silent_stage_times_out(prepared, tmp_path):
+    """A stage that stops answering (SIGSTOP: its sockets stay open) is waited for dist_timeout
+    seconds, then the others stop with an error, not a hang."""
+    root, store, _ = prepared
+    cmd = finetune_cmd(root, store, tmp_path / "run", "lora", 2, steps=10_000,
+                       extra=["--stages", "2", "--set", "dist_timeout=8"])
+    code, waited, err = signal_rank_one(cmd, tmp_path / "run" / "metrics.jsonl", signal.SIGSTOP)
+    assert code == 1 and "lost contact" in err and "Traceback" not in err
+    assert 7 < waited < 60

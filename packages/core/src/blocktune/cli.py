@@ -215,6 +215,25 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_split_stages(a: argparse.Namespace) -> int:
+    from .stages import split_stage_stores
+
+    outs = split_stage_stores(a.store, a.nproc or a.stages, a.stages, a.out)
+    print(f"{len(outs)} per-rank stores ({outs[0]} ... {outs[-1]}): train with --store '{a.out}'")
+    return 0
+
+
+def cmd_merge_stages(a: argparse.Namespace) -> int:
+    from .stages import merge_stage_stores
+    from .store import BlockStore
+
+    out = merge_stage_stores(a.store, a.nproc, a.stages, a.out)
+    store = BlockStore.open(out)
+    print(f"{out}: step {store.step}, {len(store.units)} units from {a.stages} stages "
+          f"({store.total_bytes() / 1e9:.2f} GB); export, eval and generate read it")
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     from .store import BlockStore
 
@@ -337,6 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a store")
     p.add_argument("store")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("split-stages", help="a store per rank for a staged full fine-tune (hard links)")
+    p.add_argument("store")
+    p.add_argument("--out", required=True, help="the per-rank stores' pattern, e.g. 'store-{rank}'")
+    p.add_argument("--stages", type=int, required=True)
+    p.add_argument("--nproc", type=int, help="the run's processes (default: one per stage)")
+    p.set_defaults(func=cmd_split_stages)
+
+    p = sub.add_parser("merge-stages", help="one store from a staged full fine-tune's per-rank stores")
+    p.add_argument("out", help="a new folder for the merged store")
+    p.add_argument("--store", required=True, help="the run's per-rank store pattern, e.g. 'store-{rank}'")
+    p.add_argument("--nproc", type=int, required=True, help="the run's number of processes")
+    p.add_argument("--stages", type=int, required=True, help="the run's --stages")
+    p.set_defaults(func=cmd_merge_stages)
 
     for ep in sorted(entry_points(group="blocktune.commands"), key=lambda e: e.name):
         ep.load()(sub)

@@ -15,7 +15,8 @@ One training step, for M micro-batches:
               full: wait for the write-backs, switch the store's manifest to the new step
 
 Every micro-batch goes through a unit while it is resident, so weights are read once per
-optimizer step, whatever the accumulation.
+optimizer step, whatever the accumulation. With pipeline stages (`blocktune.stages`) a rank runs
+only its own range of units: its inputs come from the stage before, its gradients go back to it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .model import Block, Embed, Head
 from .pager import Pager, resident_sizes
 from .recompute import skip_unread_product
 from .rng import seed_micro_batch
-from .stages import split_by_bytes
+from .stages import StageSteps
 from .stash import ActivationStash
 from .store import BlockStore
 
@@ -73,7 +74,7 @@ class _StepRun:
     shapes: list = field(default_factory=list)  # each micro-batch's (batch, seq)
 
 
-class Engine(Inference, FullStep):
+class Engine(Inference, FullStep, StageSteps):
     """Runs a model held in a `BlockStore` one unit at a time (training here; forward-only
     passes for evaluation and generation in `blocktune.inference`)."""
 
@@ -134,16 +135,6 @@ class Engine(Inference, FullStep):
         self.step_count = store.step if self.cfg.method == "full" else 0
         self._tied_grad: torch.Tensor | None = None  # tied head: its projection's gradient, for embed
         self._head: nn.Module | None = None  # the head module between the loss and its step
-
-    def _stage_range(self) -> tuple[int, int]:
-        """This rank's units [lo, hi): all of them, or its pipeline stage's (`blocktune.stages`)."""
-        if self.dist.stages == 1:
-            return 0, len(self.units)
-        if self.store.tied:
-            raise ConfigError(f"{self.store.path}: tied embeddings share one matrix between the first "
-                              "and the last stage; --stages does not split such a model yet (use "
-                              "data parallel: --nproc without --stages)")
-        return split_by_bytes([self.store.unit_bytes(u) for u in self.units], self.dist.stages)[self.dist.stage]
 
     # ---- adapters ----
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -317,14 +308,6 @@ class Engine(Inference, FullStep):
             del mod
         run.kept_at_start = dict.fromkeys(run.kept)
 
-    def _arrive(self, xs: list[torch.Tensor], cursors: list, m: int) -> None:
-        """On a stage after the first: micro-batch m's activation and RNG state from the stage before."""
-        if self.lo == 0:
-            return
-        pipe, (B, T) = self.dist.pipe, xs[m].shape[:2]
-        xs[m] = pipe.recv((B, T, self.args.dim), self.dtype, pipe.prev, self.device.torch)
-        cursors[m] = pipe.recv_rng(cursors[m], pipe.prev)
-
     def _loss(self, xs: list[torch.Tensor], targets: list[torch.Tensor], n_tok: int, cursors: list):
         """The loss through the head and its gradient w.r.t. each micro-batch's head input; a
         full fine-tune's head steps right after (its gradient is complete). A stage without the
@@ -347,12 +330,6 @@ class Engine(Inference, FullStep):
         xs.clear()
         self._head = head
         return loss, grads
-
-    def _pass_back(self, grads: list, m: int) -> None:
-        """On a stage after the first: micro-batch m's gradient w.r.t. this stage's input, to the
-        stage before (when that one trains anything below it)."""
-        if self.lo > 0 and self._wants_dx(self.lo):
-            self.dist.pipe.send(grads[m], self.dist.pipe.prev)
 
     def _backward(self, run: _StepRun, grads: list, lr: float, step: int) -> None:
         """Unit by unit in reverse, each micro-batch's graph through the unit while it is

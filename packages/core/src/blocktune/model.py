@@ -146,11 +146,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Keys and values of one block for generation: (B, max_len, n_kv_heads, head_dim)."""
 
-    def __init__(self, batch: int, max_len: int, n_kv: int, head_dim: int, dtype, device):
+    def __init__(self, batch: int, max_len: int, n_kv: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str):
         self.k = torch.zeros(batch, max_len, n_kv, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[1]
         self.k[:, start:end] = k
         self.v[:, start:end] = v
@@ -170,7 +171,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                start: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv, self.head_dim)
@@ -218,7 +220,7 @@ class Block(nn.Module):
         self.rope_theta, self.rope_scaling = args.rope_theta, args.rope_scaling
         self.head_dim = args.head_dim
 
-    def forward(self, x, cache: KVCache | None = None, start: int = 0):
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         # x: (B, T, dim). Rotary tables are cheap next to the block's matmuls: make them here
         # so that a block needs nothing but its input.
         pos = torch.arange(start, start + x.shape[1], device=x.device)
@@ -296,7 +298,7 @@ class Transformer(nn.Module):
             (unit_name(i), b) for i, b in enumerate(self.layers)
         ] + [("head", self.head)]
 
-    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None, start: int = 0):
+    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None, start: int = 0) -> torch.Tensor:
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, caches[i] if caches else None, start)

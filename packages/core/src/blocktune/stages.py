@@ -20,17 +20,23 @@ micro-batch's RNG state after the units before it, so every dropout mask is the 
 process draws, whatever S and D (D enters only as data parallel does: stream m·D + replica).
 The loss is summed over every rank (stages without the head add 0); gradients are all-reduced
 within a stage's replica group only.
+
+A full fine-tune's stages each write their own store; `merge_stage_stores` (`blocktune
+merge-stages`) puts the trained units together into one store for export, eval and generate.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, StoreError
 
-__all__ = ["split_by_bytes", "Pipe"]
+__all__ = ["split_by_bytes", "Pipe", "StageSteps", "split_stage_stores", "merge_stage_stores"]
 
 
 def split_by_bytes(sizes: list[int], stages: int) -> list[tuple[int, int]]:
@@ -111,3 +117,128 @@ class Pipe:
         for _, work in self._pending:
             work.wait()
         self._pending.clear()
+
+
+def merge_stage_stores(pattern: str, world: int, stages: int, out: str | Path) -> Path:
+    """One store of the whole model from a staged full fine-tune's per-rank stores (`pattern`
+    holds `{rank}`): each unit from replica 0 of the stage that trained it, files hard-linked
+    where the disk allows (copied otherwise), tokenizer and extra files from rank 0's store.
+    The result is the tuned model at the stores' common step, without optimizer state or a kept
+    base (for export, eval and generate); nothing is written into the stores."""
+    import json
+
+    from .fileio import atomic_write
+    from .records import MANIFEST
+    from .store import BlockStore
+
+    if "{rank}" not in pattern:
+        raise ConfigError(f"--store {pattern!r}: give the per-rank pattern the run used, with {{rank}}")
+    if world % stages:
+        raise ConfigError(f"--stages {stages} must divide the number of ranks ({world})")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out}: not empty; give a new folder for the merged store")
+    replicas = world // stages
+    parts = [BlockStore.open(pattern.replace("{rank}", str(s * replicas))) for s in range(stages)]
+    try:
+        first = parts[0]
+        steps = [p.step for p in parts]
+        if len(set(steps)) > 1:
+            raise StoreError(f"the stages' stores are at steps {steps}: resume the run (it brings them to "
+                             "one step) before merging")
+        if any(p.units != first.units or p.args != first.args for p in parts):
+            raise StoreError(f"the stores of {pattern!r} are not of one model")
+        bounds = split_by_bytes([first.unit_bytes(u) for u in first.units], stages)
+        out.mkdir(parents=True, exist_ok=True)
+        units = {}
+        for s, (lo, hi) in enumerate(bounds):
+            for u in first.units[lo:hi]:
+                rec = parts[s].manifest["units"][u]
+                _link_or_copy(parts[s].path / rec["file"], out / rec["file"])
+                units[u] = rec
+        small = [f for f in [first.manifest.get("tokenizer"), *first.manifest.get("extra_files", [])] if f]
+        for f in small:
+            _link_or_copy(first.path / f, out / f)
+        manifest = {k: v for k, v in first.manifest.items() if k not in ("base", "previous", "run", "last_step")}
+        manifest.update(units=units, state={})
+        atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    finally:
+        for p in parts:
+            p.close()
+    return out
+
+
+class StageSteps:
+    """The engine's side of a stage: which units are its own, and what crosses its boundaries.
+    Mixed into `Engine` (its units, store, dist, dtype and device)."""
+
+    def _stage_range(self) -> tuple[int, int]:
+        """This rank's units [lo, hi): all of them, or its pipeline stage's (`blocktune.stages`)."""
+        if self.dist.stages == 1:
+            return 0, len(self.units)
+        if self.store.tied:
+            raise ConfigError(f"{self.store.path}: tied embeddings share one matrix between the first "
+                              "and the last stage; --stages does not split such a model yet (use "
+                              "data parallel: --nproc without --stages)")
+        return split_by_bytes([self.store.unit_bytes(u) for u in self.units], self.dist.stages)[self.dist.stage]
+
+    def _arrive(self, xs: list[torch.Tensor], cursors: list, m: int) -> None:
+        """On a stage after the first: micro-batch m's activation and RNG state from the stage before."""
+        if self.lo == 0:
+            return
+        pipe, (B, T) = self.dist.pipe, xs[m].shape[:2]
+        xs[m] = pipe.recv((B, T, self.args.dim), self.dtype, pipe.prev, self.device.torch)
+        cursors[m] = pipe.recv_rng(cursors[m], pipe.prev)
+
+    def _pass_back(self, grads: list, m: int) -> None:
+        """On a stage after the first: micro-batch m's gradient w.r.t. this stage's input, to the
+        stage before (when that one trains anything below it)."""
+        if self.lo > 0 and self._wants_dx(self.lo):
+            self.dist.pipe.send(grads[m], self.dist.pipe.prev)
+
+
+def split_stage_stores(store_path: str | Path, world: int, stages: int, pattern: str) -> list[Path]:
+    """A store per rank for a staged full fine-tune (`pattern` holds `{rank}`): every file
+    hard-linked to the original (free on one disk; a full fine-tune writes new files, never into
+    old ones). Where the disk refuses links (another file system) only the files the rank needs
+    are copied: its stage's units, the tokenizer and the manifest; the others' units are left
+    out, which is all a rank on its own machine needs. Returns the stores, in rank order."""
+    from .records import MANIFEST, manifest_files
+    from .store import BlockStore
+
+    if "{rank}" not in pattern:
+        raise ConfigError(f"{pattern!r}: give a per-rank pattern with {{rank}}, e.g. 'store-{{rank}}'")
+    if world % stages:
+        raise ConfigError(f"--stages {stages} must divide the number of ranks ({world})")
+    src = BlockStore.open(store_path)
+    try:
+        bounds = split_by_bytes([src.unit_bytes(u) for u in src.units], stages)
+        files = sorted(manifest_files(src.manifest) - {MANIFEST})
+        by_unit = {src.manifest["units"][u]["file"]: u for u in src.units}
+        outs = []
+        for r in range(world):
+            lo, hi = bounds[r // (world // stages)]
+            own = set(src.units[lo:hi])
+            dst = Path(pattern.replace("{rank}", str(r)))
+            if dst.exists() and any(dst.iterdir()):
+                raise ConfigError(f"{dst}: not empty; give new folders for the per-rank stores")
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                try:
+                    os.link(src.path / f, dst / f)
+                except OSError:
+                    unit = by_unit.get(f)
+                    if unit is None or unit in own:  # the small files and its own units
+                        shutil.copy2(src.path / f, dst / f)
+            shutil.copy2(src.path / MANIFEST, dst / MANIFEST)
+            outs.append(dst)
+    finally:
+        src.close()
+    return outs
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

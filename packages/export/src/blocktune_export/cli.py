@@ -36,6 +36,13 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     gb = store.total_bytes() / 1e9
     print(f"prepared {store.path}: {len(store.units)} units, {gb:.2f} GB {a.dtype or 'as stored'}, "
           f"in {dt:.1f}s ({gb / dt:.2f} GB/s)")
+    if a.stages:
+        from blocktune.stages import split_stage_stores
+
+        pattern = f"{Path(a.dst)}-{{rank}}"
+        outs = split_stage_stores(store.path, a.nproc or a.stages, a.stages, pattern)
+        print(f"{len(outs)} per-rank stores for --stages {a.stages} ({outs[0]} ... {outs[-1]}, hard-linked "
+              f"where the disk allows): a full fine-tune takes --store '{pattern}'")
     return 0
 
 
@@ -80,6 +87,9 @@ def register_prepare(sub) -> None:
     p.add_argument("src", help="folder with params.json + consolidated.XX.pth (or HF config.json + safetensors)")
     p.add_argument("dst", help="new store folder")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="stored dtype (default: as the checkpoint)")
+    p.add_argument("--stages", type=int, help="also write DST-{rank}, a store per rank for a staged full fine-tune "
+                                             "(`blocktune split-stages` does it for a store already prepared)")
+    p.add_argument("--nproc", type=int, help="with --stages: the run's processes (default: one per stage)")
     p.set_defaults(func=cmd_prepare)
 
 
