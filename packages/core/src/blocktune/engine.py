@@ -96,9 +96,9 @@ class Engine(Inference, FullStep, StageSteps):
         frozen = self.cfg.method != "full" or self.cfg.read_only
         self.as_stored = (frozenset({"embed", "head"}) if frozen and store.dtype.itemsize < self.dtype.itemsize
                           else frozenset())
+        sizes = {n: b for n, b in resident_sizes(store, self.dtype, self.as_stored).items() if n in own}
         self.budgets: Budgets = resolve_budgets(
-            self.device, store.args, {n: b for n, b in resident_sizes(store, self.dtype, self.as_stored).items()
-                                      if n in own},
+            self.device, store.args, sizes,
             {n: store.unit_bytes(n) for n in own}, self.dtype,
             method=self.cfg.method, device_budget=self.cfg.device_budget, host_budget=self.cfg.host_budget,
             activation_budget=self.cfg.activation_budget, batch=batch, seq=seq, micro=micro,
@@ -117,9 +117,8 @@ class Engine(Inference, FullStep, StageSteps):
                            max_dirty=self.cfg.max_dirty, frozen_reads=self.cfg.frozen_reads,
                            as_stored=self.as_stored)
         # a stage whose units all stay resident takes each micro-batch through all of them (`_order`)
-        own_bytes = sum(resident_sizes(store, self.dtype, self.as_stored)[u] for u in own)
         self.interleave = (self.dist.stages > 1 and self.cfg.keep_budget == 0
-                           and own_bytes <= self.pager.budget)
+                           and sum(sizes.values()) <= self.pager.budget)
         self.lora = self.cfg.lora if self.cfg.method == "lora" else None
         self.adapters: LoraAdapters | None = None
         if self.lora is not None:

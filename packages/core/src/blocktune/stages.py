@@ -6,14 +6,14 @@ that the stages' stored bytes are as even as contiguity allows (`split_by_bytes`
 opens the store (shared, or its own copy) and pages only its own range: its disk reads fall
 with S, and where its share fits in RAM the disk leaves the step.
 
-Schedule. The engine keeps the block-major order on every stage: all micro-batches go through
-a unit while it is resident, so each unit is read once per pass, as on one machine. A stage
-passes each micro-batch on as soon as its last unit has computed it (`Pipe.send` is
-asynchronous), so the next stage starts its first unit while this one finishes the rest: the
-stages overlap by one unit, not more, and a step's compute is that of one machine (the bubble,
-(S-1)/S of each rank's step, is reported as `pipeline_wait` in the metrics). What stages buy is
-IO: each rank reads 1/S of the model. Backward is the same in reverse with the gradients of
-the boundary activations.
+Schedule (`Engine._order`). Each unit is read once per pass, as on one machine. A stage whose
+units all fit in its budget keeps them resident and takes each micro-batch through all of them
+before the next, passing it on at once (`Pipe.send` is asynchronous): stage s works on
+micro-batch m while s+1 works on m-1, GPipe's fill and drain. A stage whose units do not fit is
+block-major (every micro-batch through a unit while it is resident): then the stages overlap by
+one unit only and work one after another, and what stages buy is IO, each rank reading 1/S of
+the model. The time each rank waits on its neighbours is `pipeline_wait_s_by_rank` in the
+metrics. Backward is the same in reverse with the gradients of the boundary activations.
 
 Same answer. What crosses a boundary is the activation (compute dtype) and, with it, each
 micro-batch's RNG state after the units before it, so every dropout mask is the one a single
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +77,6 @@ class Pipe:
     prev: int | None  # global rank of the stage before (None on stage 0)
     next: int | None  # global rank of the stage after (None on the last)
     wire: torch.device  # where tensors travel from: the GPU for nccl, the CPU for gloo
-    bytes_sent: int = 0
     wait_seconds: float = 0.0  # time spent blocked in a receive: the pipeline's bubble
     _pending: list = field(default_factory=list)
 
@@ -85,11 +85,8 @@ class Pipe:
 
         buf = t.detach().to(self.wire).contiguous()
         self._pending.append((buf, dist.isend(buf, to)))
-        self.bytes_sent += buf.numel() * buf.element_size()
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, device: torch.device) -> torch.Tensor:
-        import time
-
         import torch.distributed as dist
 
         buf = torch.empty(shape, dtype=dtype, device=self.wire)
@@ -131,10 +128,7 @@ def merge_stage_stores(pattern: str, world: int, stages: int, out: str | Path) -
     from .records import MANIFEST
     from .store import BlockStore
 
-    if "{rank}" not in pattern:
-        raise ConfigError(f"--store {pattern!r}: give the per-rank pattern the run used, with {{rank}}")
-    if world % stages:
-        raise ConfigError(f"--stages {stages} must divide the number of ranks ({world})")
+    _check_layout(pattern, world, stages)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: not empty; give a new folder for the merged store")
@@ -206,10 +200,7 @@ def split_stage_stores(store_path: str | Path, world: int, stages: int, pattern:
     from .records import MANIFEST, manifest_files
     from .store import BlockStore
 
-    if "{rank}" not in pattern:
-        raise ConfigError(f"{pattern!r}: give a per-rank pattern with {{rank}}, e.g. 'store-{{rank}}'")
-    if world % stages:
-        raise ConfigError(f"--stages {stages} must divide the number of ranks ({world})")
+    _check_layout(pattern, world, stages)
     src = BlockStore.open(store_path)
     try:
         bounds = split_by_bytes([src.unit_bytes(u) for u in src.units], stages)
@@ -223,13 +214,8 @@ def split_stage_stores(store_path: str | Path, world: int, stages: int, pattern:
             if dst.exists() and any(dst.iterdir()):
                 raise ConfigError(f"{dst}: not empty; give new folders for the per-rank stores")
             dst.mkdir(parents=True, exist_ok=True)
-            for f in files:
-                try:
-                    os.link(src.path / f, dst / f)
-                except OSError:
-                    unit = by_unit.get(f)
-                    if unit is None or unit in own:  # the small files and its own units
-                        shutil.copy2(src.path / f, dst / f)
+            for f in files:  # across file systems, the small files and its own units only
+                _link_or_copy(src.path / f, dst / f, copy=f not in by_unit or by_unit[f] in own)
             shutil.copy2(src.path / MANIFEST, dst / MANIFEST)
             outs.append(dst)
     finally:
@@ -237,8 +223,17 @@ def split_stage_stores(store_path: str | Path, world: int, stages: int, pattern:
     return outs
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def _check_layout(pattern: str, world: int, stages: int) -> None:
+    if "{rank}" not in pattern:
+        raise ConfigError(f"{pattern!r}: give the per-rank store pattern, with {{rank}}, e.g. 'store-{{rank}}'")
+    if world % stages:
+        raise ConfigError(f"--stages {stages} must divide the number of ranks ({world})")
+
+
+def _link_or_copy(src: Path, dst: Path, copy: bool = True) -> None:
+    """A hard link to src, or, where the file system refuses one, a copy (when `copy`)."""
     try:
         os.link(src, dst)
     except OSError:
-        shutil.copy2(src, dst)
+        if copy:
+            shutil.copy2(src, dst)

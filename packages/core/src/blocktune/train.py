@@ -314,11 +314,10 @@ class Trainer:
                     row["gb_all_reduced"] = self.dist.bytes_reduced / 1e9
                     self.dist.bytes_reduced = 0
                 if staged:  # what each rank read and waited for its neighbours, in rank order
-                    row["bytes_read_by_rank"] = self.dist.gather_ints(res.bytes_read, self.device)
-                    row["units_read_by_rank"] = self.dist.gather_objects(res.units_read)
-                    row["pipeline_wait_s_by_rank"] = [
-                        w / 1e6 for w in self.dist.gather_ints(int(self.dist.pipe.wait_seconds * 1e6), self.device)]
+                    ranks = self.dist.gather_objects((res.bytes_read, res.units_read, self.dist.pipe.wait_seconds))
                     self.dist.pipe.wait_seconds = 0.0
+                    for i, key in enumerate(("bytes_read_by_rank", "units_read_by_rank", "pipeline_wait_s_by_rank")):
+                        row[key] = [r[i] for r in ranks]
                 if (main or staged) and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                     row["val_loss"] = self.validate()
                 if main and not staged and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
@@ -367,16 +366,13 @@ def _merge_stages(parts: list, dist) -> tuple[dict, dict]:
     optimizer state dict): replica 0 of each stage, in stage order, its parameters' indices
     shifted past the stages before (the single process's order and checkpoint)."""
     adapters, state, offset = {}, {}, 0
-    groups = None
     for s in range(dist.stages):
         ad, sd = parts[s * dist.dp_world]
         adapters.update(ad)
         for i, st in sd["state"].items():
             state[int(i) + offset] = st
-        group = dict(sd["param_groups"][0])
-        offset += len(group["params"])
-        groups = groups or group
-    return adapters, {"state": state, "param_groups": [{**groups, "params": list(range(offset))}]}
+        offset += len(sd["param_groups"][0]["params"])
+    return adapters, {"state": state}
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
