@@ -14,6 +14,9 @@ export    store -> Meta (1 and 2 shards) of a 2.7 GB bf16 store: time and the an
           it takes at its peak (mapped page cache aside).
 generate  generation tokens/s of the paged engine against the same model in memory.
 dist      data-parallel LoRA: 2 processes against 1 on this machine, and bytes all-reduced.
+stages    pipeline stages: bytes each rank reads, S = 1, 2, 4; a worked model of 70B on 4 and 8 machines.
+disk      the headline's step on a disk a cgroup slows to BLOCKTUNE_READ_RATE (400MB): step time
+          against max(IO floor, compute floor), driver and CLI, beside BLOCKTUNE_BASELINE (a checkout).
 
 Results: benchmarks/results/<date>-cpu-<group>.json and .md (machine, date, commit, command).
 """
@@ -34,6 +37,7 @@ from blocktune.store import BlockStore
 
 from .common import cached_store, disk_bandwidth, machine, matmul_rate, measure, save
 from .measure import evict_from_page_cache
+from .run_disk import group_disk
 from .run_io import group_dist, group_export, group_generate, group_prepare
 from .run_limits import group_auto, group_families
 from .run_stages import group_stages
@@ -200,7 +204,7 @@ def group_headline(work: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="step,limit,headline,auto,families,prepare,export,generate,dist,stages")
+    p.add_argument("--only", default="step,limit,headline,auto,families,prepare,export,generate,dist,stages,disk")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("BLOCKTUNE_BENCH_DIR", "/tmp/blocktune-bench")))
     a = p.parse_args(argv)
@@ -226,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         group_dist(a.workdir, a.reps)
     if "stages" in groups:
         group_stages(a.workdir, a.reps)
+    if "disk" in groups:
+        group_disk(a.workdir)
     return 0
 
 

@@ -3,11 +3,11 @@
 One training step, for M micro-batches:
 
     forward   for each unit u = embed, block_00 … block_NN:
-                  load u (prefetch u+1 meanwhile); for each micro-batch m:
+                  load u (the pager reads ahead meanwhile); for each micro-batch m:
                   stash m's input to u, note the RNG state, run u without a graph
     loss      head: per micro-batch, chunked cross-entropy and its gradient w.r.t. the head's
               input, chunk by chunk (never all vocab logits at once)
-    backward  for each unit u in reverse: load u (prefetch u-1); for each micro-batch m:
+    backward  for each unit u in reverse: load u; for each micro-batch m:
                   restore the RNG state noted before u's forward, recompute u from its stashed
                   input with a graph, backward with the gradient from u+1, pass d(input) on;
               full fine-tune: the unit's optimizer step runs now and the unit is written back
@@ -61,6 +61,8 @@ class StepResult:
     bytes_written: int
     kept_units: int = 0  # units whose backward used kept activations instead of a recompute
     units_read: list = field(default_factory=list)  # the units read from the store, in model order
+    load_wait_seconds: float = 0.0  # the compute waiting for units to load (what reading ahead did not hide)
+    demand_reads: int = 0  # units read only when asked for (not read ahead)
 
 
 @dataclass
@@ -186,10 +188,6 @@ class Engine(Inference, FullStep, StageSteps):
         block = Block(self.args)
         return block if self.lora is None else add_lora(block, self.lora)
 
-    def _next(self, i: int, step: int) -> str | None:
-        j = i + step
-        return self.units[j] if self.lo <= j < self.hi else None
-
     # ---- training ----
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
                    lr: float | None = None, step: int | None = None,
@@ -222,6 +220,7 @@ class Engine(Inference, FullStep, StageSteps):
             cursors.append(dev.get_rng_state())
         run = _StepRun(ActivationStash(self.budgets.activation), {}, {}, {}, shapes=[tuple(x.shape) for x in xs])
         full = self.cfg.method == "full"
+        self._plan_step()
         try:
             self._forward(run, xs, cursors)
             loss, grads = self._loss(xs, targets, n_tok, cursors)
@@ -249,7 +248,20 @@ class Engine(Inference, FullStep, StageSteps):
         return StepResult(loss_value, n_tok, time.perf_counter() - t_start,
                           after.bytes_read - before["bytes_read"],
                           after.bytes_written - before["bytes_written"], len({i for i, _ in run.kept_at_start}),
-                          [u for u in self.units if after.reads_by_unit.get(u, 0) > before["reads_by_unit"].get(u, 0)])
+                          [u for u in self.units if after.reads_by_unit.get(u, 0) > before["reads_by_unit"].get(u, 0)],
+                          after.wait_seconds - before["wait_seconds"], after.demand_reads - before["demand_reads"])
+
+    def _plan_step(self) -> None:
+        """Tell the pager the units this step will ask for, in order: the forward, the head,
+        the backward, and (LoRA: nothing changes between steps) the next step's forward, so
+        the reader runs ahead across the turn and into the next step's embeddings. A full
+        fine-tune's next step reads units not yet committed: its plan ends with this step."""
+        last, full = len(self.units) - 1, self.cfg.method == "full"
+        forward = list(range(self.lo, min(self.hi, last)))
+        head = [last] if self.hi > last else []
+        first = max(0 if full else 1, self.lo)
+        backward = list(range(min(self.hi, last) - 1, first - 1, -1))
+        self.pager.plan([self.units[i] for i in forward + head + backward + ([] if full else forward)])
 
     def _wants_dx(self, i: int) -> bool:
         """Whether unit i's backward passes a gradient on to its input: not into the
@@ -275,7 +287,6 @@ class Engine(Inference, FullStep, StageSteps):
         for i, m in self._order(range(self.lo, min(self.hi, len(self.units) - 1)), M):
             if m == 0:  # the unit's first visit
                 mods[i] = self._module(self.units[i], training=True)
-                self.pager.prefetch(self._next(i, +1))
                 keep = (i > 0 and self.cfg.keep_budget != 0
                         and (self.cfg.keep_budget is None or kept_bytes < self.cfg.keep_budget))
                 hooks[i] = WeightHandles(self.pager, self.units[i]) if keep else None
@@ -316,7 +327,6 @@ class Engine(Inference, FullStep, StageSteps):
         if self.hi <= last:
             return loss, [None] * len(xs)
         head = self._module(self.units[last], training=True)
-        self.pager.prefetch(self._next(last, -1))
         grads = []
         for m in range(len(xs)):
             if self.lo == last:
@@ -344,7 +354,6 @@ class Engine(Inference, FullStep, StageSteps):
         for i, m in self._order(range(min(self.hi, last) - 1, first - 1, -1), M):
             if m == 0:  # the unit's first visit
                 sources[i] = self._graph_source(run, i)
-                self.pager.prefetch(self._next(i, -1) if i > first else None)
             mod, graph = sources[i]
             x, out = graph(m)
             if i == self.hi - 1:  # the stage's last unit: its gradient from the next stage

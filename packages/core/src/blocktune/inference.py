@@ -14,11 +14,12 @@ __all__ = ["Inference"]
 class Inference:
     def _forward_units(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
                        start: int = 0) -> torch.Tensor:
-        """The hidden state after embed and every block (eval mode, no graph)."""
+        """The hidden state after embed and every block (eval mode, no graph); the pager reads
+        ahead through the head and, generating (`caches`), on into the next token's pass."""
         h = tokens.to(self.device.torch)
+        self.pager.plan(self.units + (self.units[:-1] if caches else []))
         for i in range(len(self.units) - 1):
             mod = self._module(self.units[i], training=False)
-            self.pager.prefetch(self._next(i, +1))
             if i == 0:
                 h = mod(h).to(self.dtype)
             else:
@@ -51,9 +52,9 @@ class Inference:
         shape = tuple(tokens.shape) + (self.args.dim,)
         if self.lo > 0:
             h = pipe.recv(shape, self.dtype, pipe.prev, self.device.torch)
+        self.pager.plan(self.units[self.lo:self.hi])
         for i in range(self.lo, min(self.hi, last)):
             mod = self._module(self.units[i], training=False)
-            self.pager.prefetch(self._next(i, +1))
             h = mod(h).to(self.dtype) if i == 0 else mod(h)
         total = torch.zeros((), device=self.device.torch)
         if self.hi <= last:
@@ -75,5 +76,4 @@ class Inference:
         """Logits of the last position only, extending `caches` from position `start`."""
         h = self._forward_units(tokens, caches, start)
         head = self._module("head", training=False)
-        self.pager.prefetch(self.units[0])  # the next token starts again at the embeddings
         return head(h[:, -1:, :])[:, -1, :].float()

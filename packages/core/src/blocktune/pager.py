@@ -1,9 +1,12 @@
 """The pager: which units are resident on the compute device, under a byte budget.
 
-It loads units on demand, prefetches the next one on a background thread while the current
-one computes, and counts every byte it moves. Eviction is least-recently-used, which is also
-direction-aware for free: after a forward pass the last units used are the first ones the
-backward pass needs. Its neighbours, one idea each: the host tier (`hosttier`), reusable read
+It loads units on demand and counts every byte it moves. The engine tells it the order of the
+gets to come (`plan`: a pass, the turn into the backward, the next step's first units), and a
+background thread reads ahead by bytes: after each get, the next planned units that are not
+resident, as many as the budget holds beside the current one. Eviction takes the unit whose
+next use is farthest (Belady's rule; without a plan, least-recently-used, its order after a
+forward pass), and a read ahead never evicts a unit needed before the one it loads. Its
+neighbours, one idea each: the host tier (`hosttier`), reusable read
 buffers (`buffers`), write-back and commit (`writeback`), the activation stash (`stash`).
 """
 
@@ -23,7 +26,7 @@ from .devices import Device, dtype_name
 from .errors import BudgetError
 from .fileio import round_up
 from .hostmem import advise_cold, ensure_resident, host_memory_available
-from .hosttier import HostTier
+from .hosttier import STAGING_SLOTS, HostTier
 from .optim import OptimizerConfig
 from .store import BlockStore
 from .writeback import WriteBack
@@ -51,6 +54,8 @@ class PagerStats:
     peak_resident: int = 0
     read_seconds: float = 0.0
     write_seconds: float = 0.0
+    wait_seconds: float = 0.0  # the computing thread waiting in `get` for a unit's load
+    demand_reads: int = 0  # gets whose unit was neither resident nor already being loaded
     reads_by_unit: dict = field(default_factory=dict)  # unit -> times read from the store
 
     def snapshot(self) -> dict:
@@ -136,6 +141,8 @@ class Pager:
         self._resident: OrderedDict[str, _Entry] = OrderedDict()
         self._loading: dict[str, _Pending] = {}
         self._current: str | None = None
+        self._plan: list[str] = []  # the gets to come, in order (`plan`)
+        self._at = 0  # how far along the plan the gets have come
         self._pinned: set[str] = set()
         self.on_evict: list = []  # callbacks(name): whoever holds a unit's tensors lets go
         self._lock = threading.Lock()
@@ -184,6 +191,11 @@ class Pager:
         held = sum(e.nbytes for e in self._resident.values())
         return held + sum(p.reserved for p in self._loading.values())
 
+    @property
+    def held(self) -> set[str]:
+        """Units resident or being loaded."""
+        return set(self._resident) | set(self._loading)
+
     def _note_peak(self) -> None:
         self.stats.peak_resident = max(self.stats.peak_resident, self.resident_bytes)
 
@@ -202,14 +214,26 @@ class Pager:
     def unpin(self, name: str) -> None:
         self._pinned.discard(name)
 
-    def _make_room(self, need: int, keep: set[str]) -> bool:
-        """Evict least-recently-used units (never those in `keep` or pinned) until `need` more
-        bytes fit."""
-        keep = keep | self._pinned
-        while self.resident_bytes + need > self.budget:
-            victim = next((n for n in self._resident if n not in keep), None)
-            if victim is None:
-                return False
+    def _next_uses(self) -> dict[str, int]:
+        """Each planned unit's next use (its position in the plan), soonest first."""
+        uses: dict[str, int] = {}
+        for j in range(self._at, len(self._plan)):
+            uses.setdefault(self._plan[j], j)
+        return uses
+
+    def _make_room(self, need: int, uses: dict[str, int], before: float = -1) -> bool:
+        """Evict units until `need` more bytes fit: those used farthest ahead first (unplanned
+        ones first of all, least recently used first), never the current or a pinned unit, and
+        only units whose next use is after `before`. Evicts nothing if that cannot make room."""
+        never = float("inf")
+        victims = sorted((n for n in self._resident if n != self._current and n not in self._pinned
+                          and uses.get(n, never) > before), key=lambda n: -uses.get(n, never))
+        free = self.budget - self.resident_bytes
+        if free + sum(self._resident[n].nbytes for n in victims) < need:
+            return False
+        for victim in victims:
+            if self.resident_bytes + need <= self.budget:
+                break
             entry = self._resident.pop(victim)
             for callback in self.on_evict:
                 callback(victim)
@@ -302,31 +326,58 @@ class Pager:
                 self.stats.bytes_to_device += self.store.unit_bytes(name)
         return _Entry(tensors, _nbytes(tensors), ready=ready)
 
-    def prefetch(self, name: str | None) -> None:
-        """Start loading `name` in the background if the budget has room beside the current unit."""
-        if not self.prefetch_enabled or name is None:
+    def plan(self, names: list[str]) -> None:
+        """The units the next gets will ask for, in order; reading ahead starts now."""
+        self._plan, self._at = list(names), 0
+        self._fill()
+
+    def _advance(self, name: str) -> None:
+        """A get of `name`: the plan moves past its next planned use (a get of the current unit
+        again, as a kept graph's weights do, moves nothing; an unplanned get, nothing)."""
+        if name == self._current:
             return
-        if name in self._resident or name in self._loading:
+        try:
+            self._at = self._plan.index(name, self._at) + 1
+        except ValueError:
+            pass
+
+    def _fill(self) -> None:
+        """Start loading the next planned units that are not resident, soonest first, while
+        the budget has room for them without evicting anything needed before them."""
+        if not self.prefetch_enabled:
             return
-        keep = {self._current} if self._current else set()
-        if not self._make_room(self._size[name], keep):
-            return
-        self._loading[name] = _Pending(self._reader.submit(self._load, name), self._size[name])
-        self._note_peak()
+        uses = self._next_uses()
+        for name, at in uses.items():
+            if name in self._resident or name in self._loading or name == self._current:
+                continue
+            if not self.device.copies_on_any_thread and len(self._loading) >= STAGING_SLOTS:
+                return  # (MPS) a third load would wait for a staging slot only a get frees
+            if not self._make_room(self._size[name], uses, before=at):
+                return
+            self._loading[name] = _Pending(self._reader.submit(self._load, name), self._size[name])
+            self._note_peak()
 
     def get(self, name: str) -> dict[str, torch.Tensor]:
-        """The unit's tensors on the device in the compute dtype; it becomes the current unit."""
+        """The unit's tensors on the device in the compute dtype; it becomes the current unit,
+        and reading ahead goes on from it."""
+        again = name == self._current
+        self._advance(name)
         self._current = name
         if name in self._resident:
             self._resident.move_to_end(name)
             self.stats.hits += 1
             entry = self._resident[name]
         else:
+            t0 = time.perf_counter()
             pending = self._loading.pop(name, None)
             if pending is None:
-                if not self._make_room(self._size[name], set()):
+                self.stats.demand_reads += 1
+                if not self.device.copies_on_any_thread:
+                    self._drain()  # (MPS) its read may need a staging slot that only a get frees
+                uses = self._next_uses()
+                if not self._make_room(self._size[name], uses):
                     self._drain()  # loads in flight hold reservations: land them, then evict
-                    self._make_room(self._size[name], set())
+                    self._make_room(self._size[name], uses)
                 self._loading[name] = _Pending(Future(), self._size[name])  # reserve while loading
                 self._note_peak()
                 try:
@@ -336,8 +387,11 @@ class Pager:
             else:
                 entry = pending.future.result()
             entry = self._on_device(name, entry)
+            self.stats.wait_seconds += time.perf_counter() - t0
             self._resident[name] = entry
             self._note_peak()
+        if not again:
+            self._fill()
         if entry.ready is not None:
             # the compute stream waits for the copy (no host sync), and the allocator learns
             # that the compute stream uses these tensors, so their memory is not reused early
@@ -377,11 +431,13 @@ class Pager:
 
     def close(self) -> None:
         self.writes.close()
-        for p in self._loading.values():
+        for p in self._loading.values():  # in the order they were asked for
             try:
-                p.future.result()
+                entry = p.future.result()
             except Exception:
-                pass
+                continue
+            if entry.landed is not None:  # (MPS) never copied: its staging slot is free
+                entry.landed.set()
         self._reader.shutdown(wait=True)
         self._resident.clear()
         self._loading.clear()

@@ -305,7 +305,8 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 row = {"step": step + 1, "loss": res.loss, "lr": lr, "tokens": res.tokens,
                        "seconds": dt, "tokens_per_s": res.tokens / dt,
-                       "gb_read": res.bytes_read / 1e9, "gb_written": res.bytes_written / 1e9}
+                       "gb_read": res.bytes_read / 1e9, "gb_written": res.bytes_written / 1e9,
+                       "load_wait_s": res.load_wait_seconds}
                 row["peak_rss_gb"] = peak_rss_bytes() / 1e9
                 if not self.device.is_cpu:
                     row["peak_device_gb"] = self.device.peak_memory_bytes() / 1e9
