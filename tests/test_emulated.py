@@ -107,8 +107,11 @@ def test_emulated_mps_catches_a_copy_off_thread(tmp_path, tiny_args, monkeypatch
     store = make_store(tmp_path / "s", tiny_args, seed=3)
     monkeypatch.setattr(Device, "copies_on_any_thread", property(lambda self: True))
     engine = Engine(store, EngineConfig(method="lora", device="emu-mps"))
-    with pytest.raises(RuntimeError, match="emu-mps: a device copy on thread 'blocktune-read"):
-        engine.train_step([random_batch(tiny_args, seed=0)])
+    try:
+        with pytest.raises(RuntimeError, match="emu-mps: a device copy on thread 'blocktune-read"):
+            engine.train_step([random_batch(tiny_args, seed=0)])
+    finally:  # while the patch holds: the loads read ahead fail the same way, and none is left waiting
+        engine.close()
 
 
 def test_host_tier_of_an_engine_never_closed_is_released(tmp_path, tiny_args):
