@@ -105,3 +105,59 @@ def test_lora_steps_wait_for_no_unit_after_the_first(tiny_store, tiny_args, devi
     assert [r.demand_reads for r in results[1:]] == [0, 0]
     assert results[0].demand_reads <= 1  # at most the very first unit: nothing was planned before it
     assert engine.pager.stats.peak_resident <= engine.pager.budget
+
+
+def test_a_one_unit_budget_still_reads_the_next_file_ahead(tmp_path, tiny_args):
+    """bf16 store, fp32 compute, direct reads, room for one unit: the next unit's file is read
+    during this unit's compute (outside the budget, as raw bytes) and converted at its turn."""
+    from blocktune_bench.synthetic import make_store
+
+    store = make_store(tmp_path / "s", tiny_args, seed=1, dtype=torch.bfloat16)
+    one = max(resident_sizes(store, torch.float32).values())  # the head's: one block fits, two do not
+    pager = Pager(store, resolve_device("cpu"), budget=one, mutable=False, frozen_reads="direct")
+    try:
+        pager.plan([B0, B1, B2, B3])
+        seen = []
+        for name in (B0, B1, B2, B3):
+            got = pager.get(name)
+            seen.append((set(pager.held), pager.staged))
+            assert all(t.dtype == torch.float32 for t in got.values())
+        assert seen == [({B0}, B1), ({B1}, B2), ({B2}, B3), ({B3}, None)]
+        assert pager.stats.demand_reads == 0 and pager.stats.unit_reads == 4
+        assert pager.stats.staged_reads == 3
+        assert pager.stats.peak_resident <= pager.budget
+    finally:
+        pager.close()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_reading_ahead_changes_no_number(tmp_path, tiny_args, method):
+    """A one-unit budget on a bf16 store computed in fp32 (the file read ahead, converted at
+    its turn) gives bit for bit the step of the same engine without any read ahead."""
+    import shutil
+
+    from blocktune_bench.synthetic import make_store
+
+    base = make_store(tmp_path / "s", tiny_args.with_dropout(0.1), seed=1, dtype=torch.bfloat16)
+    out = []
+    for prefetch in (True, False):
+        path = tmp_path / f"run-{prefetch}"
+        shutil.copytree(base.path, path)
+        from blocktune.store import BlockStore
+
+        store = BlockStore.open(path)
+        unit = max(resident_sizes(store, torch.float32).values())  # one block fits, two do not
+        engine = Engine(store, EngineConfig(method=method, device="cpu", device_budget=unit, prefetch=prefetch,
+                                            frozen_reads="direct"))
+        try:
+            losses = [engine.train_step([random_batch(tiny_args, 2, 16, seed=s)], lr=1e-3, step=s).loss
+                      for s in range(3)]
+            staged = engine.pager.stats.staged_reads
+            weights = engine.adapter_state() if method == "lora" else store.read_unit(B1)
+        finally:
+            engine.close()
+        out.append((losses, weights, staged))
+    (l1, w1, staged), (l0, w0, _) = out
+    assert staged >= 3 * (tiny_args.n_layers - 1)  # the read ahead did happen, every step
+    assert l1 == l0
+    assert w1.keys() == w0.keys() and all(torch.equal(w1[k], w0[k]) for k in w1)

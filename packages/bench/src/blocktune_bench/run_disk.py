@@ -10,6 +10,7 @@ no budget flags under the same two limits. With a baseline checkout (BLOCKTUNE_B
 a clone of an earlier commit) its runs alternate with this code's, in one sitting.
 
     python -m blocktune_bench.run --only disk        [BLOCKTUNE_READ_RATE=400MB]
+                                                     [BLOCKTUNE_DISK_PATHS=driver,cli]
 """
 
 from __future__ import annotations
@@ -74,16 +75,18 @@ def _driver(store: Path, rate: int | None, checkout: Path | None) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _cli(store: Path, data: Path, out: Path, rate: int, checkout: Path | None) -> dict:
+def _cli(store: Path, data: Path, out: Path, rate: int | None, checkout: Path | None) -> dict:
+    """The CLI under the two limits (rate None: in RAM, no limits at all: its compute floor)."""
     import shutil
 
     if out.exists():
         shutil.rmtree(out)
-    evict_from_page_cache(store.glob("*.safetensors"))
+    if rate is not None:
+        evict_from_page_cache(store.glob("*.safetensors"))
     cmd = [sys.executable, "-m", "blocktune", "finetune", "--store", str(store), "--data", str(data), "--out", str(out),
            "--no-progress", "--method", "lora", "--steps", "2", "--batch-size", "1", "--seq-len", "128",
            "--grad-accum", "1"]
-    rep, _ = _limited(rate, store, str(LIMIT), [*_code(checkout), *cmd])
+    rep, _ = _limited(rate, store, str(LIMIT) if rate is not None else "none", [*_code(checkout), *cmd])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
     rep["step_seconds"] = [r["seconds"] for r in rows]
     rep["gb_read"] = [r["gb_read"] for r in rows]
@@ -102,16 +105,22 @@ def group_disk(work: Path, reps: int = 2) -> None:
     codes = {"this": None} | ({"baseline": Path(base)} if base else {})
     commits = {name: subprocess.run(["git", "-C", str(path or "."), "rev-parse", "--short", "HEAD"],
                                     capture_output=True, text=True).stdout.strip() for name, path in codes.items()}
+    paths = os.environ.get("BLOCKTUNE_DISK_PATHS", "driver,cli").split(",")
     measured_rate = _read_rate(rate, store)
     in_ram = _driver(store, None, None)  # the store in the page cache, no limits: what compute costs
     runs = []
-    for rep in range(reps):
+    for rep in range(reps if "driver" in paths else 0):
         for name, path in codes.items():
             r = _driver(store, rate, path)
             r.update({"code": name, "commit": commits[name], "path": "driver", "rep": rep})
             print(json.dumps({k: r.get(k) for k in ("code", "step_seconds", "bytes_read_per_step", "error")}), flush=True)
             runs.append(r)
-    for name, path in codes.items():
+    cli_ram = None
+    if "cli" in paths:  # the CLI's own compute floor: fp32 and budgets auto, the store in the page cache
+        cli_ram = _cli(store, data, work / "disk-cli-ram", None, None)
+        cli_ram["step"] = cli_ram["step_seconds"][-1] if cli_ram.get("step_seconds") else None
+        print(json.dumps({"cli_in_ram": cli_ram.get("step_seconds")}), flush=True)
+    for name, path in codes.items() if "cli" in paths else ():
         r = _cli(store, data, work / f"disk-cli-{name}", rate, path)
         r.update({"code": name, "commit": commits[name], "path": "cli"})
         print(json.dumps({k: r.get(k) for k in ("code", "step_seconds", "gb_read", "exit_code")}), flush=True)
@@ -122,9 +131,10 @@ def group_disk(work: Path, reps: int = 2) -> None:
              f"LoRA batch 1 x 128, under a 2 GiB memory cgroup and a disk read rate throttled by a blkio cgroup to "
              f"{rate / 1e6:.0f} MB/s (measured: {measured_rate / 1e6:.0f} MB/s, O_DIRECT). IO floor: bytes read per "
              f"step / the measured rate. Compute floor: the same driver step with the store in the page cache and no "
-             f"limits ({ram:.1f} s). Driver: the headline's (bf16 compute, 2-unit budget). CLI: `blocktune finetune "
-             f"--method lora --steps 2 --batch-size 1 --seq-len 128 --grad-accum 1`, no budget flags (fp32 compute, "
-             f"budgets auto). Commits: " + ", ".join(f"{k} {v}" for k, v in commits.items()) + ".", "",
+             f"limits (driver {ram:.1f} s" + (f"; CLI, fp32 and its own auto budgets, {cli_ram['step']:.1f} s"
+                                               if cli_ram and cli_ram.get("step") else "") + "). Driver: the headline's (bf16 compute, 2-unit budget). CLI: `blocktune finetune "
+             "--method lora --steps 2 --batch-size 1 --seq-len 128 --grad-accum 1`, no budget flags (fp32 compute, "
+             "budgets auto). Commits: " + ", ".join(f"{k} {v}" for k, v in commits.items()) + ".", "",
              "| code | path | s/step | GB read/step | IO floor (s) | step / max(IO floor, compute floor) | compute waited for loads (s) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     summary = {}
@@ -145,8 +155,9 @@ def group_disk(work: Path, reps: int = 2) -> None:
                 step, gb = r["step_seconds"][-1], r["gb_read"][-1]
                 floor = gb * 1e9 / measured_rate
                 wait = r["load_wait_s"][-1]
+                compute = cli_ram["step"] if cli_ram and cli_ram.get("step") else ram
                 table.append(f"| {name} ({commits[name]}) | CLI, step 2 | {step:.1f} | {gb:.1f} | {floor:.1f} | "
-                             f"{step / max(floor, ram):.2f} (against the driver's bf16 compute floor) | "
+                             f"{step / max(floor, compute):.2f} | "
                              f"{'' if wait is None else f'{wait:.1f}'} |")
-    save("disk-bound", {"machine": machine(), "read_rate": rate, "measured_read_rate": measured_rate,
-                        "in_ram": in_ram, "commits": commits, "runs": runs, "summary": summary}, table)
+    save("disk-bound" + ("" if paths == ["driver", "cli"] else "-" + "-".join(paths)), {"machine": machine(), "read_rate": rate, "measured_read_rate": measured_rate,
+                        "in_ram": in_ram, "cli_in_ram": cli_ram, "commits": commits, "runs": runs, "summary": summary}, table)

@@ -5,7 +5,11 @@ gets to come (`plan`: a pass, the turn into the backward, the next step's first 
 background thread reads ahead by bytes: after each get, the next planned units that are not
 resident, as many as the budget holds beside the current one. Eviction takes the unit whose
 next use is farthest (Belady's rule; without a plan, least-recently-used, its order after a
-forward pass), and a read ahead never evicts a unit needed before the one it loads. Its
+forward pass), and a read ahead never evicts a unit needed before the one it loads. Where
+the budget has no room for the next unit but its file is converted on the way in (a bf16
+store computed in fp32 on the CPU), its file is still read ahead, into the raw buffer `auto`
+keeps beside the budget for units in flight, and converted when its turn comes: with a
+budget of one unit, the disk reads the next unit while the compute runs on this one. Its
 neighbours, one idea each: the host tier (`hosttier`), reusable read
 buffers (`buffers`), write-back and commit (`writeback`), the activation stash (`stash`).
 """
@@ -56,6 +60,7 @@ class PagerStats:
     write_seconds: float = 0.0
     wait_seconds: float = 0.0  # the computing thread waiting in `get` for a unit's load
     demand_reads: int = 0  # gets whose unit was neither resident nor already being loaded
+    staged_reads: int = 0  # units whose file was read ahead outside the budget, converted at their get
     reads_by_unit: dict = field(default_factory=dict)  # unit -> times read from the store
 
     def snapshot(self) -> dict:
@@ -143,6 +148,7 @@ class Pager:
         self._current: str | None = None
         self._plan: list[str] = []  # the gets to come, in order (`plan`)
         self._at = 0  # how far along the plan the gets have come
+        self._staged: tuple[str, Future] | None = None  # a unit's file read ahead, not yet converted
         self._pinned: set[str] = set()
         self.on_evict: list = []  # callbacks(name): whoever holds a unit's tensors lets go
         self._lock = threading.Lock()
@@ -350,12 +356,46 @@ class Pager:
         for name, at in uses.items():
             if name in self._resident or name in self._loading or name == self._current:
                 continue
+            if name == self.staged:
+                return  # read ahead already: converted when it is asked for
             if not self.device.copies_on_any_thread and len(self._loading) >= STAGING_SLOTS:
                 return  # (MPS) a third load would wait for a staging slot only a get frees
             if not self._make_room(self._size[name], uses, before=at):
+                if self._staged is None and self._stages(name):
+                    self._staged = (name, self._reader.submit(self._read_ahead, name))
                 return
             self._loading[name] = _Pending(self._reader.submit(self._load, name), self._size[name])
             self._note_peak()
+
+    def _stages(self, name: str) -> bool:
+        """Whether `name`'s file can be read ahead without room in the budget: on the CPU, read
+        directly into a buffer of its own and converted to the compute dtype after."""
+        return self._direct and self._size[name] > self.store.unit_bytes(name)
+
+    @property
+    def staged(self) -> str | None:
+        """The unit whose file is read ahead outside the budget, waiting for room."""
+        return self._staged[0] if self._staged is not None else None
+
+    def _read_ahead(self, name: str):
+        t0 = time.perf_counter()
+        host, slot = self._host_copy(name)
+        with self._lock:
+            self.stats.read_seconds += time.perf_counter() - t0
+        return host, slot
+
+    def _take_staged(self, name: str) -> Future | None:
+        """The read ahead of `name`'s file, if that is what is staged; another unit's is let go."""
+        staged, self._staged = self._staged, None
+        if staged is None:
+            return None
+        if staged[0] == name:
+            return staged[1]
+        try:
+            staged[1].result()
+        except Exception:
+            pass  # a read that failed is read again, and fails there, when its unit is asked for
+        return None
 
     def get(self, name: str) -> dict[str, torch.Tensor]:
         """The unit's tensors on the device in the compute dtype; it becomes the current unit,
@@ -371,7 +411,9 @@ class Pager:
             t0 = time.perf_counter()
             pending = self._loading.pop(name, None)
             if pending is None:
-                self.stats.demand_reads += 1
+                staged = self._take_staged(name)
+                if staged is None:
+                    self.stats.demand_reads += 1
                 if not self.device.copies_on_any_thread:
                     self._drain()  # (MPS) its read may need a staging slot that only a get frees
                 uses = self._next_uses()
@@ -381,7 +423,11 @@ class Pager:
                 self._loading[name] = _Pending(Future(), self._size[name])  # reserve while loading
                 self._note_peak()
                 try:
-                    entry = self._reader.submit(self._load, name).result()
+                    if staged is not None:  # read ahead: convert it now that there is room
+                        entry = self._to_device(name, *staged.result())
+                        self.stats.staged_reads += 1
+                    else:
+                        entry = self._reader.submit(self._load, name).result()
                 finally:
                     del self._loading[name]
             else:
@@ -431,6 +477,7 @@ class Pager:
 
     def close(self) -> None:
         self.writes.close()
+        self._take_staged("")
         for p in self._loading.values():  # in the order they were asked for
             try:
                 entry = p.future.result()
