@@ -384,6 +384,18 @@ class Pager:
             self.stats.read_seconds += time.perf_counter() - t0
         return host, slot
 
+    def _stage_next(self) -> None:
+        """Start reading the next planned unit's file ahead if the budget cannot hold it beside
+        the unit being converted (room for two raw files in flight is what `auto` keeps)."""
+        if self._staged is not None or not self.prefetch_enabled:
+            return
+        for name in self._next_uses():
+            if name in self._resident or name in self._loading or name == self._current:
+                continue
+            if self._stages(name) and self.resident_bytes + self._size[name] > self.budget:
+                self._staged = (name, self._reader.submit(self._read_ahead, name))
+            return
+
     def _take_staged(self, name: str) -> Future | None:
         """The read ahead of `name`'s file, if that is what is staged; another unit's is let go."""
         staged, self._staged = self._staged, None
@@ -424,7 +436,10 @@ class Pager:
                 self._note_peak()
                 try:
                     if staged is not None:  # read ahead: convert it now that there is room
-                        entry = self._to_device(name, *staged.result())
+                        host = staged.result()
+                        self._stage_next()  # the disk goes on while this one converts
+                        entry = self._to_device(name, *host)
+                        del host
                         self.stats.staged_reads += 1
                     else:
                         entry = self._reader.submit(self._load, name).result()
