@@ -252,10 +252,8 @@ class Engine(Inference, FullStep, StageSteps):
                           after.wait_seconds - before["wait_seconds"], after.demand_reads - before["demand_reads"])
 
     def _plan_step(self) -> None:
-        """Tell the pager the units this step will ask for, in order: the forward, the head,
-        the backward, and (LoRA: nothing changes between steps) the next step's forward, so
-        the reader runs ahead across the turn and into the next step's embeddings. A full
-        fine-tune's next step reads units not yet committed: its plan ends with this step."""
+        """The pager's plan: forward, head, backward and (LoRA) the next step's forward; a full
+        fine-tune's next step reads units not committed yet, so its plan ends with this step."""
         last, full = len(self.units) - 1, self.cfg.method == "full"
         forward = list(range(self.lo, min(self.hi, last)))
         head = [last] if self.hi > last else []

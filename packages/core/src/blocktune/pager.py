@@ -11,7 +11,7 @@ store computed in fp32 on the CPU), its file is still read ahead, into the raw b
 keeps beside the budget for units in flight, and converted when its turn comes: with a
 budget of one unit, the disk reads the next unit while the compute runs on this one. Its
 neighbours, one idea each: the host tier (`hosttier`), reusable read
-buffers (`buffers`), write-back and commit (`writeback`), the activation stash (`stash`).
+buffers (`buffers`), how a unit comes in (`loading`), write-back and commit (`writeback`), the activation stash (`stash`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from .config import check_frozen_reads
 from .devices import Device, dtype_name
 from .errors import BudgetError
 from .fileio import round_up
-from .hostmem import advise_cold, ensure_resident, host_memory_available
+from .hostmem import advise_cold, host_memory_available
 from .hosttier import STAGING_SLOTS, HostTier
+from .loading import UnitLoading, _Entry
 from .optim import OptimizerConfig
 from .store import BlockStore
 from .writeback import WriteBack
@@ -68,37 +69,12 @@ class PagerStats:
 
 
 @dataclass
-class _Entry:
-    tensors: dict[str, torch.Tensor]
-    nbytes: int
-    ready: object = None
-    landed: _Landed | None = None  # tensors still in host memory: `get` copies them (MPS)  # CUDA event for a copy still in flight
-
-
-class _Landed:
-    """A host slot's copy made by the computing thread (MPS): set once `get` has copied."""
-
-    def __init__(self):
-        self._done = threading.Event()
-
-    def set(self) -> None:
-        self._done.set()
-
-    def synchronize(self) -> None:
-        self._done.wait()
-
-
-def _nbytes(tensors: dict[str, torch.Tensor] | None) -> int:
-    return sum(t.numel() * t.element_size() for t in (tensors or {}).values())
-
-
-@dataclass
 class _Pending:
     future: Future
     reserved: int
 
 
-class Pager:
+class Pager(UnitLoading):
 
     def __init__(
         self,
@@ -259,79 +235,6 @@ class Pager:
         """Host memory the tier and its staging slots hold (page-locked, exactly)."""
         return self._tier.bytes if self._tier is not None else 0
 
-    def _host_copy(self, name: str):
-        """The unit's tensors in host memory, and the host slot they are in (accelerators):
-        from the host tier, or read from disk."""
-        slot = None
-        if self._tier is not None:
-            file = self.store.unit_version(name)
-            host = self._tier.get(file)
-            if host is not None:
-                with self._lock:
-                    self.stats.host_hits += 1
-                return host, None
-            slot, keep = self._tier.slot_for(name, file)
-            host = self.store.read_unit(name, alloc=slot.alloc, verify=self.verify)
-            if keep:
-                self._tier.keep(name, file, host, slot)
-        elif self.mapped:
-            host = self._mapped(name)
-        else:  # on the CPU, past the page cache: a unit is read once a pass, and RAM is short
-            alloc = self._pool.take if self._pool is not None else None
-            host = self.store.read_unit(name, alloc=alloc, verify=self.verify, direct=self._direct)
-        with self._lock:
-            self.stats.bytes_read += self.store.unit_bytes(name)
-            self.stats.unit_reads += 1
-            self.stats.reads_by_unit[name] = self.stats.reads_by_unit.get(name, 0) + 1
-        return host, slot
-
-    def _mapped(self, name: str) -> dict[str, torch.Tensor]:
-        """CPU, frozen units: the unit file mapped read-only, so compute reads the page cache
-        directly. A file stays mapped after its unit is evicted (advised cold, so reclaim takes
-        its pages first under memory pressure): loading it again costs a residency check, not
-        a fresh map, page-table fill and unmap (5 ms per 50 MB unit, on the core compute needs).
-        With verify="always" every load maps and checks the file anew."""
-        version = self.store.unit_version(name)
-        if self.verify in (True, "always"):
-            return self.store.read_unit(name, verify=True, map_file=True)
-        tensors = self._maps.get(version)
-        if tensors is None:
-            tensors = self._maps[version] = self.store.read_unit(name, verify=self.verify, map_file=True)
-        else:
-            ensure_resident(tensors.values())
-        return dict(tensors)
-
-    def _load(self, name: str) -> _Entry:
-        """Runs on the reader thread only (the host tier and its slots are its own). Where only
-        the computing thread may copy to the device (MPS), the unit comes back in host memory
-        and `get` copies it; its slot is reused only after that."""
-        t0 = time.perf_counter()
-        host, slot = self._host_copy(name)
-        with self._lock:  # the disk read (or the tier's hit), then the copy below
-            self.stats.read_seconds += time.perf_counter() - t0
-        if not self.device.copies_on_any_thread:
-            landed = _Landed()
-            if slot is not None:
-                self._tier.copied(slot, landed)
-            return _Entry(host, self._size[name], landed=landed)
-        return self._to_device(name, host, slot)
-
-    def _to_device(self, name: str, host: dict[str, torch.Tensor], slot) -> _Entry:
-        t0 = time.perf_counter()
-        tensors = {}
-        with self.device.stream(self._copy_stream):
-            wide = self.dtype if name not in self.as_stored else None
-            for k, v in host.items():  # copied and converted in one op on the copy stream
-                tensors[k] = self.device.to_device(v, wide if v.is_floating_point() else None)
-            ready = self.device.record_event(self._copy_stream)
-        if slot is not None:
-            self._tier.copied(slot, ready)
-        with self._lock:
-            self.stats.read_seconds += time.perf_counter() - t0
-            if not self.device.is_cpu:
-                self.stats.bytes_to_device += self.store.unit_bytes(name)
-        return _Entry(tensors, _nbytes(tensors), ready=ready)
-
     def plan(self, names: list[str]) -> None:
         """The units the next gets will ask for, in order; reading ahead starts now."""
         self._plan, self._at = list(names), 0
@@ -361,8 +264,7 @@ class Pager:
             if not self.device.copies_on_any_thread and len(self._loading) >= STAGING_SLOTS:
                 return  # (MPS) a third load would wait for a staging slot only a get frees
             if not self._make_room(self._size[name], uses, before=at):
-                if self._staged is None and self._stages(name):
-                    self._staged = (name, self._reader.submit(self._read_ahead, name))
+                self._stage_next()  # no room: its file, at least, may be read ahead
                 return
             self._loading[name] = _Pending(self._reader.submit(self._load, name), self._size[name])
             self._note_peak()
@@ -377,16 +279,9 @@ class Pager:
         """The unit whose file is read ahead outside the budget, waiting for room."""
         return self._staged[0] if self._staged is not None else None
 
-    def _read_ahead(self, name: str):
-        t0 = time.perf_counter()
-        host, slot = self._host_copy(name)
-        with self._lock:
-            self.stats.read_seconds += time.perf_counter() - t0
-        return host, slot
-
     def _stage_next(self) -> None:
-        """Start reading the next planned unit's file ahead if the budget cannot hold it beside
-        the unit being converted (room for two raw files in flight is what `auto` keeps)."""
+        """Start reading the next planned unit's file ahead if the budget cannot hold it (beside
+        a unit being converted, two raw files are in flight: what `auto` keeps room for)."""
         if self._staged is not None or not self.prefetch_enabled:
             return
         for name in self._next_uses():
@@ -460,14 +355,6 @@ class Pager:
             self.device.record_stream(entry.tensors.values())
             entry.ready = None
         return entry.tensors
-
-    def _on_device(self, name: str, entry: _Entry) -> _Entry:
-        """A loaded unit, copied to the device here if it came back in host memory (MPS)."""
-        if entry.landed is None:
-            return entry
-        on_device = self._to_device(name, entry.tensors, None)
-        entry.landed.set()
-        return on_device
 
     def _drain(self) -> None:
         for other, p in list(self._loading.items()):
