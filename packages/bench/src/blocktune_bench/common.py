@@ -136,17 +136,22 @@ def matmul_rate(tokens: int, dim: int, hidden: int, dtype: torch.dtype) -> float
     return statistics.median(rounds)
 
 
-def cli_under_limit(limit: str, store: Path, data: Path, out: Path, *flags: str) -> dict:
-    """`blocktune finetune` as the README shows it (no budget flags), in a cgroup of `limit`."""
+def cli_under_limit(limit: str, store: Path, data: Path, out: Path, *flags: str, read_rate: int | None = None,
+                    prefix: tuple[str, ...] = ()) -> dict:
+    """`blocktune finetune` as the README shows it (no budget flags), in a cgroup of `limit`
+    (`none`: no memory limit), its disk reads throttled to `read_rate` bytes/s if given;
+    `prefix` goes before the command (another checkout's PYTHONPATH)."""
     if out.exists():
         shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "blocktune_bench.limited", limit, "--", sys.executable, "-m", "blocktune",
-           "finetune", "--store", str(store), "--data", str(data), "--out", str(out), "--no-progress", *flags]
+    rate = ["--read-rate", str(read_rate), "--disk", str(store)] if read_rate is not None else []
+    cmd = [sys.executable, "-m", "blocktune_bench.limited", limit, *rate, "--", *prefix, sys.executable, "-m",
+           "blocktune", "finetune", "--store", str(store), "--data", str(data), "--out", str(out), "--no-progress", *flags]
     r = subprocess.run(cmd, capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()
     report = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {"exit_code": r.returncode}
     report["budget_notes"] = [line for line in lines if "auto:" in line or line.startswith(("memory is tight", "warning:"))]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
+    report["rows"] = rows
     report["step_seconds"] = rows[-1]["seconds"] if rows else None
     report["gb_read"] = rows[-1]["gb_read"] if rows else None
     return report

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from blocktune.config import parse_bytes
 
-from .common import cached_store, machine, save
+from .common import cached_store, cli_under_limit, machine, save
 from .measure import evict_from_page_cache
 
 __all__ = ["group_disk"]
@@ -77,17 +77,12 @@ def _driver(store: Path, rate: int | None, checkout: Path | None) -> dict:
 
 def _cli(store: Path, data: Path, out: Path, rate: int | None, checkout: Path | None) -> dict:
     """The CLI under the two limits (rate None: in RAM, no limits at all: its compute floor)."""
-    import shutil
-
-    if out.exists():
-        shutil.rmtree(out)
     if rate is not None:
         evict_from_page_cache(store.glob("*.safetensors"))
-    cmd = [sys.executable, "-m", "blocktune", "finetune", "--store", str(store), "--data", str(data), "--out", str(out),
-           "--no-progress", "--method", "lora", "--steps", "2", "--batch-size", "1", "--seq-len", "128",
-           "--grad-accum", "1"]
-    rep, _ = _limited(rate, store, str(LIMIT) if rate is not None else "none", [*_code(checkout), *cmd])
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
+    rep = cli_under_limit(str(LIMIT) if rate is not None else "none", store, data, out, "--method", "lora",
+                          "--steps", "2", "--batch-size", "1", "--seq-len", "128", "--grad-accum", "1",
+                          read_rate=rate, prefix=tuple(_code(checkout)))
+    rows = rep.pop("rows")
     rep["step_seconds"] = [r["seconds"] for r in rows]
     rep["gb_read"] = [r["gb_read"] for r in rows]
     rep["load_wait_s"] = [r.get("load_wait_s") for r in rows]

@@ -88,10 +88,7 @@ class UnitLoading:
         """Runs on the reader thread only (the host tier and its slots are its own). Where only
         the computing thread may copy to the device (MPS), the unit comes back in host memory
         and `get` copies it; its slot is reused only after that."""
-        t0 = time.perf_counter()
-        host, slot = self._host_copy(name)
-        with self._lock:  # the disk read (or the tier's hit), then the copy below
-            self.stats.read_seconds += time.perf_counter() - t0
+        host, slot = self._read_ahead(name)  # the disk read (or the tier's hit), then the copy below
         if not self.device.copies_on_any_thread:
             landed = _Landed()
             if slot is not None:
@@ -116,6 +113,7 @@ class UnitLoading:
         return _Entry(tensors, _nbytes(tensors), ready=ready)
 
     def _read_ahead(self, name: str):
+        """The unit's host copy (`_host_copy`), its time counted as reading."""
         t0 = time.perf_counter()
         host, slot = self._host_copy(name)
         with self._lock:

@@ -10,8 +10,8 @@ the budget has no room for the next unit but its file is converted on the way in
 store computed in fp32 on the CPU), its file is still read ahead, into the raw buffer `auto`
 keeps beside the budget for units in flight, and converted when its turn comes: with a
 budget of one unit, the disk reads the next unit while the compute runs on this one. Its
-neighbours, one idea each: the host tier (`hosttier`), reusable read
-buffers (`buffers`), how a unit comes in (`loading`), write-back and commit (`writeback`), the activation stash (`stash`).
+neighbours, one idea each: the host tier (`hosttier`), reusable read buffers (`buffers`), how
+a unit comes in (`loading`), write-back and commit (`writeback`), the activation stash (`stash`).
 """
 
 from __future__ import annotations
@@ -241,10 +241,8 @@ class Pager(UnitLoading):
         self._fill()
 
     def _advance(self, name: str) -> None:
-        """A get of `name`: the plan moves past its next planned use (a get of the current unit
-        again, as a kept graph's weights do, moves nothing; an unplanned get, nothing)."""
-        if name == self._current:
-            return
+        """A get of a unit other than the current one: the plan moves past its next planned use
+        (an unplanned get moves nothing)."""
         try:
             self._at = self._plan.index(name, self._at) + 1
         except ValueError:
@@ -307,8 +305,9 @@ class Pager(UnitLoading):
     def get(self, name: str) -> dict[str, torch.Tensor]:
         """The unit's tensors on the device in the compute dtype; it becomes the current unit,
         and reading ahead goes on from it."""
-        again = name == self._current
-        self._advance(name)
+        again = name == self._current  # a kept graph's weights ask again: nothing moves on
+        if not again:
+            self._advance(name)
         self._current = name
         if name in self._resident:
             self._resident.move_to_end(name)
