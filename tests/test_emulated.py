@@ -132,3 +132,101 @@ def test_host_tier_of_an_engine_never_closed_is_released(tmp_path, tiny_args):
         del engine
         gc.collect()
         assert emu_registered_bytes() == before
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("units", [1, 2])
+def test_units_live_in_device_slots_within_the_budget(tmp_path, tiny_args, method, units, monkeypatch):
+    """Every tensor a unit is computed with on the emulated device is a view of a device slot;
+    the slot buffers alive at once (followed by their lifetimes, not by the slots' own count)
+    never hold more than the budget; and slots are reused, not made per load."""
+    import weakref
+
+    from blocktune.devslots import DeviceSlots
+
+    alive, peak, made = {}, [0], []
+    make = DeviceSlots._make
+
+    def tracked(self, nbytes):
+        slot = make(self, nbytes)
+        key = slot.buf.untyped_storage().data_ptr()
+        alive[key] = nbytes
+        weakref.finalize(slot.buf.untyped_storage(), alive.pop, key, None)
+        peak[0] = max(peak[0], sum(alive.values()))
+        made.append((key, nbytes))
+        return slot
+
+    monkeypatch.setattr(DeviceSlots, "_make", tracked)
+    store = make_store(tmp_path / "s", tiny_args.with_dropout(0.1), seed=3)
+    budget = units * one_unit_budget(store)
+    engine = Engine(store, EngineConfig(method=method, device="emu", device_budget=budget, host_budget=0,
+                                        optimizer=OptimizerConfig("adamw", 1e-2)))  # every load a read
+    pager, homes = engine.pager, []
+    get = pager.get
+
+    def watched(name):
+        tensors = get(name)
+        homes.extend(t.untyped_storage().data_ptr() for t in tensors.values())
+        return tensors
+
+    pager.get = watched
+    try:
+        for s in range(3):
+            engine.train_step([random_batch(tiny_args, seed=s), random_batch(tiny_args, seed=10 + s)])
+    finally:
+        engine.close()
+    slots, block = pager.slots, pager._size["block_00"]
+    loads = sum(n for u, n in pager.stats.reads_by_unit.items() if u.startswith("block"))
+    blocks_made = sum(1 for _, n in made if n == block)
+    print(f"block slots made {blocks_made}, block loads {loads}, peak {peak[0]:,} of {budget:,} B, "
+          f"waits {slots.waits}, overflows {slots.overflows}")
+    assert homes and set(homes) <= {key for key, _ in made}  # every unit computed with was in a slot
+    assert slots.overflows == 0
+    assert 0 < peak[0] <= budget
+    assert blocks_made < loads / 2  # reused
+
+
+def test_a_slot_still_viewed_is_never_overwritten(tiny_store):
+    """A unit's tensors held past its eviction (as a write-back holds them while it steps them)
+    keep their values: the next unit does not go into that slot while anything views it. Past
+    the wait it goes into a buffer of its own, counted as an overflow."""
+    from blocktune.pager import Pager, resident_sizes
+
+    dev = resolve_device("emu")
+    one = max(resident_sizes(tiny_store, torch.float32, device=dev).values())
+    pager = Pager(tiny_store, dev, budget=one, mutable=False, host_budget=0)
+    pager.slots.wait_s = 0.2
+    try:
+        pager.plan(["block_00", "block_01", "block_02"])
+        held = pager.get("block_00")
+        want = {k: v.clone() for k, v in held.items()}
+        other = pager.get("block_01")  # block_00 is evicted, its tensors still held here
+        assert all(torch.equal(held[k], want[k]) for k in want)
+        assert pager.slots.overflows == 1
+        assert not torch.equal(other["attention.wq.weight"], want["attention.wq.weight"])
+        del held
+        pager.get("block_02")  # block_00's slot is free of views now: used again
+        assert pager.slots.overflows == 1 and pager.slots.made == 1
+    finally:
+        pager.close()
+
+
+@pytest.mark.parametrize("units", [1, 2])
+def test_a_forward_pass_lets_each_slot_go_before_the_next_unit(tmp_path, tiny_args, units):
+    """Logits and the evaluation loss at one and two units: no module outlives its unit into
+    the next get, so no load waits for a slot the computing thread itself still views."""
+    from blocktune.pager import resident_sizes
+
+    store = make_store(tmp_path / "s", tiny_args, seed=3)
+    tok, tgt = random_batch(tiny_args, 2, 12)
+    want = Engine(store, EngineConfig(method="full", device="cpu")).logits(tok)
+    budget = units * max(resident_sizes(store, torch.float32, device=resolve_device("emu")).values())
+    engine = Engine(store, EngineConfig(method="lora", device="emu", device_budget=budget, host_budget=0))
+    try:
+        got = engine.logits(tok)
+        engine.eval_loss(tok, tgt)
+        slots = engine.pager.slots
+        assert (slots.waits, slots.overflows) == (0, 0)
+        assert torch.equal(got, want)
+    finally:
+        engine.close()

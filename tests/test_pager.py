@@ -16,8 +16,9 @@ B0, B1, B2, B3 = "block_00", "block_01", "block_02", "block_03"
 
 
 def _pager(store, blocks: int, device: str = "cpu") -> Pager:
-    block = resident_sizes(store, torch.float32)[B0]
-    return Pager(store, resolve_device(device), budget=blocks * block, mutable=False)
+    dev = resolve_device(device)
+    block = resident_sizes(store, torch.float32, device=dev)[B0]
+    return Pager(store, dev, budget=blocks * block, mutable=False)
 
 
 @pytest.mark.parametrize("device", ["cpu", "emu"])
@@ -70,7 +71,7 @@ from blocktune.devices import resolve_device
 from blocktune.pager import Pager, resident_sizes
 from blocktune.store import BlockStore
 store = BlockStore.open({str(tiny_store.path)!r})
-sizes = resident_sizes(store, torch.float32)
+sizes = resident_sizes(store, torch.float32, device=resolve_device("emu-mps"))
 blocks = ["block_00", "block_01", "block_02", "block_03"]
 def fresh():  # room for the four blocks and the head
     return Pager(store, resolve_device("emu-mps"), budget=4 * sizes["block_00"] + sizes["head"], mutable=False)

@@ -64,7 +64,7 @@ class ReferenceTrainer:
         self.method, self.seed = method, seed
         self.checkpoint_blocks = checkpoint_blocks
         lora = lora if method == "lora" else None
-        self.model = model_from_store(store, lora, dtype, str(self.device))
+        self.model = model_from_store(store, lora, dtype, str(self.device.torch))
         if lora is not None:
             # the same initial adapters as the engine: one generator, blocks in order
             gen = torch.Generator().manual_seed(seed)

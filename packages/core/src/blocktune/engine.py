@@ -98,7 +98,8 @@ class Engine(Inference, FullStep, StageSteps):
         frozen = self.cfg.method != "full" or self.cfg.read_only
         self.as_stored = (frozenset({"embed", "head"}) if frozen and store.dtype.itemsize < self.dtype.itemsize
                           else frozenset())
-        sizes = {n: b for n, b in resident_sizes(store, self.dtype, self.as_stored).items() if n in own}
+        sizes = {n: b for n, b in resident_sizes(store, self.dtype, self.as_stored, self.device).items()
+                 if n in own}
         self.budgets: Budgets = resolve_budgets(
             self.device, store.args, sizes,
             {n: store.unit_bytes(n) for n in own}, self.dtype,

@@ -24,6 +24,7 @@ class Inference:
                 h = mod(h).to(self.dtype)
             else:
                 h = mod(h, caches[i - 1] if caches else None, start)
+            del mod  # before the next get: a module kept past its unit's eviction pins its slot
         return h
 
     @torch.no_grad()
@@ -56,6 +57,7 @@ class Inference:
         for i in range(self.lo, min(self.hi, last)):
             mod = self._module(self.units[i], training=False)
             h = mod(h).to(self.dtype) if i == 0 else mod(h)
+            del mod
         total = torch.zeros((), device=self.device.torch)
         if self.hi <= last:
             pipe.send(h, pipe.next)

@@ -1,5 +1,6 @@
 """How a unit comes in: from the store (mapped, or read directly into reused buffers), or from
-the host tier, then copied to the device and widened to the compute dtype on the copy stream.
+the host tier, then copied into a device slot (`devslots`) and converted to the compute dtype
+on the copy stream.
 Mixed into `Pager`, whose store, device, tier, buffers and counters it uses; the reader thread
 runs it (where only the computing thread may copy, MPS, the copy waits for `get`)."""
 
@@ -11,9 +12,35 @@ from dataclasses import dataclass
 
 import torch
 
+from .devices import Device
+from .devslots import slot_layout
 from .hostmem import ensure_resident
+from .store import BlockStore
 
-__all__ = ["UnitLoading"]
+__all__ = ["UnitLoading", "resident_sizes", "resident_specs"]
+
+DEMAND_WAIT_S = 1.0  # a load the computing thread waits for: how long it waits for a slot's holder
+
+
+def resident_specs(store: BlockStore, name: str, compute_dtype: torch.dtype,
+                   as_stored: frozenset[str] = frozenset()) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """A unit's tensors as they are held on an accelerator: floating ones in the compute
+    dtype (units in `as_stored` stay as stored)."""
+    tensors = store.unit_tensors(name)
+    if name in as_stored:
+        return tensors
+    return {k: (compute_dtype if dt.is_floating_point else dt, shape) for k, (dt, shape) in tensors.items()}
+
+
+def resident_sizes(store: BlockStore, compute_dtype: torch.dtype,
+                   as_stored: frozenset[str] = frozenset(), device: Device | None = None) -> dict[str, int]:
+    """Bytes of each unit as it is held resident. On the CPU: its files, scaled to the compute
+    dtype where that is wider (units in `as_stored` stay in the stored dtype). On an
+    accelerator: the device slot it is copied into (`devslots`)."""
+    if device is not None and not device.is_cpu:
+        return {n: slot_layout(resident_specs(store, n, compute_dtype, as_stored))[1] for n in store.units}
+    scale = max(compute_dtype.itemsize / store.dtype.itemsize, 1.0)
+    return {n: int(store.unit_bytes(n) * (1.0 if n in as_stored else scale)) for n in store.units}
 
 
 @dataclass
@@ -22,6 +49,7 @@ class _Entry:
     nbytes: int
     ready: object = None  # the event after the copy to the device, still in flight
     landed: _Landed | None = None  # tensors still in host memory: `get` copies them (MPS)
+    slot: object = None  # the device slot the tensors are views of (accelerators)
 
 
 class _Landed:
@@ -84,7 +112,7 @@ class UnitLoading:
             ensure_resident(tensors.values())
         return dict(tensors)
 
-    def _load(self, name: str) -> _Entry:
+    def _load(self, name: str, demand: bool = False) -> _Entry:
         """Runs on the reader thread only (the host tier and its slots are its own). Where only
         the computing thread may copy to the device (MPS), the unit comes back in host memory
         and `get` copies it; its slot is reused only after that."""
@@ -94,15 +122,27 @@ class UnitLoading:
             if slot is not None:
                 self._tier.copied(slot, landed)
             return _Entry(host, self._size[name], landed=landed)
-        return self._to_device(name, host, slot)
+        return self._to_device(name, host, slot, demand)
 
-    def _to_device(self, name: str, host: dict[str, torch.Tensor], slot) -> _Entry:
+    def _to_device(self, name: str, host: dict[str, torch.Tensor], slot, demand: bool = False) -> _Entry:
+        """`demand`: the computing thread waits for this copy, so a slot that thread still views
+        will not come free: waiting for one is cut short."""
         t0 = time.perf_counter()
-        tensors = {}
+        tensors, dslot = {}, None
         with self.device.stream(self._copy_stream):
-            wide = self.dtype if name not in self.as_stored else None
-            for k, v in host.items():  # copied and converted in one op on the copy stream
-                tensors[k] = self.device.to_device(v, wide if v.is_floating_point() else None)
+            if self._slots is not None:  # into a device slot, once the compute is done with its last unit
+                dslot = self._slots.take(self._size[name], DEMAND_WAIT_S if demand else None)
+                self.device.wait_event(dslot.released)
+                tensors = dslot.views(self._layouts[name])
+                if tensors.keys() != host.keys():
+                    raise RuntimeError(f"unit {name}: its file holds {sorted(host)}, the manifest says "
+                                       f"{sorted(tensors)}; run `blocktune verify` on the store")
+                for k, v in host.items():  # copied and converted in one op on the copy stream
+                    self.device.copy_into(tensors[k], v)
+            else:
+                wide = self.dtype if name not in self.as_stored else None
+                for k, v in host.items():
+                    tensors[k] = self.device.to_device(v, wide if v.is_floating_point() else None)
             ready = self.device.record_event(self._copy_stream)
         if slot is not None:
             self._tier.copied(slot, ready)
@@ -110,6 +150,8 @@ class UnitLoading:
             self.stats.read_seconds += time.perf_counter() - t0
             if not self.device.is_cpu:
                 self.stats.bytes_to_device += self.store.unit_bytes(name)
+        if dslot is not None:
+            return _Entry(tensors, self._size[name], ready=ready, slot=dslot)
         return _Entry(tensors, _nbytes(tensors), ready=ready)
 
     def _read_ahead(self, name: str):
@@ -124,6 +166,6 @@ class UnitLoading:
         """A loaded unit, copied to the device here if it came back in host memory (MPS)."""
         if entry.landed is None:
             return entry
-        on_device = self._to_device(name, entry.tensors, None)
+        on_device = self._to_device(name, entry.tensors, None, demand=True)  # on the computing thread
         entry.landed.set()
         return on_device

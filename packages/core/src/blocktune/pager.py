@@ -10,8 +10,9 @@ the budget has no room for the next unit but its file is converted on the way in
 store computed in fp32 on the CPU), its file is still read ahead, into the raw buffer `auto`
 keeps beside the budget for units in flight, and converted when its turn comes: with a
 budget of one unit, the disk reads the next unit while the compute runs on this one. Its
-neighbours, one idea each: the host tier (`hosttier`), reusable read buffers (`buffers`), how
-a unit comes in (`loading`), write-back and commit (`writeback`), the activation stash (`stash`).
+neighbours, one idea each: the device slots resident units live in (`devslots`), the host
+tier (`hosttier`), reusable read buffers (`buffers`), how a unit comes in (`loading`),
+write-back and commit (`writeback`), the activation stash (`stash`).
 """
 
 from __future__ import annotations
@@ -27,24 +28,17 @@ import torch
 from .buffers import BufferPool
 from .config import check_frozen_reads
 from .devices import Device, dtype_name
+from .devslots import DeviceSlots, slot_layout
 from .errors import BudgetError
 from .fileio import round_up
 from .hostmem import advise_cold, host_memory_available
 from .hosttier import STAGING_SLOTS, HostTier
-from .loading import UnitLoading, _Entry
+from .loading import UnitLoading, _Entry, resident_sizes, resident_specs
 from .optim import OptimizerConfig
 from .store import BlockStore
 from .writeback import WriteBack
 
 __all__ = ["Pager", "PagerStats", "resident_sizes"]
-
-
-def resident_sizes(store: BlockStore, compute_dtype: torch.dtype,
-                   as_stored: frozenset[str] = frozenset()) -> dict[str, int]:
-    """Bytes of each unit as it is held resident: in the compute dtype where that is wider
-    (units in `as_stored` stay in the stored dtype)."""
-    scale = max(compute_dtype.itemsize / store.dtype.itemsize, 1.0)
-    return {n: int(store.unit_bytes(n) * (1.0 if n in as_stored else scale)) for n in store.units}
 
 
 @dataclass
@@ -108,7 +102,7 @@ class Pager(UnitLoading):
         # advice clears the pages' accessed bits (TLB flushes the compute pays for, ~3% of a
         # LoRA step here) and is wasted where the store stays cached anyway
         self._advise_cold = self.mapped and (available is None or store.total_bytes() > available / 2)
-        self._size = resident_sizes(store, compute_dtype, as_stored)
+        self._size = resident_sizes(store, compute_dtype, as_stored, device)
         largest = self.largest_unit
         self.budget = budget if budget is not None else 1 << 62
         if self.budget < largest:
@@ -132,8 +126,12 @@ class Pager(UnitLoading):
         self._copy_stream = device.copy_stream()
         # Host tier and staging slots (accelerators only; on the CPU the device tier is host RAM)
         self.host_budget = 0 if device.host_is_device else (host_budget if host_budget is not None else 1 << 62)
-        self._tier = None
+        self._tier = self._slots = None
         if not device.is_cpu:
+            # resident units live in device slots: never more bytes of them than the budget
+            self._slots = DeviceSlots(device, self.budget)
+            self._layouts = {n: slot_layout(resident_specs(store, n, compute_dtype, as_stored))[0]
+                             for n in store.units}
             slot = max(sum(round_up(r.nbytes) for r in store.unit_files(n)) for n in store.units)
             self._tier = HostTier(device, self.host_budget, slot)
         self._maps: dict[str, dict[str, torch.Tensor]] = {}  # file -> its mapped tensors (reader thread)
@@ -188,6 +186,14 @@ class Pager(UnitLoading):
         if entry is not None:
             for callback in self.on_evict:
                 callback(name)
+            self._give_slot(entry)
+
+    def _give_slot(self, entry: _Entry) -> None:
+        """An evicted unit's device slot, free once nothing views it and the compute stream has
+        passed the event recorded now (what it queued with the unit)."""
+        if entry.slot is not None:
+            self._slots.give(entry.slot, self.device.record_event())
+            entry.slot = None
 
     def pin(self, name: str) -> None:
         """Keep a resident unit resident until `unpin` (its optimizer step is still to come)."""
@@ -219,6 +225,7 @@ class Pager(UnitLoading):
             entry = self._resident.pop(victim)
             for callback in self.on_evict:
                 callback(victim)
+            self._give_slot(entry)
             # the last reference goes on the reader thread: unmapping 50-400 MB and the madvise
             # take page-table walks the compute need not wait for
             self._reader.submit(self._release, entry)
@@ -230,6 +237,11 @@ class Pager(UnitLoading):
             advise_cold(entry.tensors.values())
 
     # ---- loading ----
+    @property
+    def slots(self) -> DeviceSlots | None:
+        """The device slots resident units live in (accelerators; None on the CPU)."""
+        return self._slots
+
     @property
     def host_tier_bytes(self) -> int:
         """Host memory the tier and its staging slots hold (page-locked, exactly)."""
@@ -336,7 +348,7 @@ class Pager(UnitLoading):
                         del host
                         self.stats.staged_reads += 1
                     else:
-                        entry = self._reader.submit(self._load, name).result()
+                        entry = self._reader.submit(self._load, name, True).result()
                 finally:
                     del self._loading[name]
             else:
@@ -392,5 +404,7 @@ class Pager(UnitLoading):
         self._maps.clear()
         if self._tier is not None:
             self._tier.close()  # page-locked memory goes back to the OS
+        if self._slots is not None:
+            self._slots.close()
         if self._pool is not None:
             self._pool.clear()

@@ -29,7 +29,8 @@ __all__ = ["read_metrics", "summarize", "draw_run", "save_figure", "plot_run", "
 # metrics.jsonl field -> TensorBoard tag
 SCALARS = {"loss": "train/loss", "val_loss": "val/loss", "lr": "train/lr",
            "tokens_per_s": "perf/tokens_per_s", "gb_read": "io/gb_read", "gb_written": "io/gb_written",
-           "peak_rss_gb": "memory/peak_rss_gb", "peak_device_gb": "memory/peak_device_gb"}
+           "peak_rss_gb": "memory/peak_rss_gb", "peak_device_gb": "memory/peak_device_gb",
+           "peak_device_reserved_gb": "memory/peak_device_reserved_gb", "device_slots_gb": "memory/device_slots_gb"}
 
 
 def read_metrics(path: str | Path, upto: int | None = None) -> list[dict]:
@@ -74,6 +75,8 @@ def summarize(run: str | Path) -> dict[str, Any]:
         "seconds": sum(r.get("seconds", 0.0) for r in rows),
         "peak_rss_gb": max((r["peak_rss_gb"] for r in rows if "peak_rss_gb" in r), default=None),
         "peak_device_gb": max((r["peak_device_gb"] for r in rows if "peak_device_gb" in r), default=None),
+        "peak_device_reserved_gb": max((r["peak_device_reserved_gb"] for r in rows
+                                        if "peak_device_reserved_gb" in r), default=None),
         "budgets": {k: cfg[k] for k in ("device_budget", "host_budget", "activation_budget",
                                         "keep_activations") if k in cfg},
     }
@@ -94,7 +97,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"speed     {num(s['median_tokens_per_s'], '.0f')} tokens/s (median), {s['seconds']:.1f} s of steps",
         f"moved     {s['gb_read']:.2f} GB read, {s['gb_written']:.2f} GB written",
         f"memory    peak RSS {num(s['peak_rss_gb'], '.2f')} GB"
-        + (f", device {s['peak_device_gb']:.2f} GB" if s["peak_device_gb"] is not None else ""),
+        + (f", device {s['peak_device_gb']:.2f} GB allocated" if s["peak_device_gb"] is not None else "")
+        + (f", {s['peak_device_reserved_gb']:.2f} GB reserved" if s.get("peak_device_reserved_gb") is not None else ""),
         "budgets   " + (", ".join(f"{k} {v}" for k, v in s["budgets"].items()) or "—"),
     ]
     return "\n".join(lines)

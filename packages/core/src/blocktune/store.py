@@ -40,8 +40,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .config import ModelArgs
-from .devices import parse_dtype
+from .devices import DTYPES, parse_dtype
 from .errors import ChecksumError, StoreError
 from .fileio import atomic_write, crc32
 from .records import FORMAT, FORMAT_VERSION, MANIFEST, FileRecord, manifest_files, unit_names
@@ -233,6 +235,18 @@ class BlockStore(UnitFiles):
         if name == "head" and self.tied:
             recs.append(self._records["embed"])
         return recs
+
+    def unit_tensors(self, name: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """A unit's tensors as `read_unit` returns them, from the manifest: key -> (dtype, shape)."""
+        def spec(meta):
+            kind = meta["dtype"]
+            dtype = DTYPES.get(kind) or getattr(torch, kind.removeprefix("torch."))
+            return dtype, tuple(meta["shape"])
+
+        out = {k: spec(m) for k, m in self._records[name].tensors.items()}
+        if name == "head" and self.tied:
+            out["output.weight"] = spec(self._records["embed"].tensors["tok_embeddings.weight"])
+        return out
 
     def unit_version(self, name: str) -> str:
         """A key that changes whenever any file the unit is read from does."""

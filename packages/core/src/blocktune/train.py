@@ -311,6 +311,10 @@ class Trainer:
                 if not self.device.is_cpu:
                     row["peak_device_gb"] = self.device.peak_memory_bytes() / 1e9
                     row["peak_device_reserved_gb"] = self.device.peak_reserved_bytes() / 1e9
+                    slots = self.engine.pager.slots  # the units' share of it: at most the device budget
+                    row["device_slots_gb"] = slots.peak_bytes / 1e9
+                    if slots.overflows:
+                        row["device_slot_overflows"] = slots.overflows
                 if self.dist.enabled:
                     row["gb_all_reduced"] = self.dist.bytes_reduced / 1e9
                     self.dist.bytes_reduced = 0
