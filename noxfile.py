@@ -8,7 +8,7 @@ nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["test"]
 
 PACKAGES = ["core", "export", "bench"]
-IMPORTS = {"core": "blocktune, blocktune.cli, blocktune.train",
+IMPORTS = {"core": "blocktune, blocktune.cli, blocktune.run.trainer",
            "export": "blocktune_export.meta, blocktune_export.hf, blocktune_export.cli",
            "bench": "blocktune_bench.reference, blocktune_bench.synthetic, blocktune_bench.demo"}
 CONSTRAINTS = ["-c", "constraints.txt"]

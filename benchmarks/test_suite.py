@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 from blocktune import Engine, EngineConfig, LoraConfig, OptimizerConfig
-from blocktune.devices import resolve_device
-from blocktune.generate import SamplingConfig, generate_tokens
-from blocktune.store import BlockStore
+from blocktune.machine.devices import resolve_device
+from blocktune.run.generate import SamplingConfig, generate_tokens
+from blocktune.store.store import BlockStore
 from blocktune_bench.reference import ReferenceTrainer
 from blocktune_bench.synthetic import PRESETS, make_store
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from blocktune import ModelArgs
-from blocktune.budgets import AUTO, resolve, working_set
-from blocktune.devices import resolve_device
+from blocktune.machine.devices import resolve_device
+from blocktune.paging.budgets import AUTO, resolve, working_set
 from blocktune_bench.corpus import demo_text, tokenizer_path
 from blocktune_bench.synthetic import make_store
 
@@ -20,7 +20,7 @@ ARGS = ModelArgs(dim=2048, n_layers=8, n_heads=16, vocab_size=32000, multiple_of
 
 
 def _resolve(monkeypatch, free, **kw):
-    monkeypatch.setattr("blocktune.budgets.host_memory_free", lambda: free)
+    monkeypatch.setattr("blocktune.paging.budgets.host_memory_free", lambda: free)
     sizes = {"embed": 262 * MiB, "block_00": 206 * MiB, "head": 262 * MiB}
     files = {k: v // 2 for k, v in sizes.items()}
     base = dict(method="lora", device_budget=AUTO, host_budget=AUTO, activation_budget=AUTO, batch=1, seq=64, micro=8)

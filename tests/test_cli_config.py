@@ -7,10 +7,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from blocktune.config import LoraConfig
-from blocktune.engine import EngineConfig
-from blocktune.optim import OptimizerConfig
-from blocktune.runconfig import RunConfig
+from blocktune.engine.engine import EngineConfig
+from blocktune.engine.optim import OptimizerConfig
+from blocktune.model.args import LoraConfig
+from blocktune.run.config import RunConfig
 from conftest import bt
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.toml"))

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 from blocktune import Engine, EngineConfig, OptimizerConfig
-from blocktune.devices import EmuStream, resolve_device
+from blocktune.machine.devices import EmuStream, resolve_device
 from blocktune_bench.synthetic import make_store
 from conftest import random_batch
 from test_equivalence import assert_matches, one_unit_budget, run_pair
@@ -65,7 +65,7 @@ def test_a_missing_wait_is_caught(tmp_path, tiny_args, monkeypatch):
 def test_host_tier_is_bounded_and_released(tmp_path, tiny_args):
     """The tier takes page-locked slots of exactly the largest unit's bytes (no power-of-two
     rounding), as many as the budget holds, and hands every one back on close."""
-    from blocktune.devices import emu_registered_bytes
+    from blocktune.machine.devices import emu_registered_bytes
 
     store = make_store(tmp_path / "s", tiny_args, seed=3)
     unit = one_unit_budget(store)
@@ -102,7 +102,7 @@ def test_emulated_mps_copies_on_one_thread(tmp_path, tiny_args, method, opt, uni
 def test_emulated_mps_catches_a_copy_off_thread(tmp_path, tiny_args, monkeypatch):
     """The check has teeth: let the pager copy on its reader thread, as on CUDA, and the
     emulated MPS refuses."""
-    from blocktune.devices import Device
+    from blocktune.machine.devices import Device
 
     store = make_store(tmp_path / "s", tiny_args, seed=3)
     monkeypatch.setattr(Device, "copies_on_any_thread", property(lambda self: True))
@@ -117,7 +117,7 @@ def test_emulated_mps_catches_a_copy_off_thread(tmp_path, tiny_args, monkeypatch
 def test_host_tier_of_an_engine_never_closed_is_released(tmp_path, tiny_args):
     """An engine dropped without close still unregisters its slots (before their memory is
     freed), and a later engine's count is its own (a freed slot's address can recur)."""
-    from blocktune.devices import emu_registered_bytes
+    from blocktune.machine.devices import emu_registered_bytes
 
     store = make_store(tmp_path / "s", tiny_args, seed=3)
     unit = one_unit_budget(store)
@@ -142,7 +142,7 @@ def test_units_live_in_device_slots_within_the_budget(tmp_path, tiny_args, metho
     never hold more than the budget; and slots are reused, not made per load."""
     import weakref
 
-    from blocktune.devslots import DeviceSlots
+    from blocktune.paging.slots import DeviceSlots
 
     alive, peak, made = {}, [0], []
     make = DeviceSlots._make
@@ -190,7 +190,7 @@ def test_a_slot_still_viewed_is_never_overwritten(tiny_store):
     """A unit's tensors held past its eviction (as a write-back holds them while it steps them)
     keep their values: the next unit does not go into that slot while anything views it. Past
     the wait it goes into a buffer of its own, counted as an overflow."""
-    from blocktune.pager import Pager, resident_sizes
+    from blocktune.paging.pager import Pager, resident_sizes
 
     dev = resolve_device("emu")
     one = max(resident_sizes(tiny_store, torch.float32, device=dev).values())
@@ -215,7 +215,7 @@ def test_a_slot_still_viewed_is_never_overwritten(tiny_store):
 def test_a_forward_pass_lets_each_slot_go_before_the_next_unit(tmp_path, tiny_args, units):
     """Logits and the evaluation loss at one and two units: no module outlives its unit into
     the next get, so no load waits for a slot the computing thread itself still views."""
-    from blocktune.pager import resident_sizes
+    from blocktune.paging.pager import resident_sizes
 
     store = make_store(tmp_path / "s", tiny_args, seed=3)
     tok, tgt = random_batch(tiny_args, 2, 12)

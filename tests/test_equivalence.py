@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 from blocktune import Engine, EngineConfig, LoraConfig, ModelArgs, OptimizerConfig
-from blocktune.model import unit_prefix
-from blocktune.store import BlockStore
+from blocktune.model.llama import unit_prefix
+from blocktune.store.store import BlockStore
 from blocktune_bench.reference import ReferenceTrainer, trained_tensors
 from blocktune_bench.synthetic import make_store
 from conftest import random_batch
@@ -274,7 +274,7 @@ def test_family_fields_paged_equals_reference(tmp_path, method, opt):
     """The families' fields (q/k/v biases, q/k norms, an explicit head_dim, tied embeddings,
     llama3 RoPE scaling) through the paged engine with dropout, against the in-memory model:
     one unit resident, every unit recomputed."""
-    from blocktune.config import ModelArgs
+    from blocktune.model.args import ModelArgs
 
     args = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_dim=160, max_seq_len=256,
                      explicit_head_dim=24, qkv_bias=True, qk_norm=True, tie_embeddings=True, family="qwen3",
@@ -291,9 +291,9 @@ def test_state_in_pieces_equals_reference(tmp_path, tiny_args, monkeypatch):
     real size is) three AdamW steps equal torch.optim's over the whole model, and the state
     files hold the pieces. (Cut at 37, the fused kernel's scalar tails round some moments an
     ulp apart, and AdamW's first steps carry that to 2.6e-6.)"""
-    import blocktune.optim
+    import blocktune.engine.optim
 
-    monkeypatch.setattr(blocktune.optim, "STATE_PIECE", 64)
+    monkeypatch.setattr(blocktune.engine.optim, "STATE_PIECE", 64)
     store = make_store(tmp_path / "s", tiny_args.with_dropout(0.1), seed=3)
     engine, ref, losses = run_pair(store, "full", "adamw", budget=one_unit_budget(store))
     assert_matches(store.path, engine, ref, "full", losses)

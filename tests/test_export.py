@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 from blocktune import Engine, EngineConfig, LoraConfig, StoreError
-from blocktune.adapters import load_adapter, save_adapter
-from blocktune.config import ConfigError, ModelArgs
-from blocktune.model import Transformer
+from blocktune.formats.adapters import load_adapter, save_adapter
+from blocktune.model.args import ConfigError, ModelArgs
+from blocktune.model.llama import Transformer
 from blocktune_bench.corpus import tokenizer_path
 from blocktune_bench.synthetic import PRESETS, write_meta_checkpoint
 from blocktune_export.hf import export_hf, import_hf

@@ -12,12 +12,12 @@ import shutil
 
 import pytest
 import torch
-from blocktune.engine import Engine, EngineConfig
+from blocktune.engine.engine import Engine, EngineConfig
+from blocktune.engine.optim import OptimizerConfig
 from blocktune.errors import ConfigError
-from blocktune.generate import SamplingConfig, generate_tokens
-from blocktune.hflayout import from_hf
-from blocktune.optim import OptimizerConfig
-from blocktune.tokenizer import load_tokenizer
+from blocktune.formats.hfnames import from_hf
+from blocktune.formats.tokenizer import load_tokenizer
+from blocktune.run.generate import SamplingConfig, generate_tokens
 from blocktune_bench.corpus import corpus_text
 from blocktune_bench.families import FAMILIES, make_checkpoint
 from blocktune_export.hf import export_hf, import_hf
@@ -160,7 +160,7 @@ def _peft_to_ours(peft_model, args) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_lora_step_equals_peft(checkpoints, family):
     peft = pytest.importorskip("peft")
-    from blocktune.config import LoraConfig
+    from blocktune.model.args import LoraConfig
 
     src, _, store = checkpoints[family]
     base = transformers.AutoModelForCausalLM.from_pretrained(src)
@@ -259,7 +259,7 @@ CHAT = [{"role": "system", "content": "You answer briefly."},
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
 def test_chat_rendering_equals_apply_chat_template(checkpoints, family):
-    from blocktune.chat import chat_tokens, prompt_tokens, render_chat
+    from blocktune.formats.chat import chat_tokens, prompt_tokens, render_chat
 
     src, _, store = checkpoints[family]
     ours = load_tokenizer(store)
@@ -280,8 +280,8 @@ def test_chat_rendering_equals_apply_chat_template(checkpoints, family):
 
 
 def test_llama2_inst_format_masks_the_prompts():
-    from blocktune.chat import chat_tokens
-    from blocktune.tokenizer import Tokenizer
+    from blocktune.formats.chat import chat_tokens
+    from blocktune.formats.tokenizer import Tokenizer
     from blocktune_bench.corpus import tokenizer_path
 
     tok = Tokenizer(tokenizer_path())
@@ -355,8 +355,8 @@ def test_bf16_store_keeps_frozen_embeddings_and_head_narrow(tmp_path):
     """A bf16 store under fp32 compute: the frozen embeddings and head stay bf16 in memory (the
     head widened a slice at a time, in the forward and the backward) and compute what
     transformers computes with the same weights widened. A LoRA step through them equals peft's."""
-    from blocktune.config import LoraConfig
-    from blocktune.model import _SlicedCastLinear
+    from blocktune.model.args import LoraConfig
+    from blocktune.model.llama import _SlicedCastLinear
 
     peft = pytest.importorskip("peft")
     make_checkpoint(tmp_path / "hf", "qwen3", dtype=torch.bfloat16)
@@ -399,7 +399,7 @@ def test_bf16_store_keeps_frozen_embeddings_and_head_narrow(tmp_path):
 def test_lora_adapters_stay_fp32_under_bf16_compute(checkpoints):
     """As peft keeps them: under bf16 compute the adapters and their AdamW state are fp32, so an
     update far below a bf16 ulp of the adapter still lands (bf16 adapters rounded it away)."""
-    from blocktune.config import LoraConfig
+    from blocktune.model.args import LoraConfig
 
     _, _, store = checkpoints["qwen3"]
     eng = Engine(store, EngineConfig(device="cpu", compute_dtype="bf16", method="lora",

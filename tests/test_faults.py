@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 from blocktune import BlockStore, Engine, EngineConfig, OptimizerConfig, StoreError
-from blocktune.adapters import load_adapter, save_adapter
-from blocktune.config import LoraConfig
-from blocktune.storelock import LOCK_DIR
+from blocktune.formats.adapters import load_adapter, save_adapter
+from blocktune.model.args import LoraConfig
+from blocktune.store.lock import LOCK_DIR
 from blocktune_bench.reliability import FaultyOpener
 from blocktune_bench.synthetic import PRESETS, make_store
 from conftest import random_batch
@@ -111,7 +111,7 @@ def test_checksums_in_manifest_are_json_numbers(tiny_store):
 
 def test_non_finite_loss_stops_before_any_change(tmp_path, tiny_args):
     from blocktune import TrainingError
-    from blocktune.build import build_store
+    from blocktune.store.build import build_store
     from blocktune_bench.synthetic import random_units
 
     def units():

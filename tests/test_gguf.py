@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from blocktune.engine import Engine, EngineConfig
-from blocktune.tokenizer import load_tokenizer
+from blocktune.engine.engine import Engine, EngineConfig
+from blocktune.formats.tokenizer import load_tokenizer
 from blocktune_bench.corpus import corpus_text
 from blocktune_bench.families import make_checkpoint
 from blocktune_export.hf import import_hf

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from blocktune import model
+from blocktune.model import llama as model
 from blocktune_bench.golden import compare_golden, compute_golden
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "golden.json"

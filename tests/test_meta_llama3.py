@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 import torch
-from blocktune.engine import Engine, EngineConfig
-from blocktune.tokenizer import load_tokenizer
+from blocktune.engine.engine import Engine, EngineConfig
+from blocktune.formats.tokenizer import load_tokenizer
 from blocktune_bench.corpus import corpus_text
 from blocktune_bench.families import train_tiktoken_file
 from blocktune_export.meta import export_meta, import_meta
@@ -166,7 +166,7 @@ def test_llama2_meta_folder_round_trips(tmp_path, shards):
 
 
 def test_chat_prompt_equals_meta_chat_format(meta_llama3, tmp_path):
-    from blocktune.chat import chat_tokens, prompt_tokens
+    from blocktune.formats.chat import chat_tokens, prompt_tokens
     from llama_models.datatypes import RawMessage
     from llama_models.llama3.chat_format import ChatFormat
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 from blocktune import PRESETS, ConfigError, LoraConfig, ModelArgs
-from blocktune.devices import resolve_device
-from blocktune.model import Block, Transformer, apply_rope, rope_tables
+from blocktune.machine.devices import resolve_device
+from blocktune.model.llama import Block, Transformer, apply_rope, rope_tables
 
 
 @pytest.mark.parametrize("name,hidden", [("llama-2-7b", 11008), ("llama-2-13b", 13824),
@@ -51,7 +51,7 @@ def test_causal_mask_and_lora_start_at_base():
     tok = torch.randint(0, 32, (1, 9))
     full = base(tok)
     assert torch.allclose(base(tok[:, :5]), full[:, :5], atol=1e-6)  # no peeking ahead
-    from blocktune.lora import add_lora, init_lora_
+    from blocktune.model.lora import add_lora, init_lora_
 
     lora = add_lora(Transformer(args), LoraConfig(rank=2, targets=("wq", "w3"))).eval()
     sd = {**base.state_dict()}
@@ -108,8 +108,8 @@ def test_recompute_for_backward_gives_the_same_gradients(lora, tiny_args):
 
     args = dataclasses.replace(tiny_args, resid_dropout=0.1, attn_dropout=0.1)
     torch.manual_seed(0)
-    from blocktune.lora import add_lora
-    from blocktune.recompute import skip_unread_product
+    from blocktune.engine.recompute import skip_unread_product
+    from blocktune.model.lora import add_lora
 
     block = Block(args) if lora is None else add_lora(Block(args), lora)
     block.train()
@@ -146,7 +146,7 @@ def test_recompute_for_backward_gives_the_same_gradients(lora, tiny_args):
 def test_top_k_and_top_p_sampling():
     """Sampling draws only from the top k / the smallest set reaching top_p, with the renormalised
     probabilities (5,000 draws per case, compared with the exact distribution)."""
-    from blocktune.generate import SamplingConfig, sample_next
+    from blocktune.run.generate import SamplingConfig, sample_next
 
     logits = torch.log(torch.tensor([[0.05, 0.30, 0.10, 0.40, 0.15]]))
     probs = torch.softmax(logits, -1)[0]

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from blocktune import OptimizerConfig, optim
-from blocktune.optim import streamed_step, unit_step, whole_state
+from blocktune import OptimizerConfig
+from blocktune.engine import optim
+from blocktune.engine.optim import streamed_step, unit_step, whole_state
 
 
 def _unit(seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 from blocktune import Engine, EngineConfig
-from blocktune.devices import resolve_device
-from blocktune.pager import Pager, resident_sizes
+from blocktune.machine.devices import resolve_device
+from blocktune.paging.pager import Pager, resident_sizes
 from conftest import random_batch
 from test_equivalence import one_unit_budget
 
@@ -67,9 +67,9 @@ def test_an_unplanned_get_and_close_do_not_hang_where_only_the_compute_copies(ti
     interpreter, whose main thread is the computing one, so that a deadlock fails the test.)"""
     script = f"""
 import torch
-from blocktune.devices import resolve_device
-from blocktune.pager import Pager, resident_sizes
-from blocktune.store import BlockStore
+from blocktune.machine.devices import resolve_device
+from blocktune.paging.pager import Pager, resident_sizes
+from blocktune.store.store import BlockStore
 store = BlockStore.open({str(tiny_store.path)!r})
 sizes = resident_sizes(store, torch.float32, device=resolve_device("emu-mps"))
 blocks = ["block_00", "block_01", "block_02", "block_03"]
@@ -144,7 +144,7 @@ def test_reading_ahead_changes_no_number(tmp_path, tiny_args, method):
     for prefetch in (True, False):
         path = tmp_path / f"run-{prefetch}"
         shutil.copytree(base.path, path)
-        from blocktune.store import BlockStore
+        from blocktune.store.store import BlockStore
 
         store = BlockStore.open(path)
         unit = max(resident_sizes(store, torch.float32).values())  # one block fits, two do not

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from blocktune.adapters import load_adapter, save_adapter, save_peft
-from blocktune.config import LoraConfig
-from blocktune.engine import Engine, EngineConfig
+from blocktune.engine.engine import Engine, EngineConfig
+from blocktune.engine.optim import OptimizerConfig
 from blocktune.errors import StoreError
-from blocktune.optim import OptimizerConfig
+from blocktune.formats.adapters import load_adapter, save_adapter, save_peft
+from blocktune.model.args import LoraConfig
 from blocktune_bench.families import make_checkpoint
 from blocktune_export.hf import export_hf, import_hf
 from conftest import bt as run_bt

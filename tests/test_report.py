@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from blocktune.report import Progress, draw_run, read_metrics
-from blocktune.runconfig import RunConfig
-from blocktune.train import Trainer
+from blocktune.run.config import RunConfig
+from blocktune.run.report import Progress, draw_run, read_metrics
+from blocktune.run.trainer import Trainer
 from blocktune_bench.corpus import demo_text
 from blocktune_bench.synthetic import write_meta_checkpoint
 from blocktune_export.meta import import_meta
@@ -98,7 +98,7 @@ def test_report_of_a_killed_run(run, tmp_path):
 def test_without_matplotlib_a_note_not_a_crash(run, tmp_path):
     folder, _ = run
     script = ("import sys; sys.modules['matplotlib'] = None; sys.modules['matplotlib.figure'] = None\n"
-              "from blocktune.report import plot_run\n"
+              "from blocktune.run.report import plot_run\n"
               f"print(plot_run({str(folder)!r}, log=print))")
     out = subprocess.run([PY, "-c", script], capture_output=True, text=True, check=True).stdout
     assert "matplotlib is not installed" in out and out.strip().endswith("None")

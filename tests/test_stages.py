@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from blocktune import BlockStore
+from blocktune.dist.pipeline import split_by_bytes
 from blocktune.errors import ConfigError
-from blocktune.stages import split_by_bytes
 from conftest import finetune_cmd, multi_process_root, signal_rank_one
 from safetensors.torch import load_file
 

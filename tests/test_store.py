@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 from blocktune import BlockStore, BudgetError, ChecksumError, Engine, EngineConfig, StoreError
-from blocktune.buffers import BufferPool
-from blocktune.build import build_store
-from blocktune.config import parse_bytes
+from blocktune.paging.buffers import BufferPool
+from blocktune.settings import parse_bytes
+from blocktune.store.build import build_store
 from blocktune_bench.synthetic import PRESETS, make_store, random_units
 from conftest import random_batch
 
@@ -113,7 +113,7 @@ def test_uncommitted_versions_are_collected(tiny_store):
 
 
 def test_activation_stash_spills(tmp_path):
-    from blocktune.stash import ActivationStash
+    from blocktune.paging.stash import ActivationStash
 
     stash = ActivationStash(budget=1000, spill_dir=tmp_path)
     a, b = torch.randn(100), torch.randn(300)
@@ -185,7 +185,7 @@ def test_direct_io_falls_back_where_the_file_system_refuses_it(tiny_store):
 def test_aligned_buffers():
     """Direct IO wants 4 KiB-aligned buffers; from 2 MiB up they start on a huge-page boundary
     (and ask for transparent huge pages, which only the kernel can grant)."""
-    from blocktune.fileio import aligned_empty
+    from blocktune.store.fileio import aligned_empty
 
     for n in (1, 4096, 100_000, (2 << 20) - 1):
         assert aligned_empty(n).data_ptr() % 4096 == 0 and aligned_empty(n).numel() == n
@@ -233,7 +233,7 @@ def test_buffer_pool_keeps_idle_buffers_only_up_to_its_busiest_moment():
 
 def test_cold_advice_on_mapped_units_is_only_a_hint(tiny_store):
     """advise_cold runs on every eviction of a mapped unit: the data must stay intact."""
-    from blocktune.hostmem import advise_cold
+    from blocktune.machine.hostmem import advise_cold
 
     rec = tiny_store.record("block_00")
     mapped = tiny_store.read_file(rec, map_file=True)
@@ -289,7 +289,7 @@ def test_reclaimed_pages_of_a_mapped_unit_are_faulted_back(tiny_store):
     faulted back in before compute reads it; the data is unchanged."""
     import ctypes
 
-    from blocktune.hostmem import _libc, _page_span, ensure_resident
+    from blocktune.machine.hostmem import _libc, _page_span, ensure_resident
 
     mapped = tiny_store.read_file(tiny_store.record("block_00"), map_file=True)
     copied = {k: v.clone() for k, v in mapped.items()}
@@ -326,7 +326,7 @@ def test_direct_reads_of_frozen_units_match_mapped_ones(tiny_args, tmp_path):
 
 
 def test_auto_frozen_reads_follow_the_memory_available(tiny_store):
-    from blocktune.hostmem import host_memory_available
+    from blocktune.machine.hostmem import host_memory_available
 
     available = host_memory_available()
     if available is None:
@@ -340,7 +340,7 @@ def test_auto_frozen_reads_follow_the_memory_available(tiny_store):
 def test_row_pieces_are_written_as_the_joined_tensor(tmp_path):
     """Meta's dim-0 slices are written one after another, never joined in memory: the file is
     byte for byte the one the joined tensor gives, and pieces that disagree are refused."""
-    from blocktune.fileio import RowPieces, write_tensors
+    from blocktune.store.fileio import RowPieces, write_tensors
 
     g = torch.Generator().manual_seed(0)
     pieces = [torch.randn(3, 5, generator=g), torch.randn(4, 5, generator=g)]
@@ -359,8 +359,8 @@ def test_row_pieces_are_written_as_the_joined_tensor(tmp_path):
 def test_a_unit_updated_in_place_is_written_from_its_own_buffer(tiny_store, monkeypatch):
     """A unit read into an aligned buffer and changed in place is its own next file: written
     from there with direct IO (no bounce copy), byte for byte what the copying path writes."""
-    from blocktune import unitfiles as store_mod
-    from blocktune.fileio import aligned_empty, file_image
+    from blocktune.store import unitfiles as store_mod
+    from blocktune.store.fileio import aligned_empty, file_image
 
     tensors = tiny_store.read_file(tiny_store.record("block_00"), alloc=aligned_empty, direct=True)
     assert file_image(tensors) is not None
@@ -393,7 +393,7 @@ def test_peak_rss_of_a_child_is_its_own():
     import subprocess
 
     big = torch.ones(1 << 28)  # 1 GiB, touched
-    code = "from blocktune.hostmem import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from blocktune.machine.hostmem import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 0 < child < big.numel() * big.element_size()
 
@@ -401,7 +401,8 @@ def test_peak_rss_of_a_child_is_its_own():
 def test_mapped_units_are_advised_cold_when_memory_is_short(tiny_args, tmp_path, monkeypatch):
     """Where the store is more than half the memory available, evicted units' pages are advised
     cold (reclaimed first); the steps are the same either way."""
-    from blocktune import devices, pager
+    from blocktune.machine import devices
+    from blocktune.paging import pager
 
     store = make_store(tmp_path / "s", tiny_args, seed=1)
     unit = max(store.unit_bytes(u) for u in store.units)
@@ -422,7 +423,7 @@ def test_mapped_units_are_advised_cold_when_memory_is_short(tiny_args, tmp_path,
 
 def test_a_flipped_byte_in_the_tokenizer_is_named(tmp_path, tiny_args):
     """The tokenizer changes every token: `verify` and every command that loads it name it."""
-    from blocktune.tokenizer import Tokenizer
+    from blocktune.formats.tokenizer import Tokenizer
     from blocktune_bench.corpus import tokenizer_path
 
     store = make_store(tmp_path / "s", tiny_args, seed=1, tokenizer=tokenizer_path())

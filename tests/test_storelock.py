@@ -17,9 +17,9 @@ import pytest
 import torch
 from blocktune import BlockStore, StoreError, cli
 from blocktune.errors import StoreLockedError
-from blocktune.runconfig import RunConfig
-from blocktune.storelock import LOCK_DIR, pinned_files
-from blocktune.train import Trainer
+from blocktune.run.config import RunConfig
+from blocktune.run.trainer import Trainer
+from blocktune.store.lock import LOCK_DIR, pinned_files
 from blocktune_bench.corpus import demo_text
 from blocktune_bench.synthetic import write_meta_checkpoint
 from blocktune_export.meta import import_meta
@@ -280,7 +280,7 @@ def test_data_parallel_ranks_given_one_store_are_refused(base, tmp_path):
 def test_a_second_prepare_into_one_folder_loses_nothing(tmp_path):
     """Two writes of a new store into one folder: the one that lands second is refused with a
     clear error and its copy discarded; the first one's store stays as it was."""
-    from blocktune.fileio import staging_dir
+    from blocktune.store.fileio import staging_dir
 
     dst = tmp_path / "dst"
     with pytest.raises(StoreError, match="another process filled this folder"):

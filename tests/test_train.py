@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from blocktune import BlockStore, DataError, Engine, EngineConfig
-from blocktune.data import eval_windows, load_dataset
-from blocktune.generate import SamplingConfig, generate_tokens
-from blocktune.runconfig import RunConfig, lr_at
-from blocktune.tokenizer import Tokenizer
-from blocktune.train import Trainer
+from blocktune.formats.tokenizer import Tokenizer
+from blocktune.run.config import RunConfig, lr_at
+from blocktune.run.data import eval_windows, load_dataset
+from blocktune.run.generate import SamplingConfig, generate_tokens
+from blocktune.run.trainer import Trainer
 from blocktune_bench.corpus import demo_text
 from blocktune_bench.reference import ReferenceTrainer
 from blocktune_bench.synthetic import write_meta_checkpoint

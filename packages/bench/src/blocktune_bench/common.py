@@ -71,7 +71,7 @@ def disk_bandwidth(path: Path, nbytes: int = 1 << 30, files: int = 1) -> dict:
     sizes a run moves): an O_DIRECT write and read (how a full fine-tune writes and reads
     back its units) and a cold mapped read (how frozen units are read: mmap + MAP_POPULATE).
     The read is also the figure for a cold buffered read."""
-    from blocktune.fileio import ALIGN, aligned_empty
+    from blocktune.store.fileio import ALIGN, aligned_empty
 
     nbytes -= nbytes % ALIGN
     buf = aligned_empty(nbytes)

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 from blocktune import Engine, EngineConfig, LoraConfig, ModelArgs, OptimizerConfig
-from blocktune.budgets import working_set
-from blocktune.build import build_store
-from blocktune.devices import parse_dtype, resolve_device
-from blocktune.pager import resident_sizes
-from blocktune.records import unit_names
-from blocktune.store import BlockStore
+from blocktune.machine.devices import parse_dtype, resolve_device
+from blocktune.paging.budgets import working_set
+from blocktune.paging.pager import resident_sizes
+from blocktune.store.build import build_store
+from blocktune.store.records import unit_names
+from blocktune.store.store import BlockStore
 
 from .reference import ReferenceTrainer
 from .synthetic import PRESETS, make_store
@@ -141,7 +141,7 @@ def bandwidth(rec: Recorder) -> float:
 
 def make_7b_store(path: Path, args: ModelArgs, dev) -> BlockStore:
     """Random bf16 weights drawn on the device (fast), written unit by unit to a store on disk."""
-    from blocktune.model import Block, Embed, Head
+    from blocktune.model.llama import Block, Embed, Head
 
     gen = torch.Generator(device=dev.torch).manual_seed(0)
 

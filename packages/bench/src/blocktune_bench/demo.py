@@ -12,8 +12,8 @@ import shutil
 import time
 from pathlib import Path
 
-from blocktune.runconfig import RunConfig
-from blocktune.train import Trainer
+from blocktune.run.config import RunConfig
+from blocktune.run.trainer import Trainer
 from blocktune_export.meta import export_meta, import_meta
 
 from .corpus import demo_text
@@ -52,7 +52,7 @@ def run_demo(out: str | Path = "demo-out", steps: int = 150, log=print) -> dict:
     log(f"    loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}")
     log(f"    after fine-tuning: {PROMPT}{after}")
     log(f"5/5 blocktune export {out / 'store'} {out / 'export'} --adapter {out / 'run' / 'adapter.safetensors'}")
-    from blocktune.adapters import load_adapter
+    from blocktune.formats.adapters import load_adapter
 
     adapter = load_adapter(out / "run" / "adapter.safetensors", store.args)
     export_meta(store, out / "export", adapter=adapter)

@@ -13,8 +13,8 @@ import time
 
 import torch
 from blocktune import BlockStore, Engine, EngineConfig, LoraConfig, OptimizerConfig
-from blocktune.devices import resolve_device
-from blocktune.distributed import init_from_env
+from blocktune.dist.groups import init_from_env
+from blocktune.machine.devices import resolve_device
 
 
 def main() -> int:

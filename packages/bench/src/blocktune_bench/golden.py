@@ -57,7 +57,7 @@ def _case(name: str, root: Path) -> dict:
     logits = engine.logits(tok)
     out["logits"] = {"sha256": _digest(logits), "slice": logits[0, :3, :6].flatten().tolist(),
                      "sum": float(logits.double().sum()), "abs_mean": float(logits.double().abs().mean())}
-    from blocktune.generate import SamplingConfig, generate_tokens
+    from blocktune.run.generate import SamplingConfig, generate_tokens
 
     prompt = tok[0, :5].tolist()
     out["greedy"] = list(generate_tokens(engine, prompt, SamplingConfig(16, stop_at_eos=False)))

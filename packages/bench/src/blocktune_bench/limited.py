@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from blocktune.config import parse_bytes
+from blocktune.settings import parse_bytes
 
 from .measure import cgroup_peak, enter_cgroup
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 from blocktune import Engine, EngineConfig, LoraConfig, OptimizerConfig
-from blocktune.config import parse_bytes
-from blocktune.hostmem import peak_rss_bytes
-from blocktune.store import BlockStore
+from blocktune.machine.hostmem import peak_rss_bytes
+from blocktune.settings import parse_bytes
+from blocktune.store.store import BlockStore
 
 LORA = LoraConfig(rank=16, alpha=32.0, dropout=0.0, targets=("wq", "wk", "wv", "wo"))
 

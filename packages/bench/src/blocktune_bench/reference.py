@@ -2,22 +2,22 @@
 
 No paging, no recompute, no unit-wise optimizer: the whole `Transformer` in memory,
 `loss.backward()`, and `torch.optim`. The paged engine is tested against this.
-Dropout streams are seeded per micro-batch exactly as the engine seeds them (`blocktune.rng`).
+Dropout streams are seeded per micro-batch exactly as the engine seeds them (`blocktune.engine.rng`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from blocktune.config import LoraConfig, ModelArgs
-from blocktune.devices import Device, resolve_device
-from blocktune.engine import Engine
-from blocktune.lora import add_lora, init_lora_
-from blocktune.loss import IGNORE_INDEX
-from blocktune.model import Transformer, unit_prefix
-from blocktune.optim import OptimizerConfig
-from blocktune.rng import seed_micro_batch
-from blocktune.store import BlockStore
+from blocktune.engine.engine import Engine
+from blocktune.engine.loss import IGNORE_INDEX
+from blocktune.engine.optim import OptimizerConfig
+from blocktune.engine.rng import seed_micro_batch
+from blocktune.machine.devices import Device, resolve_device
+from blocktune.model.args import LoraConfig, ModelArgs
+from blocktune.model.llama import Transformer, unit_prefix
+from blocktune.model.lora import add_lora, init_lora_
+from blocktune.store.store import BlockStore
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["ReferenceTrainer", "model_from_store"]

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 from blocktune import BlockStore, Engine, EngineConfig, OptimizerConfig
-from blocktune.adapters import load_adapter, save_adapter
-from blocktune.config import LoraConfig
 from blocktune.errors import BlocktuneError, ChecksumError, StoreError
-from blocktune.fileio import crc32
-from blocktune.storelock import LOCK_DIR
+from blocktune.formats.adapters import load_adapter, save_adapter
+from blocktune.model.args import LoraConfig
+from blocktune.store.fileio import crc32
+from blocktune.store.lock import LOCK_DIR
 
 from .common import machine, save
 from .synthetic import PRESETS, make_store

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 import torch
-from blocktune.config import ModelArgs
-from blocktune.store import BlockStore
+from blocktune.model.args import ModelArgs
+from blocktune.store.store import BlockStore
 
 from .common import cached_store, disk_bandwidth, machine, matmul_rate, measure, save
 from .measure import evict_from_page_cache

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
-from blocktune.config import parse_bytes
+from blocktune.settings import parse_bytes
 
 from .common import cached_store, cli_under_limit, machine, save
 from .measure import evict_from_page_cache

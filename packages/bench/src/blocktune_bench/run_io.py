@@ -11,14 +11,14 @@ import time
 from pathlib import Path
 
 import torch
-from blocktune.config import ModelArgs
+from blocktune.model.args import ModelArgs
 
 from .common import cached_store, machine, save
 from .measure import evict_from_page_cache
 
 PREPARE = """
 import sys, time
-from blocktune.hostmem import peak_rss_bytes
+from blocktune.machine.hostmem import peak_rss_bytes
 from blocktune_bench.measure import track_anon_peak
 from blocktune_export.meta import import_meta
 peak = track_anon_peak()
@@ -80,8 +80,8 @@ GENERATE = """
 import sys, time, json, torch
 torch.set_num_threads(2)
 from blocktune import BlockStore, Engine, EngineConfig
-from blocktune.generate import SamplingConfig, generate_tokens
-from blocktune.model import KVCache
+from blocktune.run.generate import SamplingConfig, generate_tokens
+from blocktune.model.llama import KVCache
 from blocktune_bench.reference import model_from_store
 store = BlockStore.open(sys.argv[1]); mode = sys.argv[2]; n = 48
 prompt = list(range(1, 17))

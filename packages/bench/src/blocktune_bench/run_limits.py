@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import torch
-from blocktune.config import ModelArgs
-from blocktune.store import BlockStore
+from blocktune.model.args import ModelArgs
+from blocktune.store.store import BlockStore
 
 from .common import RESULTS, cached_store, cli_under_limit, machine, save
 

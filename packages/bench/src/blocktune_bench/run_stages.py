@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import torch
-from blocktune.config import LoraConfig, ModelArgs
-from blocktune.lora import add_lora, init_lora_
-from blocktune.model import Block
-from blocktune.recompute import skip_unread_product
+from blocktune.engine.recompute import skip_unread_product
+from blocktune.model.args import LoraConfig, ModelArgs
+from blocktune.model.llama import Block
+from blocktune.model.lora import add_lora, init_lora_
 
 from .common import cached_store, disk_bandwidth, machine, save
 from .corpus import demo_text, tokenizer_path

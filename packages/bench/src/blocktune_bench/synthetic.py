@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from blocktune.build import build_store
-from blocktune.config import ModelArgs
-from blocktune.model import stored_shapes
-from blocktune.records import unit_names
-from blocktune.store import BlockStore
+from blocktune.model.args import ModelArgs
+from blocktune.model.llama import stored_shapes
+from blocktune.store.build import build_store
+from blocktune.store.records import unit_names
+from blocktune.store.store import BlockStore
 
 __all__ = ["PRESETS", "random_unit", "random_units", "make_store", "preset"]
 

@@ -1,20 +1,20 @@
 """blocktune: fine-tune Llama-2 models larger than memory, paging one unit at a time."""
 
-from .build import build_store
-from .config import PRESETS, LoraConfig, ModelArgs
-from .devices import Device, resolve_device
-from .engine import Engine, EngineConfig, StepResult
-from .errors import (
-                     BlocktuneError,
-                     BudgetError,
-                     ChecksumError,
-                     ConfigError,
-                     DataError,
-                     StoreError,
-                     TrainingError,
+from blocktune.engine.engine import Engine, EngineConfig, StepResult
+from blocktune.engine.optim import OptimizerConfig
+from blocktune.errors import (
+    BlocktuneError,
+    BudgetError,
+    ChecksumError,
+    ConfigError,
+    DataError,
+    StoreError,
+    TrainingError,
 )
-from .optim import OptimizerConfig
-from .store import BlockStore
+from blocktune.machine.devices import Device, resolve_device
+from blocktune.model.args import PRESETS, LoraConfig, ModelArgs
+from blocktune.store.build import build_store
+from blocktune.store.store import BlockStore
 
 __version__ = "0.1.0"
 

@@ -15,8 +15,8 @@ import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .config import FROZEN_READS
-from .errors import BlocktuneError, BudgetError, ConfigError, DataError
+from blocktune.engine.config import FROZEN_READS
+from blocktune.errors import BlocktuneError, BudgetError, ConfigError, DataError
 
 # exit codes: 0 done; 1 the run failed (a store, checkpoint or adapter problem, training that
 # cannot go on, a rank that died); 2 the command line, a setting or the data is wrong (argparse's
@@ -32,8 +32,8 @@ def parse_sets(items: list[str]) -> dict:
     import dataclasses
     import tomllib
 
-    from .errors import ConfigError
-    from .runconfig import RunConfig
+    from blocktune.errors import ConfigError
+    from blocktune.run.config import RunConfig
 
     known = {f.name for f in dataclasses.fields(RunConfig)}
     out = {}
@@ -56,7 +56,7 @@ def _default(name: str) -> str:
     """RunConfig's default for a setting, for --help."""
     import dataclasses
 
-    from .runconfig import RunConfig
+    from blocktune.run.config import RunConfig
 
     f = next(f for f in dataclasses.fields(RunConfig) if f.name == name)
     value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -95,8 +95,8 @@ def _launch(nproc: int, argv: list[str]) -> int:
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
-    from .runconfig import RunConfig, check_out
-    from .train import Trainer
+    from blocktune.run.config import RunConfig, check_out
+    from blocktune.run.trainer import Trainer
 
     if a.nproc and a.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(a.nproc, sys.argv[1:])
@@ -134,11 +134,11 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
 def _inference_engine(a: argparse.Namespace, batch: int, seq: int):
     """(store, engine, tokenizer) for generate and eval: read-only, with the adapter if given."""
-    from .adapters import load_adapter
-    from .budgets import parse_budget
-    from .engine import Engine, EngineConfig
-    from .store import BlockStore
-    from .tokenizer import load_tokenizer
+    from blocktune.engine.engine import Engine, EngineConfig
+    from blocktune.formats.adapters import load_adapter
+    from blocktune.formats.tokenizer import load_tokenizer
+    from blocktune.paging.budgets import parse_budget
+    from blocktune.store.store import BlockStore
 
     store = BlockStore.open_base(a.store) if a.base else BlockStore.open(a.store)
     tok = load_tokenizer(store)
@@ -151,12 +151,12 @@ def _inference_engine(a: argparse.Namespace, batch: int, seq: int):
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from .generate import SamplingConfig, generate_tokens, stream_text
+    from blocktune.run.generate import SamplingConfig, generate_tokens, stream_text
 
     _, engine, tok = _inference_engine(a, 1, min(len(a.prompt) + a.max_new_tokens, 4096))
     sampling = SamplingConfig(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
     if a.chat:  # the prompt as the user's turn, in the model's chat template
-        from .chat import prompt_tokens
+        from blocktune.formats.chat import prompt_tokens
 
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
             {"role": "user", "content": a.prompt}]
@@ -179,8 +179,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
-    from .data import eval_windows, read_text
-    from .errors import DataError
+    from blocktune.errors import DataError
+    from blocktune.run.data import eval_windows, read_text
 
     store, engine, tok = _inference_engine(a, a.batch_size, a.seq_len)
     if a.seq_len > store.args.max_seq_len:
@@ -203,7 +203,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from .store import BlockStore
+    from blocktune.store.store import BlockStore
 
     store = BlockStore.open(a.store)
     problems = store.verify()
@@ -216,7 +216,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_split_stages(a: argparse.Namespace) -> int:
-    from .stages import split_stage_stores
+    from blocktune.store.ranks import split_stage_stores
 
     outs = split_stage_stores(a.store, a.nproc or a.stages, a.stages, a.out)
     print(f"{len(outs)} per-rank stores ({outs[0]} ... {outs[-1]}): train with --store '{a.out}'")
@@ -224,8 +224,8 @@ def cmd_split_stages(a: argparse.Namespace) -> int:
 
 
 def cmd_merge_stages(a: argparse.Namespace) -> int:
-    from .stages import merge_stage_stores
-    from .store import BlockStore
+    from blocktune.store.ranks import merge_stage_stores
+    from blocktune.store.store import BlockStore
 
     out = merge_stage_stores(a.store, a.nproc, a.stages, a.out)
     store = BlockStore.open(out)
@@ -235,7 +235,7 @@ def cmd_merge_stages(a: argparse.Namespace) -> int:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from .store import BlockStore
+    from blocktune.store.store import BlockStore
 
     t0 = time.perf_counter()
     store = BlockStore.open(a.store)
@@ -254,7 +254,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from .report import format_summary, plot_run, summarize
+    from blocktune.run.report import format_summary, plot_run, summarize
 
     run = Path(a.run)
     if not (run / "metrics.jsonl").is_file():

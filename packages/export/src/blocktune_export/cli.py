@@ -6,10 +6,10 @@ import argparse
 import time
 from pathlib import Path
 
-from blocktune.devices import parse_dtype
 from blocktune.errors import ConfigError
-from blocktune.records import unit_names
-from blocktune.report import Progress
+from blocktune.machine.devices import parse_dtype
+from blocktune.run.report import Progress
+from blocktune.store.records import unit_names
 
 __all__ = ["register_prepare", "register_export"]
 
@@ -37,7 +37,7 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     print(f"prepared {store.path}: {len(store.units)} units, {gb:.2f} GB {a.dtype or 'as stored'}, "
           f"in {dt:.1f}s ({gb / dt:.2f} GB/s)")
     if a.stages:
-        from blocktune.stages import split_stage_stores
+        from blocktune.store.ranks import split_stage_stores
 
         pattern = f"{Path(a.dst)}-{{rank}}"
         outs = split_stage_stores(store.path, a.nproc or a.stages, a.stages, pattern)
@@ -47,8 +47,8 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from blocktune.adapters import load_adapter
-    from blocktune.store import BlockStore
+    from blocktune.formats.adapters import load_adapter
+    from blocktune.store.store import BlockStore
 
     from .hf import export_hf
     from .meta import export_meta
@@ -59,7 +59,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.format is None:  # back to the layout it came in
         a.format = "hf" if store.manifest.get("source", {}).get("format") == "hf" else "meta"
     if a.format == "peft":  # the adapter alone, for peft / vLLM on the HF model
-        from blocktune.adapters import save_peft
+        from blocktune.formats.adapters import save_peft
 
         if adapter is None:
             raise ConfigError("--format peft writes an adapter: give --adapter")

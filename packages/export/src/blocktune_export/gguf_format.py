@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from blocktune.errors import ConfigError
-from blocktune.fileio import staging_dir
-from blocktune.hflayout import hf_key, rotary_heads, to_hf
-from blocktune.model import rope_frequencies
-from blocktune.records import unit_names
-from blocktune.store import BlockStore
+from blocktune.formats.hfnames import hf_key, rotary_heads, to_hf
+from blocktune.model.llama import rope_frequencies
+from blocktune.store.fileio import staging_dir
+from blocktune.store.records import unit_names
+from blocktune.store.store import BlockStore
 
 from .meta import meta_key
 
@@ -106,7 +106,7 @@ def _write_tokenizer(w, store: BlockStore, warn) -> None:
         return
     if kind != "hf":
         raise ConfigError(f"{store.path}: a {kind} tokenizer has no GGUF form here; export --format meta")
-    from blocktune.tokenizer import HFTokenizer
+    from blocktune.formats.tokenizer import HFTokenizer
 
     tok = HFTokenizer(store.path, args.eos_token_ids)
     spec = json.loads((store.path / "tokenizer.json").read_text())

@@ -7,7 +7,7 @@ compute is never dropped. A store prepared from HF keeps the folder's config.jso
 
 HF names every tensor differently and, for its rotate-half rotary layout, permutes the rows
 of wq and wk within each head: Meta rotates interleaved pairs (x0, x1), HF rotates the two
-halves of the head: `blocktune.hflayout.to_hf` / `from_hf` are that permutation and its inverse.
+halves of the head: `blocktune.formats.hfnames.to_hf` / `from_hf` are that permutation and its inverse.
 """
 
 from __future__ import annotations
@@ -19,15 +19,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from blocktune.build import build_store
-from blocktune.config import ROPE_TYPES, ModelArgs
 from blocktune.errors import ConfigError, StoreError
-from blocktune.fileio import staging_dir
-from blocktune.hflayout import ARCHITECTURES, HF_NAMES, from_hf, hf_key, meta_of_hf, rotary_heads, to_hf
-from blocktune.model import stored_shapes
-from blocktune.records import unit_names
-from blocktune.store import BlockStore
-from blocktune.tokenizer import HF_TOKENIZER_FILES
+from blocktune.formats.hfnames import (
+    ARCHITECTURES,
+    HF_NAMES,
+    from_hf,
+    hf_key,
+    meta_of_hf,
+    rotary_heads,
+    to_hf,
+)
+from blocktune.formats.tokenizer import HF_TOKENIZER_FILES
+from blocktune.model.args import ROPE_TYPES, ModelArgs
+from blocktune.model.llama import stored_shapes
+from blocktune.store.build import build_store
+from blocktune.store.fileio import staging_dir
+from blocktune.store.records import unit_names
+from blocktune.store.store import BlockStore
 from safetensors import safe_open
 from safetensors.torch import save_file
 

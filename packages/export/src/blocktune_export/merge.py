@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from blocktune.adapters import Adapter
-from blocktune.model import layer_of
-from blocktune.store import BlockStore
+from blocktune.formats.adapters import Adapter
+from blocktune.model.llama import layer_of
+from blocktune.store.store import BlockStore
 
 __all__ = ["merged_unit"]
 

@@ -15,14 +15,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from blocktune.build import build_store
-from blocktune.config import ModelArgs
 from blocktune.errors import ConfigError, StoreError
-from blocktune.fileio import RowPieces, staging_dir
-from blocktune.model import stored_shapes, unit_name, unit_prefix
-from blocktune.records import unit_names
-from blocktune.store import BlockStore
-from blocktune.tokenizer import TiktokenTokenizer, Tokenizer, detect_kind
+from blocktune.formats.tokenizer import TiktokenTokenizer, Tokenizer, detect_kind
+from blocktune.model.args import ModelArgs
+from blocktune.model.llama import stored_shapes, unit_name, unit_prefix
+from blocktune.store.build import build_store
+from blocktune.store.fileio import RowPieces, staging_dir
+from blocktune.store.records import unit_names
+from blocktune.store.store import BlockStore
 
 __all__ = ["SPLIT_AXIS", "split_axis", "meta_key", "read_meta", "import_meta", "export_meta",
            "write_meta", "shard_files", "load_shard"]

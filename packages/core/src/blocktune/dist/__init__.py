@@ -1,0 +1,1 @@
+"""Several processes: data-parallel groups and pipeline stages over torch.distributed."""

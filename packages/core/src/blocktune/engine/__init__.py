@@ -1,0 +1,1 @@
+"""The paged step: forward over units, the block-by-block backward with RNG replay, optimizers."""

@@ -1,0 +1,62 @@
+"""The engine's settings: method, device and dtype, byte budgets, how units are read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from blocktune.engine.optim import OptimizerConfig
+from blocktune.errors import ConfigError
+from blocktune.model.args import LoraConfig
+from blocktune.settings import AUTO
+
+__all__ = ["EngineConfig", "FROZEN_READS", "check_frozen_reads"]
+
+
+FROZEN_READS = ("auto", "mapped", "direct")
+
+
+def check_frozen_reads(value: str) -> str:
+    if value not in FROZEN_READS:
+        raise ConfigError(f"frozen_reads={value!r}: choose {', '.join(FROZEN_READS[:-1])} or {FROZEN_READS[-1]}")
+    return value
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    method: str = "lora"  # lora | full
+    lora: LoraConfig | None = field(default_factory=LoraConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    device: str = "auto"
+    compute_dtype: str | None = None  # None: the device's default (fp32 on CPU, bf16 on GPUs)
+    # Budgets in bytes, None (no limit) or "auto" (from the machine's free memory: blocktune.paging.budgets)
+    device_budget: int | str | None = AUTO  # units resident on the device
+    host_budget: int | str | None = AUTO  # unit files kept in (pinned) RAM for an accelerator;
+    # on the CPU, host RAM is the device: the smaller of the two budgets bounds residency
+    activation_budget: int | str | None = AUTO  # stashed block inputs in RAM before spilling
+    # the batch `auto` plans for: (micro-batch size, tokens per sequence, micro-batches per step)
+    batch_hint: tuple[int, int, int] = (1, 512, 1)
+    loss_chunk: int = 2048  # positions per chunk of the cross-entropy
+    seed: int = 0
+    replay_rng: bool = True  # off only to prove the replay test can fail
+    prefetch: bool = True
+    verify: str = "once"  # crc32 of each file version: "always" on every read, "once" per process, "never"
+    read_only: bool = False  # inference only (generate, eval): units are never written
+    lean_memory: bool = False  # return freed host memory to the OS after every unit (slower; less RSS)
+    max_dirty: int | None = 512 << 20  # full fine-tune: written-but-unsynced bytes before an early fsync
+    # Bytes of autograd activations kept from the first forward instead of recomputing the
+    # unit in the backward (weights in the graph become handles the pager resolves).
+    # 0: always recompute; None: keep every unit's. Units past the budget are recomputed.
+    keep_budget: int | None = 0
+    # CPU, frozen units (LoRA, inference): "mapped" reads them through the page cache, "direct"
+    # with O_DIRECT into reused buffers (for a store bigger than RAM); "auto" picks direct when
+    # the store is more than 80% of the memory available (MemAvailable, or a cgroup's limit).
+    frozen_reads: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise ConfigError(f"method {self.method!r} is not supported; choose lora or full")
+        if self.method == "lora" and self.lora is None:
+            raise ConfigError("method 'lora' needs a LoRA configuration")
+        check_frozen_reads(self.frozen_reads)
+        if self.loss_chunk <= 0:
+            raise ConfigError(f"loss_chunk={self.loss_chunk} must be positive")

@@ -1,0 +1,64 @@
+"""The training loss: cross-entropy over next tokens, IGNORE_INDEX where no loss is taken
+(padding, prompts of chat rows), computed a chunk of positions at a time so that the whole
+vocabulary's logits never exist at once; and the checks a batch passes first."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blocktune.errors import ConfigError
+from blocktune.model.args import ModelArgs
+
+__all__ = ["IGNORE_INDEX", "chunked_cross_entropy", "count_targets", "check_window", "check_batches"]
+
+IGNORE_INDEX = -100
+
+
+def chunked_cross_entropy(
+    head: nn.Module, h: torch.Tensor, targets: torch.Tensor, denom: int, chunk: int,
+    backward: bool,
+) -> torch.Tensor:
+    """Σ cross-entropy / denom over (B, T) positions, `chunk` positions of logits at a time.
+
+    With `backward`, each chunk's gradient is accumulated into h.grad and the head's
+    parameters right away, so only one chunk's logits exist at any moment.
+    """
+    flat_h = h.reshape(-1, h.shape[-1])
+    flat_t = targets.reshape(-1)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, flat_t.numel(), chunk):
+        t = flat_t[s:s + chunk]
+        if not bool((t != IGNORE_INDEX).any()):  # note: a host sync; skips masked chunks
+            continue
+        logits = head(flat_h[s:s + chunk]).float()
+        loss = F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum") / denom
+        if backward:
+            loss.backward()
+        total += loss.detach()
+    return total
+
+
+def check_window(args: ModelArgs, length: int) -> None:
+    """Attention here spans the whole sequence: past a sliding window that is a different model."""
+    if args.sliding_window is not None and length > args.sliding_window:
+        raise ConfigError(f"sequence length {length} exceeds the model's sliding_window "
+                          f"{args.sliding_window} (config.json); blocktune attends to the whole "
+                          f"sequence, so keep --seq-len (and prompt + new tokens) within {args.sliding_window}")
+
+
+def count_targets(targets: torch.Tensor) -> int:
+    return int((targets != IGNORE_INDEX).sum())
+
+
+def check_batches(args: ModelArgs, batches) -> None:
+    """(tokens, targets) pairs: both (batch, seq_len), no longer than the model and its window allow."""
+    for tok, tgt in batches:
+        if tok.shape != tgt.shape or tok.dim() != 2:
+            raise ConfigError(f"tokens {tuple(tok.shape)} and targets {tuple(tgt.shape)} "
+                              "must both be (batch, seq_len)")
+        if tok.shape[1] > args.max_seq_len:
+            raise ConfigError(f"sequence length {tok.shape[1]} exceeds the model's "
+                              f"max_seq_len {args.max_seq_len}; lower --seq-len")
+        check_window(args, tok.shape[1])

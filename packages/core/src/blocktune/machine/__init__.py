@@ -1,0 +1,1 @@
+"""The machine blocktune runs on: its compute devices and its host memory."""

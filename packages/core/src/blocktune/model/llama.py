@@ -1,0 +1,333 @@
+"""The Llama decoder, as Meta's reference code defines it, cut into pageable units.
+
+One spec for every family blocktune reads: Llama 2 and 3.x, Mistral, Qwen2.5 and Qwen3 differ
+only in fields of `ModelArgs` (q/k/v biases, q/k RMSNorms, an explicit head size, RoPE scaling,
+tied embeddings), each switched on here where Hugging Face's modeling code has it.
+
+The model is three kinds of unit: `Embed` (token embeddings), `Block` (one transformer
+layer) and `Head` (final RMSNorm + output projection). `Transformer` strings them together
+for in-memory use; the paged engine builds one unit at a time on the `meta` device and
+maps stored tensors into it. Nothing here knows about paging, files or devices.
+
+Parameter names inside a unit are Meta's names with the ``layers.{i}.`` prefix removed,
+so a unit's state dict *is* a slice of Meta's checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blocktune.model.args import ModelArgs
+
+__all__ = [
+    "RMSNorm",
+    "Linear",
+    "Attention",
+    "FeedForward",
+    "Block",
+    "Embed",
+    "Head",
+    "Transformer",
+    "KVCache",
+    "rope_tables",
+]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the compute dtype, as Meta does.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class Linear(nn.Module):
+    """y = xWᵀ (+ b where the family has a bias). LoRA adapters and the recompute's skipped
+    product are the engine's wrappers around it (`blocktune.model.lora`, `blocktune.engine.recompute`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        # a no-op on the meta device, where the paged engine builds units before mapping weights in
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
+                     device=None) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies (head_dim // 2,), factor on cos and sin) of the rotary embedding,
+    with Hugging Face's scaling rules: `linear` (position interpolation), `llama3` (Llama 3.1's
+    wavelength-banded rescale) and `yarn` (NTK-by-parts, with its attention factor)."""
+    exps = torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim
+    inv_freq = 1.0 / (theta ** exps)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq, 1.0
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        old = scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        return _yarn(head_dim, theta, factor, scaling, device)
+    raise ValueError(f"rope_type {kind!r}")
+
+
+def _yarn(head_dim: int, theta: float, factor: float, p: dict, device) -> tuple[torch.Tensor, float]:
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = p.get("attention_factor")
+    if attention is None:
+        if p.get("mscale") and p.get("mscale_all_dim"):
+            attention = mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
+        else:
+            attention = mscale(factor)
+    fast, slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+    old = p["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = correction_dim(fast), correction_dim(slow)
+    if p.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, head_dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=device) - lo) / (hi - lo)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    extrapolate = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv_freq, float(attention)
+
+
+def rope_tables(
+    head_dim: int, positions: torch.Tensor, theta: float, scaling: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of Meta's rotary angles for `positions`, each (T, head_dim // 2), fp32."""
+    inv_freq, attention = rope_frequencies(head_dim, theta, scaling, positions.device)
+    angles = torch.outer(positions.float(), inv_freq)
+    if attention == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * attention, angles.sin() * attention
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, T, H, head_dim). Meta rotates interleaved pairs (x[2i], x[2i+1]) as complex numbers;
+    # the same arithmetic in real form runs on every backend (MPS has no complex support).
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]  # (T, 1, head_dim/2)
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Keys and values of one block for generation: (B, max_len, n_kv_heads, head_dim)."""
+
+    def __init__(self, batch: int, max_len: int, n_kv: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.k = torch.zeros(batch, max_len, n_kv, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[1]
+        self.k[:, start:end] = k
+        self.v[:, start:end] = v
+        return self.k[:, :end], self.v[:, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.dropout = args.attn_dropout
+        self.wq = Linear(args.dim, self.n_heads * self.head_dim, args.qkv_bias)
+        self.wk = Linear(args.dim, self.n_kv * self.head_dim, args.qkv_bias)
+        self.wv = Linear(args.dim, self.n_kv * self.head_dim, args.qkv_bias)
+        self.wo = Linear(self.n_heads * self.head_dim, args.dim, args.o_bias)
+        # Qwen3: RMSNorm over each head's q and k, before the rotation
+        self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                start: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start, k, v)  # (B, start+T, n_kv, head_dim)
+        if self.n_kv != self.n_heads:  # grouped-query attention: share each kv head
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=2)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, head_dim)
+        p = self.dropout if self.training else 0.0
+        if cache is None or start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            # Query i sits at position start+i and sees keys 0..start+i.
+            S = k.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        h, bias = args.hidden_dim, args.mlp_bias
+        self.w1 = Linear(args.dim, h, bias)
+        self.w2 = Linear(h, args.dim, bias)
+        self.w3 = Linear(args.dim, h, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.resid_dropout = nn.Dropout(args.resid_dropout)
+        self.rope_theta, self.rope_scaling = args.rope_theta, args.rope_scaling
+        self.head_dim = args.head_dim
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        # x: (B, T, dim). Rotary tables are cheap next to the block's matmuls: make them here
+        # so that a block needs nothing but its input.
+        pos = torch.arange(start, start + x.shape[1], device=x.device)
+        cos, sin = rope_tables(self.head_dim, pos, self.rope_theta, self.rope_scaling)
+        h = x + self.resid_dropout(self.attention(self.attention_norm(x), cos, sin, cache, start))
+        return h + self.resid_dropout(self.feed_forward(self.ffn_norm(h)))
+
+
+class Embed(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.dropout = nn.Dropout(args.embed_dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # (B, T, dim), in the stored dtype where the matrix is kept so: the caller widens it
+        return self.dropout(self.tok_embeddings(tokens))
+
+
+class _SlicedCastLinear(torch.autograd.Function):
+    """x·Wᵀ for a weight kept in a narrower dtype than x (a frozen bf16 head under fp32
+    compute): W is widened a slice of rows at a time, in the forward and again in the backward,
+    so neither keeps a widened copy of it (Llama 3's head: 2.1 GB in fp32)."""
+
+    ROWS = 16384
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.cat([F.linear(x, weight[s:s + _SlicedCastLinear.ROWS].to(x.dtype))
+                          for s in range(0, weight.shape[0], _SlicedCastLinear.ROWS)], dim=-1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        gx = gw = None
+        rows = _SlicedCastLinear.ROWS
+        if ctx.needs_input_grad[0]:
+            gx = sum(g[..., s:s + rows].matmul(weight[s:s + rows].to(g.dtype))
+                     for s in range(0, weight.shape[0], rows))
+        if ctx.needs_input_grad[1]:
+            gf, xf = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+            gw = gf.t().mm(xf)
+        return gx, gw
+
+
+class Head(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.norm(h)
+        w = self.output.weight
+        if w.dtype != x.dtype:  # a frozen head kept as stored: widened slice by slice
+            return _SlicedCastLinear.apply(x, w)
+        return F.linear(x, w)  # (B, T, vocab)
+
+
+class Transformer(nn.Module):
+    """The whole model in memory: the reference the paged engine is tested against."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = Embed(args)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.head = Head(args)
+        if args.tie_embeddings:  # one tensor, both uses' gradients summed into it
+            self.head.output.weight = self.embed.tok_embeddings.weight
+
+    def units(self) -> list[tuple[str, nn.Module]]:
+        return [("embed", self.embed)] + [
+            (unit_name(i), b) for i, b in enumerate(self.layers)
+        ] + [("head", self.head)]
+
+    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None, start: int = 0) -> torch.Tensor:
+        h = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, caches[i] if caches else None, start)
+        return self.head(h)
+
+
+def unit_name(layer: int) -> str:
+    """The unit that holds transformer layer `layer` (the one place the name format is made)."""
+    return f"block_{layer:02d}"
+
+
+def layer_of(unit: str) -> int | None:
+    """The layer index of a block unit's name; None for embed and head (the one place it is read)."""
+    return int(unit[len("block_"):]) if unit.startswith("block_") else None
+
+
+def stored_shapes(args: ModelArgs, unit: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the tensors a unit's file holds, in the module's order (a tied head holds
+    its norm only: its projection is the embedding matrix, stored with embed)."""
+    with torch.device("meta"):
+        mod = Embed(args) if unit == "embed" else Head(args) if unit == "head" else Block(args)
+    shapes = {k: tuple(v.shape) for k, v in mod.state_dict().items()}
+    if unit == "head" and args.tie_embeddings:
+        del shapes["output.weight"]
+    return shapes
+
+
+def unit_prefix(unit: str) -> str:
+    """The prefix of a unit's keys in the whole model's (Meta) names: `layers.3.`, or '' for
+    embed and head, whose keys are already whole-model names."""
+    layer = layer_of(unit)
+    return "" if layer is None else f"layers.{layer}."

@@ -1,0 +1,159 @@
+"""Memory budgets from the machine: what `auto` (the default) resolves to, and why.
+
+A run holds, besides the interpreter and torch (already resident when this is read): resident
+units (the device budget), the host tier (accelerators), stashed block inputs (the activation
+budget, spilled to disk past it), one block's recompute intermediates, one loss chunk's
+logits and their gradient, raw unit files in flight between disk and compute, and for a full
+fine-tune one unit's gradients and its optimizer step's pieces of state. `resolve` measures the memory free now
+(MemAvailable, or a cgroup's limit minus its usage, whichever is smaller; the accelerator's free
+memory through the device module), keeps a slack for the allocators, estimates the rest from
+the model and the batch, and gives the units what is left. An explicit budget wins; a budget
+below the largest unit is an error with the number to use (the pager's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from blocktune.engine.optim import STATE_PIECE
+from blocktune.machine.devices import Device
+from blocktune.machine.hostmem import host_memory_free
+from blocktune.model.args import ModelArgs
+from blocktune.paging.hosttier import STAGING_SLOTS
+from blocktune.settings import AUTO, parse_bytes
+from blocktune.store.fileio import round_up
+
+__all__ = ["Budgets", "resolve", "parse_budget", "AUTO"]
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Budgets:
+    device: int | None  # None: unlimited
+    host: int | None
+    activation: int | None
+    notes: tuple[str, ...] = ()  # how each `auto` was worked out, for the resolved config
+    tight: bool = False  # `auto` found room for under two units: spend time to save memory
+
+
+def parse_budget(text: str | int | None) -> int | str | None:
+    """'auto', or bytes as `parse_bytes` reads them ('4GiB'; None and 'inf': unlimited)."""
+
+    if isinstance(text, str) and text.strip().lower() == AUTO:
+        return AUTO
+    return parse_bytes(text)
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:,.0f} MiB"
+
+
+def working_set(args: ModelArgs, dtype: torch.dtype, batch: int, seq: int, micro: int,
+                loss_chunk: int, kv_cache: bool = False) -> dict[str, int]:
+    """Bytes of activations a step holds besides the units, by kind (estimates, on the high side)."""
+    item = dtype.itemsize
+    tokens = batch * seq
+    hidden = args.hidden_dim
+    return {
+        # each block's input, per micro-batch, from the forward until that block's backward
+        "stash": (args.n_layers + 1) * micro * tokens * args.dim * item,
+        # one block recomputed with a graph, and its backward: q/k/v/o, norms and residuals, the
+        # FFN's three hidden-size tensors, attention scores and their gradient
+        "block": 2 * tokens * (8 * args.dim + 4 * hidden) * item + 3 * batch * args.n_heads * seq * seq * 4,
+        # one chunk of logits in fp32, its softmax and its gradient
+        "loss": 3 * min(loss_chunk, tokens) * args.vocab_size * 4,
+        # generation: keys and values of every layer for every position
+        "kv": 2 * args.n_layers * tokens * (args.n_kv_heads or args.n_heads) * args.head_dim * item if kv_cache else 0,
+    }
+
+
+def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_files: dict[str, int],
+            compute_dtype: torch.dtype, *, method: str,
+            device_budget, host_budget, activation_budget, batch: int = 1, seq: int = 512,
+            micro: int = 1, loss_chunk: int = 2048, kv_cache: bool = False) -> Budgets:
+    """Budgets in bytes (None: unlimited) for budgets given as bytes, None, or "auto".
+
+    `unit_sizes`: each unit as held resident (compute dtype); `unit_files`: as stored.
+    """
+    wants = [b == AUTO for b in (device_budget, host_budget, activation_budget)]
+    if not any(wants):
+        return Budgets(device_budget, host_budget, activation_budget)
+    largest, largest_file = max(unit_sizes.values()), max(unit_files.values())
+    work = working_set(args, compute_dtype, batch, seq, micro, loss_chunk, kv_cache)
+    params = largest // compute_dtype.itemsize
+    extra = 0  # a full fine-tune: one unit's fp32 gradients, and its optimizer step's pieces
+    if method == "full":  # (old and new, of each kind of state, and a piece being written)
+        extra = params * 4 + 10 * STATE_PIECE * 4
+    notes = []
+    host_free = host_memory_free()
+    # 10% and 192 MiB: allocator fragmentation, temporaries, the tokenizer and data
+    host_room = None if host_free is None else int(host_free * 0.9) - 192 * MiB
+
+    # the compute device's memory holds the resident units, the stash and the working set
+    if device.is_cpu:
+        free, room = host_free, host_room
+        # raw unit files on their way in: one in flight and one idle for reuse where they are
+        # converted to the compute dtype; otherwise (units kept as stored: frozen embeddings and
+        # head) the resident units are the read buffers
+        converted = [unit_files[n] for n in unit_files if unit_sizes[n] > unit_files[n]]
+        in_flight = 2 * max(converted) if converted else largest_file
+        where = f"{_mib(free)} free" if free is not None else ""
+    else:
+        free = device.memory_free()
+        room = None if free is None else int(free * 0.9) - 256 * MiB
+        if device.type == "emu" and room is not None and host_room is not None:
+            room = min(room, host_room // 2)  # its "device" memory is host RAM, shared with the tier
+        in_flight = largest  # the ring: one unit on its way to the device beside the resident ones
+        where = f"{_mib(free)} free on {device}" if free is not None else ""
+    fixed = work["block"] + work["loss"] + work["kv"] + extra + in_flight
+
+    dev, act, host = device_budget, activation_budget, host_budget
+    if room is None:  # nothing to go by: unlimited
+        if dev == AUTO:
+            dev = None
+            notes.append(f"device_budget auto: unlimited ({device} does not say how much memory is free)")
+        act = work["stash"] if act == AUTO else act
+    else:
+        avail = room - fixed
+        if dev == AUTO:  # the units first, the stash in RAM from what is left (it can spill)
+            stash_wanted = work["stash"] if act == AUTO else min(act or work["stash"], work["stash"])
+            dev = max(largest, avail - stash_wanted)
+            notes.append(f"device_budget auto: {_mib(dev)} ({dev / largest:.1f}x the largest unit) = {where} "
+                         f"- 10% and {256 if not device.is_cpu else 192} MiB slack - {_mib(fixed)} for one block's "
+                         f"recompute, the loss chunk, units in flight"
+                         + (", a unit's gradients and optimizer step" if extra else "")
+                         + (", the KV cache" if work["kv"] else "") + f" - {_mib(stash_wanted)} of stash")
+        if act == AUTO:
+            act = min(work["stash"], max(16 * MiB, avail - (dev or 0)))
+            notes.append(f"activation_budget auto: {_mib(act)} (the stashed block inputs need ≈"
+                         f"{_mib(work['stash'])}" + ("; the rest spills to disk)" if act < work["stash"] else ")"))
+    if device.host_is_device:
+        host = None if host == AUTO else host  # the CPU has no host tier: RAM is the device
+    elif host == AUTO:
+        if not device.host_tier_useful:
+            host = 0
+            notes.append(f"host_budget auto: 0 (on {device} host and device memory are one: no second copy)")
+        elif host_room is None:
+            host = 0
+            notes.append("host_budget auto: 0 (this OS does not say how much memory is free)")
+        else:
+            hroom = host_room // 2 if device.type == "emu" else host_room
+            staging = STAGING_SLOTS * round_up(largest_file)
+            host = max(hroom - staging, 0)
+            notes.append(f"host_budget auto: {_mib(host)} = {_mib(host_free)} free - 10% - 192 MiB "
+                         f"- staging {_mib(staging)}" + (" (half: the emulated device uses the other)"
+                                                         if device.type == "emu" else ""))
+    if device_budget == AUTO and room is not None and room - fixed < largest:
+        need = fixed + largest
+        hint = ("--method lora, or optimizer = \"sgd\" in --config" if extra else "a smaller --seq-len, --batch-size or --grad-accum")
+        notes.append(f"warning: this run needs about {_mib(need)} with one unit resident (the largest, "
+                     f"{_mib(largest)}, and {_mib(fixed)} beside it) and {_mib(room)} are there after the slack: "
+                     f"it may be killed for memory; try {hint}, or a machine with more memory")
+    tight = device_budget == AUTO and dev is not None and dev < 2 * largest
+    if tight:
+        notes.append("memory is tight (room for under two units): freed heap memory goes back to the "
+                     "OS after every unit")
+    return Budgets(dev, host, act, tuple(notes), tight)

@@ -1,0 +1,153 @@
+"""Write-back: a full fine-tune's new unit versions, made and written off the compute thread.
+
+`step_and_write` runs a unit's optimizer step a piece of state at a time and writes the new
+weights and state as new files (invisible until commit) on the writer thread — the only
+thread that creates or deletes store files; `commit` waits for every write of the step and
+switches the manifest atomically, then deletes the last step's files in the background. At
+most one step waits behind the one being written (each holds its unit and gradients), and
+written-but-unsynced bytes are bounded (`max_dirty`): a memory cgroup v1 does not throttle
+dirty pages, and they are memory the kernel cannot reclaim until they reach the disk.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+import torch
+
+from blocktune.engine.optim import OptimizerConfig, streamed_step
+from blocktune.machine.devices import Device
+from blocktune.store.records import FileRecord
+from blocktune.store.store import BlockStore
+
+__all__ = ["WriteBack"]
+
+
+class WriteBack:
+    MAX_QUEUED_WRITES = 1  # unit write-backs waiting or in progress at once
+
+    def __init__(self, store: BlockStore, device: Device, stats, lock: threading.Lock,
+                 verify: bool | str = "once", max_dirty: int | None = 512 << 20):
+        self.store, self.device, self.stats, self._lock, self.verify = store, device, stats, lock, verify
+        self.max_dirty = max_dirty if max_dirty is not None else 1 << 62
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="blocktune-write")
+        self._writes: list[Future] = []
+        self._unsynced: list[FileRecord] = []
+
+    def step_and_write(self, name: str, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+                       optimizer: OptimizerConfig, lr: float, step: int, tight: bool = False) -> Future:
+        """A full fine-tune's optimizer step of a unit, and its new version (weights and
+        state), in the background: the old state is read a piece at a time and the new one
+        written as it is made (`optim.streamed_step`), so no unit's state is ever whole in
+        memory; `params` are stepped in place, then written in the store's dtype."""
+        import time
+
+        event = self.device.record_event()
+
+        def job() -> tuple[str, FileRecord, FileRecord | None]:
+            t0 = time.perf_counter()
+            if event is not None:
+                event.synchronize()  # the gradients are complete
+            old_rec = self.store.state_record(name)
+            old = self.store.map_state(name, verify=self.verify)
+            dev = self.device
+            to_device = None if dev.is_cpu else (lambda t: dev.to_device(t, torch.float32))
+            spec, data = streamed_step(optimizer, params, grads, old, lr, self.store.dtype, to_device)
+            if not dev.is_cpu:
+                data = (dev.to_host(piece) for piece in data)
+            # fsync'd at commit; direct IO: every unit is rewritten every step, caching it helps nothing
+            srec = self.store.write_state_stream(name, spec, data, step, sync=False, direct=True)
+            del old, data
+            if dev.is_cpu and all(v.dtype == self.store.dtype for v in params.values() if v.is_floating_point()):
+                rec = self.store.write_unit(name, params, step, sync=False, direct=True)  # from its buffer
+            else:
+                rec = self.store.write_unit_stream(name, params, step, sync=False, direct=True,
+                                                   to_host=None if dev.is_cpu else dev.to_host)
+            self._bound_dirty([rec, srec])
+            with self._lock:
+                self.stats.bytes_read += old_rec.nbytes if old_rec is not None else 0
+                self.stats.bytes_written += rec.nbytes + srec.nbytes
+                self.stats.unit_writes += 1
+                self.stats.write_seconds += time.perf_counter() - t0
+            return name, rec, srec
+
+        # A queued step holds its unit and gradients in memory: with the disk behind, wait for the
+        # oldest rather than let the queue (and RSS) grow. Where memory is `tight`, the write
+        # finishes before the backward goes on. Errors surface at commit.
+        queued = [f for f in self._writes if not f.done()]
+        if len(queued) >= self.MAX_QUEUED_WRITES:
+            wait(queued[:len(queued) - self.MAX_QUEUED_WRITES + 1])
+        if not self.device.copies_on_any_thread:  # MPS: the step's copies stay on this thread
+            fut = Future()
+            try:
+                fut.set_result(job())
+            except BaseException as exc:  # surfaces at commit, as a background write's would
+                fut.set_exception(exc)
+            self._writes.append(fut)
+            return fut
+        fut = self._writer.submit(job)
+        self._writes.append(fut)
+        if tight:
+            wait([fut])
+        return fut
+
+    def _bound_dirty(self, written: list[FileRecord]) -> None:
+        """Unsynced written data is memory the kernel cannot reclaim until it reaches the disk
+        (and a memory cgroup v1 does not throttle it): past `max_dirty` bytes, sync it now."""
+        self._unsynced += written
+        if sum(r.nbytes for r in self._unsynced) > self.max_dirty:
+            for r in self._unsynced:
+                fd = os.open(self.store.path / r.file, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # written: not needed in RAM
+                finally:
+                    os.close(fd)
+            self._unsynced = []
+
+    def commit(self, step: int, **extra) -> None:
+        """Wait for every write of this step, then switch the store's manifest to it atomically
+        (`extra`: fields that go into the same manifest, e.g. what the step measured)."""
+        units, states = {}, {}
+        writes, self._writes = self._writes, []
+        for i, fut in enumerate(writes):
+            try:
+                done = fut.result()
+            except BaseException:
+                # let the writes still in flight finish before anything is cleaned up, or they
+                # would land after the clean-up and stay behind
+                self._writes = writes[i + 1:]
+                self.abort()
+                raise
+            if done is None:  # a garbage collection queued by the previous commit
+                continue
+            name, rec, srec = done
+            units[name] = rec
+            if srec is not None:
+                states[name] = srec
+        self._unsynced = []  # commit fsyncs every file of the step
+        self.store.commit(step, units, states, collect=False, **extra)
+        # deleting the last step's files takes a while (freeing extents): do it on the writer
+        # thread, which is also the only thread that creates files, so nothing new is deleted
+        self._writes.append(self._writer.submit(self._collect))
+
+    def _collect(self):
+        self.store.collect_garbage()
+        return None
+
+    def abort(self) -> None:
+        """Wait for outstanding writes and drop them: the store keeps its last committed step."""
+        for fut in self._writes:
+            try:
+                fut.result()
+            except Exception:
+                pass
+        self._writes = []
+        if self.store.is_writer:  # a reader (or an engine that never trained) deletes nothing
+            self.store.collect_garbage()
+
+    def close(self) -> None:
+        self.abort()
+        self._writer.shutdown(wait=True)

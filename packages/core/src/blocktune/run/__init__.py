@@ -1,0 +1,1 @@
+"""A training run: its settings, the trainer, data, records, report and generation."""

@@ -1,0 +1,147 @@
+"""A fine-tuning run's settings (`RunConfig`: every field reachable from the command line,
+its defaults the library's), the learning-rate schedule, and the check of `--out`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blocktune.engine.config import EngineConfig, check_frozen_reads
+from blocktune.engine.optim import OptimizerConfig
+from blocktune.errors import ConfigError
+from blocktune.model.args import LoraConfig
+from blocktune.paging.budgets import parse_budget
+from blocktune.settings import parse_bytes
+
+__all__ = ["RunConfig", "lr_at", "check_out"]
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a fine-tune, in one place. Defaults suit a 7B LoRA run on a 16 GB laptop."""
+
+    store: str = ""
+    data: str = ""
+    out: str = "runs/latest"
+    overwrite: bool = False  # start afresh in an --out that holds an earlier run's record
+    method: str = "lora"  # lora | full
+    steps: int = 100
+    lr: float = OptimizerConfig.lr
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    optimizer: str = OptimizerConfig.name  # adamw | sgd
+    weight_decay: float = OptimizerConfig.weight_decay
+    grad_clip: float = 1.0  # global norm, LoRA only (a full fine-tune steps each unit at once)
+    batch_size: int = 1
+    grad_accum: int = 8
+    seq_len: int = 512
+    val_ratio: float = 0.05
+    eval_every: int = 25
+    eval_batches: int = 8
+    sample_every: int = 50
+    sample_prompt: str = "The"
+    sample_tokens: int = 32
+    checkpoint_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    compute_dtype: str = ""  # "": the device's default (fp32 on CPU, bf16 on GPUs)
+    # "auto": from the memory free at the start (blocktune.paging.budgets; printed with the config)
+    device_budget: str = "auto"  # weights resident on the device, e.g. "2GiB"; "inf": no limit
+    host_budget: str = "auto"  # unit files kept in RAM (pinned) for a GPU; on the CPU, the RAM for weights
+    activation_budget: str = "auto"  # stashed block inputs in RAM before spilling to disk
+    keep_activations: str = "0"  # RAM for activations kept to skip the recompute, e.g. "6GiB"; "inf": all
+    verify: str = "once"  # crc32 of each file: "once" per file version per process, "always", "never"
+    frozen_reads: str = "auto"  # CPU, LoRA: "mapped" (page cache), "direct" (store bigger than RAM), "auto"
+    # LoRA's defaults are LoraConfig's (one source for the library and the CLI)
+    lora_rank: int = LoraConfig.rank
+    lora_alpha: float = LoraConfig.alpha
+    lora_dropout: float = LoraConfig.dropout
+    lora_targets: list[str] = field(default_factory=lambda: list(LoraConfig.targets))
+    in_place: bool = False  # full: let the fine-tuned weights replace the base model's files
+    adapter: str = ""  # LoRA: start from this adapter (blocktune's file or a PEFT folder); its rank,
+    # alpha and targets replace lora_rank, lora_alpha and lora_targets
+    dropout: float = 0.0  # embedding, attention and residual dropout
+    plot: bool = True  # loss.png at each checkpoint and at the end (needs matplotlib)
+    tensorboard: bool = True  # TensorBoard event files in the run folder (needs tensorboard)
+    progress: bool = True
+    progress_every: float = 30.0  # seconds between progress lines when stderr is not a terminal
+    dist_timeout: float = 300.0  # seconds a rank waits in a collective before giving up
+    stages: int = 1  # pipeline stages over the processes (each pages only its share of the units)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise ConfigError(f"method={self.method!r}: choose lora or full")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "checkpoint_every", "stages"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        if self.verify not in ("once", "always", "never"):
+            raise ConfigError(f"verify={self.verify!r}: choose once, always or never")
+        check_frozen_reads(self.frozen_reads)
+        if not 0 <= self.val_ratio < 1:
+            raise ConfigError(f"val_ratio={self.val_ratio} must be in [0, 1)")
+        self.lora_targets = list(self.lora_targets)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> RunConfig:
+        values: dict[str, Any] = {}
+        if path:
+            p = Path(path)
+            try:
+                values = tomllib.loads(p.read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"{p}: config file not found") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ConfigError(f"{p}: unknown setting(s) {unknown}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def to_toml(self) -> str:
+        lines = []
+        for k, v in dataclasses.asdict(self).items():
+            lines.append(f"{k} = {json.dumps(v)}")  # JSON scalars and lists are valid TOML
+        return "\n".join(lines) + "\n"
+
+    def lora(self) -> LoraConfig:
+        return LoraConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets))
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            method=self.method, lora=self.lora(),
+            optimizer=OptimizerConfig(self.optimizer, self.lr, weight_decay=self.weight_decay),
+            device=self.device, compute_dtype=self.compute_dtype or None,
+            device_budget=parse_budget(self.device_budget), host_budget=parse_budget(self.host_budget),
+            activation_budget=parse_budget(self.activation_budget), seed=self.seed,
+            batch_hint=(self.batch_size, self.seq_len, self.grad_accum),
+            keep_budget=parse_bytes(self.keep_activations), verify=self.verify,
+            frozen_reads=self.frozen_reads,
+        )
+
+
+def check_out(cfg: RunConfig, resume: bool) -> None:
+    """Refuse to start afresh in a run folder that holds an earlier run's record."""
+    out = Path(cfg.out)
+    if not resume and not cfg.overwrite and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{out}: the run folder is not empty (an earlier run's record is there); "
+                          "continue it with --resume, replace it with --overwrite, or choose another --out")
+
+
+def lr_at(cfg: RunConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))

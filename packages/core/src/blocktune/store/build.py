@@ -1,0 +1,103 @@
+"""A new store from units in order: streamed in, written beside, all or nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blocktune.errors import StoreError
+from blocktune.formats.tokenizer import HF_TOKENIZER_FILES, detect_kind
+from blocktune.machine.devices import dtype_name
+from blocktune.model.args import ModelArgs
+from blocktune.store.fileio import atomic_write, crc32, staging_dir, write_tensors
+from blocktune.store.records import FORMAT, FORMAT_VERSION, MANIFEST, FileRecord, unit_names
+from blocktune.store.store import BlockStore
+
+__all__ = ["build_store"]
+
+
+def build_store(
+    dst: str | Path,
+    args: ModelArgs,
+    units: Iterable[tuple[str, dict[str, torch.Tensor]]],
+    dtype: torch.dtype,
+    tokenizer: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    extra: dict[str, Any] | None = None,
+    files: dict[str, bytes] | None = None,
+    tokenizer_kind: str | None = None,
+) -> BlockStore:
+    """Write a new store from (unit name, tensors) pairs in order; all or nothing.
+
+    `units` may be a generator that assembles each unit on demand (streaming import), so only
+    one unit is in memory at a time. `files`: small extra files (name -> bytes) that belong to
+    the store (named in the manifest's `extra_files`). `tokenizer`: a tokenizer.model
+    (sentencepiece or tiktoken, told apart by content), or with `tokenizer_kind="hf"` the folder
+    that holds tokenizer.json and its companions.
+    """
+    expected = unit_names(args)
+
+    def write(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> FileRecord:
+        with open(folder / f"{name}.safetensors", "wb") as f:
+            nbytes, crc, layout = write_tensors(f, tensors)
+            f.flush()
+            os.fsync(f.fileno())
+        return FileRecord(f"{name}.safetensors", nbytes, crc, layout)
+
+    with staging_dir(Path(dst)) as tmp, ThreadPoolExecutor(1, thread_name_prefix="blocktune-build") as pool:
+        # unit i is written on the pool while unit i+1 is assembled: two units in memory at most
+        records: dict[str, FileRecord] = {}
+        pending: tuple[str, Future] | None = None
+        for name, tensors in units:
+            if name not in expected or name in records or (pending and pending[0] == name):
+                raise StoreError(f"unexpected or repeated unit {name!r}; expected {expected}")
+            if name == "head" and args.tie_embeddings and "output.weight" in tensors:
+                raise StoreError("tied embeddings: the head's output.weight is the embedding matrix, "
+                                 "stored once with embed; leave it out of the head")
+            cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+            if pending:
+                records[pending[0]] = pending[1].result()
+                if progress:
+                    progress(pending[0])
+            pending = (name, pool.submit(write, tmp, name, cast))
+            del tensors, cast
+        if pending:
+            records[pending[0]] = pending[1].result()
+            if progress:
+                progress(pending[0])
+        missing = [n for n in expected if n not in records]
+        if missing:
+            raise StoreError(f"store is missing units {missing}")
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "model": args.to_dict(),
+            "dtype": dtype_name(dtype), "step": 0,
+            "units": {n: records[n].to_dict() for n in expected}, "state": {},
+            "tokenizer": None, **(extra or {}),
+        }
+        small = dict(files or {})
+        if tokenizer is not None:
+            kind = tokenizer_kind or detect_kind(Path(tokenizer))
+            if kind == "hf":  # a folder: tokenizer.json, its config, the chat template
+                folder = Path(tokenizer)
+                small.update({n: (folder / n).read_bytes() for n in HF_TOKENIZER_FILES
+                              if (folder / n).is_file()})
+                manifest["tokenizer"] = "tokenizer.json"
+            else:
+                small["tokenizer.model"] = Path(tokenizer).read_bytes()
+                manifest["tokenizer"] = "tokenizer.model"
+            manifest["tokenizer_kind"] = kind
+        extras = sorted(set(small) - {manifest["tokenizer"]})
+        if extras:
+            manifest["extra_files"] = extras
+        manifest["checksums"] = {}
+        for name, data in small.items():  # small files: written and checksummed from memory
+            atomic_write(tmp / name, data)
+            manifest["checksums"][name] = {"bytes": len(data), "crc32": crc32(memoryview(data))}
+        atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    return BlockStore.open(dst)

@@ -1,0 +1,331 @@
+"""One unit file on disk: the safetensors layout, written and read without serialised copies.
+
+Writing goes straight from the tensors' memory (or, for a unit updated in place in the buffer
+it was read into, from that buffer as it stands); reading decodes views into one buffer. Direct
+IO wants 4 KiB-aligned buffers, offsets and lengths: `aligned_empty` makes them (2 MiB-aligned
+with transparent huge pages from 2 MiB up), `AlignedWriter` gathers other writes through a
+bounce buffer. The checksum is ISA-L's crc32 where it installs, zlib's otherwise. Whole files
+and folders appear atomically: `atomic_write` (temp, fsync, rename) and `staging_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:  # ISA-L's crc32: the same checksum as zlib's, about 5x faster (35 vs 7 GB/s here)
+    from isal.isal_zlib import crc32
+except ImportError:  # no wheel for this platform
+    from zlib import crc32
+
+from blocktune.errors import StoreError
+from blocktune.machine.devices import dtype_name
+from blocktune.machine.hostmem import advise_huge
+
+__all__ = ["atomic_write", "staging_dir", "ALIGN", "HUGE_PAGE", "AlignedWriter", "RowPieces", "write_stream", "aligned_empty", "crc32", "decode_tensors",
+           "file_image", "open_direct", "read_into", "round_up", "write_image", "write_tensors"]
+
+_ST_DTYPES = {
+    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "F64": torch.float64,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+ALIGN = 4096  # direct IO: buffer addresses, file offsets and lengths in multiples of this
+HUGE_PAGE = 2 << 20
+_BOUNCE = 16 << 20
+_local = threading.local()
+
+
+def aligned_empty(nbytes: int) -> torch.Tensor:
+    """An uninitialised byte buffer whose first byte is ALIGN-aligned.
+
+    From 2 MiB up, the buffer starts on a 2 MiB boundary and asks for transparent huge pages
+    (Linux): direct IO then pins and maps a few 2 MiB pages instead of thousands of 4 KiB
+    ones. Measured on a 2-core VM, a 103 MB O_DIRECT read took 0.5 instead of 4 ms of CPU and
+    19 instead of 60 ms; a first touch faults once per 2 MiB.
+    """
+    if nbytes < HUGE_PAGE:
+        raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+        start = -raw.data_ptr() % ALIGN
+        return raw[start:start + nbytes]
+    span = nbytes + (-nbytes % HUGE_PAGE)
+    raw = torch.empty(span + HUGE_PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE
+    advise_huge(raw[start:start + span])
+    return raw[start:start + nbytes]
+
+
+def round_up(n: int) -> int:
+    return n + (-n % ALIGN)
+
+
+def open_direct(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_DIRECT, 0o644)
+
+
+class AlignedWriter:
+    """Stands in for the file in `write_tensors` when the file was opened with O_DIRECT:
+    bytes are gathered in an aligned bounce buffer (one per thread, reused) and written in
+    whole blocks; `finish` pads the last block and truncates the file to its true size."""
+
+    def __init__(self, f):
+        buf = getattr(_local, "bounce", None)
+        if buf is None:
+            buf = _local.bounce = aligned_empty(_BOUNCE)
+        self.f, self.mv, self.fill = f, memoryview(buf.numpy()), 0
+
+    def write(self, data) -> None:
+        data = memoryview(data).cast("B")
+        while len(data):
+            n = min(len(data), len(self.mv) - self.fill)
+            self.mv[self.fill:self.fill + n] = data[:n]
+            self.fill += n
+            data = data[n:]
+            if self.fill == len(self.mv):
+                self._drain(self.fill)
+
+    def _drain(self, n: int) -> None:
+        out = self.mv[:n]
+        while len(out):
+            out = out[self.f.write(out):]
+        self.fill = 0
+
+    def finish(self, size: int) -> None:
+        pad = -self.fill % ALIGN
+        self.mv[self.fill:self.fill + pad] = bytes(pad)
+        self._drain(self.fill + pad)
+        self.f.truncate(size)
+
+
+class RowPieces:
+    """A tensor given as pieces to join along dim 0 (a Meta shard's slices of wq, w1, …).
+    Joined along dim 0, contiguous pieces are just their bytes one after another, so
+    `write_tensors` writes them in turn and the joined tensor never exists in memory."""
+
+    def __init__(self, pieces: list[torch.Tensor]):
+        self.pieces = [p.detach().to("cpu").contiguous() for p in pieces]
+        first = self.pieces[0]
+        if any(p.dtype != first.dtype or p.shape[1:] != first.shape[1:] for p in self.pieces):
+            raise StoreError(f"pieces to join along dim 0 differ: {[tuple(p.shape) for p in self.pieces]}")
+        self.dtype = first.dtype
+        self.shape = torch.Size([sum(p.shape[0] for p in self.pieces), *first.shape[1:]])
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def to(self, dtype: torch.dtype) -> RowPieces:
+        return self if dtype == self.dtype else RowPieces([p.to(dtype) for p in self.pieces])
+
+
+def _layout(tensors: dict) -> dict[str, dict[str, Any]]:
+    """The manifest's record of a file's tensors."""
+    return {k: {"dtype": dtype_name(v.dtype) if v.is_floating_point() else str(v.dtype),
+                "shape": list(v.shape)} for k, v in tensors.items()}
+
+
+def _header(tensors: dict) -> tuple[bytes, list[str], int]:
+    """(the file's header bytes, the keys in file order, bytes of tensor data)."""
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    head, size = _spec_header([(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in order])
+    return head, order, size
+
+
+def _spec_header(spec: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[bytes, int]:
+    """Header bytes of a file holding `spec`'s tensors in that order, and bytes of their data."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for k, dtype, shape in spec:
+        n = math.prod(shape) * dtype.itemsize
+        header[k] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-(8 + len(blob)) % 8)  # data starts 8-byte aligned
+    return struct.pack("<Q", len(blob)) + blob, offset
+
+
+def file_image(tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The bytes of the file `write_tensors` would write, if they already lie in one buffer: a
+    unit read into an aligned buffer and updated in place (AdamW) is its own next version, so
+    direct IO can write it from there, without a copy. The tensors must sit at exactly their
+    file offsets, after the exact header bytes; the block-rounded tail must be in the buffer.
+    None otherwise."""
+    values = list(tensors.values())
+    if not values or any(not isinstance(t, torch.Tensor) or t.device.type != "cpu" or not t.is_contiguous()
+                         for t in values):
+        return None
+    storage = values[0].untyped_storage()
+    if any(t.untyped_storage().data_ptr() != storage.data_ptr() for t in values):
+        return None
+    head, order, size = _header(tensors)
+    start = tensors[order[0]].data_ptr() - len(head)
+    offset = len(head)
+    for k in order:
+        t = tensors[k]
+        if t.numel() and t.data_ptr() != start + offset:
+            return None
+        offset += t.numel() * t.element_size()
+    first = start - storage.data_ptr()
+    if start % ALIGN or first < 0 or first + round_up(len(head) + size) > storage.nbytes():
+        return None
+    image = torch.empty(0, dtype=torch.uint8).set_(storage, first, (round_up(len(head) + size),))
+    if bytes(image[:len(head)].numpy()) != head:
+        return None
+    return image[:len(head) + size]
+
+
+def write_tensors(f, tensors: dict[str, torch.Tensor | RowPieces]) -> tuple[int, int, dict[str, dict[str, Any]]]:
+    """Write a safetensors file straight from the tensors' memory (no serialised copy).
+
+    Returns (bytes written, crc32, layout). Tensors are laid out largest dtype first, so
+    every tensor's data stays aligned to its element size, as the safetensors library does.
+    """
+    cpu = {k: v if isinstance(v, RowPieces) else v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    head, order, offset = _header(cpu)
+    f.write(head)
+    crc = crc32(head)
+    for k in order:
+        for part in cpu[k].pieces if isinstance(cpu[k], RowPieces) else [cpu[k]]:
+            if part.numel():
+                mv = memoryview(part.reshape(-1).view(torch.uint8).numpy())
+                f.write(mv)
+                crc = crc32(mv, crc)
+    return len(head) + offset, crc, _layout(cpu)
+
+
+def write_stream(f, spec: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 data: Iterable[torch.Tensor]) -> tuple[int, int, dict[str, dict[str, Any]]]:
+    """Write a safetensors file whose tensors are `spec` (key, dtype, shape), in that order,
+    from `data`: pieces, made as they are needed, whose bytes one after another are the
+    tensors' (one piece per tensor, or several). Nothing but the piece at hand is held.
+    Returns what `write_tensors` does; a piece count or size that is not the spec's is an error."""
+    head, size = _spec_header(spec)
+    f.write(head)
+    crc, done = crc32(head), 0
+    for piece in data:
+        piece = piece.detach().to("cpu", copy=False).contiguous()
+        if piece.numel():
+            mv = memoryview(piece.reshape(-1).view(torch.uint8).numpy())
+            f.write(mv)
+            crc = crc32(mv, crc)
+            done += len(mv)
+    if done != size:
+        raise StoreError(f"the pieces hold {done} bytes for {size} bytes of tensors")
+    layout = {k: {"dtype": dtype_name(d) if d.is_floating_point else str(d), "shape": list(shape)}
+              for k, d, shape in spec}
+    return len(head) + size, crc, layout
+
+
+def write_image(f, image: torch.Tensor, tensors: dict[str, torch.Tensor]) -> tuple[int, int, dict[str, dict[str, Any]]]:
+    """Write a `file_image` with direct IO: whole blocks from the buffer itself (its tail
+    rounded up to a block, then cut back by truncate). Returns what `write_tensors` does."""
+    nbytes = image.numel()
+    whole = torch.empty(0, dtype=torch.uint8).set_(image.untyped_storage(), image.storage_offset(),
+                                                   (round_up(nbytes),))
+    out = memoryview(whole.numpy())
+    while len(out):
+        out = out[f.write(out):]
+    f.truncate(nbytes)
+    return nbytes, crc32(memoryview(image.numpy())), _layout(tensors)
+
+
+def read_into(f, view: memoryview) -> int:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def decode_tensors(buf: torch.Tensor, source: str) -> dict[str, torch.Tensor]:
+    """Views into a uint8 buffer holding a safetensors file (no copy where aligned)."""
+    raw = buf.numpy()
+    try:
+        (header_len,) = struct.unpack("<Q", raw[:8].tobytes())
+        if header_len > len(raw) - 8:
+            raise ValueError(f"header length {header_len} exceeds file size {len(raw)}")
+        header = json.loads(raw[8:8 + header_len].tobytes())
+        start = 8 + header_len
+        out = {}
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = _ST_DTYPES[meta["dtype"]]
+            lo, hi = meta["data_offsets"]
+            view = buf[start + lo:start + hi]
+            if (start + lo) % dtype.itemsize:
+                view = view.clone()  # unaligned: copy once rather than fail
+            out[key] = view.view(dtype).view(meta["shape"])
+        return out
+    except (ValueError, KeyError, TypeError, RuntimeError, struct.error) as exc:
+        raise StoreError(f"{source}: not a readable safetensors file ({exc})") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes | memoryview, *, opener: Callable = open) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with opener(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextmanager
+def staging_dir(dst: Path) -> Iterator[Path]:
+    """A temp folder beside `dst` that becomes `dst` on success and vanishes on failure."""
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise StoreError(f"{dst}: already exists and is not empty; choose a new folder or remove it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700: the result gets a folder's usual mode
+    try:
+        yield tmp
+        try:
+            if dst.exists():
+                dst.rmdir()
+            os.replace(tmp, dst)
+        except OSError as exc:  # ENOTEMPTY: another process (a second prepare, say) got there first
+            raise StoreError(f"{dst}: another process filled this folder while this one was being "
+                             f"written ({exc.strerror}); nothing of it was changed, and this copy is "
+                             "discarded: choose a new folder") from None
+        _fsync_dir(dst.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,204 @@
+"""Who may change a store, and which file versions live readers still need.
+
+    STORE/.lock/writer            the writer lock: flock(LOCK_EX) held by the one process that may
+                                  write file versions, commit manifests or delete files; its text
+                                  names the holder (pid, host, command, since when)
+    STORE/.lock/readers/*.pin     one per open reader: the files of the manifest version it opened,
+                                  flock(LOCK_SH) held for as long as it is open
+
+Both are OS locks held by an open file descriptor, so the kernel releases them when the process
+dies, however it dies: a SIGKILLed writer never leaves a stale lock, and a dead reader's pin is
+recognised (its lock can be taken) and removed by the next garbage collection.
+
+Why readers pin rather than lock the store: a full fine-tune commits a step every few seconds and
+an `eval` or `export` may take minutes; a shared lock would stop the writer for that long. A pin
+costs the writer nothing but disk: garbage collection keeps the files a live pin names, and
+deletes them at its first run after the reader has gone.
+
+The reader's protocol leaves no window: read the manifest, pin its files, read the manifest
+again; if it changed, pin the new one and try again. The writer replaces the manifest and only
+then lists the pins. So if a reader's second read saw the old manifest, its pin existed before
+the replace, hence before the writer listed the pins, and the writer keeps its files.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import secrets
+import socket
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from blocktune.errors import StoreError, StoreLockedError
+
+__all__ = ["LOCK_DIR", "StoreLockedError", "WriterLock", "ReadPin", "pinned_files"]
+
+LOCK_DIR = ".lock"
+_WRITER = "writer"
+_READERS = "readers"
+
+
+def _holder_text() -> str:
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                       "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500],
+                       "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+
+
+def _holder_pid(text: str) -> int | None:
+    try:
+        return int(json.loads(text)["pid"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on {h['host']}, since {h['since']}: {h['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that has not yet written its name"
+
+
+def _lock_dir(store: Path, *parts: str) -> Path | None:
+    """The lock folder (created); None where the store's folder cannot be written to (a
+    read-only mount: then no process can write the store either)."""
+    d = Path(store, LOCK_DIR, *parts)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            return None
+        raise
+    return d
+
+
+class WriterLock:
+    """The exclusive right to change the store at `store`: `acquire` or a clear error."""
+
+    def __init__(self, fd: int, path: Path):
+        self._fd: int | None = fd
+        self.path = path
+
+    @classmethod
+    def acquire(cls, store: str | Path) -> WriterLock:
+        d = _lock_dir(store)
+        if d is None:
+            raise StoreError(f"{store}: the folder is read-only; a store can be written only "
+                             "where its folder can be")
+        path = d / _WRITER
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            os.close(fd)
+            if _holder_pid(holder) == os.getpid():
+                raise StoreLockedError(
+                    f"{store}: this process already writes this store through another BlockStore "
+                    "(an engine that fine-tunes it, say); close that one first") from None
+            raise StoreLockedError(
+                f"{store}: another process is writing this store ({_describe_holder(holder)}); "
+                "wait for it to finish or stop it, or work on a copy of the store "
+                "(`cp -r`), or give each data-parallel rank its own store ('store-{rank}')"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, _holder_text().encode(), 0)
+        return cls(fd, path)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # no stale name for the next one to read
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+
+
+class ReadPin:
+    """A live reader's claim on the files of the manifest version it opened."""
+
+    def __init__(self, fd: int, path: Path):
+        self._fd: int | None = fd
+        self.path = path
+
+    @classmethod
+    def create(cls, store: str | Path, files: Iterable[str], step: int) -> ReadPin | None:
+        """Pin `files`; None where the store's folder is read-only (nothing can delete them)."""
+        d = _lock_dir(store, _READERS)
+        if d is None:
+            return None
+        text = json.dumps({"pid": os.getpid(), "step": step, "files": sorted(files)}).encode()
+        for _ in range(100):
+            name = f"{os.getpid()}-{secrets.token_hex(6)}"
+            tmp = d / f".{name}.tmp"
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                os.write(fd, text)
+                path = d / f"{name}.pin"
+                os.replace(tmp, path)  # the lock belongs to the file, not the name: it moves with it
+                return cls(fd, path)
+            except FileNotFoundError:
+                # a collector took the unlocked new file for a dead reader's (between the open
+                # and the flock): make another
+                os.close(fd)
+            except BaseException:
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+                raise
+        raise StoreError(f"{d}: could not pin the store's files for reading")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown: the kernel drops the lock with the process
+            pass
+
+
+def pinned_files(store: str | Path) -> set[str] | None:
+    """Every file named by a live reader's pin; dead readers' pins are removed. None if some
+    live pin cannot be read: then nothing can be proven unreferenced, and nothing is deleted."""
+    d = Path(store, LOCK_DIR, _READERS)
+    if not d.is_dir():
+        return set()
+    files: set[str] = set()
+    for p in d.iterdir():
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # released meanwhile
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a live reader
+                if p.suffix != ".pin":
+                    continue  # still being made: its maker reads the manifest again after
+                try:
+                    files.update(json.loads(os.pread(fd, 1 << 24, 0))["files"])
+                except (ValueError, KeyError, TypeError):
+                    return None
+            else:  # nobody holds it: its reader has gone
+                p.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+    return files
