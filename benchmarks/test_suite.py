@@ -10,18 +10,17 @@ reason, elsewhere. `--benchmark-compare` against the last autosaved run flags re
 import time
 
 import pytest
-import torch
 from blocktune import Engine, EngineConfig, LoraConfig, OptimizerConfig
 from blocktune.machine.devices import resolve_device
 from blocktune.run.generate import SamplingConfig, generate_tokens
 from blocktune.store.store import BlockStore
 from blocktune_bench.reference import ReferenceTrainer
-from blocktune_bench.synthetic import PRESETS, make_store
+from blocktune_bench.synthetic import SHAPES, make_store, random_batch
 
 pytestmark = pytest.mark.bench
 
 LORA = LoraConfig(rank=16, alpha=32, targets=("wq", "wk", "wv", "wo"))
-ARGS = PRESETS["bench-1k"].replace(n_layers=4)  # dim 1024: real matmuls, a quick suite
+ARGS = SHAPES["bench-1k"].replace(n_layers=4)  # dim 1024: real matmuls, a quick suite
 
 
 def _device(name):
@@ -39,9 +38,6 @@ def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("bench") / "s", ARGS, seed=0)
 
 
-def _batch(b=2, t=128):
-    tok = torch.randint(0, ARGS.vocab_size, (b, t + 1), generator=torch.Generator().manual_seed(0))
-    return [(tok[:, :-1], tok[:, 1:])]
 
 
 def test_store_open(benchmark, store):
@@ -54,7 +50,7 @@ def test_store_open(benchmark, store):
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_step(benchmark, store, tmp_path, device, impl, method):
     dev = _device(device)
-    batch = _batch()
+    batch = random_batch(ARGS, 2, 128)
     ocfg = OptimizerConfig("adamw", 1e-5)
     if impl == "paged":
         if method == "full":  # a full fine-tune rewrites its store: use a copy
@@ -87,7 +83,7 @@ def test_step(benchmark, store, tmp_path, device, impl, method):
 @pytest.mark.parametrize("impl", ["paged", "reference"])
 def test_forward(benchmark, store, device, impl):
     dev = _device(device)
-    tok = _batch()[0][0]
+    tok = random_batch(ARGS, 2, 128)[0][0]
     if impl == "paged":
         engine = Engine(store, EngineConfig(method="full", device=str(dev), compute_dtype="fp32", read_only=True))
         fn = engine.logits

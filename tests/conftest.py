@@ -4,7 +4,8 @@ import sys
 
 import pytest
 import torch
-from blocktune_bench.synthetic import PRESETS, make_store
+from blocktune_bench.synthetic import SHAPES as PRESETS  # noqa: F401 (tests import it)
+from blocktune_bench.synthetic import make_store
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -20,10 +21,6 @@ def tiny_store(tmp_path, tiny_args):
     return make_store(tmp_path / "store", tiny_args, seed=1)
 
 
-def random_batch(args, batch=2, seq=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tok = torch.randint(0, args.vocab_size, (batch, seq + 1), generator=g)
-    return tok[:, :-1], tok[:, 1:]
 
 
 def bt(*args, check: bool = False) -> subprocess.CompletedProcess:

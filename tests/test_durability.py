@@ -11,7 +11,8 @@ import pytest
 import torch
 from blocktune import BlockStore, ChecksumError, Engine, EngineConfig, OptimizerConfig
 from blocktune_bench.reliability import SCRIPT, STEPS  # the campaign's own training process
-from blocktune_bench.synthetic import PRESETS, make_store
+from blocktune_bench.synthetic import SHAPES as PRESETS
+from blocktune_bench.synthetic import make_store
 from safetensors import safe_open
 
 

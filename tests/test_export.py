@@ -12,7 +12,8 @@ from blocktune.formats.adapters import load_adapter, save_adapter
 from blocktune.model.args import ConfigError, ModelArgs
 from blocktune.model.llama import Transformer
 from blocktune_bench.corpus import tokenizer_path
-from blocktune_bench.synthetic import PRESETS, write_meta_checkpoint
+from blocktune_bench.synthetic import SHAPES as PRESETS
+from blocktune_bench.synthetic import write_meta_checkpoint
 from blocktune_export.hf import export_hf, import_hf
 from blocktune_export.meta import export_meta, import_meta
 from conftest import random_batch

@@ -10,7 +10,8 @@ from blocktune.formats.adapters import load_adapter, save_adapter
 from blocktune.model.args import LoraConfig
 from blocktune.store.lock import LOCK_DIR
 from blocktune_bench.reliability import FaultyOpener
-from blocktune_bench.synthetic import PRESETS, make_store
+from blocktune_bench.synthetic import SHAPES as PRESETS
+from blocktune_bench.synthetic import make_store
 from conftest import random_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -11,7 +11,8 @@ from blocktune import BlockStore, BudgetError, ChecksumError, Engine, EngineConf
 from blocktune.paging.buffers import BufferPool
 from blocktune.settings import parse_bytes
 from blocktune.store.build import build_store
-from blocktune_bench.synthetic import PRESETS, make_store, random_units
+from blocktune_bench.synthetic import SHAPES as PRESETS
+from blocktune_bench.synthetic import make_store, random_units
 from conftest import random_batch
 
 

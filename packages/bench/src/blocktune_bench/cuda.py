@@ -39,7 +39,7 @@ from blocktune.store.records import unit_names
 from blocktune.store.store import BlockStore
 
 from .reference import ReferenceTrainer
-from .synthetic import PRESETS, make_store
+from .synthetic import SHAPES, make_store, random_batch
 
 GiB = 1 << 30
 
@@ -59,17 +59,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def _batch(args, seed, batch=2, seq=32, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    tok = torch.randint(0, args.vocab_size, (batch, seq + 1), generator=g)
-    return tok[:, :-1], tok[:, 1:]
 
 
 def correctness(dev: str, rec: Recorder) -> None:
     lora = LoraConfig(rank=4, alpha=8, dropout=0.1, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
     results = {}
     for preset in ("tiny-7b", "tiny-70b"):
-        args = PRESETS[preset].with_dropout(0.1)
+        args = SHAPES[preset].with_dropout(0.1)
         for dtype, method, opt, replay in [("fp32", "lora", "adamw", True), ("fp32", "full", "sgd", True),
                                            ("bf16", "lora", "adamw", True), ("fp32", "full", "sgd", False)]:
             with tempfile.TemporaryDirectory() as tmp:
@@ -82,11 +78,11 @@ def correctness(dev: str, rec: Recorder) -> None:
                                                  compute_dtype=dtype, device_budget=max(one, 1),
                                                  host_budget=None, replay_rng=replay, loss_chunk=4096))
                 ref = ReferenceTrainer(store, method, lora, ocfg, dtype=eng.dtype, device=dev)
-                tok, _ = _batch(args, 0)
+                tok, _ = random_batch(args, 2, 32, seed=0)
                 logit_err = _rel(eng.logits(tok), ref.logits(tok))
                 loss_err = 0.0
                 for s in range(3):
-                    mb = [_batch(args, 10 + s)]
+                    mb = [random_batch(args, 2, 32, seed=10 + s)]
                     a, b = eng.train_step(mb).loss, ref.train_step(mb)
                     loss_err = max(loss_err, abs(a - b) / abs(b))
                 if method == "lora":
@@ -183,7 +179,7 @@ def _free(dev) -> None:
 
 def bench_7b(rec: Recorder, dev, pinned_bw: float, workdir: Path, deadline: float, layers: int,
              seq: int, preset: str = "shape-7b") -> None:
-    args = PRESETS[preset].replace(n_layers=layers)
+    args = SHAPES[preset].replace(n_layers=layers)
     lora = LoraConfig(rank=16, alpha=32, dropout=0.0, targets=("wq", "wk", "wv", "wo"))
     t0 = time.perf_counter()
     store = make_7b_store(workdir / "store7b", args, dev)

@@ -26,7 +26,7 @@ import torch
 from blocktune import Engine, EngineConfig, LoraConfig, OptimizerConfig
 
 from .reference import trained_tensors
-from .synthetic import PRESETS, make_store
+from .synthetic import SHAPES, make_store, random_batch
 
 __all__ = ["compute_golden", "compare_golden", "GOLDEN_PATH", "REL_TOL"]
 
@@ -42,18 +42,14 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().contiguous().float().numpy().tobytes()).hexdigest()[:16]
 
 
-def _batch(args, seed: int, batch=2, seq=24):
-    g = torch.Generator().manual_seed(seed)
-    tok = torch.randint(0, args.vocab_size, (batch, seq + 1), generator=g)
-    return tok[:, :-1], tok[:, 1:]
 
 
 def _case(name: str, root: Path) -> dict:
-    args = PRESETS[name].with_dropout(0.1)
+    args = SHAPES[name].with_dropout(0.1)
     out: dict = {}
     store = make_store(root / f"{name}-fwd", args, seed=SEED)
     engine = Engine(store, EngineConfig(method="full", device="cpu"))
-    tok, _ = _batch(args, 0)
+    tok, _ = random_batch(args, 2, 24, seed=0)
     logits = engine.logits(tok)
     out["logits"] = {"sha256": _digest(logits), "slice": logits[0, :3, :6].flatten().tolist(),
                      "sum": float(logits.double().sum()), "abs_mean": float(logits.double().abs().mean())}
@@ -66,7 +62,7 @@ def _case(name: str, root: Path) -> dict:
         store = make_store(root / f"{name}-{method}", args, seed=SEED)
         engine = Engine(store, EngineConfig(method=method, lora=LORA, device="cpu", seed=SEED,
                                             optimizer=OptimizerConfig("adamw", lr=1e-2)))
-        losses = [engine.train_step([_batch(args, 10 + s)]).loss for s in range(3)]
+        losses = [engine.train_step([random_batch(args, 2, 24, seed=10 + s)]).loss for s in range(3)]
         tensors = trained_tensors(engine)
         out[method] = {"losses": losses,
                        "norms": {k: float(v.double().norm()) for k, v in sorted(tensors.items())},

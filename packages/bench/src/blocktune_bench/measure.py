@@ -24,6 +24,8 @@ from blocktune.machine.hostmem import peak_rss_bytes
 from blocktune.settings import parse_bytes
 from blocktune.store.store import BlockStore
 
+from .synthetic import random_batch
+
 LORA = LoraConfig(rank=16, alpha=32.0, dropout=0.0, targets=("wq", "wk", "wv", "wo"))
 
 
@@ -93,10 +95,6 @@ def cgroup_peak(cg: str | None) -> int | None:
     return None
 
 
-def batch(vocab: int, b: int, t: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    tok = torch.randint(0, vocab, (b, t + 1), generator=g)
-    return tok[:, :-1], tok[:, 1:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         out["budget_bytes"] = budget
 
         def step(i):
-            r = engine.train_step([batch(args.vocab_size, a.batch, a.seq, i)])
+            r = engine.train_step([random_batch(args, a.batch, a.seq, i)])
             return r.loss, r.bytes_read, r.bytes_written
     else:
         from .reference import ReferenceTrainer
@@ -145,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = ReferenceTrainer(store, a.method, LORA, ocfg, dtype=dtype, checkpoint_blocks=a.mode == "ckpt")
 
         def step(i):
-            return ref.train_step([batch(args.vocab_size, a.batch, a.seq, i)]), 0, 0
+            return ref.train_step([random_batch(args, a.batch, a.seq, i)]), 0, 0
 
     # RssAnon beside ru_maxrss: a LoRA run keeps its frozen units mapped, and ru_maxrss counts
     # those page-cache pages, which the kernel takes back when memory runs short

@@ -36,7 +36,7 @@ from blocktune.store.fileio import crc32
 from blocktune.store.lock import LOCK_DIR
 
 from .common import machine, save
-from .synthetic import PRESETS, make_store
+from .synthetic import SHAPES, make_store
 
 STEPS = 6
 SCRIPT = """
@@ -51,7 +51,7 @@ for step in range(store.step, int(sys.argv[2])):
     engine.train_step([(tok[:, :-1], tok[:, 1:])])
     print(step + 1, flush=True)
 """
-ARGS = PRESETS["tiny-7b"].with_dropout(0.1)
+ARGS = SHAPES["tiny-7b"].with_dropout(0.1)
 
 
 def _fp(store: BlockStore) -> tuple:

@@ -41,7 +41,7 @@ from .run_disk import group_disk
 from .run_io import group_dist, group_export, group_generate, group_prepare
 from .run_limits import group_auto, group_families
 from .run_stages import group_stages
-from .synthetic import PRESETS
+from .synthetic import SHAPES
 
 
 def group_step(work: Path, reps: int) -> None:
@@ -173,7 +173,7 @@ def group_headline(work: Path) -> None:
     limit = 2 << 30
     r = measure(store, "paged", "lora", "--steps", "1", "--batch", "1", "--seq", "128", "--budget-units", "2",
                 "--compute-dtype", "bf16", "--memory-limit", str(limit), "--cold")
-    args = PRESETS["shape-7b"]
+    args = SHAPES["shape-7b"]
     flops = 3 * 2 * args.n_params() * 128  # forward, recompute, input-gradient pass
     rate = matmul_rate(128, args.dim, args.hidden_dim, torch.bfloat16)
     data = {"machine": machine(), "store_bytes": size, "store_make_seconds": made, "disk": bw,

@@ -16,17 +16,6 @@ from blocktune.model.args import ModelArgs
 from .common import cached_store, machine, save
 from .measure import evict_from_page_cache
 
-PREPARE = """
-import sys, time
-from blocktune.machine.hostmem import peak_rss_bytes
-from blocktune_bench.measure import track_anon_peak
-from blocktune_export.meta import import_meta
-peak = track_anon_peak()
-t = time.perf_counter()
-import_meta(sys.argv[1], sys.argv[2])
-print(time.perf_counter() - t, peak_rss_bytes(), peak())
-"""
-
 
 def group_prepare(work: Path, reps: int) -> None:
     from .synthetic import write_meta_checkpoint
@@ -51,7 +40,7 @@ def group_prepare(work: Path, reps: int) -> None:
                 runs.append({"what": "cp", "seconds": time.perf_counter() - t0})
             else:
                 t0 = time.perf_counter()
-                out = subprocess.run([sys.executable, "-c", PREPARE, str(src), str(dst)], check=True,
+                out = subprocess.run([sys.executable, "-m", "blocktune_bench.probes", "prepare", str(src), str(dst)], check=True,
                                      capture_output=True, text=True).stdout.split()
                 runs.append({"what": "prepare", "seconds": time.perf_counter() - t0,
                              "inner_seconds": float(out[0]), "peak_rss": int(out[1]), "peak_anon": int(out[2])})
@@ -76,49 +65,6 @@ def group_prepare(work: Path, reps: int) -> None:
                      "peak_anon_fraction": anon / size}, table)
 
 
-GENERATE = """
-import sys, time, json, torch
-torch.set_num_threads(2)
-from blocktune import BlockStore, Engine, EngineConfig
-from blocktune.run.generate import SamplingConfig, generate_tokens
-from blocktune.model.llama import KVCache
-from blocktune_bench.reference import model_from_store
-store = BlockStore.open(sys.argv[1]); mode = sys.argv[2]; n = 48
-prompt = list(range(1, 17))
-if mode == "paged":
-    eng = Engine(store, EngineConfig(method="full", device="cpu", read_only=True))
-    list(generate_tokens(eng, prompt, SamplingConfig(4, stop_at_eos=False)))  # warm: units resident
-    t = time.perf_counter(); out = list(generate_tokens(eng, prompt, SamplingConfig(n, stop_at_eos=False)))
-else:
-    model = model_from_store(store).eval()
-    a = store.args
-    def run(k):
-        caches = [KVCache(1, len(prompt) + k, a.kv_heads, a.head_dim, torch.float32, "cpu") for _ in range(a.n_layers)]
-        toks, start, out = list(prompt), 0, []
-        with torch.no_grad():
-            for _ in range(k):
-                logits = model(torch.tensor([toks[start:]]), caches, start)[0, -1]
-                start = len(toks); toks.append(int(logits.argmax())); out.append(toks[-1])
-        return out
-    run(4)
-    t = time.perf_counter(); out = run(n)
-dt = time.perf_counter() - t
-print(json.dumps({"mode": mode, "tokens": len(out), "seconds": dt, "tokens_per_s": len(out) / dt, "out": out[:8]}))
-"""
-
-
-EXPORT = """
-import sys, time
-from blocktune.cli import main
-from blocktune_bench.measure import rss_anon, track_anon_peak
-start, peak = rss_anon(), track_anon_peak()
-t = time.perf_counter()
-code = main(["export", *sys.argv[1:]])  # `blocktune export ...`, in this process so its memory is measured
-print(time.perf_counter() - t, peak() - start, file=sys.stderr)
-sys.exit(code)
-"""
-
-
 def group_export(work: Path, reps: int) -> None:
     """`blocktune export` to Meta's layout (1, 2 and 8 shards) and to HF's: time and the
     anonymous memory it adds at its peak (RssAnon sampled every 2 ms; the store's mapped pages
@@ -133,7 +79,7 @@ def group_export(work: Path, reps: int) -> None:
             out = work / "export-out"
             shutil.rmtree(out, ignore_errors=True)
             flags = ["--format", fmt] + (["--shards", str(shards)] if shards else [])
-            res = subprocess.run([sys.executable, "-c", EXPORT, str(store), str(out), *flags],
+            res = subprocess.run([sys.executable, "-m", "blocktune_bench.probes", "export", str(store), str(out), *flags],
                                  capture_output=True, text=True)
             if res.returncode != 0:
                 runs.append({"format": fmt, "shards": shards, "rep": rep, "error": res.stderr[-500:]})
@@ -165,7 +111,7 @@ def group_generate(work: Path, reps: int) -> None:
     runs = []
     for _ in range(reps):
         for mode in ("paged", "memory"):
-            out = subprocess.run([sys.executable, "-c", GENERATE, str(store), mode], check=True,
+            out = subprocess.run([sys.executable, "-m", "blocktune_bench.probes", "generate", str(store), mode], check=True,
                                  capture_output=True, text=True).stdout
             runs.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(runs[-1]), flush=True)

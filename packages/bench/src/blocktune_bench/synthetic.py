@@ -17,10 +17,11 @@ from blocktune.store.build import build_store
 from blocktune.store.records import unit_names
 from blocktune.store.store import BlockStore
 
-__all__ = ["PRESETS", "random_unit", "random_units", "make_store", "preset"]
+__all__ = ["SHAPES", "random_batch", "random_unit", "random_units", "make_store", "preset"]
 
-# Small presets scaled from the real families: same head_dim ratios, GQA and FFN rules.
-PRESETS: dict[str, ModelArgs] = {
+# Shapes for tests and benchmarks, scaled from the real families (same head_dim ratios, GQA and
+# FFN rules); the real models' shapes are core's `blocktune.model.args.PRESETS`.
+SHAPES: dict[str, ModelArgs] = {
     # llama-2-7b shape, shrunk: MHA, multiple_of 256 rule kept (multiple_of 32)
     "tiny-7b": ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=1024, multiple_of=32, max_seq_len=256),
     # llama-2-13b shape, shrunk: 40 heads -> 5 heads, stored in 2 shards
@@ -42,9 +43,17 @@ META_SHARDS = {"tiny-7b": 1, "tiny-13b": 2, "tiny-70b": 8, "demo": 1, "bench-1k"
 
 def preset(name: str) -> ModelArgs:
     try:
-        return PRESETS[name]
+        return SHAPES[name]
     except KeyError:
-        raise KeyError(f"unknown synthetic preset {name!r}; choose from {sorted(PRESETS)}") from None
+        raise KeyError(f"unknown synthetic preset {name!r}; choose from {sorted(SHAPES)}") from None
+
+
+def random_batch(args: ModelArgs | int, batch: int = 2, seq: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic random tokens and their next-token targets, each (batch, seq), over the
+    vocabulary of `args` (or a vocabulary size)."""
+    vocab = args if isinstance(args, int) else args.vocab_size
+    tok = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(seed))
+    return tok[:, :-1], tok[:, 1:]
 
 
 def random_unit(args: ModelArgs, unit: str, seed: int, std: float = 0.02,

@@ -1,4 +1,5 @@
-"""blocktune: fine-tune Llama-2 models larger than memory, paging one unit at a time."""
+"""blocktune: fine-tune Llama-family models (Llama 2 and 3.x, Mistral, Qwen2.5/3) larger than memory,
+paging them through the compute device one unit at a time."""
 
 from blocktune.engine.engine import Engine, EngineConfig, StepResult
 from blocktune.engine.optim import OptimizerConfig
