@@ -25,7 +25,7 @@ __all__ = ["Device"]
 
 @dataclass(frozen=True)
 class Device:
-    type: ClassVar[str]  # torch's name for the kind ("emu" for both emulated devices)
+    type: ClassVar[str]  # each subclass's kind, as torch names it ("emu" for both emulated devices)
     #: why `--device TYPE` cannot be had here (where `available` can be False)
     missing: ClassVar[str] = ""
 
@@ -45,6 +45,12 @@ class Device:
     one_copy_thread: ClassVar[bool] = False
     #: torch.distributed's backend here: nccl on CUDA, gloo elsewhere (MPS through the CPU)
     dist_backend: ClassVar[str] = "gloo"
+
+    def __new__(cls, *args, **kwargs):
+        if cls is Device:
+            raise TypeError("Device is the base of the devices: resolve_device(name) makes one "
+                            "(or a class of blocktune.machine.devices: CpuDevice(), CudaDevice(0), ...)")
+        return super().__new__(cls)
 
     @property
     def copies_on_any_thread(self) -> bool:
