@@ -173,8 +173,7 @@ def _timed(dev, fn, warmup: int, reps: int) -> tuple[list[float], float, float]:
 
 def _free(dev) -> None:
     gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    dev.empty_cache()
 
 
 def bench_7b(rec: Recorder, dev, pinned_bw: float, workdir: Path, deadline: float, layers: int,

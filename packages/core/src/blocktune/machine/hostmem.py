@@ -96,7 +96,6 @@ def host_memory_free() -> int | None:
 
 @functools.cache
 def _libc():
-    import ctypes
     import ctypes.util
 
     try:

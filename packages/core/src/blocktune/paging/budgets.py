@@ -104,7 +104,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
     else:
         free = device.memory_free()
         room = None if free is None else int(free * 0.9) - 256 * MiB
-        if device.type == "emu" and room is not None and host_room is not None:
+        if device.splits_host_ram and room is not None and host_room is not None:
             room = min(room, host_room // 2)  # its "device" memory is host RAM, shared with the tier
         in_flight = largest  # the ring: one unit on its way to the device beside the resident ones
         where = f"{_mib(free)} free on {device}" if free is not None else ""
@@ -140,12 +140,12 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
             host = 0
             notes.append("host_budget auto: 0 (this OS does not say how much memory is free)")
         else:
-            hroom = host_room // 2 if device.type == "emu" else host_room
+            hroom = host_room // 2 if device.splits_host_ram else host_room
             staging = STAGING_SLOTS * round_up(largest_file)
             host = max(hroom - staging, 0)
             notes.append(f"host_budget auto: {_mib(host)} = {_mib(host_free)} free - 10% - 192 MiB "
                          f"- staging {_mib(staging)}" + (" (half: the emulated device uses the other)"
-                                                         if device.type == "emu" else ""))
+                                                         if device.splits_host_ram else ""))
     if device_budget == AUTO and room is not None and room - fixed < largest:
         need = fixed + largest
         hint = ("--method lora, or optimizer = \"sgd\" in --config" if extra else "a smaller --seq-len, --batch-size or --grad-accum")
