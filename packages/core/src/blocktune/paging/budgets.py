@@ -21,13 +21,36 @@ from blocktune.engine.optim import STATE_PIECE
 from blocktune.machine.devices import Device
 from blocktune.machine.hostmem import host_memory_free
 from blocktune.model.args import ModelArgs
-from blocktune.paging.hosttier import STAGING_SLOTS
+from blocktune.paging.hosttier import BOUNCE_SLOTS
 from blocktune.settings import AUTO, parse_bytes
 from blocktune.store.fileio import round_up
 
-__all__ = ["Budgets", "resolve", "parse_budget", "AUTO"]
+__all__ = ["Budgets", "resolve", "parse_budget", "AUTO", "NO_LIMIT", "limit", "holds_two_units"]
 
 MiB = 1 << 20
+
+# A byte limit no run reaches: where a budget is None (unlimited), the pager, the stash and the
+# write-back compare against this, so their arithmetic (room left, slot caps) stays in integers.
+NO_LIMIT = 1 << 62
+
+
+def limit(budget: int | None) -> int:
+    """`budget` in bytes, or `NO_LIMIT` where it is None (unlimited)."""
+    return NO_LIMIT if budget is None else budget
+
+
+def holds_two_units(budget: int | None, largest: int) -> bool:
+    """The two-unit rule: whether a device budget (None: unlimited) has room for two of the
+    largest units.
+
+    With two, the next unit comes in beside the one being computed, so the work around a unit
+    overlaps the compute: a full fine-tune's write-back runs behind the backward, a data-parallel
+    gradient is summed during the next unit's backward, and idle read buffers are kept for
+    reuse. Under two, memory is tight and time is spent to save it: each of those finishes
+    before the compute goes on, no idle buffer is kept, and (where `auto` chose the budget,
+    `Budgets.tight`) freed heap memory goes back to the OS after every unit.
+    """
+    return budget is None or budget >= 2 * largest
 
 
 @dataclass(frozen=True)
@@ -36,7 +59,7 @@ class Budgets:
     host: int | None
     activation: int | None
     notes: tuple[str, ...] = ()  # how each `auto` was worked out, for the resolved config
-    tight: bool = False  # `auto` found room for under two units: spend time to save memory
+    tight: bool = False  # `auto` found room for under two units (`holds_two_units`): spend time to save memory
 
 
 def parse_budget(text: str | int | None) -> int | str | None:
@@ -141,10 +164,10 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
             notes.append("host_budget auto: 0 (this OS does not say how much memory is free)")
         else:
             hroom = host_room // 2 if device.type == "emu" else host_room
-            staging = STAGING_SLOTS * round_up(largest_file)
-            host = max(hroom - staging, 0)
+            bounce = BOUNCE_SLOTS * round_up(largest_file)
+            host = max(hroom - bounce, 0)
             notes.append(f"host_budget auto: {_mib(host)} = {_mib(host_free)} free - 10% - 192 MiB "
-                         f"- staging {_mib(staging)}" + (" (half: the emulated device uses the other)"
+                         f"- bounce slots {_mib(bounce)}" + (" (half: the emulated device uses the other)"
                                                          if device.type == "emu" else ""))
     if device_budget == AUTO and room is not None and room - fixed < largest:
         need = fixed + largest
@@ -152,7 +175,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
         notes.append(f"warning: this run needs about {_mib(need)} with one unit resident (the largest, "
                      f"{_mib(largest)}, and {_mib(fixed)} beside it) and {_mib(room)} are there after the slack: "
                      f"it may be killed for memory; try {hint}, or a machine with more memory")
-    tight = device_budget == AUTO and dev is not None and dev < 2 * largest
+    tight = device_budget == AUTO and not holds_two_units(dev, largest)
     if tight:
         notes.append("memory is tight (room for under two units): freed heap memory goes back to the "
                      "OS after every unit")
