@@ -93,6 +93,49 @@ def working_set(args: ModelArgs, dtype: torch.dtype, batch: int, seq: int, micro
     }
 
 
+def _device_room(device: Device, host_free: int | None, host_room: int | None,
+                 unit_sizes: dict[str, int], unit_files: dict[str, int]) -> tuple[int | None, int, str]:
+    """The compute device's memory for the resident units, the stash and the working set
+    (None: unknown), the bytes of units in flight beside them, and where the room was found."""
+    if device.is_cpu:
+        free, room = host_free, host_room
+        # raw unit files on their way in: one in flight and one idle for reuse where they are
+        # converted to the compute dtype; otherwise (units kept as stored: frozen embeddings and
+        # head) the resident units are the read buffers
+        converted = [unit_files[n] for n in unit_files if unit_sizes[n] > unit_files[n]]
+        in_flight = 2 * max(converted) if converted else max(unit_files.values())
+        return room, in_flight, f"{_mib(free)} free" if free is not None else ""
+    free = device.memory_free()
+    room = None if free is None else int(free * 0.9) - 256 * MiB
+    if device.type == "emu" and room is not None and host_room is not None:
+        room = min(room, host_room // 2)  # its "device" memory is host RAM, shared with the tier
+    in_flight = max(unit_sizes.values())  # the ring: one unit on its way to the device beside the resident ones
+    return room, in_flight, f"{_mib(free)} free on {device}" if free is not None else ""
+
+
+def _host_budget(device: Device, host, host_free: int | None, host_room: int | None, largest_file: int,
+                 notes: list[str]) -> int | None:
+    """The host tier's budget for `host` given as bytes, None or "auto" (accelerators: what
+    RAM holds beside the bounce slots; the CPU has no tier), with a note on how."""
+    if device.host_is_device:
+        return None if host == AUTO else host  # the CPU has no host tier: RAM is the device
+    if host != AUTO:
+        return host
+    if not device.host_tier_useful:
+        notes.append(f"host_budget auto: 0 (on {device} host and device memory are one: no second copy)")
+        return 0
+    if host_room is None:
+        notes.append("host_budget auto: 0 (this OS does not say how much memory is free)")
+        return 0
+    hroom = host_room // 2 if device.type == "emu" else host_room
+    bounce = BOUNCE_SLOTS * round_up(largest_file)
+    host = max(hroom - bounce, 0)
+    notes.append(f"host_budget auto: {_mib(host)} = {_mib(host_free)} free - 10% - 192 MiB "
+                 f"- bounce slots {_mib(bounce)}" + (" (half: the emulated device uses the other)"
+                                                  if device.type == "emu" else ""))
+    return host
+
+
 def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_files: dict[str, int],
             compute_dtype: torch.dtype, *, method: str,
             device_budget, host_budget, activation_budget, batch: int = 1, seq: int = 512,
@@ -115,22 +158,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
     # 10% and 192 MiB: allocator fragmentation, temporaries, the tokenizer and data
     host_room = None if host_free is None else int(host_free * 0.9) - 192 * MiB
 
-    # the compute device's memory holds the resident units, the stash and the working set
-    if device.is_cpu:
-        free, room = host_free, host_room
-        # raw unit files on their way in: one in flight and one idle for reuse where they are
-        # converted to the compute dtype; otherwise (units kept as stored: frozen embeddings and
-        # head) the resident units are the read buffers
-        converted = [unit_files[n] for n in unit_files if unit_sizes[n] > unit_files[n]]
-        in_flight = 2 * max(converted) if converted else largest_file
-        where = f"{_mib(free)} free" if free is not None else ""
-    else:
-        free = device.memory_free()
-        room = None if free is None else int(free * 0.9) - 256 * MiB
-        if device.type == "emu" and room is not None and host_room is not None:
-            room = min(room, host_room // 2)  # its "device" memory is host RAM, shared with the tier
-        in_flight = largest  # the ring: one unit on its way to the device beside the resident ones
-        where = f"{_mib(free)} free on {device}" if free is not None else ""
+    room, in_flight, where = _device_room(device, host_free, host_room, unit_sizes, unit_files)
     fixed = work["block"] + work["loss"] + work["kv"] + extra + in_flight
 
     dev, act, host = device_budget, activation_budget, host_budget
@@ -153,22 +181,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
             act = min(work["stash"], max(16 * MiB, avail - (dev or 0)))
             notes.append(f"activation_budget auto: {_mib(act)} (the stashed block inputs need ≈"
                          f"{_mib(work['stash'])}" + ("; the rest spills to disk)" if act < work["stash"] else ")"))
-    if device.host_is_device:
-        host = None if host == AUTO else host  # the CPU has no host tier: RAM is the device
-    elif host == AUTO:
-        if not device.host_tier_useful:
-            host = 0
-            notes.append(f"host_budget auto: 0 (on {device} host and device memory are one: no second copy)")
-        elif host_room is None:
-            host = 0
-            notes.append("host_budget auto: 0 (this OS does not say how much memory is free)")
-        else:
-            hroom = host_room // 2 if device.type == "emu" else host_room
-            bounce = BOUNCE_SLOTS * round_up(largest_file)
-            host = max(hroom - bounce, 0)
-            notes.append(f"host_budget auto: {_mib(host)} = {_mib(host_free)} free - 10% - 192 MiB "
-                         f"- bounce slots {_mib(bounce)}" + (" (half: the emulated device uses the other)"
-                                                         if device.type == "emu" else ""))
+    host = _host_budget(device, host, host_free, host_room, largest_file, notes)
     if device_budget == AUTO and room is not None and room - fixed < largest:
         need = fixed + largest
         hint = ("--method lora, or optimizer = \"sgd\" in --config" if extra else "a smaller --seq-len, --batch-size or --grad-accum")
