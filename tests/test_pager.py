@@ -121,7 +121,7 @@ def test_a_one_unit_budget_still_reads_the_next_file_ahead(tmp_path, tiny_args):
         seen = []
         for name in (B0, B1, B2, B3):
             got = pager.get(name)
-            seen.append((set(pager.held), pager.staged))
+            seen.append((set(pager.held), pager.raw_ahead))
             assert all(t.dtype == torch.float32 for t in got.values())
         assert seen == [({B0}, B1), ({B1}, B2), ({B2}, B3), ({B3}, None)]
         assert pager.stats.demand_reads == 0 and pager.stats.unit_reads == 4

@@ -281,7 +281,7 @@ def test_frozen_units_stay_mapped_across_evictions(tiny_args, tmp_path):
         assert r.loss == whole.train_step([random_batch(tiny_args, seed=s)]).loss
     assert all(torch.equal(a, b) for a, b in zip(paged.adapter_params(), whole.adapter_params()))
     paged.close()
-    assert not paged.pager._maps
+    assert not paged.pager.loader._maps
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore/madvise residency is Linux-only")

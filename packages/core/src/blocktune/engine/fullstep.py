@@ -32,7 +32,7 @@ class FullStep:
             self._full_step(unit, mod, lr, step)
             return None
         grads = [p.grad for p in mod.parameters()]
-        if self.pager.budget < 2 * self.pager.largest_unit:
+        if not self.pager.holds_two_units:
             self.dist.all_reduce_(grads)
             self._full_step(unit, mod, lr, step)
             return None

@@ -21,13 +21,36 @@ from blocktune.engine.optim import STATE_PIECE
 from blocktune.machine.devices import Device
 from blocktune.machine.hostmem import host_memory_free
 from blocktune.model.args import ModelArgs
-from blocktune.paging.hosttier import STAGING_SLOTS
+from blocktune.paging.hosttier import BOUNCE_SLOTS
 from blocktune.settings import AUTO, parse_bytes
 from blocktune.store.fileio import round_up
 
-__all__ = ["Budgets", "resolve", "parse_budget", "AUTO"]
+__all__ = ["Budgets", "resolve", "parse_budget", "AUTO", "NO_LIMIT", "limit", "holds_two_units"]
 
 MiB = 1 << 20
+
+# A byte limit no run reaches: where a budget is None (unlimited), the pager, the stash and the
+# write-back compare against this, so their arithmetic (room left, slot caps) stays in integers.
+NO_LIMIT = 1 << 62
+
+
+def limit(budget: int | None) -> int:
+    """`budget` in bytes, or `NO_LIMIT` where it is None (unlimited)."""
+    return NO_LIMIT if budget is None else budget
+
+
+def holds_two_units(budget: int | None, largest: int) -> bool:
+    """The two-unit rule: whether a device budget (None: unlimited) has room for two of the
+    largest units.
+
+    With two, the next unit comes in beside the one being computed, so the work around a unit
+    overlaps the compute: a full fine-tune's write-back runs behind the backward, a data-parallel
+    gradient is summed during the next unit's backward, and idle read buffers are kept for
+    reuse. Under two, memory is tight and time is spent to save it: each of those finishes
+    before the compute goes on, no idle buffer is kept, and (where `auto` chose the budget,
+    `Budgets.tight`) freed heap memory goes back to the OS after every unit.
+    """
+    return budget is None or budget >= 2 * largest
 
 
 @dataclass(frozen=True)
@@ -36,7 +59,7 @@ class Budgets:
     host: int | None
     activation: int | None
     notes: tuple[str, ...] = ()  # how each `auto` was worked out, for the resolved config
-    tight: bool = False  # `auto` found room for under two units: spend time to save memory
+    tight: bool = False  # `auto` found room for under two units (`holds_two_units`): spend time to save memory
 
 
 def parse_budget(text: str | int | None) -> int | str | None:
@@ -70,6 +93,49 @@ def working_set(args: ModelArgs, dtype: torch.dtype, batch: int, seq: int, micro
     }
 
 
+def _device_room(device: Device, host_free: int | None, host_room: int | None,
+                 unit_sizes: dict[str, int], unit_files: dict[str, int]) -> tuple[int | None, int, str]:
+    """The compute device's memory for the resident units, the stash and the working set
+    (None: unknown), the bytes of units in flight beside them, and where the room was found."""
+    if device.is_cpu:
+        free, room = host_free, host_room
+        # raw unit files on their way in: one in flight and one idle for reuse where they are
+        # converted to the compute dtype; otherwise (units kept as stored: frozen embeddings and
+        # head) the resident units are the read buffers
+        converted = [unit_files[n] for n in unit_files if unit_sizes[n] > unit_files[n]]
+        in_flight = 2 * max(converted) if converted else max(unit_files.values())
+        return room, in_flight, f"{_mib(free)} free" if free is not None else ""
+    free = device.memory_free()
+    room = None if free is None else int(free * 0.9) - 256 * MiB
+    if device.splits_host_ram and room is not None and host_room is not None:
+        room = min(room, host_room // 2)  # its "device" memory is host RAM, shared with the tier
+    in_flight = max(unit_sizes.values())  # the ring: one unit on its way to the device beside the resident ones
+    return room, in_flight, f"{_mib(free)} free on {device}" if free is not None else ""
+
+
+def _host_budget(device: Device, host, host_free: int | None, host_room: int | None, largest_file: int,
+                 notes: list[str]) -> int | None:
+    """The host tier's budget for `host` given as bytes, None or "auto" (accelerators: what
+    RAM holds beside the bounce slots; the CPU has no tier), with a note on how."""
+    if device.host_is_device:
+        return None if host == AUTO else host  # the CPU has no host tier: RAM is the device
+    if host != AUTO:
+        return host
+    if not device.host_tier_useful:
+        notes.append(f"host_budget auto: 0 (on {device} host and device memory are one: no second copy)")
+        return 0
+    if host_room is None:
+        notes.append("host_budget auto: 0 (this OS does not say how much memory is free)")
+        return 0
+    hroom = host_room // 2 if device.splits_host_ram else host_room
+    bounce = BOUNCE_SLOTS * round_up(largest_file)
+    host = max(hroom - bounce, 0)
+    notes.append(f"host_budget auto: {_mib(host)} = {_mib(host_free)} free - 10% - 192 MiB "
+                 f"- bounce slots {_mib(bounce)}" + (" (half: the emulated device uses the other)"
+                                                  if device.splits_host_ram else ""))
+    return host
+
+
 def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_files: dict[str, int],
             compute_dtype: torch.dtype, *, method: str,
             device_budget, host_budget, activation_budget, batch: int = 1, seq: int = 512,
@@ -92,22 +158,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
     # 10% and 192 MiB: allocator fragmentation, temporaries, the tokenizer and data
     host_room = None if host_free is None else int(host_free * 0.9) - 192 * MiB
 
-    # the compute device's memory holds the resident units, the stash and the working set
-    if device.is_cpu:
-        free, room = host_free, host_room
-        # raw unit files on their way in: one in flight and one idle for reuse where they are
-        # converted to the compute dtype; otherwise (units kept as stored: frozen embeddings and
-        # head) the resident units are the read buffers
-        converted = [unit_files[n] for n in unit_files if unit_sizes[n] > unit_files[n]]
-        in_flight = 2 * max(converted) if converted else largest_file
-        where = f"{_mib(free)} free" if free is not None else ""
-    else:
-        free = device.memory_free()
-        room = None if free is None else int(free * 0.9) - 256 * MiB
-        if device.splits_host_ram and room is not None and host_room is not None:
-            room = min(room, host_room // 2)  # its "device" memory is host RAM, shared with the tier
-        in_flight = largest  # the ring: one unit on its way to the device beside the resident ones
-        where = f"{_mib(free)} free on {device}" if free is not None else ""
+    room, in_flight, where = _device_room(device, host_free, host_room, unit_sizes, unit_files)
     fixed = work["block"] + work["loss"] + work["kv"] + extra + in_flight
 
     dev, act, host = device_budget, activation_budget, host_budget
@@ -130,29 +181,14 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
             act = min(work["stash"], max(16 * MiB, avail - (dev or 0)))
             notes.append(f"activation_budget auto: {_mib(act)} (the stashed block inputs need ≈"
                          f"{_mib(work['stash'])}" + ("; the rest spills to disk)" if act < work["stash"] else ")"))
-    if device.host_is_device:
-        host = None if host == AUTO else host  # the CPU has no host tier: RAM is the device
-    elif host == AUTO:
-        if not device.host_tier_useful:
-            host = 0
-            notes.append(f"host_budget auto: 0 (on {device} host and device memory are one: no second copy)")
-        elif host_room is None:
-            host = 0
-            notes.append("host_budget auto: 0 (this OS does not say how much memory is free)")
-        else:
-            hroom = host_room // 2 if device.splits_host_ram else host_room
-            staging = STAGING_SLOTS * round_up(largest_file)
-            host = max(hroom - staging, 0)
-            notes.append(f"host_budget auto: {_mib(host)} = {_mib(host_free)} free - 10% - 192 MiB "
-                         f"- staging {_mib(staging)}" + (" (half: the emulated device uses the other)"
-                                                         if device.splits_host_ram else ""))
+    host = _host_budget(device, host, host_free, host_room, largest_file, notes)
     if device_budget == AUTO and room is not None and room - fixed < largest:
         need = fixed + largest
         hint = ("--method lora, or optimizer = \"sgd\" in --config" if extra else "a smaller --seq-len, --batch-size or --grad-accum")
         notes.append(f"warning: this run needs about {_mib(need)} with one unit resident (the largest, "
                      f"{_mib(largest)}, and {_mib(fixed)} beside it) and {_mib(room)} are there after the slack: "
                      f"it may be killed for memory; try {hint}, or a machine with more memory")
-    tight = device_budget == AUTO and dev is not None and dev < 2 * largest
+    tight = device_budget == AUTO and not holds_two_units(dev, largest)
     if tight:
         notes.append("memory is tight (room for under two units): freed heap memory goes back to the "
                      "OS after every unit")

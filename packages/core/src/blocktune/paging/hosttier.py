@@ -4,7 +4,8 @@ A unit that comes from the tier costs one host->device copy instead of a disk re
 taken in slots: page-aligned buffers registered with the device (CUDA: cudaHostRegister), each
 as large as the largest unit's files, so the tier holds exactly what its budget says — torch's
 pinned allocator would round every buffer up to a power of two (a 7B store's 13.5 GB became
-~17.7 GB). Two more slots are the staging buffers for units the tier does not keep.
+~17.7 GB). Two more slots are bounce slots: a unit the tier does not keep passes through
+one on its way to the device.
 
 Entries are keyed by file version: a unit written back is a new file, so the tier can never
 hand out the weights of an earlier step. A slot is reused only after the copy out of it has
@@ -22,13 +23,13 @@ import torch
 from blocktune.machine.devices import Device
 from blocktune.store.fileio import aligned_empty, round_up
 
-__all__ = ["HostTier"]
+__all__ = ["HostTier", "BOUNCE_SLOTS"]
 
 
 def _unregister(release, buf: torch.Tensor) -> None:
     release()
 
-STAGING_SLOTS = 2  # one unit being copied to the device while the next is read
+BOUNCE_SLOTS = 2  # one unit being copied to the device while the next is read
 
 
 @dataclass
@@ -68,14 +69,14 @@ class HostTier:
         self.capacity = budget // self.slot_bytes if budget > 0 else 0  # slots the tier may keep
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # file version -> entry
         self._free: list[_Slot] = []  # tier slots whose entry was let go
-        self._staging: list[_Slot] = []
-        self._next_staging = 0
+        self._bounce: list[_Slot] = []  # for units the tier does not keep
+        self._next_bounce = 0
         self.hits = 0
 
     @property
     def bytes(self) -> int:
-        """Host memory the tier and its staging slots hold (registered, exactly)."""
-        slots = len(self._entries) + len(self._free) + len(self._staging)
+        """Host memory the tier and its bounce slots hold (registered, exactly)."""
+        slots = len(self._entries) + len(self._free) + len(self._bounce)
         return slots * self.slot_bytes
 
     def _new_slot(self) -> _Slot:
@@ -96,7 +97,7 @@ class HostTier:
 
     def slot_for(self, unit: str, file: str) -> tuple[_Slot, bool]:
         """A slot to read `unit`'s file version `file` into, and whether the tier keeps it
-        (else it is a staging slot, reused once its copy has landed)."""
+        (else it is a bounce slot, reused once its copy has landed)."""
         for old in [f for f, e in self._entries.items() if e.unit == unit]:
             self._free.append(self._entries.pop(old).slot)  # an earlier version: never asked for again
         if self.capacity:
@@ -109,10 +110,10 @@ class HostTier:
             slot.wait()
             slot.used = 0
             return slot, True
-        if len(self._staging) < STAGING_SLOTS:
-            self._staging.append(self._new_slot())
-        slot = self._staging[self._next_staging % len(self._staging)]
-        self._next_staging += 1
+        if len(self._bounce) < BOUNCE_SLOTS:
+            self._bounce.append(self._new_slot())
+        slot = self._bounce[self._next_bounce % len(self._bounce)]
+        self._next_bounce += 1
         slot.wait()
         slot.used = 0
         return slot, False
@@ -126,10 +127,10 @@ class HostTier:
 
     def close(self) -> None:
         """Every slot back to the OS, after the copies out of them have landed."""
-        slots = [e.slot for e in self._entries.values()] + self._free + self._staging
+        slots = [e.slot for e in self._entries.values()] + self._free + self._bounce
         for slot in slots:
             slot.wait()
             slot.release()
         self._entries.clear()
         self._free.clear()
-        self._staging.clear()
+        self._bounce.clear()

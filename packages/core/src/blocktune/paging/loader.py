@@ -1,8 +1,7 @@
 """How a unit comes in: from the store (mapped, or read directly into reused buffers), or from
-the host tier, then copied into a device slot (`devslots`) and converted to the compute dtype
-on the copy stream.
-Mixed into `Pager`, whose store, device, tier, buffers and counters it uses; the reader thread
-runs it (where only the computing thread may copy, MPS, the copy waits for `get`)."""
+the host tier, then copied into a device slot (`slots`) and converted to the compute dtype on
+the copy stream. `UnitLoader` does it for the `Pager`, on the pager's reader thread (where only
+the computing thread may copy, MPS, the copy waits for `get`)."""
 
 from __future__ import annotations
 
@@ -14,10 +13,12 @@ import torch
 
 from blocktune.machine.devices import Device
 from blocktune.machine.hostmem import ensure_resident
-from blocktune.paging.slots import slot_layout
+from blocktune.paging.buffers import BufferPool
+from blocktune.paging.hosttier import HostTier
+from blocktune.paging.slots import DeviceSlots, slot_layout
 from blocktune.store.store import BlockStore
 
-__all__ = ["UnitLoading", "resident_sizes", "resident_specs"]
+__all__ = ["LoadedUnit", "UnitLoader", "resident_sizes", "resident_specs"]
 
 DEMAND_WAIT_S = 1.0  # a load the computing thread waits for: how long it waits for a slot's holder
 
@@ -36,7 +37,7 @@ def resident_sizes(store: BlockStore, compute_dtype: torch.dtype,
                    as_stored: frozenset[str] = frozenset(), device: Device | None = None) -> dict[str, int]:
     """Bytes of each unit as it is held resident. On the CPU: its files, scaled to the compute
     dtype where that is wider (units in `as_stored` stay in the stored dtype). On an
-    accelerator: the device slot it is copied into (`devslots`)."""
+    accelerator: the device slot it is copied into (`slots`)."""
     if device is not None and not device.is_cpu:
         return {n: slot_layout(resident_specs(store, n, compute_dtype, as_stored))[1] for n in store.units}
     scale = max(compute_dtype.itemsize / store.dtype.itemsize, 1.0)
@@ -44,15 +45,16 @@ def resident_sizes(store: BlockStore, compute_dtype: torch.dtype,
 
 
 @dataclass
-class _Entry:
+class LoadedUnit:
+    """A unit as loaded: resident, or on its way (a load in flight returns one)."""
     tensors: dict[str, torch.Tensor]
     nbytes: int
     ready: object = None  # the event after the copy to the device, still in flight
-    landed: _Landed | None = None  # tensors still in host memory: `get` copies them (MPS)
+    landed: Landed | None = None  # tensors still in host memory: `get` copies them (MPS)
     slot: object = None  # the device slot the tensors are views of (accelerators)
 
 
-class _Landed:
+class Landed:
     """A host slot's copy made by the computing thread (MPS): set once `get` has copied."""
 
     def __init__(self):
@@ -69,10 +71,40 @@ def _nbytes(tensors: dict[str, torch.Tensor] | None) -> int:
     return sum(t.numel() * t.element_size() for t in (tensors or {}).values())
 
 
-class UnitLoading:
+class UnitLoader:
+    """Brings units in for a pager: host copies (`read`), then device copies (`to_device`).
+
+    The pager hands it the read paths it chose (`mapped`: frozen units mapped read-only from
+    the page cache; `direct`: read with direct IO, into `pool`'s buffers if any), its host tier
+    and device slots (accelerators), each unit's resident bytes (`sizes`), and the counters and
+    their lock it shares with the write-back. The loader owns the files it keeps mapped, each
+    unit's slot layout and the copy stream.
+    """
+
+    def __init__(self, store: BlockStore, device: Device, sizes: dict[str, int], stats, lock: threading.Lock, *,
+                 compute_dtype: torch.dtype, as_stored: frozenset[str], verify: bool | str,
+                 mapped: bool, direct: bool, tier: HostTier | None, slots: DeviceSlots | None,
+                 pool: BufferPool | None):
+        self.store, self.device, self.dtype, self.as_stored = store, device, compute_dtype, as_stored
+        self.verify, self.mapped, self.direct = verify, mapped, direct
+        self._size, self.stats, self._lock = sizes, stats, lock
+        self._tier, self._slots, self._pool = tier, slots, pool
+        self._copy_stream = device.copy_stream()
+        self._maps: dict[str, dict[str, torch.Tensor]] = {}  # file -> its mapped tensors (reader thread)
+        self._layouts = {} if slots is None else {
+            n: slot_layout(resident_specs(store, n, compute_dtype, as_stored))[0] for n in store.units}
+
+    def read(self, name: str) -> tuple[dict[str, torch.Tensor], object]:
+        """The unit's tensors in host memory, and the host slot they are in (accelerators), its
+        time counted as reading."""
+        t0 = time.perf_counter()
+        host, slot = self._host_copy(name)
+        with self._lock:
+            self.stats.read_seconds += time.perf_counter() - t0
+        return host, slot
+
     def _host_copy(self, name: str):
-        """The unit's tensors in host memory, and the host slot they are in (accelerators):
-        from the host tier, or read from disk."""
+        """From the host tier, or read from disk."""
         slot = None
         if self._tier is not None:
             file = self.store.unit_version(name)
@@ -89,7 +121,7 @@ class UnitLoading:
             host = self._mapped(name)
         else:  # on the CPU, past the page cache: a unit is read once a pass, and RAM is short
             alloc = self._pool.take if self._pool is not None else None
-            host = self.store.read_unit(name, alloc=alloc, verify=self.verify, direct=self._direct)
+            host = self.store.read_unit(name, alloc=alloc, verify=self.verify, direct=self.direct)
         with self._lock:
             self.stats.bytes_read += self.store.unit_bytes(name)
             self.stats.unit_reads += 1
@@ -112,21 +144,22 @@ class UnitLoading:
             ensure_resident(tensors.values())
         return dict(tensors)
 
-    def _load(self, name: str, demand: bool = False) -> _Entry:
+    def load(self, name: str, demand: bool = False) -> LoadedUnit:
         """Runs on the reader thread only (the host tier and its slots are its own). Where only
         the computing thread may copy to the device (MPS), the unit comes back in host memory
-        and `get` copies it; its slot is reused only after that."""
-        host, slot = self._read_ahead(name)  # the disk read (or the tier's hit), then the copy below
+        and `get` copies it (`on_device`); its slot is reused only after that."""
+        host, slot = self.read(name)  # the disk read (or the tier's hit), then the copy below
         if not self.device.copies_on_any_thread:
-            landed = _Landed()
+            landed = Landed()
             if slot is not None:
                 self._tier.copied(slot, landed)
-            return _Entry(host, self._size[name], landed=landed)
-        return self._to_device(name, host, slot, demand)
+            return LoadedUnit(host, self._size[name], landed=landed)
+        return self.to_device(name, host, slot, demand)
 
-    def _to_device(self, name: str, host: dict[str, torch.Tensor], slot, demand: bool = False) -> _Entry:
-        """`demand`: the computing thread waits for this copy, so a slot that thread still views
-        will not come free: waiting for one is cut short."""
+    def to_device(self, name: str, host: dict[str, torch.Tensor], slot, demand: bool = False) -> LoadedUnit:
+        """The unit's host copy (from `read`) on the device in the compute dtype. `demand`: the
+        computing thread waits for this copy, so a slot that thread still views will not come
+        free: waiting for one is cut short."""
         t0 = time.perf_counter()
         tensors, dslot = {}, None
         with self.device.stream(self._copy_stream):
@@ -151,21 +184,17 @@ class UnitLoading:
             if not self.device.is_cpu:
                 self.stats.bytes_to_device += self.store.unit_bytes(name)
         if dslot is not None:
-            return _Entry(tensors, self._size[name], ready=ready, slot=dslot)
-        return _Entry(tensors, _nbytes(tensors), ready=ready)
+            return LoadedUnit(tensors, self._size[name], ready=ready, slot=dslot)
+        return LoadedUnit(tensors, _nbytes(tensors), ready=ready)
 
-    def _read_ahead(self, name: str):
-        """The unit's host copy (`_host_copy`), its time counted as reading."""
-        t0 = time.perf_counter()
-        host, slot = self._host_copy(name)
-        with self._lock:
-            self.stats.read_seconds += time.perf_counter() - t0
-        return host, slot
-
-    def _on_device(self, name: str, entry: _Entry) -> _Entry:
+    def on_device(self, name: str, unit: LoadedUnit) -> LoadedUnit:
         """A loaded unit, copied to the device here if it came back in host memory (MPS)."""
-        if entry.landed is None:
-            return entry
-        on_device = self._to_device(name, entry.tensors, None, demand=True)  # on the computing thread
-        entry.landed.set()
+        if unit.landed is None:
+            return unit
+        on_device = self.to_device(name, unit.tensors, None, demand=True)  # on the computing thread
+        unit.landed.set()
         return on_device
+
+    def close(self) -> None:
+        """Lets go of the files kept mapped (the reader thread has stopped)."""
+        self._maps.clear()

@@ -7,12 +7,13 @@ resident, as many as the budget holds beside the current one. Eviction takes the
 next use is farthest (Belady's rule; without a plan, least-recently-used, its order after a
 forward pass), and a read ahead never evicts a unit needed before the one it loads. Where
 the budget has no room for the next unit but its file is converted on the way in (a bf16
-store computed in fp32 on the CPU), its file is still read ahead, into the raw buffer `auto`
-keeps beside the budget for units in flight, and converted when its turn comes: with a
-budget of one unit, the disk reads the next unit while the compute runs on this one. Its
-neighbours, one idea each: the device slots resident units live in (`devslots`), the host
-tier (`hosttier`), reusable read buffers (`buffers`), how a unit comes in (`loading`),
-write-back and commit (`writeback`), the activation stash (`stash`).
+store computed in fp32 on the CPU), its raw file is still read ahead (the raw ahead), into
+the raw buffer `auto` keeps beside the budget for units in flight, and converted when its
+turn comes: with a budget of one unit, the disk reads the next unit while the compute runs
+on this one. Its neighbours, one idea each: the device slots resident units live in
+(`slots`), the host tier (`hosttier`), reusable read buffers (`buffers`), how a unit comes in
+(`loader`), the budgets and the two-unit rule (`budgets`), write-back and commit
+(`writeback`), the activation stash (`stash`).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from blocktune.engine.optim import OptimizerConfig
 from blocktune.errors import BudgetError
 from blocktune.machine.devices import Device, dtype_name
 from blocktune.machine.hostmem import advise_cold, host_memory_available
+from blocktune.paging.budgets import holds_two_units, limit
 from blocktune.paging.buffers import BufferPool
-from blocktune.paging.hosttier import STAGING_SLOTS, HostTier
-from blocktune.paging.loader import UnitLoading, _Entry, resident_sizes, resident_specs
-from blocktune.paging.slots import DeviceSlots, slot_layout
+from blocktune.paging.hosttier import BOUNCE_SLOTS, HostTier
+from blocktune.paging.loader import LoadedUnit, UnitLoader, resident_sizes
+from blocktune.paging.slots import DeviceSlots
 from blocktune.paging.writeback import WriteBack
 from blocktune.store.fileio import round_up
 from blocktune.store.store import BlockStore
@@ -55,7 +57,7 @@ class PagerStats:
     write_seconds: float = 0.0
     wait_seconds: float = 0.0  # the computing thread waiting in `get` for a unit's load
     demand_reads: int = 0  # gets whose unit was neither resident nor already being loaded
-    staged_reads: int = 0  # units whose file was read ahead outside the budget, converted at their get
+    staged_reads: int = 0  # units whose raw file was read ahead outside the budget, converted at their get
     reads_by_unit: dict = field(default_factory=dict)  # unit -> times read from the store
 
     def snapshot(self) -> dict:
@@ -68,7 +70,7 @@ class _Pending:
     reserved: int
 
 
-class Pager(UnitLoading):
+class Pager:
 
     def __init__(
         self,
@@ -88,77 +90,74 @@ class Pager(UnitLoading):
         self.as_stored = as_stored  # units kept in the stored dtype (the engine widens at use)
         self.verify, self.prefetch_enabled = verify, prefetch
         self.mutable = mutable  # False: units are only read (LoRA), so files may be mapped read-only
-        check_frozen_reads(frozen_reads)
-        # CPU, frozen units: "mapped" (the page cache, for stores that fit in RAM) or "direct"
-        # (O_DIRECT into reused huge-page buffers: for stores bigger than RAM, twice the cold
-        # read rate of mapped reads here, and no page cache for the kernel to juggle); "auto":
-        # direct where the store is more than 80% of the memory available
-        available = host_memory_available()
-        if frozen_reads == "auto":
-            big = available is not None and store.total_bytes() > 0.8 * available
-            frozen_reads = "direct" if big else "mapped"
-        self.mapped = device.is_cpu and not mutable and frozen_reads == "mapped"
-        # evicted mapped units are advised cold only where the page cache may run short: the
-        # advice clears the pages' accessed bits (TLB flushes the compute pays for, ~3% of a
-        # LoRA step here) and is wasted where the store stays cached anyway
-        self._advise_cold = self.mapped and (available is None or store.total_bytes() > available / 2)
+        self.mapped, self._advise_cold = _frozen_reads(store, device, mutable, frozen_reads)
         self._size = resident_sizes(store, compute_dtype, as_stored, device)
-        largest = self.largest_unit
-        self.budget = budget if budget is not None else 1 << 62
-        if self.budget < largest:
-            big = max(self._size, key=self._size.get)
-            raise BudgetError(
-                f"device budget {self.budget:,} bytes is smaller than the largest unit "
-                f"({big}: {largest:,} bytes in {dtype_name(compute_dtype)}); raise the budget to at "
-                f"least {(largest + (1 << 20) - 1) >> 20} MiB"
-            )
+        self.budget = limit(budget)
+        self._check_budget()
         self.stats = PagerStats()
-        self._resident: OrderedDict[str, _Entry] = OrderedDict()
+        self._resident: OrderedDict[str, LoadedUnit] = OrderedDict()
         self._loading: dict[str, _Pending] = {}
         self._current: str | None = None
         self._plan: list[str] = []  # the gets to come, in order (`plan`)
         self._at = 0  # how far along the plan the gets have come
-        self._staged: tuple[str, Future] | None = None  # a unit's file read ahead, not yet converted
+        self._raw_ahead: tuple[str, Future] | None = None  # a unit's raw file read ahead, not yet converted
         self._pinned: set[str] = set()
         self.on_evict: list = []  # callbacks(name): whoever holds a unit's tensors lets go
         self._lock = threading.Lock()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="blocktune-read")
-        self._copy_stream = device.copy_stream()
-        # Host tier and staging slots (accelerators only; on the CPU the device tier is host RAM)
-        self.host_budget = 0 if device.host_is_device else (host_budget if host_budget is not None else 1 << 62)
+        # Host tier and its bounce slots (accelerators only; on the CPU the device tier is host RAM)
+        self.host_budget = 0 if device.host_is_device else limit(host_budget)
         self._tier = self._slots = None
         if not device.is_cpu:
             # resident units live in device slots: never more bytes of them than the budget
             self._slots = DeviceSlots(device, self.budget)
-            self._layouts = {n: slot_layout(resident_specs(store, n, compute_dtype, as_stored))[0]
-                             for n in store.units}
             slot = max(sum(round_up(r.nbytes) for r in store.unit_files(n)) for n in store.units)
             self._tier = HostTier(device, self.host_budget, slot)
-        self._maps: dict[str, dict[str, torch.Tensor]] = {}  # file -> its mapped tensors (reader thread)
         # CPU, units not mapped (a full fine-tune, or direct reads of frozen units): files are
-        # read with direct IO into reused buffers, idle ones kept up to the resident units and
-        # one more unit (or what was in use at once, if more). Optimizer state never comes whole
-        # into memory (`optim.streamed_step`), so it takes no buffer.
+        # read with direct IO into reused buffers
         self._direct = device.is_cpu and not self.mapped
-        self._pool = None
-        if self._direct:
-            unit_file = max(store.unit_bytes(n) for n in store.units)
-            # resident units are views of their read buffers, unless they are converted to the
-            # compute dtype: then a buffer is only in flight, and idle ones are kept up to one
-            # unit file; where the budget holds under two units, none (a fresh buffer per read
-            # costs its page faults, ~1 s per 2.5 GB here; an idle one, a unit's file of RAM)
-            if compute_dtype != store.dtype:
-                idle = unit_file if self.budget >= 2 * largest else 0
-            else:
-                idle = min(self.budget, 1 << 50) + unit_file
-            self._pool = BufferPool(idle) if idle else None
+        self._pool = self._read_buffers() if self._direct else None
+        self.loader = UnitLoader(store, device, self._size, self.stats, self._lock, compute_dtype=compute_dtype,
+                                 as_stored=as_stored, verify=verify, mapped=self.mapped, direct=self._direct,
+                                 tier=self._tier, slots=self._slots, pool=self._pool)
         self.writes = WriteBack(store, device, self.stats, self._lock, verify, max_dirty)
+
+    def _check_budget(self) -> None:
+        """A budget below the largest unit is an error that names the budget to use."""
+        largest = self.largest_unit
+        if self.budget < largest:
+            big = max(self._size, key=self._size.get)
+            raise BudgetError(
+                f"device budget {self.budget:,} bytes is smaller than the largest unit "
+                f"({big}: {largest:,} bytes in {dtype_name(self.dtype)}); raise the budget to at "
+                f"least {(largest + (1 << 20) - 1) >> 20} MiB"
+            )
+
+    def _read_buffers(self) -> BufferPool | None:
+        """Reused buffers for direct reads, idle ones kept up to the resident units and one more
+        unit (or what was in use at once, if more). Optimizer state never comes whole into
+        memory (`optim.streamed_step`), so it takes no buffer."""
+        unit_file = max(self.store.unit_bytes(n) for n in self.store.units)
+        # resident units are views of their read buffers, unless they are converted to the
+        # compute dtype: then a buffer is only in flight, and idle ones are kept up to one
+        # unit file; where the budget holds under two units, none (a fresh buffer per read
+        # costs its page faults, ~1 s per 2.5 GB here; an idle one, a unit's file of RAM)
+        if self.dtype != self.store.dtype:
+            idle = unit_file if self.holds_two_units else 0
+        else:
+            idle = self.budget + unit_file  # (unlimited: `NO_LIMIT`, more than any machine has)
+        return BufferPool(idle) if idle else None
 
     # ---- accounting ----
     @property
     def largest_unit(self) -> int:
         """Bytes of the largest unit as it is held resident (in the compute dtype)."""
         return max(self._size.values())
+
+    @property
+    def holds_two_units(self) -> bool:
+        """Whether the budget has room for two of the largest units (`budgets.holds_two_units`)."""
+        return holds_two_units(self.budget, self.largest_unit)
 
     @property
     def buffers_in_use_peak(self) -> int:
@@ -188,7 +187,7 @@ class Pager(UnitLoading):
                 callback(name)
             self._give_slot(entry)
 
-    def _give_slot(self, entry: _Entry) -> None:
+    def _give_slot(self, entry: LoadedUnit) -> None:
         """An evicted unit's device slot, free once nothing views it and the compute stream has
         passed the event recorded now (what it queued with the unit)."""
         if entry.slot is not None:
@@ -231,7 +230,7 @@ class Pager(UnitLoading):
             self._reader.submit(self._release, entry)
         return True
 
-    def _release(self, entry: _Entry) -> None:
+    def _release(self, entry: LoadedUnit) -> None:
         """Runs on the reader thread, which then drops `entry` (the work item holds it)."""
         if self._advise_cold:
             advise_cold(entry.tensors.values())
@@ -244,7 +243,7 @@ class Pager(UnitLoading):
 
     @property
     def host_tier_bytes(self) -> int:
-        """Host memory the tier and its staging slots hold (page-locked, exactly)."""
+        """Host memory the tier and its bounce slots hold (page-locked, exactly)."""
         return self._tier.bytes if self._tier is not None else 0
 
     def plan(self, names: list[str]) -> None:
@@ -269,47 +268,48 @@ class Pager(UnitLoading):
         for name, at in uses.items():
             if name in self._resident or name in self._loading or name == self._current:
                 continue
-            if name == self.staged:
-                return  # read ahead already: converted when it is asked for
-            if not self.device.copies_on_any_thread and len(self._loading) >= STAGING_SLOTS:
-                return  # (MPS) a third load would wait for a staging slot only a get frees
+            if name == self.raw_ahead:
+                return  # its raw file is read ahead already: converted when it is asked for
+            if not self.device.copies_on_any_thread and len(self._loading) >= BOUNCE_SLOTS:
+                return  # (MPS) a third load would wait for a bounce slot only a get frees
             if not self._make_room(self._size[name], uses, before=at):
-                self._stage_next()  # no room: its file, at least, may be read ahead
+                self._start_raw_ahead()  # no room: its raw file, at least, may be read ahead
                 return
-            self._loading[name] = _Pending(self._reader.submit(self._load, name), self._size[name])
+            self._loading[name] = _Pending(self._reader.submit(self.loader.load, name), self._size[name])
             self._note_peak()
 
-    def _stages(self, name: str) -> bool:
-        """Whether `name`'s file can be read ahead without room in the budget: on the CPU, read
-        directly into a buffer of its own and converted to the compute dtype after."""
+    def _reads_raw_ahead(self, name: str) -> bool:
+        """Whether `name`'s raw file can be read ahead without room in the budget: on the CPU,
+        read directly into a buffer of its own and converted to the compute dtype after."""
         return self._direct and self._size[name] > self.store.unit_bytes(name)
 
     @property
-    def staged(self) -> str | None:
-        """The unit whose file is read ahead outside the budget, waiting for room."""
-        return self._staged[0] if self._staged is not None else None
+    def raw_ahead(self) -> str | None:
+        """The unit whose raw file is read ahead outside the budget, waiting for room."""
+        return self._raw_ahead[0] if self._raw_ahead is not None else None
 
-    def _stage_next(self) -> None:
-        """Start reading the next planned unit's file ahead if the budget cannot hold it (beside
-        a unit being converted, two raw files are in flight: what `auto` keeps room for)."""
-        if self._staged is not None or not self.prefetch_enabled:
+    def _start_raw_ahead(self) -> None:
+        """Start reading the next planned unit's raw file ahead if the budget cannot hold it
+        (beside a unit being converted, two raw files are in flight: what `auto` keeps room for)."""
+        if self._raw_ahead is not None or not self.prefetch_enabled:
             return
         for name in self._next_uses():
             if name in self._resident or name in self._loading or name == self._current:
                 continue
-            if self._stages(name) and self.resident_bytes + self._size[name] > self.budget:
-                self._staged = (name, self._reader.submit(self._read_ahead, name))
+            if self._reads_raw_ahead(name) and self.resident_bytes + self._size[name] > self.budget:
+                self._raw_ahead = (name, self._reader.submit(self.loader.read, name))
             return
 
-    def _take_staged(self, name: str) -> Future | None:
-        """The read ahead of `name`'s file, if that is what is staged; another unit's is let go."""
-        staged, self._staged = self._staged, None
-        if staged is None:
+    def _take_raw_ahead(self, name: str) -> Future | None:
+        """The raw read ahead of `name`'s file, if that is the one in flight; another unit's is
+        let go."""
+        raw, self._raw_ahead = self._raw_ahead, None
+        if raw is None:
             return None
-        if staged[0] == name:
-            return staged[1]
+        if raw[0] == name:
+            return raw[1]
         try:
-            staged[1].result()
+            raw[1].result()
         except Exception:
             pass  # a read that failed is read again, and fails there, when its unit is asked for
         return None
@@ -329,11 +329,11 @@ class Pager(UnitLoading):
             t0 = time.perf_counter()
             pending = self._loading.pop(name, None)
             if pending is None:
-                staged = self._take_staged(name)
-                if staged is None:
+                raw = self._take_raw_ahead(name)
+                if raw is None:
                     self.stats.demand_reads += 1
                 if not self.device.copies_on_any_thread:
-                    self._drain()  # (MPS) its read may need a staging slot that only a get frees
+                    self._drain()  # (MPS) its read may need a bounce slot that only a get frees
                 uses = self._next_uses()
                 if not self._make_room(self._size[name], uses):
                     self._drain()  # loads in flight hold reservations: land them, then evict
@@ -341,19 +341,19 @@ class Pager(UnitLoading):
                 self._loading[name] = _Pending(Future(), self._size[name])  # reserve while loading
                 self._note_peak()
                 try:
-                    if staged is not None:  # read ahead: convert it now that there is room
-                        host = staged.result()
-                        self._stage_next()  # the disk goes on while this one converts
-                        entry = self._to_device(name, *host)
+                    if raw is not None:  # read ahead: convert it now that there is room
+                        host = raw.result()
+                        self._start_raw_ahead()  # the disk goes on while this one converts
+                        entry = self.loader.to_device(name, *host)
                         del host
                         self.stats.staged_reads += 1
                     else:
-                        entry = self._reader.submit(self._load, name, True).result()
+                        entry = self._reader.submit(self.loader.load, name, True).result()
                 finally:
                     del self._loading[name]
             else:
                 entry = pending.future.result()
-            entry = self._on_device(name, entry)
+            entry = self.loader.on_device(name, entry)
             self.stats.wait_seconds += time.perf_counter() - t0
             self._resident[name] = entry
             self._note_peak()
@@ -369,7 +369,7 @@ class Pager(UnitLoading):
 
     def _drain(self) -> None:
         for other, p in list(self._loading.items()):
-            entry = self._on_device(other, p.future.result())
+            entry = self.loader.on_device(other, p.future.result())
             del self._loading[other]
             self._resident[other] = entry
             self._resident.move_to_end(other, last=False)  # first to go
@@ -380,7 +380,7 @@ class Pager(UnitLoading):
         """A full fine-tune's step of a unit and its new version, in the background (where the
         budget holds under two units, memory is tight: finished before this returns)."""
         return self.writes.step_and_write(name, params, grads, optimizer, lr, step,
-                                          tight=self.budget < 2 * self.largest_unit)
+                                          tight=not self.holds_two_units)
 
     def commit(self, step: int, **extra) -> None:
         self.writes.commit(step, **extra)
@@ -390,21 +390,40 @@ class Pager(UnitLoading):
 
     def close(self) -> None:
         self.writes.close()
-        self._take_staged("")
+        self._take_raw_ahead("")
         for p in self._loading.values():  # in the order they were asked for
             try:
                 entry = p.future.result()
             except Exception:
                 continue
-            if entry.landed is not None:  # (MPS) never copied: its staging slot is free
+            if entry.landed is not None:  # (MPS) never copied: its bounce slot is free
                 entry.landed.set()
         self._reader.shutdown(wait=True)
         self._resident.clear()
         self._loading.clear()
-        self._maps.clear()
+        self.loader.close()
         if self._tier is not None:
             self._tier.close()  # page-locked memory goes back to the OS
         if self._slots is not None:
             self._slots.close()
         if self._pool is not None:
             self._pool.clear()
+
+
+def _frozen_reads(store: BlockStore, device: Device, mutable: bool, frozen_reads: str) -> tuple[bool, bool]:
+    """Whether frozen units are mapped, and whether evicted mapped units are advised cold.
+
+    CPU, frozen units: "mapped" (the page cache, for stores that fit in RAM) or "direct"
+    (O_DIRECT into reused huge-page buffers: for stores bigger than RAM, twice the cold read
+    rate of mapped reads here, and no page cache for the kernel to juggle); "auto": direct
+    where the store is more than 80% of the memory available. Evicted mapped units are advised
+    cold only where the page cache may run short: the advice clears the pages' accessed bits
+    (TLB flushes the compute pays for, ~3% of a LoRA step here) and is wasted where the store
+    stays cached anyway."""
+    check_frozen_reads(frozen_reads)
+    available = host_memory_available()
+    if frozen_reads == "auto":
+        big = available is not None and store.total_bytes() > 0.8 * available
+        frozen_reads = "direct" if big else "mapped"
+    mapped = device.is_cpu and not mutable and frozen_reads == "mapped"
+    return mapped, mapped and (available is None or store.total_bytes() > available / 2)

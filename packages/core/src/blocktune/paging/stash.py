@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from blocktune.paging.budgets import limit
+
 __all__ = ["ActivationStash"]
 
 
@@ -18,7 +20,7 @@ class ActivationStash:
     """Cached block inputs for the backward pass: in RAM up to a budget, then spilled to disk."""
 
     def __init__(self, budget: int | None = None, spill_dir: str | Path | None = None):
-        self.budget = budget if budget is not None else 1 << 62
+        self.budget = limit(budget)
         self._mem: dict[tuple, torch.Tensor] = {}
         self._disk: dict[tuple, Path] = {}
         self._bytes = 0

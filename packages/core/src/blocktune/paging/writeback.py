@@ -19,6 +19,7 @@ import torch
 
 from blocktune.engine.optim import OptimizerConfig, streamed_step
 from blocktune.machine.devices import Device
+from blocktune.paging.budgets import limit
 from blocktune.store.records import FileRecord
 from blocktune.store.store import BlockStore
 
@@ -31,7 +32,7 @@ class WriteBack:
     def __init__(self, store: BlockStore, device: Device, stats, lock: threading.Lock,
                  verify: bool | str = "once", max_dirty: int | None = 512 << 20):
         self.store, self.device, self.stats, self._lock, self.verify = store, device, stats, lock, verify
-        self.max_dirty = max_dirty if max_dirty is not None else 1 << 62
+        self.max_dirty = limit(max_dirty)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="blocktune-write")
         self._writes: list[Future] = []
         self._unsynced: list[FileRecord] = []
