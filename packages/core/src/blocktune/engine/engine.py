@@ -21,7 +21,6 @@ only its own range of units: its inputs come from the stage before, its gradient
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -34,15 +33,17 @@ from blocktune.engine.fullstep import FullStep
 from blocktune.engine.handles import WeightHandles
 from blocktune.engine.inference import Inference
 from blocktune.engine.loss import check_batches, chunked_cross_entropy, count_targets
+from blocktune.engine.modules import UnitModules
+from blocktune.engine.order import UnitOrder
 from blocktune.engine.recompute import skip_unread_product
 from blocktune.engine.rng import seed_micro_batch
-from blocktune.engine.stagelink import StageSteps
+from blocktune.engine.stagelink import StageLink
 from blocktune.errors import ConfigError, TrainingError
 from blocktune.machine.devices import Device, parse_dtype, resolve_device
-from blocktune.machine.hostmem import fix_mmap_threshold, trim_host_heap
+from blocktune.machine.hostmem import fix_mmap_threshold
 from blocktune.model.args import ModelArgs
-from blocktune.model.llama import Block, Embed, Head
-from blocktune.model.lora import LoraAdapters, add_lora
+from blocktune.model.llama import KVCache
+from blocktune.model.lora import LoraAdapters
 from blocktune.paging.budgets import Budgets
 from blocktune.paging.budgets import resolve as resolve_budgets
 from blocktune.paging.pager import Pager, resident_sizes
@@ -50,7 +51,6 @@ from blocktune.paging.stash import ActivationStash
 from blocktune.store.store import BlockStore
 
 __all__ = ["EngineConfig", "Engine", "StepResult"]
-
 
 
 @dataclass
@@ -75,11 +75,14 @@ class _StepRun:
     kept_mods: dict  # full fine-tune: unit -> the module its kept graphs use
     kept_at_start: dict = field(default_factory=dict)  # kept's keys after the forward (the count)
     shapes: list = field(default_factory=list)  # each micro-batch's (batch, seq)
+    head: nn.Module | None = None  # the head module between the loss and its step
 
 
-class Engine(Inference, FullStep, StageSteps):
-    """Runs a model held in a `BlockStore` one unit at a time (training here; forward-only
-    passes for evaluation and generation in `blocktune.engine.inference`)."""
+class Engine:
+    """Runs a model held in a `BlockStore` one unit at a time: training here, forward-only
+    passes for evaluation and generation through its `Inference`. Its parts: the stage link
+    (which units are this rank's), the pager, the unit modules, the step's unit order and,
+    for a full fine-tune, the per-unit step."""
 
     def __init__(self, store: BlockStore, cfg: EngineConfig | None = None,
                  adapters: dict[str, torch.Tensor] | None = None, dist: DistContext = SINGLE):
@@ -89,55 +92,65 @@ class Engine(Inference, FullStep, StageSteps):
         dtype = self.cfg.compute_dtype
         self.dtype = parse_dtype(dtype) if dtype else self.device.default_dtype()
         self.device.check_dtype(self.dtype)
-        batch, seq, micro = self.cfg.batch_hint
+        full = self.cfg.method == "full"
+        self.units = store.units
+        self.stage = StageLink(dist, store, full, self.args.dim, self.dtype, self.device.torch)
+        self.lo, self.hi = self.stage.lo, self.stage.hi
+        own = self.units[self.lo:self.hi]
         # frozen embeddings and head stay in the stored dtype (bf16): the embedding reads a few
         # rows, the head widens its matrix a slice at a time; widened whole, Llama 3's 128k
         # vocabulary is 2.1 GB per unit in fp32
-        self.units = store.units
-        self.lo, self.hi = self._stage_range()
-        own = self.units[self.lo:self.hi]
-        frozen = self.cfg.method != "full" or self.cfg.read_only
-        self.as_stored = (frozenset({"embed", "head"}) if frozen and store.dtype.itemsize < self.dtype.itemsize
-                          else frozenset())
-        sizes = {n: b for n, b in resident_sizes(store, self.dtype, self.as_stored, self.device).items()
+        frozen = not full or self.cfg.read_only
+        as_stored = (frozenset({"embed", "head"}) if frozen and store.dtype.itemsize < self.dtype.itemsize
+                     else frozenset())
+        sizes = {n: b for n, b in resident_sizes(store, self.dtype, as_stored, self.device).items()
                  if n in own}
-        self.budgets: Budgets = resolve_budgets(
-            self.device, store.args, sizes,
-            {n: store.unit_bytes(n) for n in own}, self.dtype,
-            method=self.cfg.method, device_budget=self.cfg.device_budget, host_budget=self.cfg.host_budget,
-            activation_budget=self.cfg.activation_budget, batch=batch, seq=seq, micro=micro,
-            loss_chunk=self.cfg.loss_chunk, kv_cache=self.cfg.read_only)
+        self.budgets: Budgets = self._resolve_budgets(sizes, own)
         # lean: hand freed heap back to the OS after every unit (slower, less RSS: the heap of
         # many small activations fragments); asked for, or chosen where `auto` found memory tight
-        self.lean = self.cfg.lean_memory or self.budgets.tight
-        if self.lean and self.device.is_cpu:
+        lean = (self.cfg.lean_memory or self.budgets.tight) and self.device.is_cpu
+        if lean:
             fix_mmap_threshold()
-        budget = self.budgets.device
-        if self.device.host_is_device and self.budgets.host is not None:
-            budget = min(b for b in (budget, self.budgets.host) if b is not None)
-        self.pager = Pager(store, self.device, budget, self.dtype, prefetch=self.cfg.prefetch,
-                           verify=self.cfg.verify, host_budget=self.budgets.host,
-                           mutable=self.cfg.method == "full" and not self.cfg.read_only,
-                           max_dirty=self.cfg.max_dirty, frozen_reads=self.cfg.frozen_reads,
-                           as_stored=self.as_stored)
-        # a stage whose units all stay resident takes each micro-batch through all of them (`_order`)
+        self.pager = self._open_pager(as_stored)
+        # a stage whose units all stay resident takes each micro-batch through all of them
         self.interleave = (self.dist.stages > 1 and self.cfg.keep_budget == 0
                            and sum(sizes.values()) <= self.pager.budget)
-        self.lora = self.cfg.lora if self.cfg.method == "lora" else None
+        self.order = UnitOrder(self.units, self.lo, self.hi, full, self.interleave)
+        lora = self.cfg.lora if self.cfg.method == "lora" else None
         self.adapters: LoraAdapters | None = None
-        if self.lora is not None:
-            self.adapters = LoraAdapters(self.args, self.lora, self.units[1:-1], self.device.torch, self.cfg.seed,
+        if lora is not None:
+            self.adapters = LoraAdapters(self.args, lora, self.units[1:-1], self.device.torch, self.cfg.seed,
                                          adapters, self.cfg.optimizer, keep=own)
-        self._built: dict[str, tuple[dict, nn.Module]] = {}
-        self._templates: dict[str, nn.Module] = {}  # one meta-device module per kind of unit
-        # a mapped unit's file stays mapped, and a module that computes from that memory may stay
-        # too; one that holds converted copies (a bf16 store computed in fp32) would keep every
-        # unit's copy alive past its eviction, outside the budget
-        if not self.pager.mapped or store.dtype != self.dtype:
-            self.pager.on_evict.append(lambda name: self._built.pop(name, None))
-        self.step_count = store.step if self.cfg.method == "full" else 0
-        self._tied_grad: torch.Tensor | None = None  # tied head: its projection's gradient, for embed
-        self._head: nn.Module | None = None  # the head module between the loss and its step
+        self.modules = UnitModules(self.args, self.pager, self.adapters, lora, trim_heap=lean)
+        self.full_step = (FullStep(self.modules, self.pager, self.cfg.optimizer, dist, store.tied)
+                          if full else None)
+        self.inference = Inference(self.args, self.units, self.modules, self.pager, self.stage, dist,
+                                   self.dtype, self.device.torch, self.cfg.loss_chunk)
+        self.step_count = store.step if full else 0
+
+    def _resolve_budgets(self, sizes: dict[str, int], own: list[str]) -> Budgets:
+        """The byte budgets (`blocktune.paging.budgets`) for this rank's units `own`, resident
+        at `sizes`."""
+        cfg, store = self.cfg, self.store
+        batch, seq, micro = cfg.batch_hint
+        return resolve_budgets(
+            self.device, store.args, sizes,
+            {n: store.unit_bytes(n) for n in own}, self.dtype,
+            method=cfg.method, device_budget=cfg.device_budget, host_budget=cfg.host_budget,
+            activation_budget=cfg.activation_budget, batch=batch, seq=seq, micro=micro,
+            loss_chunk=cfg.loss_chunk, kv_cache=cfg.read_only)
+
+    def _open_pager(self, as_stored: frozenset[str]) -> Pager:
+        """The pager within the device budget (on a CPU, host RAM is the device: the smaller of
+        the two budgets bounds residency)."""
+        cfg, budget = self.cfg, self.budgets.device
+        if self.device.host_is_device and self.budgets.host is not None:
+            budget = min(b for b in (budget, self.budgets.host) if b is not None)
+        return Pager(self.store, self.device, budget, self.dtype, prefetch=cfg.prefetch,
+                     verify=cfg.verify, host_budget=self.budgets.host,
+                     mutable=cfg.method == "full" and not cfg.read_only,
+                     max_dirty=cfg.max_dirty, frozen_reads=cfg.frozen_reads,
+                     as_stored=as_stored)
 
     # ---- adapters ----
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -158,37 +171,25 @@ class Engine(Inference, FullStep, StageSteps):
             raise ConfigError("this engine has no LoRA adapters (method is not lora)")
         return self.adapters.optimizer
 
-    # ---- building a unit on the meta device and mapping its tensors in ----
-    def _module(self, unit: str, training: bool) -> nn.Module:
-        if self.lean and self.device.is_cpu:
-            trim_host_heap()
-        resident = self.pager.get(unit)
-        cached = self._built.get(unit)
-        if cached is not None and cached[0].keys() == resident.keys() and all(
-                cached[0][k] is t for k, t in resident.items()):  # the same tensors: the module fits
-            return cached[1].train(training)
-        kind = unit if unit in ("embed", "head") else "block"
-        if kind not in self._templates:
-            with torch.device("meta"):  # constructing runs the initialisers: ms per block, so once
-                self._templates[kind] = (Embed(self.args) if kind == "embed" else Head(self.args)
-                                         if kind == "head" else self._block_template())
-        mod = copy.deepcopy(self._templates[kind])
-        tensors = dict(resident)
-        if self.adapters is not None:
-            tensors.update(self.adapters.of(unit))
-        mod.load_state_dict(tensors, assign=True, strict=True)
-        if self.cfg.method == "lora":
-            for name, p in mod.named_parameters():
-                if ".lora_" not in name:
-                    p.requires_grad_(False)
-        # kept while the unit is resident (the pager drops it on eviction, so a module never
-        # holds the weights of a unit the budget has let go), or, mapped, while the file is
-        self._built[unit] = (resident, mod)
-        return mod.train(training)
+    # ---- forward-only passes (`blocktune.engine.inference`) ----
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Eval-mode logits (B, T, vocab) of the whole model (materialised: for tests and short inputs)."""
+        return self.inference.logits(tokens)
 
-    def _block_template(self) -> nn.Module:
-        block = Block(self.args)
-        return block if self.lora is None else add_lora(block, self.lora)
+    def eval_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+        """(mean cross-entropy, predicted positions) in eval mode, logits chunked."""
+        return self.inference.eval_loss(tokens, targets)
+
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        return self.inference.new_caches(batch, max_len)
+
+    def next_logits(self, tokens: torch.Tensor, caches: list[KVCache] | None, start: int) -> torch.Tensor:
+        """Logits of the last position only, extending `caches` from position `start`."""
+        return self.inference.next_logits(tokens, caches, start)
+
+    def _module(self, unit: str, training: bool) -> nn.Module:
+        """`unit`'s module (`UnitModules.get`)."""
+        return self.modules.get(unit, training)
 
     # ---- training ----
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -201,43 +202,26 @@ class Engine(Inference, FullStep, StageSteps):
         """
         if self.cfg.read_only:
             raise ConfigError("this engine was opened read_only (for inference); it cannot train")
-        if self.cfg.method == "full":
+        full = self.cfg.method == "full"
+        if full:
             self.store.acquire_writer()  # a second writer fails here, before anything is written
         t_start = time.perf_counter()
         before = self.pager.stats.snapshot()
         lr = self.cfg.optimizer.lr if lr is None else lr
         step = self.step_count if step is None else step
         dev = self.device
-        self._check_lengths(micro_batches)
+        check_batches(self.args, micro_batches)
         # the loss is a mean over the whole global batch: every rank divides by the same count
         n_tok = self.dist.sum_int(sum(count_targets(t) for _, t in micro_batches), dev)
         if n_tok == 0:
             raise TrainingError("every target of this step is masked; nothing to learn from")
-        M = len(micro_batches)
         xs: list[torch.Tensor] = [tok.to(dev.torch) for tok, _ in micro_batches]
         targets = [t.to(dev.torch) for _, t in micro_batches]
-        cursors = []
-        for m in range(M):
-            seed_micro_batch(dev, self.cfg.seed, step, m * self.dist.dp_world + self.dist.dp_rank)
-            cursors.append(dev.get_rng_state())
+        cursors = self._cursors(step, len(micro_batches))
         run = _StepRun(ActivationStash(self.budgets.activation), {}, {}, {}, shapes=[tuple(x.shape) for x in xs])
-        full = self.cfg.method == "full"
-        self._plan_step()
+        self.pager.plan(self.order.pager_plan())
         try:
-            self._forward(run, xs, cursors)
-            loss, grads = self._loss(xs, targets, n_tok, cursors)
-            loss = self.dist.sum_float(loss)  # every rank sees the global loss, and stops together
-            if not bool(torch.isfinite(loss)):  # note: a host sync; before any weight changes
-                raise TrainingError(f"loss is {float(loss)} at step {step}; nothing of this step "
-                                    "was applied (lower the learning rate, check the data)")
-            self._backward(run, grads, lr, step)
-            if full:
-                # the step's own figures go into its commit: a run killed before it logs them
-                # recovers them on resume (blocktune.run.trainer)
-                self.pager.commit(step + 1, keep_previous=self.dist.enabled, last_step={"step": step + 1, "loss": float(loss), "tokens": n_tok,
-                                                       "lr": lr})
-            else:
-                self.adapters.step(lr, max_grad_norm, self.dist)
+            loss = self._passes(run, xs, targets, cursors, n_tok, lr, step, max_grad_norm)
         except BaseException:
             if full:
                 self.pager.abort_writes()
@@ -246,57 +230,64 @@ class Engine(Inference, FullStep, StageSteps):
             run.stash.clear()
         loss_value = float(loss)
         self.step_count = step + 1
+        return self._result(loss_value, n_tok, time.perf_counter() - t_start, before, run)
+
+    def _cursors(self, step: int, M: int) -> list:
+        """Each micro-batch's RNG state at the start of its forward: its own dropout stream."""
+        cursors = []
+        for m in range(M):
+            seed_micro_batch(self.device, self.cfg.seed, step, m * self.dist.dp_world + self.dist.dp_rank)
+            cursors.append(self.device.get_rng_state())
+        return cursors
+
+    def _passes(self, run: _StepRun, xs: list[torch.Tensor], targets: list[torch.Tensor], cursors: list,
+                n_tok: int, lr: float, step: int, max_grad_norm: float | None) -> torch.Tensor:
+        """Forward, loss, backward and the step's end (full: the commit; LoRA: the adapters'
+        step); the global loss."""
+        self._forward(run, xs, cursors)
+        loss, grads = self._loss(run, xs, targets, n_tok, cursors)
+        loss = self.dist.sum_float(loss)  # every rank sees the global loss, and stops together
+        if not bool(torch.isfinite(loss)):  # note: a host sync; before any weight changes
+            raise TrainingError(f"loss is {float(loss)} at step {step}; nothing of this step "
+                                "was applied (lower the learning rate, check the data)")
+        self._backward(run, grads, lr, step)
+        if self.full_step is not None:
+            # the step's own figures go into its commit: a run killed before it logs them
+            # recovers them on resume (blocktune.run.trainer)
+            self.pager.commit(step + 1, keep_previous=self.dist.enabled,
+                              last_step={"step": step + 1, "loss": float(loss), "tokens": n_tok, "lr": lr})
+        else:
+            self.adapters.step(lr, max_grad_norm, self.dist)
+        return loss
+
+    def _result(self, loss: float, n_tok: int, seconds: float, before: dict, run: _StepRun) -> StepResult:
+        """The step's figures: the pager's counters now less `before` (its snapshot at the start)."""
         after = self.pager.stats
-        return StepResult(loss_value, n_tok, time.perf_counter() - t_start,
+        return StepResult(loss, n_tok, seconds,
                           after.bytes_read - before["bytes_read"],
                           after.bytes_written - before["bytes_written"], len({i for i, _ in run.kept_at_start}),
                           [u for u in self.units if after.reads_by_unit.get(u, 0) > before["reads_by_unit"].get(u, 0)],
                           after.wait_seconds - before["wait_seconds"], after.demand_reads - before["demand_reads"])
 
-    def _plan_step(self) -> None:
-        """The pager's plan: forward, head, backward and (LoRA) the next step's forward; a full
-        fine-tune's next step reads units not committed yet, so its plan ends with this step."""
-        last, full = len(self.units) - 1, self.cfg.method == "full"
-        forward = list(range(self.lo, min(self.hi, last)))
-        head = [last] if self.hi > last else []
-        first = max(0 if full else 1, self.lo)
-        backward = list(range(min(self.hi, last) - 1, first - 1, -1))
-        self.pager.plan([self.units[i] for i in forward + head + backward + ([] if full else forward)])
-
-    def _wants_dx(self, i: int) -> bool:
-        """Whether unit i's backward passes a gradient on to its input: not into the
-        embeddings' (tokens), nor (LoRA) into the frozen embeddings."""
-        return i > 1 or (i == 1 and self.cfg.method == "full")
-
-    def _order(self, units: range, M: int) -> list[tuple[int, int]]:
-        """(unit, micro-batch) in the order the passes visit them: block-major (every
-        micro-batch through a unit while it is resident), or, on a pipeline stage whose units all
-        stay resident, micro-batch-major, so that each micro-batch goes on to the next stage as
-        soon as it is through this one's units (GPipe's fill and drain; one read per unit still)."""
-        if self.interleave:
-            return [(i, m) for m in range(M) for i in units]
-        return [(i, m) for i in units for m in range(M)]
-
     def _forward(self, run: _StepRun, xs: list[torch.Tensor], cursors: list) -> None:
-        """Embeddings and blocks (this stage's), in `_order`. Without a graph (the input
+        """Embeddings and blocks (this stage's), in the order's visits. Without a graph (the input
         stashed, the RNG state noted for the replay), or, within keep_budget, with one whose
         saved weights are handles, so the backward needs no recompute. xs becomes the head's
         inputs (or, on a stage without the head, goes on to the next stage)."""
-        dev, full, kept_bytes, M = self.device, self.cfg.method == "full", 0, len(xs)
+        dev, kept_bytes, M, keep_budget = self.device, 0, len(xs), self.cfg.keep_budget
         mods, hooks = {}, {}
-        for i, m in self._order(range(self.lo, min(self.hi, len(self.units) - 1)), M):
+        for i, m in self.order.visits(self.order.forward, M):
             if m == 0:  # the unit's first visit
-                mods[i] = self._module(self.units[i], training=True)
-                keep = (i > 0 and self.cfg.keep_budget != 0
-                        and (self.cfg.keep_budget is None or kept_bytes < self.cfg.keep_budget))
+                mods[i] = self.modules.get(self.units[i], training=True)
+                keep = i > 0 and keep_budget != 0 and (keep_budget is None or kept_bytes < keep_budget)
                 hooks[i] = WeightHandles(self.pager, self.units[i]) if keep else None
             mod, hook = mods[i], hooks[i]
             if i == self.lo:
-                self._arrive(xs, cursors, m)
+                self.stage.arrive(xs, cursors, m)
             dev.set_rng_state(cursors[m])
             run.replay[(i, m)] = cursors[m]
             if hook is not None:
-                x = xs[m].detach().requires_grad_(self._wants_dx(i))
+                x = xs[m].detach().requires_grad_(self.order.wants_dx(i))
                 with torch.autograd.graph.saved_tensors_hooks(hook.pack, hook.unpack):
                     out = mod(x)
                 run.kept[(i, m)] = (x, out)
@@ -307,71 +298,69 @@ class Engine(Inference, FullStep, StageSteps):
                     xs[m] = mod(xs[m]) if i else mod(xs[m]).to(self.dtype)
             cursors[m] = dev.get_rng_state()
             if i == self.hi - 1:  # the stage's last unit: on to the next stage
-                self.dist.pipe.send(xs[m], self.dist.pipe.next)
-                self.dist.pipe.send_rng(cursors[m], self.dist.pipe.next)
+                self.stage.send_on(xs[m], cursors[m])
             if m == M - 1:  # the unit's last visit
                 if hook is not None:
                     kept_bytes += hook.activation_bytes
-                    if full:  # the graph holds the parameters (to accumulate their gradients)
-                        run.kept_mods[i] = self._detach_weights(self.units[i], mod)
+                    if self.full_step is not None:  # the graph holds the parameters (for their gradients)
+                        run.kept_mods[i] = self.full_step.detach_weights(self.units[i], mod)
                 del mods[i], hooks[i]
             del mod
         run.kept_at_start = dict.fromkeys(run.kept)
 
-    def _loss(self, xs: list[torch.Tensor], targets: list[torch.Tensor], n_tok: int, cursors: list):
-        """The loss through the head and its gradient w.r.t. each micro-batch's head input; a
-        full fine-tune's head steps right after (its gradient is complete). A stage without the
-        head adds 0 (and gets its gradients from the next stage in the backward)."""
-        last = len(self.units) - 1
+    def _loss(self, run: _StepRun, xs: list[torch.Tensor], targets: list[torch.Tensor], n_tok: int,
+              cursors: list):
+        """The loss through the head and its gradient w.r.t. each micro-batch's head input; the
+        head module goes to `run.head` (a full fine-tune steps it first in the backward: its
+        gradient is complete). A stage without the head adds 0 (and gets its gradients from the
+        next stage in the backward)."""
+        last = self.order.last
         loss = torch.zeros((), device=self.device.torch)
-        if self.hi <= last:
+        if not self.order.has_head:
             return loss, [None] * len(xs)
-        head = self._module(self.units[last], training=True)
+        head = self.modules.get(self.units[last], training=True)
         grads = []
         for m in range(len(xs)):
             if self.lo == last:
-                self._arrive(xs, cursors, m)
+                self.stage.arrive(xs, cursors, m)
             h = xs[m].detach().requires_grad_(True)
             loss += chunked_cross_entropy(head, h, targets[m], n_tok, self.cfg.loss_chunk, True)
             grads.append(h.grad)
             if self.lo == last:
-                self._pass_back(grads, m)
+                self.stage.pass_back(grads, m)
         xs.clear()
-        self._head = head
+        run.head = head
         return loss, grads
 
     def _backward(self, run: _StepRun, grads: list, lr: float, step: int) -> None:
         """Unit by unit in reverse, each micro-batch's graph through the unit while it is
         resident: the graph kept from the forward, or recomputed from the stashed input with
         the RNG replayed. A full fine-tune steps each unit as its gradient is complete."""
-        full, last = self.cfg.method == "full", len(self.units) - 1
+        full_step, last = self.full_step, self.order.last
         pending = None
-        if full and self.hi > last:
-            pending = self._reduce_then_step(self.units[last], self._head, lr, step, None)
-        self._head = None
-        first = max(0 if full else 1, self.lo)  # LoRA: the embeddings have nothing to train
+        if full_step is not None and self.order.has_head:
+            pending = full_step.reduce_then_step(self.units[last], run.head, lr, step, None)
+        run.head = None
         M, sources = len(grads), {}
-        for i, m in self._order(range(min(self.hi, last) - 1, first - 1, -1), M):
+        for i, m in self.order.visits(self.order.backward, M):
             if m == 0:  # the unit's first visit
                 sources[i] = self._graph_source(run, i)
             mod, graph = sources[i]
             x, out = graph(m)
             if i == self.hi - 1:  # the stage's last unit: its gradient from the next stage
-                pipe = self.dist.pipe
-                grads[m] = pipe.recv(run.shapes[m] + (self.args.dim,), self.dtype, pipe.next, self.device.torch)
+                grads[m] = self.stage.grad_from_next(run.shapes[m])
             out.backward(grads[m])
-            grads[m] = x.grad if self._wants_dx(i) else None
+            grads[m] = x.grad if self.order.wants_dx(i) else None
             if i == self.lo:
-                self._pass_back(grads, m)
+                self.stage.pass_back(grads, m)
             if m == M - 1:  # the unit's last visit: its gradient is complete
-                if full:
-                    pending = self._reduce_then_step(self.units[i], mod, lr, step, pending)
+                if full_step is not None:
+                    pending = full_step.reduce_then_step(self.units[i], mod, lr, step, pending)
                 del sources[i]
             del mod, graph, x, out
         if pending is not None:
             pending()
-        if self.dist.pipe is not None:
-            self.dist.pipe.flush()
+        self.stage.flush()
 
     def _graph_source(self, run: _StepRun, i: int):
         """(unit i's module, m -> (input, output) of micro-batch m's graph through it)."""
@@ -383,7 +372,7 @@ class Engine(Inference, FullStep, StageSteps):
                 for name, p in mod.named_parameters():
                     p.data = tensors[name]
             return mod, lambda m: run.kept.pop((i, m))
-        mod = self._module(unit, training=True)
+        mod = self.modules.get(unit, training=True)
 
         def recompute(m: int):
             x = run.stash.pop((i, m))
@@ -391,15 +380,12 @@ class Engine(Inference, FullStep, StageSteps):
                 self.device.set_rng_state(run.replay[(i, m)])
             if i == 0:
                 return x, mod(x)
-            x.requires_grad_(self._wants_dx(i))
+            x.requires_grad_(self.order.wants_dx(i))
             with skip_unread_product(mod):
                 return x, mod(x)
 
         return mod, recompute
 
-    def _check_lengths(self, batches) -> None:
-        check_batches(self.args, batches)
-
     def close(self) -> None:
-        self._built.clear()
+        self.modules.close()
         self.pager.close()
