@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from blocktune.errors import ConfigError
+from blocktune.families import FAMILIES, HALVES
 from blocktune.formats.hfnames import hf_key, rotary_heads, to_hf
 from blocktune.model.llama import rope_frequencies
 from blocktune.store.fileio import staging_dir
@@ -30,7 +31,6 @@ from .meta import meta_key
 
 __all__ = ["export_gguf"]
 
-_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 # tokenizer.json split patterns llama.cpp knows, by the name its `tokenizer.ggml.pre` takes
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -170,17 +170,18 @@ def export_gguf(store: BlockStore, out: str | Path, adapter=None, dtype: torch.d
     from .merge import merged_unit
 
     args = store.args
-    if args.family not in _ARCH:
+    family = FAMILIES.get(args.family)
+    if family is None or family.gguf_arch is None:
         raise ConfigError(f"{store.path}: family {args.family!r} has no GGUF architecture here")
     if store.tokenizer_path is None:
         raise ConfigError(f"{store.path}: the store has no tokenizer; llama.cpp needs one in the GGUF file")
     if args.rope_scaling and args.rope_scaling.get("rope_type") not in ("llama3", "linear"):
         raise ConfigError(f"{store.path}: rope_type {args.rope_scaling['rope_type']!r} is not written to GGUF "
                           "here (llama.cpp's own YaRN differs in details); export --format hf and convert")
-    arch = _ARCH[args.family]
+    arch = family.gguf_arch
     np_dtype, raw, ftype = _tensor_dtype(dtype)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], args.n_layers)
-    halves = arch != "llama"  # qwen2/qwen3 rotate halves: HF's layout
+    halves = family.gguf_rotary == HALVES  # qwen2/qwen3 rotate halves: HF's layout
 
     def gguf_name(unit: str, key: str) -> str:
         hf = hf_key(meta_key(unit, key))

@@ -190,7 +190,7 @@ def save_peft(out: str | Path, adapter: Adapter, args: ModelArgs, base_model: st
     """`adapter` as a PEFT folder that `PeftModel.from_pretrained` loads onto the HF model."""
     from safetensors.torch import save_file
 
-    from blocktune.formats.hfnames import ARCHITECTURES
+    from blocktune.families import FAMILIES
     from blocktune.store.fileio import staging_dir
 
     to_peft = {m: h for m, h in HF_MODULES.items()}
@@ -209,7 +209,7 @@ def save_peft(out: str | Path, adapter: Adapter, args: ModelArgs, base_model: st
            "target_modules": sorted(to_peft[_module_of(t)].split(".")[1] for t in lora.targets),
            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
            "modules_to_save": None, "layers_to_transform": None, "init_lora_weights": True,
-           "inference_mode": True, "auto_mapping": {"base_model_class": ARCHITECTURES[args.family]}}
+           "inference_mode": True, "auto_mapping": {"base_model_class": FAMILIES[args.family].hf_architecture}}
     with staging_dir(Path(out)) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

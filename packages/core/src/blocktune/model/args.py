@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from blocktune.errors import ConfigError
+from blocktune.families import ARGS_FIELDS
 
 __all__ = ["ModelArgs", "LoraConfig", "PRESETS", "LORA_TARGETS", "ROPE_TYPES", "meta_scaled_rope"]
 
@@ -213,7 +214,7 @@ class ModelArgs:
         out = dataclasses.asdict(self)
         out["eos_token_ids"] = list(self.eos_token_ids)
         for f in dataclasses.fields(self):
-            if f.name in _FAMILY_FIELDS and out[f.name] == (list(f.default) if isinstance(f.default, tuple) else f.default):
+            if f.name in ARGS_FIELDS and out[f.name] == (list(f.default) if isinstance(f.default, tuple) else f.default):
                 del out[f.name]
         return out
 
@@ -223,10 +224,6 @@ def meta_scaled_rope(factor: float | None = None) -> dict[str, Any]:
     params give rope_scaling_factor, low/high frequency factors 1 and 4, 8192 original positions)."""
     return {"rope_type": "llama3", "factor": float(factor or 8.0), "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-
-
-_FAMILY_FIELDS = ("explicit_head_dim", "ffn_dim", "rope_scaling", "qkv_bias", "o_bias", "mlp_bias",
-                  "qk_norm", "tie_embeddings", "sliding_window", "bos_token_id", "eos_token_ids", "family")
 
 
 def _rope_problems(scaling: dict[str, Any]) -> list[str]:
