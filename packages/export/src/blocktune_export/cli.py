@@ -59,7 +59,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.format is None:  # back to the layout it came in
         a.format = "hf" if store.manifest.get("source", {}).get("format") == "hf" else "meta"
     if a.format == "peft":  # the adapter alone, for peft / vLLM on the HF model
-        from blocktune.formats.adapters import save_peft
+        from blocktune.formats.peft import save_peft
 
         if adapter is None:
             raise ConfigError("--format peft writes an adapter: give --adapter")

@@ -4,7 +4,7 @@ HF names every tensor differently and, for its rotate-half rotary layout, permut
 q and k (weights, biases, and Qwen3's per-head norms) within each head: Meta rotates
 interleaved pairs (x0, x1), HF rotates the two halves of the head. `to_hf` / `from_hf` are that
 permutation and its inverse. Used by the HF checkpoint format (blocktune_export.hf) and by PEFT
-adapters (blocktune.formats.adapters), whose lora_B rows are outputs of q_proj and k_proj.
+adapters (blocktune.formats.peft), whose lora_B rows are outputs of q_proj and k_proj.
 """
 
 from __future__ import annotations
