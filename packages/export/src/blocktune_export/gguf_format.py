@@ -162,6 +162,25 @@ def _pre_tokenizer(spec: dict) -> str:
     raise ConfigError("tokenizer.json: no byte-level pre-tokenizer llama.cpp would know")
 
 
+def _write_metadata(w, store: BlockStore, ftype) -> None:
+    """The model's metadata, under llama.cpp's keys (`{arch}.context_length`, ...)."""
+    import gguf
+
+    args = store.args
+    for add, value in ((w.add_name, store.manifest.get("source", {}).get("name") or store.path.name),
+                       (w.add_file_type, ftype), (w.add_vocab_size, args.vocab_size),
+                       (w.add_context_length, args.max_seq_len), (w.add_embedding_length, args.dim),
+                       (w.add_block_count, args.n_layers), (w.add_feed_forward_length, args.hidden_dim),
+                       (w.add_head_count, args.n_heads), (w.add_head_count_kv, args.kv_heads),
+                       (w.add_key_length, args.head_dim), (w.add_value_length, args.head_dim),
+                       (w.add_rope_dimension_count, args.head_dim), (w.add_rope_freq_base, args.rope_theta),
+                       (w.add_layer_norm_rms_eps, args.norm_eps)):
+        add(value)
+    if args.rope_scaling and args.rope_scaling["rope_type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
+
+
 def export_gguf(store: BlockStore, out: str | Path, adapter=None, dtype: torch.dtype = torch.bfloat16,
                 warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)) -> Path:
     """`out` is a folder; the model goes to `out/model.gguf` (LoRA merged if given)."""
@@ -193,25 +212,11 @@ def export_gguf(store: BlockStore, out: str | Path, adapter=None, dtype: torch.d
     with staging_dir(Path(out)) as tmp:
         path = tmp / "model.gguf"
         w = gguf.GGUFWriter(str(path), arch)
-        # the model's metadata, under llama.cpp's keys (`{arch}.context_length`, ...)
-        for add, value in ((w.add_name, store.manifest.get("source", {}).get("name") or store.path.name),
-                           (w.add_file_type, ftype), (w.add_vocab_size, args.vocab_size),
-                           (w.add_context_length, args.max_seq_len), (w.add_embedding_length, args.dim),
-                           (w.add_block_count, args.n_layers), (w.add_feed_forward_length, args.hidden_dim),
-                           (w.add_head_count, args.n_heads), (w.add_head_count_kv, args.kv_heads),
-                           (w.add_key_length, args.head_dim), (w.add_value_length, args.head_dim),
-                           (w.add_rope_dimension_count, args.head_dim), (w.add_rope_freq_base, args.rope_theta),
-                           (w.add_layer_norm_rms_eps, args.norm_eps)):
-            add(value)
-        if args.rope_scaling and args.rope_scaling["rope_type"] == "linear":
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
+        _write_metadata(w, store, ftype)
         _write_tokenizer(w, store, warn)
         factors = _rope_factors(args)
-        order = []  # (unit, key) in file order
         for unit in unit_names(args):
             for key, info in store.record(unit).tensors.items():
-                order.append((unit, key))
                 shape = info["shape"]
                 one_d = len(shape) == 1
                 t_dtype, t_raw = (np.float32, None) if one_d else (np_dtype, raw)
