@@ -9,7 +9,8 @@ import torch
 from blocktune.engine.engine import Engine, EngineConfig
 from blocktune.engine.optim import OptimizerConfig
 from blocktune.errors import StoreError
-from blocktune.formats.adapters import load_adapter, save_adapter, save_peft
+from blocktune.formats.adapters import load_adapter, save_adapter
+from blocktune.formats.peft import save_peft
 from blocktune.model.args import LoraConfig
 from blocktune_bench.families import make_checkpoint
 from blocktune_export.hf import export_hf, import_hf

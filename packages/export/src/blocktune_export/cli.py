@@ -6,10 +6,11 @@ import argparse
 import time
 from pathlib import Path
 
-from blocktune.errors import ConfigError
 from blocktune.machine.devices import parse_dtype
 from blocktune.run.report import Progress
 from blocktune.store.records import unit_names
+
+from .exports import EXPORTS, ExportJob
 
 __all__ = ["register_prepare", "register_export"]
 
@@ -50,35 +51,14 @@ def cmd_export(a: argparse.Namespace) -> int:
     from blocktune.formats.adapters import load_adapter
     from blocktune.store.store import BlockStore
 
-    from .hf import export_hf
-    from .meta import export_meta
-
     store = BlockStore.open_base(a.store) if a.base else BlockStore.open(a.store)
     adapter = load_adapter(a.adapter, store.args) if a.adapter else None
     dtype = parse_dtype(a.dtype)
     if a.format is None:  # back to the layout it came in
         a.format = "hf" if store.manifest.get("source", {}).get("format") == "hf" else "meta"
-    if a.format == "peft":  # the adapter alone, for peft / vLLM on the HF model
-        from blocktune.formats.adapters import save_peft
-
-        if adapter is None:
-            raise ConfigError("--format peft writes an adapter: give --adapter")
-        out = save_peft(a.out, adapter, store.args)
-        print(f"exported {a.adapter} -> {out} (PEFT adapter for {store.args.family})")
-        return 0
-    if a.format == "gguf":
-        from .gguf_format import export_gguf
-
-        out = export_gguf(store, a.out, adapter, dtype)
-        print(f"exported {a.store} -> {out}/model.gguf ({a.dtype}{', LoRA merged' if adapter else ''})")
-        return 0
-    if a.format == "hf":
-        if a.shards:
-            raise ConfigError("--shards applies to the Meta layout; HF shards by size")
-        out = export_hf(store, a.out, adapter, dtype)
-    else:
-        out = export_meta(store, a.out, a.shards, adapter, dtype)
-    print(f"exported {a.store} -> {out} ({a.format}{', LoRA merged' if adapter else ''})")
+    job = ExportJob(store, a.out, adapter, dtype, a.shards, store_name=a.store, adapter_name=a.adapter,
+                    dtype_name=a.dtype)
+    print(EXPORTS[a.format].write(job))
     return 0
 
 
@@ -100,8 +80,8 @@ def register_export(sub) -> None:
     p.add_argument("--shards", type=int, help="Meta shard count (default: the imported count)")
     p.add_argument("--adapter", help="LoRA adapter (blocktune's file or a PEFT folder) to merge into the weights")
     p.add_argument("--base", action="store_true", help="the base model a full fine-tune kept, not the tuned one")
-    p.add_argument("--format", choices=["meta", "hf", "peft", "gguf"],
-                   help="output layout (default: the one the store was prepared from); peft: the "
-                        "--adapter alone, as a PEFT folder; gguf: OUT/model.gguf for llama.cpp and Ollama")
+    p.add_argument("--format", choices=list(EXPORTS),
+                   help="output layout (default: the one the store was prepared from); "
+                        + "; ".join(f"{f.name}: {f.help}" for f in EXPORTS.values() if f.help))
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.set_defaults(func=cmd_export)

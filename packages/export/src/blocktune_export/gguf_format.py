@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from blocktune.errors import ConfigError
+from blocktune.families import FAMILIES, HALVES
 from blocktune.formats.hfnames import hf_key, rotary_heads, to_hf
 from blocktune.model.llama import rope_frequencies
 from blocktune.store.fileio import staging_dir
@@ -30,7 +31,6 @@ from .meta import meta_key
 
 __all__ = ["export_gguf"]
 
-_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 # tokenizer.json split patterns llama.cpp knows, by the name its `tokenizer.ggml.pre` takes
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -162,6 +162,25 @@ def _pre_tokenizer(spec: dict) -> str:
     raise ConfigError("tokenizer.json: no byte-level pre-tokenizer llama.cpp would know")
 
 
+def _write_metadata(w, store: BlockStore, ftype) -> None:
+    """The model's metadata, under llama.cpp's keys (`{arch}.context_length`, ...)."""
+    import gguf
+
+    args = store.args
+    for add, value in ((w.add_name, store.manifest.get("source", {}).get("name") or store.path.name),
+                       (w.add_file_type, ftype), (w.add_vocab_size, args.vocab_size),
+                       (w.add_context_length, args.max_seq_len), (w.add_embedding_length, args.dim),
+                       (w.add_block_count, args.n_layers), (w.add_feed_forward_length, args.hidden_dim),
+                       (w.add_head_count, args.n_heads), (w.add_head_count_kv, args.kv_heads),
+                       (w.add_key_length, args.head_dim), (w.add_value_length, args.head_dim),
+                       (w.add_rope_dimension_count, args.head_dim), (w.add_rope_freq_base, args.rope_theta),
+                       (w.add_layer_norm_rms_eps, args.norm_eps)):
+        add(value)
+    if args.rope_scaling and args.rope_scaling["rope_type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
+
+
 def export_gguf(store: BlockStore, out: str | Path, adapter=None, dtype: torch.dtype = torch.bfloat16,
                 warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)) -> Path:
     """`out` is a folder; the model goes to `out/model.gguf` (LoRA merged if given)."""
@@ -170,17 +189,18 @@ def export_gguf(store: BlockStore, out: str | Path, adapter=None, dtype: torch.d
     from .merge import merged_unit
 
     args = store.args
-    if args.family not in _ARCH:
+    family = FAMILIES.get(args.family)
+    if family is None or family.gguf_arch is None:
         raise ConfigError(f"{store.path}: family {args.family!r} has no GGUF architecture here")
     if store.tokenizer_path is None:
         raise ConfigError(f"{store.path}: the store has no tokenizer; llama.cpp needs one in the GGUF file")
     if args.rope_scaling and args.rope_scaling.get("rope_type") not in ("llama3", "linear"):
         raise ConfigError(f"{store.path}: rope_type {args.rope_scaling['rope_type']!r} is not written to GGUF "
                           "here (llama.cpp's own YaRN differs in details); export --format hf and convert")
-    arch = _ARCH[args.family]
+    arch = family.gguf_arch
     np_dtype, raw, ftype = _tensor_dtype(dtype)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], args.n_layers)
-    halves = arch != "llama"  # qwen2/qwen3 rotate halves: HF's layout
+    halves = family.gguf_rotary == HALVES  # qwen2/qwen3 rotate halves: HF's layout
 
     def gguf_name(unit: str, key: str) -> str:
         hf = hf_key(meta_key(unit, key))
@@ -192,25 +212,11 @@ def export_gguf(store: BlockStore, out: str | Path, adapter=None, dtype: torch.d
     with staging_dir(Path(out)) as tmp:
         path = tmp / "model.gguf"
         w = gguf.GGUFWriter(str(path), arch)
-        # the model's metadata, under llama.cpp's keys (`{arch}.context_length`, ...)
-        for add, value in ((w.add_name, store.manifest.get("source", {}).get("name") or store.path.name),
-                           (w.add_file_type, ftype), (w.add_vocab_size, args.vocab_size),
-                           (w.add_context_length, args.max_seq_len), (w.add_embedding_length, args.dim),
-                           (w.add_block_count, args.n_layers), (w.add_feed_forward_length, args.hidden_dim),
-                           (w.add_head_count, args.n_heads), (w.add_head_count_kv, args.kv_heads),
-                           (w.add_key_length, args.head_dim), (w.add_value_length, args.head_dim),
-                           (w.add_rope_dimension_count, args.head_dim), (w.add_rope_freq_base, args.rope_theta),
-                           (w.add_layer_norm_rms_eps, args.norm_eps)):
-            add(value)
-        if args.rope_scaling and args.rope_scaling["rope_type"] == "linear":
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
+        _write_metadata(w, store, ftype)
         _write_tokenizer(w, store, warn)
         factors = _rope_factors(args)
-        order = []  # (unit, key) in file order
         for unit in unit_names(args):
             for key, info in store.record(unit).tensors.items():
-                order.append((unit, key))
                 shape = info["shape"]
                 one_d = len(shape) == 1
                 t_dtype, t_raw = (np.float32, None) if one_d else (np_dtype, raw)

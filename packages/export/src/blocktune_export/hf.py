@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 from blocktune.errors import ConfigError, StoreError
+from blocktune.families import CONFIG_KEYS, FAMILIES, hf_architectures
 from blocktune.formats.hfnames import (
-    ARCHITECTURES,
     HF_NAMES,
     from_hf,
     hf_key,
@@ -48,8 +48,9 @@ SOURCE_CONFIG = "source-config.json"  # the config.json a store was prepared fro
 
 def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     """config.json for a store that did not come from one (Meta layout, synthetic)."""
+    family = FAMILIES[args.family]
     cfg = {
-        "architectures": [ARCHITECTURES[args.family]], "model_type": args.family,
+        "architectures": [family.hf_architecture], "model_type": args.family,
         "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
         "num_attention_heads": args.n_heads, "num_hidden_layers": args.n_layers,
         "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim, "rms_norm_eps": args.norm_eps,
@@ -61,12 +62,10 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
                          args.eos_token_ids[0] if args.eos_token_ids else 2),
         "torch_dtype": str(dtype).replace("torch.", ""),
     }
-    if args.family in ("llama", "qwen3"):
-        cfg["attention_bias"] = args.o_bias
-    if args.family == "llama":
-        cfg["mlp_bias"] = args.mlp_bias
-    if args.family in ("mistral", "qwen2", "qwen3"):
-        cfg["sliding_window"] = args.sliding_window
+    for key, value in (("attention_bias", args.o_bias), ("mlp_bias", args.mlp_bias),
+                       ("sliding_window", args.sliding_window)):
+        if key in family.config_keys:  # the family's transformers class has it
+            cfg[key] = value
     return cfg
 
 
@@ -81,14 +80,6 @@ _READ = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention
          "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "max_position_embeddings",
          "hidden_act", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias", "mlp_bias",
          "tie_word_embeddings", "sliding_window", "bos_token_id", "eos_token_id", "attention_dropout"}
-# per family: the config keys its transformers class has (others are not that family's)
-_FAMILY_KEYS = {
-    "llama": {"attention_bias", "mlp_bias", "head_dim"},
-    "mistral": {"sliding_window", "head_dim"},
-    "qwen2": {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
-    "qwen3": {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "head_dim",
-              "attention_bias"},
-}
 
 
 def _rope(cfg: dict, source: str) -> tuple[float, dict | None]:
@@ -119,18 +110,20 @@ def _rope(cfg: dict, source: str) -> tuple[float, dict | None]:
     return float(theta), raw
 
 
-def _sliding(cfg: dict, family: str, n_layers: int) -> int | None:
+def _sliding(cfg: dict, keys: frozenset[str], n_layers: int) -> int | None:
+    """The attention window: over every layer where the family's config has only
+    sliding_window (Mistral), over some layers where it says which (Qwen's layer_types,
+    use_sliding_window and max_window_layers)."""
     window = cfg.get("sliding_window")
-    if window is None:
+    if window is None or "sliding_window" not in keys:
         return None
-    if family == "mistral":
+    if "max_window_layers" not in keys:
         return int(window)
-    if family in ("qwen2", "qwen3"):
-        types = cfg.get("layer_types")
-        if types is not None:
-            return int(window) if "sliding_attention" in types else None
-        if cfg.get("use_sliding_window") and cfg.get("max_window_layers", n_layers) < n_layers:
-            return int(window)
+    types = cfg.get("layer_types")
+    if types is not None:
+        return int(window) if "sliding_attention" in types else None
+    if cfg.get("use_sliding_window") and cfg.get("max_window_layers", n_layers) < n_layers:
+        return int(window)
     return None
 
 
@@ -138,19 +131,19 @@ def args_from_hf(cfg: dict, source: str, generation: dict | None = None) -> Mode
     """ModelArgs from a config.json; every key is understood or refused by name."""
     arch = cfg.get("architectures") or []
     family = cfg.get("model_type")
-    if family not in ARCHITECTURES or (arch and arch != [ARCHITECTURES[family]]):
+    fam = FAMILIES.get(family)
+    if fam is None or (arch and arch != [fam.hf_architecture]):
         raise ConfigError(f"{source}: architecture {arch or family!r} is not supported; blocktune "
-                          f"reads {', '.join(ARCHITECTURES.values())}")
+                          f"reads {', '.join(hf_architectures())}")
     if "quantization_config" in cfg:
         raise ConfigError(f"{source}: a quantized checkpoint (quantization_config); blocktune "
                           "fine-tunes exact weights: use the unquantized release")
     allowed = _IGNORED | _READ
     unknown = sorted(k for k in set(cfg) - allowed)
-    foreign = sorted(k for k in set(cfg) & ({k for ks in _FAMILY_KEYS.values() for k in ks}
-                                            - _FAMILY_KEYS[family]) if cfg[k] not in (None, False))
+    foreign = sorted(k for k in set(cfg) & (CONFIG_KEYS - fam.config_keys) if cfg[k] not in (None, False))
     if unknown or foreign:
         raise ConfigError(f"{source}: config field(s) {unknown + foreign} not understood for "
-                          f"{ARCHITECTURES[family]}; blocktune refuses rather than drop a setting")
+                          f"{fam.hf_architecture}; blocktune refuses rather than drop a setting")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{source}: hidden_act {act!r}: blocktune computes SwiGLU with silu only")
@@ -173,13 +166,13 @@ def args_from_hf(cfg: dict, source: str, generation: dict | None = None) -> Mode
         norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
         max_seq_len=cfg.get("max_position_embeddings", 4096),
         explicit_head_dim=head_dim if head_dim * heads != dim else None,
-        qkv_bias=True if family == "qwen2" else bias, o_bias=False if family == "qwen2" else bias,
-        mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=family == "qwen3",
+        qkv_bias=fam.qkv_bias or bias, o_bias=False if fam.qkv_bias else bias,
+        mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=fam.qk_norm,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        sliding_window=_sliding(cfg, family, n_layers),
+        sliding_window=_sliding(cfg, fam.config_keys, n_layers),
         bos_token_id=cfg.get("bos_token_id"), eos_token_ids=tuple(eos_ids), family=family,
         attn_dropout=float(cfg.get("attention_dropout", 0.0)))
-    if family == "llama" and base["explicit_head_dim"] is None:
+    if fam.meta_ffn_rule and base["explicit_head_dim"] is None:
         # Meta's params.json has no FFN width, only the rule that makes it: find the rule's
         # inputs, so the store exports back to Meta's layout with Meta's numbers
         for mult in (256, 4096, 1024, 512, 128, 64, 32):

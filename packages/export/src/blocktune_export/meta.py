@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from blocktune.errors import ConfigError, StoreError
+from blocktune.formats import meta as params_json
 from blocktune.formats.tokenizer import TiktokenTokenizer, Tokenizer, detect_kind
 from blocktune.model.args import ModelArgs
 from blocktune.model.llama import stored_shapes, unit_name, unit_prefix
@@ -109,12 +110,12 @@ def read_params(src: Path, tokenizer: Tokenizer | None) -> ModelArgs:
     path = src / "params.json"
     if not path.is_file():
         raise StoreError(f"{src}: params.json missing; Meta folders ship it next to the shards")
-    params = ModelArgs.read_json(path)
+    params = params_json.read_json(path)
     if params.get("vocab_size", -1) == -1:
         if tokenizer is None:
             raise ConfigError(f"{path}: vocab_size is -1 and there is no tokenizer.model to read it from")
         params["vocab_size"] = tokenizer.vocab_size
-    return ModelArgs.from_params(params, source=str(path))
+    return params_json.from_params(params, source=str(path))
 
 
 def _check_shapes(args: ModelArgs, unit: str, tensors: dict[str, torch.Tensor], files) -> None:
@@ -333,7 +334,7 @@ def write_meta(out: Path, args: ModelArgs, units: Callable[[str], dict[str, torc
     if params is not None:
         (out / "params.json").write_bytes(params)
     else:
-        (out / "params.json").write_text(json.dumps(args.to_params()))
+        (out / "params.json").write_text(json.dumps(params_json.to_params(args)))
     if tokenizer is not None:
         shutil.copyfile(tokenizer, out / "tokenizer.model")
     write_checklist(out)
@@ -360,7 +361,7 @@ def _check_meta_expressible(store: BlockStore) -> None:
     found = [name for name, on in (("q/k/v biases", a.qkv_bias or a.o_bias), ("MLP biases", a.mlp_bias),
                                    ("q/k norms", a.qk_norm), ("an explicit head_dim", a.explicit_head_dim),
                                    ("RoPE scaling other than Meta's use_scaled_rope",
-                                    a.rope_scaling and "use_scaled_rope" not in a.to_params()),
+                                    a.rope_scaling and "use_scaled_rope" not in params_json.to_params(a)),
                                    ("tied embeddings", a.tie_embeddings),
                                    ("a sliding window", a.sliding_window)) if on]
     if a.hidden_dim != ModelArgs(**{**a.to_dict(), "ffn_dim": None}).hidden_dim:

@@ -1,1 +1,1 @@
-"""Files from other tools, read and written: HF names, adapters (blocktune's and PEFT's), tokenizers, chat templates."""
+"""Files from other tools, read and written: Meta's params.json, HF names, blocktune's adapter file, PEFT's adapter folder, tokenizers, chat templates."""

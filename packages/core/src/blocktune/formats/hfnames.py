@@ -4,7 +4,7 @@ HF names every tensor differently and, for its rotate-half rotary layout, permut
 q and k (weights, biases, and Qwen3's per-head norms) within each head: Meta rotates
 interleaved pairs (x0, x1), HF rotates the two halves of the head. `to_hf` / `from_hf` are that
 permutation and its inverse. Used by the HF checkpoint format (blocktune_export.hf) and by PEFT
-adapters (blocktune.formats.adapters), whose lora_B rows are outputs of q_proj and k_proj.
+adapters (blocktune.formats.peft), whose lora_B rows are outputs of q_proj and k_proj.
 """
 
 from __future__ import annotations
@@ -14,13 +14,11 @@ import re
 import torch
 
 from blocktune.errors import StoreError
+from blocktune.families import hf_architectures
 from blocktune.model.args import ModelArgs
 
-__all__ = ["HF_NAMES", "HF_MODULES", "hf_key", "meta_of_hf", "to_hf", "from_hf", "rotary_heads",
-           "ARCHITECTURES"]
+__all__ = ["HF_NAMES", "HF_MODULES", "hf_key", "meta_of_hf", "to_hf", "from_hf", "rotary_heads"]
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # Meta's module name (in a unit) -> HF's (in model.layers.N)
 HF_MODULES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
               "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
@@ -52,7 +50,7 @@ def meta_of_hf(key: str, source: str = "the checkpoint") -> str:
         return f"layers.{m.group(1)}.{_FROM_HF[m.group(2)]}" if m else _FROM_HF[key]
     except KeyError:
         raise StoreError(f"{source}: unknown Hugging Face key {key!r}; blocktune reads "
-                         f"{', '.join(ARCHITECTURES.values())} checkpoints") from None
+                         f"{', '.join(hf_architectures())} checkpoints") from None
 
 
 def to_hf(w: torch.Tensor, heads: int) -> torch.Tensor:

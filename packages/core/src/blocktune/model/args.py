@@ -2,23 +2,23 @@
 
 `ModelArgs` is one decoder for every supported family (Llama 2 and 3.x, Mistral, Qwen2.5,
 Qwen3): the families differ only in fields of it (grouped-query heads, an explicit head size,
-q/k/v biases, q/k norms, RoPE scaling, tied embeddings, a sliding window). It reads and writes
-Meta's ``params.json`` (the file that ships next to ``consolidated.00.pth``); Hugging Face's
-``config.json`` is read by `blocktune_export.hf`. Fields neither format has (dropout, LoRA)
-carry defaults and are written only to our own manifest.
+q/k/v biases, q/k norms, RoPE scaling, tied embeddings, a sliding window). Meta's
+``params.json`` is read and written by `blocktune.formats.meta` (``ModelArgs.from_params`` and
+friends hand over to it); Hugging Face's ``config.json`` by `blocktune_export.hf`. Fields
+neither format has (dropout, LoRA) carry defaults and are written only to our own manifest.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from blocktune.errors import ConfigError
+from blocktune.families import ARGS_FIELDS
 
-__all__ = ["ModelArgs", "LoraConfig", "PRESETS", "LORA_TARGETS", "ROPE_TYPES", "meta_scaled_rope"]
+__all__ = ["ModelArgs", "LoraConfig", "PRESETS", "LORA_TARGETS", "ROPE_TYPES"]
 
 # RoPE scaling types and the parameters each needs (Hugging Face's names)
 ROPE_TYPES: dict[str, tuple[str, ...]] = {
@@ -29,20 +29,6 @@ ROPE_TYPES: dict[str, tuple[str, ...]] = {
 }
 _ROPE_OPTIONAL = {"yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
                            "truncate")}
-
-# Keys of Meta's params.json, in the order Meta writes them.
-_META_KEYS = (
-    "dim",
-    "multiple_of",
-    "ffn_dim_multiplier",
-    "n_heads",
-    "n_kv_heads",
-    "n_layers",
-    "norm_eps",
-    "rope_theta",
-    "vocab_size",
-)
-
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -145,67 +131,29 @@ class ModelArgs:
         embeddings = (1 if self.tie_embeddings else 2) * self.vocab_size * self.dim
         return embeddings + self.n_layers * self.block_params() + self.dim
 
-    # ---- Meta params.json ----
+    # ---- Meta's params.json: read and written by blocktune.formats.meta ----
     @classmethod
     def from_params(cls, params: dict[str, Any], *, source: str = "params.json") -> ModelArgs:
-        known = {f.name for f in dataclasses.fields(cls)} | {"use_scaled_rope", "rope_scaling_factor"}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ConfigError(
-                f"{source}: unknown key(s) {unknown}; expected a subset of {sorted(known)}"
-            )
-        missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
-        if missing:
-            raise ConfigError(f"{source}: missing required key(s) {missing}")
-        values = dict(params)
-        # Llama 3.1+: Meta's wavelength-banded RoPE rescale (llama-models' apply_scaling)
-        scaled = values.pop("use_scaled_rope", False)
-        factor = values.pop("rope_scaling_factor", None)
-        if scaled:
-            values["rope_scaling"] = meta_scaled_rope(factor)
-        elif factor is not None:
-            raise ConfigError(f"{source}: rope_scaling_factor without use_scaled_rope")
-        if values.get("vocab_size", 0) == -1:
-            raise ConfigError(
-                f"{source}: vocab_size is -1; read it from tokenizer.model "
-                "(blocktune prepare does this) before building the model"
-            )
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ConfigError(f"{source}: {exc}") from exc
+        from blocktune.formats import meta  # the format builds on this class
+
+        return meta.from_params(params, source=source)
 
     @staticmethod
     def read_json(path: str | Path) -> dict[str, Any]:
-        """The raw content of a params.json, with clear errors for a malformed file."""
-        path = Path(path)
-        try:
-            params = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc}); is this Meta's params.json?") from exc
-        if not isinstance(params, dict):
-            raise ConfigError(f"{path}: expected a JSON object, got {type(params).__name__}")
-        return params
+        from blocktune.formats import meta
+
+        return meta.read_json(path)
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelArgs:
-        return cls.from_params(cls.read_json(path), source=str(path))
+        from blocktune.formats import meta
+
+        return meta.from_file(path)
 
     def to_params(self) -> dict[str, Any]:
-        """Meta's params.json content (dropout and max_seq_len are ours, left out)."""
-        out: dict[str, Any] = {}
-        for key in _META_KEYS:
-            value = getattr(self, key)
-            if key in ("n_kv_heads", "ffn_dim_multiplier") and value is None:
-                continue
-            if key == "rope_theta" and value == 10000.0:  # Llama 2's default: its params.json has no key
-                continue
-            out[key] = value
-        if self.rope_scaling is not None and self.rope_scaling == meta_scaled_rope(self.rope_scaling.get("factor")):
-            out["use_scaled_rope"] = True
-            if self.rope_scaling["factor"] != 8.0:
-                out["rope_scaling_factor"] = self.rope_scaling["factor"]
-        return out
+        from blocktune.formats import meta
+
+        return meta.to_params(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's record: every field, the family fields only where they differ from
@@ -213,20 +161,9 @@ class ModelArgs:
         out = dataclasses.asdict(self)
         out["eos_token_ids"] = list(self.eos_token_ids)
         for f in dataclasses.fields(self):
-            if f.name in _FAMILY_FIELDS and out[f.name] == (list(f.default) if isinstance(f.default, tuple) else f.default):
+            if f.name in ARGS_FIELDS and out[f.name] == (list(f.default) if isinstance(f.default, tuple) else f.default):
                 del out[f.name]
         return out
-
-
-def meta_scaled_rope(factor: float | None = None) -> dict[str, Any]:
-    """Meta's `use_scaled_rope` as HF's llama3 rope type (llama-models: factor 8 unless the
-    params give rope_scaling_factor, low/high frequency factors 1 and 4, 8192 original positions)."""
-    return {"rope_type": "llama3", "factor": float(factor or 8.0), "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-
-
-_FAMILY_FIELDS = ("explicit_head_dim", "ffn_dim", "rope_scaling", "qkv_bias", "o_bias", "mlp_bias",
-                  "qk_norm", "tie_embeddings", "sliding_window", "bos_token_id", "eos_token_ids", "family")
 
 
 def _rope_problems(scaling: dict[str, Any]) -> list[str]:
