@@ -160,9 +160,11 @@ def _config(cls_name: str, settings: dict):
     return getattr(transformers, cls_name)(**settings)
 
 
-def make_checkpoint(out: str | Path, family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A small random `family` model saved by transformers' `save_pretrained`, with a tokenizer;
-    returns the transformers model (eval mode) it saved."""
+def make_checkpoint(out: str | Path, family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    **overrides):
+    """A small random `family` model saved by transformers' `save_pretrained`, with a tokenizer
+    (`overrides`: config fields that replace the family's); returns the transformers model (eval
+    mode) it saved."""
     from transformers import AutoModelForCausalLM
 
     cls_name, settings, style = FAMILIES[family]
@@ -183,7 +185,7 @@ def make_checkpoint(out: str | Path, family: str, seed: int = 0, dtype: torch.dt
             eos.append(tk.token_to_id("<|end_of_text|>"))
         ids = dict(vocab_size=tk.get_vocab_size() + 16, bos_token_id=bos, eos_token_id=eos)
     torch.manual_seed(seed)
-    config = _config(cls_name, {**_SMALL, **ids, **settings})
+    config = _config(cls_name, {**_SMALL, **ids, **settings, **overrides})
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():  # norms and biases off their init values, so a wrong mapping shows
         for name, p in model.named_parameters():

@@ -23,7 +23,15 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     dtype = parse_dtype(a.dtype) if a.dtype else None
     is_hf = (src / "config.json").is_file() and not (src / "params.json").is_file()
     t0 = time.perf_counter()
-    if is_hf:
+    if src.is_file() and _is_gguf(src):
+        from .gguf_read import import_gguf, read_gguf
+
+        bar = Progress(len(unit_names(read_gguf(src)[0])), desc="prepare", unit="unit", every=10.0)
+        try:
+            store = import_gguf(src, a.dst, dtype, progress=lambda _: bar.update(1))
+        finally:
+            bar.close()
+    elif is_hf:
         store = import_hf(src, a.dst, dtype)
     else:
         tok = src / "tokenizer.model"
@@ -47,6 +55,11 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from blocktune.formats.adapters import load_adapter
     from blocktune.store.store import BlockStore
@@ -63,8 +76,9 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def register_prepare(sub) -> None:
-    p = sub.add_parser("prepare", help="Meta (or Hugging Face) folder -> block store")
-    p.add_argument("src", help="folder with params.json + consolidated.XX.pth (or HF config.json + safetensors)")
+    p = sub.add_parser("prepare", help="Meta or Hugging Face folder, or a GGUF file -> block store")
+    p.add_argument("src", help="folder with params.json + consolidated.XX.pth, or HF config.json + safetensors, "
+                                 "or a .gguf file (llama.cpp, Ollama; dequantized)")
     p.add_argument("dst", help="new store folder")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="stored dtype (default: as the checkpoint)")
     p.add_argument("--stages", type=int, help="also write DST-{rank}, a store per rank for a staged full fine-tune "

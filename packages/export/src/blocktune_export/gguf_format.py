@@ -138,6 +138,11 @@ def _write_tokenizer(w, store: BlockStore, warn) -> None:
         w.add_bos_token_id(tok.bos_id)
     if tok.eos_id is not None:
         w.add_eos_token_id(tok.eos_id)
+        # generation's other stop tokens (Llama 3's end_of_text beside eot_id): llama.cpp's
+        # end-of-turn and end-of-message slots
+        others = [i for i in args.eos_token_ids if i != tok.eos_id]
+        for add, i in zip((w.add_eot_token_id, w.add_eom_token_id), others):
+            add(i)
     if tok.pad_id is not None:
         w.add_pad_token_id(tok.pad_id)
     w.add_add_bos_token(tok.add_bos)
