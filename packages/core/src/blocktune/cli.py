@@ -248,7 +248,7 @@ def cmd_info(a: argparse.Namespace) -> int:
                 k: v for k, v in args.to_dict().items() if not k.endswith("dropout")}},
             "open_seconds": round(opened, 4),
             "tokenizer_kind": store.manifest.get("tokenizer_kind") if store.manifest.get("tokenizer") else None,
-            "tokenizer": store.manifest.get("tokenizer")}
+            "tokenizer": store.manifest.get("tokenizer"), "source": store.manifest.get("source")}
     print(json.dumps(info, indent=1))
     return 0
 

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from blocktune.machine.devices import parse_dtype
+from blocktune.machine.devices import dtype_name, parse_dtype
 from blocktune.run.report import Progress
 from blocktune.store.records import unit_names
 
@@ -26,9 +26,10 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     if src.is_file() and _is_gguf(src):
         from .gguf_read import import_gguf, read_gguf
 
-        bar = Progress(len(unit_names(read_gguf(src)[0])), desc="prepare", unit="unit", every=10.0)
+        model = read_gguf(src)
+        bar = Progress(len(unit_names(model[0])), desc="prepare", unit="unit", every=10.0)
         try:
-            store = import_gguf(src, a.dst, dtype, progress=lambda _: bar.update(1))
+            store = import_gguf(model, a.dst, dtype, progress=lambda _: bar.update(1))
         finally:
             bar.close()
     elif is_hf:
@@ -43,7 +44,7 @@ def cmd_prepare(a: argparse.Namespace) -> int:
             bar.close()
     dt = time.perf_counter() - t0
     gb = store.total_bytes() / 1e9
-    print(f"prepared {store.path}: {len(store.units)} units, {gb:.2f} GB {a.dtype or 'as stored'}, "
+    print(f"prepared {store.path}: {len(store.units)} units, {gb:.2f} GB {dtype_name(store.dtype)}, "
           f"in {dt:.1f}s ({gb / dt:.2f} GB/s)")
     if a.stages:
         from blocktune.store.ranks import split_stage_stores

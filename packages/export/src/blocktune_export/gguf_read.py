@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from blocktune.errors import ConfigError, StoreError
+from blocktune.families import FAMILIES, HALVES, by_gguf_arch
 from blocktune.formats.hfnames import from_hf, hf_key, rotary_heads
-from blocktune.model.args import ModelArgs, meta_scaled_rope
+from blocktune.model.args import ModelArgs
 from blocktune.model.llama import rope_frequencies, stored_shapes
 from blocktune.store.build import build_store
 from blocktune.store.records import unit_names
@@ -32,10 +33,8 @@ from blocktune.store.store import BlockStore
 
 from .meta import meta_key
 
-__all__ = ["read_gguf", "import_gguf", "GGUF_ARCHITECTURES"]
+__all__ = ["read_gguf", "import_gguf"]
 
-# GGUF architecture -> (blocktune family, whether the file holds HF's rotary halves)
-GGUF_ARCHITECTURES = {"llama": ("llama", False), "qwen2": ("qwen2", True), "qwen3": ("qwen3", True)}
 
 # `{arch}.<key>` metadata blocktune reads; any other `{arch}.*` key changes the model in a way
 # it does not compute, and is refused by name
@@ -178,10 +177,11 @@ def _f32(value: float) -> float:
 
 def model_args(g: GGUFFile) -> ModelArgs:
     """The model's fields from the `{arch}.*` metadata and the tensors present."""
-    if g.arch not in GGUF_ARCHITECTURES:
-        raise ConfigError(f"{g.path}: architecture {g.arch!r}; blocktune reads {sorted(GGUF_ARCHITECTURES)}")
+    if not by_gguf_arch(g.arch):
+        known = sorted({f.gguf_arch for f in FAMILIES.values()})
+        raise ConfigError(f"{g.path}: architecture {g.arch!r}; blocktune reads {known}")
     _check_keys(g)
-    family = GGUF_ARCHITECTURES[g.arch][0]
+    family = by_gguf_arch(g.arch)[0].name  # llama.cpp runs Mistral as llama: so does the store
     dim, heads = int(g.model("embedding_length")), int(g.model("attention.head_count"))
     head_dim = int(g.model("attention.key_length", dim // heads))
     for key in ("attention.value_length", "rope.dimension_count"):
@@ -252,7 +252,7 @@ def read_gguf(path: str | Path) -> tuple[ModelArgs, Callable[[], Iterator[tuple[
     g = GGUFFile(path)
     args = model_args(g)
     names = _gguf_names(args, g.arch)
-    halves = GGUF_ARCHITECTURES[g.arch][1]
+    halves = by_gguf_arch(g.arch)[0].gguf_rotary == HALVES
     extra = sorted(set(g.tensors) - set(names) - {"rope_freqs.weight", "output.weight"})
     missing = sorted(n for n in names if n not in g.tensors)
     if extra or missing:
@@ -357,11 +357,12 @@ def write_tokenizer(g: GGUFFile, folder: Path) -> tuple[Path, str | None]:
     return folder, "hf"
 
 
-def import_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None,
+def import_gguf(src: str | Path | tuple, dst: str | Path, dtype: torch.dtype | None = None,
                 progress: Callable[[str], None] | None = None,
                 note: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> BlockStore:
-    """A store from a GGUF file, streamed: one dequantized unit in memory at a time."""
-    args, units, g = read_gguf(src)
+    """A store from a GGUF file (a path, or what `read_gguf` returned for it), streamed: one
+    dequantized unit in memory at a time."""
+    args, units, g = src if isinstance(src, tuple) else read_gguf(src)
     types = tensor_types(g)
     quantized = sorted(set(types) - {"F32", "F16", "BF16"})
     if dtype is None:
