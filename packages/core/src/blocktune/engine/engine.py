@@ -82,9 +82,10 @@ class Engine(Inference, FullStep, StageSteps):
     passes for evaluation and generation in `blocktune.engine.inference`)."""
 
     def __init__(self, store: BlockStore, cfg: EngineConfig | None = None,
-                 adapters: dict[str, torch.Tensor] | None = None, dist: DistContext = SINGLE):
+                 adapters: dict[str, torch.Tensor] | None = None, dist: DistContext = SINGLE,
+                 args: ModelArgs | None = None):  # args: the store's, or a run's copy (dropout)
         self.store, self.cfg, self.dist = store, cfg or EngineConfig(), dist
-        self.args: ModelArgs = store.args
+        self.args: ModelArgs = args or store.args
         self.device: Device = resolve_device(self.cfg.device)
         dtype = self.cfg.compute_dtype
         self.dtype = parse_dtype(dtype) if dtype else self.device.default_dtype()
