@@ -4,8 +4,10 @@ import sys
 
 import pytest
 import torch
-from blocktune_bench.synthetic import SHAPES as PRESETS  # noqa: F401 (tests import it)
-from blocktune_bench.synthetic import make_store
+from blocktune_bench.synthetic import SHAPES as PRESETS
+from blocktune_bench.synthetic import make_store, random_batch
+
+__all__ = ["PRESETS", "random_batch"]  # tests import them from here
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -24,15 +24,35 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from blocktune.machine.devices import Device
 from blocktune.errors import ConfigError
 
-__all__ = ["DistContext", "init_from_env", "SINGLE"]
+__all__ = ["DistContext", "init_from_env", "SINGLE", "PeerLost", "collective"]
+
+T = TypeVar("T")
+
+
+class PeerLost(RuntimeError):
+    """A collective, or a send or receive, with the other ranks failed: a rank died (its
+    sockets closed) or stopped answering for the process group's timeout. The backend's own
+    error is the cause."""
+
+
+def collective(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`call(*args, **kwargs)`, a torch.distributed operation or a wait on one, its failure
+    raised as `PeerLost` (running out of device memory stays what it is)."""
+    try:
+        return call(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err:
+        raise PeerLost(str(err)) from err
 
 
 @dataclass
@@ -79,7 +99,7 @@ class DistContext:
         import torch.distributed as dist
 
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat, group=self.group)
+        collective(dist.all_reduce, flat, group=self.group)
         self.bytes_reduced += flat.numel() * flat.element_size()
         offset = 0
         for t in tensors:
@@ -94,11 +114,11 @@ class DistContext:
         import torch.distributed as dist
 
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        work = collective(dist.all_reduce, flat, group=self.group, async_op=True)
         self.bytes_reduced += flat.numel() * flat.element_size()
 
         def finish() -> None:
-            work.wait()
+            collective(work.wait)
             offset = 0
             for t in tensors:
                 t.copy_(flat[offset:offset + t.numel()].view_as(t))
@@ -120,7 +140,7 @@ class DistContext:
         import torch.distributed as dist
 
         t = value.detach().reshape(1).clone()
-        dist.all_reduce(t)
+        collective(dist.all_reduce, t)
         return t.reshape(())
 
     def gather_ints(self, value: int, device: Device) -> list[int]:
@@ -129,7 +149,7 @@ class DistContext:
         import torch.distributed as dist
 
         out = [torch.zeros(1, dtype=torch.int64, device=device.torch) for _ in range(self.world)]
-        dist.all_gather(out, torch.tensor([value], dtype=torch.int64, device=device.torch))
+        collective(dist.all_gather, out, torch.tensor([value], dtype=torch.int64, device=device.torch))
         return [int(t) for t in out]
 
     def gather_objects(self, value: Any) -> list:
@@ -139,7 +159,7 @@ class DistContext:
         import torch.distributed as dist
 
         out: list = [None] * self.world
-        dist.all_gather_object(out, value)
+        collective(dist.all_gather_object, out, value)
         return out
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from blocktune.dist.groups import collective
 from blocktune.errors import ConfigError
 
 __all__ = ["split_by_bytes", "Pipe"]
@@ -78,14 +79,14 @@ class Pipe:
         import torch.distributed as dist
 
         buf = t.detach().to(self.wire).contiguous()
-        self._pending.append((buf, dist.isend(buf, to)))
+        self._pending.append((buf, collective(dist.isend, buf, to)))
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, device: torch.device) -> torch.Tensor:
         import torch.distributed as dist
 
         buf = torch.empty(shape, dtype=dtype, device=self.wire)
         t0 = time.perf_counter()
-        dist.recv(buf, src)
+        collective(dist.recv, buf, src)
         self.wait_seconds += time.perf_counter() - t0
         return buf.to(device)
 
@@ -106,5 +107,5 @@ class Pipe:
     def flush(self) -> None:
         """Wait for every send to complete (their buffers are kept alive until then)."""
         for _, work in self._pending:
-            work.wait()
+            collective(work.wait)
         self._pending.clear()

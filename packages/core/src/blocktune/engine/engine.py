@@ -85,9 +85,10 @@ class Engine:
     for a full fine-tune, the per-unit step."""
 
     def __init__(self, store: BlockStore, cfg: EngineConfig | None = None,
-                 adapters: dict[str, torch.Tensor] | None = None, dist: DistContext = SINGLE):
+                 adapters: dict[str, torch.Tensor] | None = None, dist: DistContext = SINGLE,
+                 args: ModelArgs | None = None):  # args: the store's, or a run's copy (dropout)
         self.store, self.cfg, self.dist = store, cfg or EngineConfig(), dist
-        self.args: ModelArgs = store.args
+        self.args: ModelArgs = args or store.args
         self.device: Device = resolve_device(self.cfg.device)
         dtype = self.cfg.compute_dtype
         self.dtype = parse_dtype(dtype) if dtype else self.device.default_dtype()

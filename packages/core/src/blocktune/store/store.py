@@ -259,11 +259,13 @@ class BlockStore(UnitFiles):
         return sum(r.nbytes for r in self._records.values())
 
     def commit(self, step: int, units: dict[str, FileRecord], state: dict[str, FileRecord] | None = None,
-               collect: bool = True, keep_previous: bool = False, **extra: Any) -> None:
+               collect: bool = True, keep_previous: bool = False, drop: tuple[str, ...] = (),
+               **extra: Any) -> None:
         """Make the new files durable, switch the store to `step` in one atomic manifest
         replace, then (unless `collect` is False: the caller does it later) delete stale files.
         `keep_previous`: the step before stays on disk until the next commit, so that
-        `roll_back` can return to it (processes that must agree on one step: stages, replicas)."""
+        `roll_back` can return to it (processes that must agree on one step: stages, replicas).
+        `extra`: entries the manifest records beside the units; `drop`: entries it no longer does."""
         self.acquire_writer()
         for rec in list(units.values()) + list((state or {}).values()):
             fd = os.open(self.path / rec.file, os.O_RDONLY)
@@ -273,6 +275,8 @@ class BlockStore(UnitFiles):
                 os.close(fd)
         manifest = dict(self.manifest)
         manifest.pop("previous", None)
+        for key in drop:
+            manifest.pop(key, None)
         if keep_previous and step != self.step:
             manifest["previous"] = {"step": self.step, "units": self.manifest["units"],
                                     "state": self.manifest.get("state", {})}
@@ -291,6 +295,41 @@ class BlockStore(UnitFiles):
         self._state = merged_state
         if collect:
             self.collect_garbage()
+
+    # ---- a full fine-tune's bookkeeping ----
+    @property
+    def keeps_base(self) -> bool:
+        """Whether the weights before the store's first full fine-tune are kept (`open_base`)."""
+        return "base" in self.manifest
+
+    def base_is_current(self) -> bool:
+        """Whether the units are the base model's files: no base is kept, or no step has
+        changed a unit since it was."""
+        units = self.manifest["units"]
+        return self.manifest.get("base", {}).get("units", units) == units
+
+    def start_run(self, keep_base: bool) -> None:
+        """Record that a full fine-tune starts from the committed step (`run_start`). With
+        `keep_base` the weights as they are now stay on disk as the base model, unless an
+        earlier run kept one already; without it a kept base is dropped (the run may replace
+        its files)."""
+        extra: dict[str, Any] = {"run": {"first_step": self.step}}
+        if keep_base and not self.keeps_base:
+            extra["base"] = {"step": self.step, "units": self.manifest["units"]}
+        self.commit(self.step, {}, drop=() if keep_base else ("base",), **extra)
+
+    def run_start(self) -> int | None:
+        """The step the current full fine-tune started from (`start_run`); None: none recorded."""
+        run = self.manifest.get("run") or {}
+        return int(run["first_step"]) if "first_step" in run else None
+
+    def last_step(self) -> dict | None:
+        """What the commit of the last training step recorded of it (step, loss, tokens, lr)."""
+        return self.manifest.get("last_step") or None
+
+    def previous_step(self) -> int | None:
+        """The step `roll_back` returns to (kept by a commit with `keep_previous`); None: none."""
+        return (self.manifest.get("previous") or {}).get("step")
 
     def roll_back(self) -> None:
         """Return the store to the step before its last commit (kept by `keep_previous`), in

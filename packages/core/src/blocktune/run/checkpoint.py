@@ -1,0 +1,174 @@
+"""A run's checkpoint and its exact resume: a LoRA run writes its adapters and their optimizer
+state in one atomically written file; a full fine-tune's checkpoint is the store itself, whose
+manifest every step commits, so resuming is agreeing on the step all ranks' stores hold.
+
+Both write the run's config.toml beside the checkpoint and give back, for a run killed between
+its checkpoint and that step's metrics row, the row as the checkpoint recorded it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from blocktune.dist.groups import DistContext
+from blocktune.engine.engine import Engine
+from blocktune.errors import ConfigError, StoreError, TrainingError
+from blocktune.formats.adapters import save_adapter
+from blocktune.machine.devices import Device
+from blocktune.model.args import LoraConfig, ModelArgs
+from blocktune.store.fileio import atomic_write
+from blocktune.store.store import BlockStore
+
+__all__ = ["CHECKPOINT", "LoraCheckpoint", "StoreCheckpoint", "merge_stages", "stage_optimizer_state"]
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def _write_config(out: Path, config_toml: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "config.toml", config_toml.encode())
+
+
+class LoraCheckpoint:
+    """checkpoint.safetensors (adapters as `adapter.*`, optimizer state as `optim.{i}.*` with
+    the single process's parameter indices, the step, the LoRA settings, the step's metrics row)
+    and adapter.safetensors beside it; rank 0 writes them for every rank."""
+
+    def __init__(self, out: Path, engine: Engine, dist: DistContext, lora: LoraConfig,
+                 model: ModelArgs, config_toml: str):
+        self.out, self.engine, self.dist = out, engine, dist
+        self.lora, self.model, self.config_toml = lora, model, config_toml
+        self.path = out / CHECKPOINT
+
+    def save(self, step: int, row: dict | None = None) -> None:
+        """Write the checkpoint of `step` (a collective with pipeline stages: call on every rank)."""
+        adapters, opt = self.engine.adapter_state(), self.engine.adapters.optimizer_state()
+        if self.dist.stages > 1:  # each stage holds its blocks' adapters: rank 0 writes them all, in one file
+            adapters, opt = merge_stages(self.dist.gather_objects(_on_cpu(adapters, opt)), self.dist)
+        if not self.dist.is_main:
+            return  # every replica holds the same adapters; rank 0 writes them
+        _write_config(self.out, self.config_toml)
+        from safetensors.torch import save
+
+        tensors = {f"adapter.{k}": v for k, v in adapters.items()}
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                tensors[f"optim.{i}.{k}"] = torch.as_tensor(v).detach().cpu()
+        meta = {"step": str(step), "format": "blocktune-checkpoint", "lora": json.dumps(self.lora.to_dict())}
+        if row is not None:  # this step's metrics, in case the run dies before it logs them
+            meta["row"] = json.dumps(row)
+        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        atomic_write(self.path, save(cpu, metadata=meta))
+        save_adapter(self.out / "adapter.safetensors", adapters, self.lora, self.model)
+
+    def resume(self) -> int:
+        """Load the adapters and this rank's optimizer state; the step the checkpoint was made at."""
+        meta, tensors = self._read()
+        saved = LoraConfig.from_dict(json.loads(meta["lora"]))
+        if saved != self.lora:
+            raise ConfigError(f"{self.path}: checkpoint was made with LoRA {saved}, the config "
+                              f"says {self.lora}; resume with the run's own config.toml")
+        self.engine.load_adapters({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
+        if self.engine.adapters.blocks:  # a pipeline stage without blocks has no optimizer state
+            opt = self.engine.lora_optimizer
+            opt.load_state_dict(stage_optimizer_state(opt.state_dict(), tensors, self.engine.adapters.offset))
+        return int(meta["step"])
+
+    def _read(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        if not self.path.is_file():
+            raise StoreError(f"{self.path}: no checkpoint to resume from (run without --resume first)")
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:
+            raise StoreError(f"{self.path}: unreadable checkpoint ({exc})") from exc
+
+    def recorded_row(self, step: int) -> dict | None:
+        """The metrics row of `step` as the checkpoint recorded it, if it is that step's."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            meta = f.metadata() or {}
+        row = json.loads(meta["row"]) if "row" in meta else None
+        return {**row, "recovered": True} if row and row.get("step") == step else None
+
+
+class StoreCheckpoint:
+    """A full fine-tune's checkpoint: the store's committed step (every rank commits its own
+    store each step), counted from the step the run started at (`BlockStore.start_run`)."""
+
+    def __init__(self, out: Path, store: BlockStore, dist: DistContext, device: Device, config_toml: str):
+        self.out, self.store, self.dist, self.device = out, store, dist, device
+        self.config_toml = config_toml
+
+    def save(self, step: int, row: dict | None = None) -> None:
+        """The store's manifest is the checkpoint, committed by every step: only the config here."""
+        if self.dist.is_main:
+            _write_config(self.out, self.config_toml)
+
+    def resume(self) -> int:
+        """The run's step all ranks' stores hold; a rank killed one commit ahead of the others
+        rolls back to theirs (a collective: call on every rank)."""
+        first = self.store.run_start()
+        step = self.store.step - (self.store.step if first is None else first)
+        steps = self.dist.gather_ints(step, self.device)
+        if len(set(steps)) > 1 and max(steps) - min(steps) == 1 and step > min(steps) \
+                and self.store.previous_step() == self.store.step - 1:
+            # killed between the ranks' commits: the ranks ahead return to the step all have
+            self.store.roll_back()
+            print(f"rank {self.dist.rank}: the ranks' stores were at steps {steps} (killed between "
+                  f"their commits); this one rolled back to step {min(steps)}", flush=True)
+            step -= 1
+        steps = self.dist.gather_ints(step, self.device)
+        if len(set(steps)) > 1:
+            raise TrainingError(f"the ranks' stores are at different steps {steps} and cannot be "
+                                "brought to one (more than a step apart, or no previous step kept); "
+                                "copy the store of one rank over the others, then resume")
+        return step
+
+    def recorded_row(self, step: int) -> dict | None:
+        """What the store's commit of `step` carries of its metrics (loss, tokens, lr)."""
+        last = self.store.last_step()
+        if last is None or last.get("step") != step + (self.store.run_start() or 0):
+            return None
+        return {"step": step, "loss": last["loss"], "tokens": last["tokens"], "lr": last["lr"],
+                "recovered": True}
+
+
+def _on_cpu(adapters: dict, opt: dict) -> tuple[dict, dict]:
+    """A stage's adapters and optimizer state dict, on the CPU to travel to rank 0."""
+    state = {i: {k: torch.as_tensor(v).cpu() for k, v in st.items()} for i, st in opt["state"].items()}
+    return {k: v.cpu() for k, v in adapters.items()}, {"state": state, "param_groups": opt["param_groups"]}
+
+
+def merge_stages(parts: list, dist: DistContext) -> tuple[dict, dict]:
+    """The adapters and optimizer state of the whole model from every rank's (adapters,
+    optimizer state dict): replica 0 of each stage, in stage order, its parameters' indices
+    shifted past the stages before (the single process's order and checkpoint)."""
+    adapters, state, offset = {}, {}, 0
+    for s in range(dist.stages):
+        ad, sd = parts[s * dist.dp_world]
+        adapters.update(ad)
+        for i, st in sd["state"].items():
+            state[int(i) + offset] = st
+        offset += len(sd["param_groups"][0]["params"])
+    return adapters, {"state": state}
+
+
+def stage_optimizer_state(sd: dict, tensors: dict[str, torch.Tensor], offset: int) -> dict:
+    """`merge_stages` undone for one stage: its optimizer state dict `sd` with the state of the
+    checkpoint's `optim.{i}.{name}` tensors whose whole-model index `i` is one of its
+    parameters, [offset, offset + its count), renumbered from 0."""
+    n = len(sd["param_groups"][0]["params"])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            if offset <= int(i) < offset + n:
+                state.setdefault(int(i) - offset, {})[name] = v
+    return {**sd, "state": state}
