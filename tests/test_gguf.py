@@ -68,3 +68,69 @@ def test_llama_cpp_computes_blocktunes_logits(exported):
     err = np.abs(theirs - mine).max() / np.abs(mine).max()
     print(f"{family}: llama.cpp vs blocktune, max |diff| / max |logit| = {err:.2e}")
     assert err < 1e-3
+
+
+def _random_adapter(store, tmp_path):
+    """A LoRA adapter on every linear of every layer, A and B both non-zero (a trained adapter's
+    shape), saved in blocktune's file."""
+    from blocktune.formats.adapters import save_adapter
+    from blocktune.model.args import LoraConfig
+
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
+    eng = Engine(store, EngineConfig(device="cpu", compute_dtype="fp32", method="lora", lora=lora))
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in eng.adapter_state().items()}
+    eng.close()
+    return save_adapter(tmp_path / "adapter.safetensors", tensors, lora, store.args), tensors, lora
+
+
+def _export_lora(store, adapter_file, out):
+    r = subprocess.run([sys.executable, "-m", "blocktune", "export", str(store.path), str(out), "--format",
+                        "gguf-lora", "--adapter", str(adapter_file), "--dtype", "fp32"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return out / "adapter.gguf"
+
+
+def test_gguf_lora_reads_back_as_llama_cpp_expects(exported, tmp_path):
+    """llama.cpp's adapter layout (convert_lora_to_gguf.py): its keys, `<base tensor>.lora_a`
+    (rank x in) and `.lora_b` (out x rank) named after a tensor the base file has."""
+    family, store, path = exported
+    adapter_file, tensors, lora = _random_adapter(store, tmp_path)
+    reader = gguf.GGUFReader(str(_export_lora(store, adapter_file, tmp_path / "lora")))
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["adapter.lora.alpha"].contents() == lora.alpha
+    base = {t.name: [int(d) for d in t.shape] for t in gguf.GGUFReader(str(path)).tensors}
+    got = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    assert len(got) == len(tensors)
+    for name, shape in got.items():
+        weight, part = name.rsplit(".", 1)
+        out_in = base[weight]  # GGUF lists dimensions fastest first: [in, out]
+        assert shape == ([out_in[0], lora.rank] if part == "lora_a" else [lora.rank, out_in[1]]), name
+
+
+def test_llama_cpp_applies_the_gguf_lora(exported, tmp_path):
+    """llama.cpp with the base GGUF and `--lora adapter.gguf` computes blocktune's logits with the
+    adapter (and they differ from the base's)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    family, store, path = exported
+    adapter_file, tensors, _ = _random_adapter(store, tmp_path)
+    lora_path = _export_lora(store, adapter_file, tmp_path / "lora")
+    llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora_path), n_ctx=128, logits_all=True,
+                          verbose=False, n_threads=2)
+    ids = load_tokenizer(store).encode(" ".join(corpus_text(2000).split())[:400])[:64]
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    from blocktune.model.args import LoraConfig
+
+    eng = Engine(store, EngineConfig(device="cpu", compute_dtype="fp32", read_only=True, method="lora",
+                                     lora=LoraConfig(rank=4, alpha=8.0, dropout=0.0,
+                                                     targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))))
+    base = eng.logits(torch.tensor([ids]))[0].numpy()
+    eng.load_adapters(tensors)
+    mine = eng.logits(torch.tensor([ids]))[0].numpy()
+    eng.close()
+    err = np.abs(theirs - mine).max() / np.abs(mine).max()
+    moved = np.abs(base - mine).max() / np.abs(mine).max()
+    print(f"{family}: llama.cpp + LoRA vs blocktune + LoRA {err:.2e} (the adapter moves logits by {moved:.2e})")
+    assert err < 1e-3 < moved

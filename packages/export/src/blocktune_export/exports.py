@@ -91,3 +91,13 @@ def _gguf(job: ExportJob) -> str:
 
     out = export_gguf(job.store, job.out, job.adapter, job.dtype)
     return f"exported {job.store_name} -> {out}/model.gguf ({job.dtype_name}{job.merged})"
+
+
+@register("gguf-lora", help="the --adapter alone as OUT/adapter.gguf, for llama.cpp's --lora and Ollama's ADAPTER")
+def _gguf_lora(job: ExportJob) -> str:
+    from .gguf_format import export_gguf_lora
+
+    if job.adapter is None:
+        raise ConfigError("--format gguf-lora writes an adapter: give --adapter")
+    out = export_gguf_lora(job.store, job.out, job.adapter, job.dtype)
+    return f"exported {job.adapter_name} -> {out}/adapter.gguf (LoRA for llama.cpp, {job.dtype_name})"

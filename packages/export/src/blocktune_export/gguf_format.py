@@ -22,7 +22,7 @@ import torch
 from blocktune.errors import ConfigError
 from blocktune.families import FAMILIES, HALVES
 from blocktune.formats.hfnames import hf_key, rotary_heads, to_hf
-from blocktune.model.llama import rope_frequencies
+from blocktune.model.llama import rope_frequencies, unit_name
 from blocktune.store.fileio import staging_dir
 from blocktune.store.records import unit_names
 from blocktune.store.store import BlockStore
@@ -186,6 +186,30 @@ def _write_metadata(w, store: BlockStore, ftype) -> None:
         w.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
 
 
+def _architecture(store: BlockStore):
+    """The store's family, as llama.cpp has it (refused where it has no GGUF form)."""
+    family = FAMILIES.get(store.args.family)
+    if family is None or family.gguf_arch is None:
+        raise ConfigError(f"{store.path}: family {store.args.family!r} has no GGUF architecture here")
+    return family
+
+
+def _namer(args, arch: str):
+    """(unit, key) -> the GGUF tensor name, through gguf's own map of Hugging Face names."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], args.n_layers)
+
+    def gguf_name(unit: str, key: str) -> str:
+        hf = hf_key(meta_key(unit, key))
+        name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ConfigError(f"{hf}: gguf's tensor map for {arch} has no name for it")
+        return name
+
+    return gguf_name
+
+
 def export_gguf(store: BlockStore, out: str | Path, adapter=None, dtype: torch.dtype = torch.bfloat16,
                 warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)) -> Path:
     """`out` is a folder; the model goes to `out/model.gguf` (LoRA merged if given)."""
@@ -194,9 +218,7 @@ def export_gguf(store: BlockStore, out: str | Path, adapter=None, dtype: torch.d
     from .merge import merged_unit
 
     args = store.args
-    family = FAMILIES.get(args.family)
-    if family is None or family.gguf_arch is None:
-        raise ConfigError(f"{store.path}: family {args.family!r} has no GGUF architecture here")
+    family = _architecture(store)
     if store.tokenizer_path is None:
         raise ConfigError(f"{store.path}: the store has no tokenizer; llama.cpp needs one in the GGUF file")
     if args.rope_scaling and args.rope_scaling.get("rope_type") not in ("llama3", "linear"):
@@ -204,15 +226,8 @@ def export_gguf(store: BlockStore, out: str | Path, adapter=None, dtype: torch.d
                           "here (llama.cpp's own YaRN differs in details); export --format hf and convert")
     arch = family.gguf_arch
     np_dtype, raw, ftype = _tensor_dtype(dtype)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], args.n_layers)
+    gguf_name = _namer(args, arch)
     halves = family.gguf_rotary == HALVES  # qwen2/qwen3 rotate halves: HF's layout
-
-    def gguf_name(unit: str, key: str) -> str:
-        hf = hf_key(meta_key(unit, key))
-        name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise ConfigError(f"{hf}: gguf's tensor map for {arch} has no name for it")
-        return name
 
     with staging_dir(Path(out)) as tmp:
         path = tmp / "model.gguf"
@@ -244,5 +259,37 @@ def export_gguf(store: BlockStore, out: str | Path, adapter=None, dtype: torch.d
             del tensors
         if factors is not None:
             w.write_tensor_data(factors)
+        w.close()
+    return Path(out)
+
+
+def export_gguf_lora(store: BlockStore, out: str | Path, adapter, dtype: torch.dtype = torch.float32) -> Path:
+    """`out/adapter.gguf`: a LoRA adapter as llama.cpp loads it beside its base model (`--lora`,
+    Ollama's ADAPTER), in the layout llama.cpp's convert_lora_to_gguf.py writes: general.type
+    `adapter`, adapter.type `lora`, adapter.lora.alpha, and `<base tensor>.lora_a` (rank x in) and
+    `.lora_b` (out x rank) for each adapted weight, B's rows in the base file's rotary layout."""
+    import gguf
+
+    args, family = store.args, _architecture(store)
+    gguf_name = _namer(args, family.gguf_arch)
+    halves = family.gguf_rotary == HALVES
+    np_dtype, raw, _ = _tensor_dtype(dtype)
+    with staging_dir(Path(out)) as tmp:
+        w = gguf.GGUFWriter(str(tmp / "adapter.gguf"), family.gguf_arch)
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter.lora.alpha))
+        for key in sorted(adapter.tensors):  # layers.N.attention.wq.lora_a
+            module, part = key.rsplit(".", 1)
+            layer, local = int(module.split(".")[1]), module.split(".", 2)[2]
+            unit = unit_name(layer)
+            t = adapter.tensors[key]
+            heads = rotary_heads(args, f"{local}.weight")
+            if part == "lora_b" and halves and heads:
+                t = to_hf(t, heads)
+            w.add_tensor(f"{gguf_name(unit, local + '.weight')}.{part}", _as_numpy(t, dtype), raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
         w.close()
     return Path(out)
