@@ -220,3 +220,24 @@ def test_paged_lora_run_equals_in_memory_reference_with_dropout(smol):
     eng.close()
     for k in theirs:
         assert (mine[k] - theirs[k]).abs().max().item() <= 1e-5 * max(theirs[k].abs().max().item(), 1e-3), k
+
+
+def test_gguf_round_trip_of_the_real_model(smol, tmp_path):
+    """Its store exported as GGUF (fp32) and prepared again: every tensor back, the same
+    tokenizer (llama.cpp's `smollm` pre-tokenizer named in the file, digits split one by one)."""
+    import gguf
+
+    _, store, _, _ = smol
+    r = subprocess.run([sys.executable, "-m", "blocktune", "export", str(store.path), str(tmp_path / "g"),
+                        "--format", "gguf", "--dtype", "fp32"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    path = tmp_path / "g" / "model.gguf"
+    assert gguf.GGUFReader(str(path)).fields["tokenizer.ggml.pre"].contents() == "smollm"
+    r = subprocess.run([sys.executable, "-m", "blocktune", "prepare", str(path), str(tmp_path / "back")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    back = BlockStore.open(tmp_path / "back")
+    for unit in ("embed", "block_00", "block_29", "head"):
+        want, got = store.read_unit(unit), back.read_unit(unit)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), unit
+    assert load_tokenizer(back).encode(MIXED, bos=False) == load_tokenizer(store).encode(MIXED, bos=False)

@@ -35,6 +35,12 @@ class ExportJob:
     def merged(self) -> str:
         return ", LoRA merged" if self.adapter else ""
 
+    def the_adapter(self, fmt: str) -> Adapter:
+        """The --adapter a format that writes an adapter alone needs."""
+        if self.adapter is None:
+            raise ConfigError(f"--format {fmt} writes an adapter: give --adapter")
+        return self.adapter
+
 
 @dataclass(frozen=True)
 class ExportFormat:
@@ -79,9 +85,7 @@ def _peft(job: ExportJob) -> str:
     """The adapter alone, for peft / vLLM on the HF model."""
     from blocktune.formats.peft import save_peft
 
-    if job.adapter is None:
-        raise ConfigError("--format peft writes an adapter: give --adapter")
-    out = save_peft(job.out, job.adapter, job.store.args)
+    out = save_peft(job.out, job.the_adapter("peft"), job.store.args)
     return f"exported {job.adapter_name} -> {out} (PEFT adapter for {job.store.args.family})"
 
 
@@ -97,7 +101,5 @@ def _gguf(job: ExportJob) -> str:
 def _gguf_lora(job: ExportJob) -> str:
     from .gguf_format import export_gguf_lora
 
-    if job.adapter is None:
-        raise ConfigError("--format gguf-lora writes an adapter: give --adapter")
-    out = export_gguf_lora(job.store, job.out, job.adapter, job.dtype)
+    out = export_gguf_lora(job.store, job.out, job.the_adapter("gguf-lora"), job.dtype)
     return f"exported {job.adapter_name} -> {out}/adapter.gguf (LoRA for llama.cpp, {job.dtype_name})"

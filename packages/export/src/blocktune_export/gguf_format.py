@@ -32,9 +32,9 @@ from .meta import meta_key
 __all__ = ["export_gguf"]
 
 # tokenizer.json split patterns llama.cpp knows, by the name its `tokenizer.ggml.pre` takes
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
@@ -70,44 +70,56 @@ def _normalizer(path: Path) -> tuple[str, bool]:
 
 
 def _write_tokenizer(w, store: BlockStore, warn) -> None:
-    import gguf
-
     kind = store.manifest.get("tokenizer_kind", "sentencepiece")
-    args = store.args
     if kind == "sentencepiece":
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=str(store.tokenizer_path))
-        spec = _normalizer(store.tokenizer_path)
-        if spec != ("identity", False):  # Meta's: no normalization, whitespace kept
-            warn(f"{store.tokenizer_path}: this sentencepiece model normalizes text ({spec[0]}"
-                 f"{', removes extra whitespace' if spec[1] else ''}); llama.cpp does not, so it tokenizes "
-                 "newlines and repeated spaces differently from blocktune and sentencepiece")
-        tokens, scores, types = [], [], []
-        for i in range(sp.vocab_size()):
-            tokens.append(sp.id_to_piece(i).encode("utf-8"))
-            scores.append(sp.get_score(i))
-            types.append(gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL
-                         if sp.is_control(i) else gguf.TokenType.UNUSED if sp.is_unused(i)
-                         else gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.NORMAL)
-        pad = args.vocab_size - len(tokens)  # rows past the tokenizer (a padded vocabulary)
-        tokens += [f"[PAD{i}]".encode() for i in range(pad)]
-        scores += [-1000.0] * pad
-        types += [gguf.TokenType.UNUSED] * pad
-        w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_bos_token_id(sp.bos_id())
-        w.add_eos_token_id(sp.eos_id())
-        w.add_unk_token_id(sp.unk_id())
-        w.add_add_bos_token(True)
-        return
-    if kind != "hf":
+        _write_sentencepiece(w, store, warn)
+    elif kind == "hf":
+        _write_bpe(w, store)
+    else:
         raise ConfigError(f"{store.path}: a {kind} tokenizer has no GGUF form here; export --format meta")
+
+
+def _write_sentencepiece(w, store: BlockStore, warn) -> None:
+    """A sentencepiece model as llama.cpp's `llama` vocabulary: pieces, scores, types."""
+    import gguf
+    import sentencepiece as spm
+
+    args = store.args
+    sp = spm.SentencePieceProcessor(model_file=str(store.tokenizer_path))
+    spec = _normalizer(store.tokenizer_path)
+    if spec != ("identity", False):  # Meta's: no normalization, whitespace kept
+        warn(f"{store.tokenizer_path}: this sentencepiece model normalizes text ({spec[0]}"
+             f"{', removes extra whitespace' if spec[1] else ''}); llama.cpp does not, so it tokenizes "
+             "newlines and repeated spaces differently from blocktune and sentencepiece")
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.id_to_piece(i).encode("utf-8"))
+        scores.append(sp.get_score(i))
+        types.append(gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL
+                     if sp.is_control(i) else gguf.TokenType.UNUSED if sp.is_unused(i)
+                     else gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.NORMAL)
+    pad = args.vocab_size - len(tokens)  # rows past the tokenizer (a padded vocabulary)
+    tokens += [f"[PAD{i}]".encode() for i in range(pad)]
+    scores += [-1000.0] * pad
+    types += [gguf.TokenType.UNUSED] * pad
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    w.add_add_bos_token(True)
+
+
+def _write_bpe(w, store: BlockStore) -> None:
+    """A tokenizer.json byte-level BPE as llama.cpp's `gpt2` vocabulary: tokens, types, merges,
+    the pre-tokenizer by llama.cpp's name, the special ids and the chat template."""
+    import gguf
     from blocktune.formats.tokenizer import HFTokenizer
 
+    args = store.args
     tok = HFTokenizer(store.path, args.eos_token_ids)
     spec = json.loads((store.path / "tokenizer.json").read_text())
     model = spec["model"]
@@ -154,12 +166,14 @@ def _pre_tokenizer(spec: dict) -> str:
     """llama.cpp's name for the tokenizer.json pre-tokenizer, told by its split pattern."""
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre])
+    if [s.get("type") for s in steps] == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"  # GPT-2's split after each digit on its own (SmolLM)
     for s in steps:
         if s.get("type") == "Split":
             pattern = s.get("pattern", {}).get("Regex")
-            if pattern == _LLAMA3_SPLIT:
+            if pattern == LLAMA3_SPLIT:
                 return "llama-bpe"
-            if pattern == _QWEN2_SPLIT:
+            if pattern == QWEN2_SPLIT:
                 return "qwen2"
             raise ConfigError(f"tokenizer.json: split pattern {pattern!r} is not one llama.cpp names here")
         if s.get("type") == "ByteLevel" and s.get("use_regex", True):

@@ -31,6 +31,7 @@ from blocktune.store.build import build_store
 from blocktune.store.records import unit_names
 from blocktune.store.store import BlockStore
 
+from .gguf_format import LLAMA3_SPLIT, QWEN2_SPLIT
 from .meta import meta_key
 
 __all__ = ["read_gguf", "import_gguf"]
@@ -52,13 +53,8 @@ _TOKENIZER_IGNORED = {"seperator_token_id", "separator_token_id", "cls_token_id"
                       "fim_rep_token_id", "fim_sep_token_id", "prefix_token_id", "suffix_token_id",
                       "middle_token_id"}
 
-# llama.cpp's pre-tokenizers (`tokenizer.ggml.pre`), as `tokenizers` pre-tokenizer specs: the split
-# patterns are llama.cpp's (llama-vocab.cpp) and the model's own tokenizer.json's
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp's pre-tokenizers (`tokenizer.ggml.pre`) as `tokenizers` pre-tokenizer specs: the split
+# patterns are the models' own tokenizer.json's (the ones `export --format gguf` names)
 _BYTES = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
 
 
@@ -70,11 +66,11 @@ _PRE = {
     "default": [{**_BYTES, "use_regex": True}],
     "gpt-2": [{**_BYTES, "use_regex": True}],
     "smollm": [{"type": "Digits", "individual_digits": True}, {**_BYTES, "use_regex": True}],
-    "llama-bpe": [_split(_LLAMA3_SPLIT), _BYTES],
-    "llama3": [_split(_LLAMA3_SPLIT), _BYTES],
-    "smaug-bpe": [_split(_LLAMA3_SPLIT), _BYTES],
-    "qwen2": [_split(_QWEN2_SPLIT), _BYTES],
-    "deepseek-r1-qwen": [_split(_QWEN2_SPLIT), _BYTES],
+    "llama-bpe": [_split(LLAMA3_SPLIT), _BYTES],
+    "llama3": [_split(LLAMA3_SPLIT), _BYTES],
+    "smaug-bpe": [_split(LLAMA3_SPLIT), _BYTES],
+    "qwen2": [_split(QWEN2_SPLIT), _BYTES],
+    "deepseek-r1-qwen": [_split(QWEN2_SPLIT), _BYTES],
 }
 _IGNORE_MERGES = {"llama-bpe", "llama3", "smaug-bpe"}  # llama.cpp's LLAMA3 pre-type: whole words first
 _CONTROL, _USER_DEFINED = 3, 4  # gguf.TokenType
