@@ -69,6 +69,7 @@ def bench(session):
     (paged beside in-memory, per device; compared with the last saved run), then the measured
     figures of blocktune_bench.run (each configuration in its own process). Long: run it alone."""
     install(session, *TEST_DEPS)
+    fetch_real_model(session)
     storage = Path("benchmarks/results/pytest-benchmark")
     # compare with the last saved run of this machine kind, where there is one (pytest-benchmark
     # refuses --benchmark-compare-fail with nothing to compare against); 50%: two back-to-back

@@ -75,6 +75,94 @@ def export(*argv: str) -> int:
     return code
 
 
+def finetune(*argv: str) -> int:
+    """`blocktune finetune ARGV...` in this process: its peak anonymous memory on stderr's last line."""
+    from blocktune.cli import main
+
+    from .measure import rss_anon, track_anon_peak
+
+    start, peak = rss_anon(), track_anon_peak()
+    code = main(["finetune", *argv])
+    print(json.dumps({"anon_peak": peak(), "anon_start": start}), file=sys.stderr)
+    return code
+
+
+def hf_step(gguf_file: str, text_file: str, method: str, batch: str, seq: str, steps: str) -> None:
+    """transformers (+ peft for LoRA) in memory, fp32, on the same GGUF file and text: seconds per
+    step (AdamW, blocktune's LoRA defaults) and the peak anonymous memory, as JSON."""
+    from pathlib import Path
+
+    import peft
+    import torch
+    import transformers
+    from blocktune.model.args import LoraConfig
+    from blocktune.run.config import RunConfig
+
+    from .measure import rss_anon, track_anon_peak
+
+    start, peak = rss_anon(), track_anon_peak()
+    path = Path(gguf_file)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if method == "lora":
+        lora = LoraConfig()
+        names = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
+        model = peft.get_peft_model(model, peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha,
+                                                           lora_dropout=lora.dropout,
+                                                           target_modules=[names[t] for t in lora.targets]))
+    model.train()
+    cfg = RunConfig()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    b, s = int(batch), int(seq)
+    ids = torch.tensor(tok(Path(text_file).read_text(), add_special_tokens=False)["input_ids"])
+    times = []
+    for i in range(int(steps)):
+        chunk = ids[i * b * (s + 1):(i + 1) * b * (s + 1)].reshape(b, s + 1)
+        t = time.perf_counter()
+        logits = model(input_ids=chunk[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    print(json.dumps({"seconds": times, "anon_peak": peak(), "anon_start": start}))
+
+
+def hf_loss(folder: str, gguf_name: str, text_file: str, seq: str) -> None:
+    """transformers' mean next-token loss over a text's windows of `seq` tokens (its own
+    tokenizer), of an HF folder or (with `gguf_name`) a GGUF file: the held-out figure."""
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    kw = {"gguf_file": gguf_name} if gguf_name != "-" else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder, **kw)
+    ids = torch.tensor(tok(Path(text_file).read_text(), add_special_tokens=False)["input_ids"])
+    s = int(seq)
+    n = (len(ids) - 1) // s
+    total = 0.0
+    with torch.no_grad():
+        for i in range(n):
+            x, y = ids[i * s:(i + 1) * s][None], ids[i * s + 1:(i + 1) * s + 1]
+            total += torch.nn.functional.cross_entropy(model(input_ids=x).logits[0], y).item()
+    print(json.dumps({"loss": total / n, "windows": n}))
+
+
+def gguf_read_all(path: str) -> None:
+    """Every tensor of a GGUF file read and dequantized by gguf (llama.cpp's reader): the floor
+    under `blocktune prepare`, which does that and writes the store."""
+    import gguf
+
+    for t in gguf.GGUFReader(path).tensors:
+        gguf.quants.dequantize(t.data, t.tensor_type)
+
+
 if __name__ == "__main__":
     what, rest = sys.argv[1], sys.argv[2:]
-    sys.exit({"prepare": prepare, "generate": generate, "export": export}[what](*rest) or 0)
+    sys.exit({"prepare": prepare, "generate": generate, "export": export, "finetune": finetune,
+              "hf_step": hf_step, "hf_loss": hf_loss,
+              "gguf_read_all": gguf_read_all}[what](*rest) or 0)

@@ -14,6 +14,8 @@ export    store -> Meta (1 and 2 shards) of a 2.7 GB bf16 store: time and the an
           it takes at its peak (mapped page cache aside).
 generate  generation tokens/s of the paged engine against the same model in memory.
 dist      data-parallel LoRA: 2 processes against 1 on this machine, and bytes all-reduced.
+real      SmolLM2-135M-Instruct (GGUF): prepare against gguf's reader; LoRA and full steps from the CLI
+          against transformers + peft in memory; a 30-step LoRA run's held-out loss before and after.
 stages    pipeline stages: bytes each rank reads, S = 1, 2, 4; a worked model of 70B on 4 and 8 machines.
 disk      the headline's step on a disk a cgroup slows to BLOCKTUNE_READ_RATE (400MB): step time
           against max(IO floor, compute floor), driver and CLI, beside BLOCKTUNE_BASELINE (a checkout).
@@ -40,6 +42,7 @@ from .measure import evict_from_page_cache
 from .run_disk import group_disk
 from .run_io import group_dist, group_export, group_generate, group_prepare
 from .run_limits import group_auto, group_families
+from .run_real import group_real
 from .run_stages import group_stages
 from .synthetic import SHAPES
 
@@ -204,7 +207,7 @@ def group_headline(work: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="step,limit,headline,auto,families,prepare,export,generate,dist,stages,disk")
+    p.add_argument("--only", default="step,limit,headline,auto,families,real,prepare,export,generate,dist,stages,disk")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("BLOCKTUNE_BENCH_DIR", "/tmp/blocktune-bench")))
     a = p.parse_args(argv)
@@ -220,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         group_auto(a.workdir)
     if "families" in groups:
         group_families(a.workdir)
+    if "real" in groups:
+        group_real(a.workdir / "real", a.reps)
     if "prepare" in groups:
         group_prepare(a.workdir, a.reps)
     if "export" in groups:
