@@ -241,3 +241,27 @@ def test_gguf_round_trip_of_the_real_model(smol, tmp_path):
         want, got = store.read_unit(unit), back.read_unit(unit)
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), unit
     assert load_tokenizer(back).encode(MIXED, bos=False) == load_tokenizer(store).encode(MIXED, bos=False)
+
+
+def test_cli_eval_loss_equals_transformers(smol, tmp_path):
+    """`blocktune eval` on a text file: the mean next-token loss transformers gives over the same
+    windows (the data module's, which the command uses)."""
+    from blocktune.run.data import eval_windows
+    from blocktune_bench.corpus import corpus_text
+
+    _, store, model, _ = smol
+    text = corpus_text(6000)
+    (tmp_path / "t.txt").write_text(text)
+    r = subprocess.run([sys.executable, "-m", "blocktune", "eval", "--store", str(store.path), "--data",
+                        str(tmp_path / "t.txt"), "--seq-len", "128", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    ours = json.loads(r.stdout.strip().splitlines()[-1])
+    windows = eval_windows(load_tokenizer(store), text, 128)
+    x, y = torch.stack([w.tokens for w in windows]), torch.stack([w.targets for w in windows])
+    with torch.no_grad():
+        logits = model(x).logits
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
+    print(f"SmolLM2 eval loss: blocktune {ours['loss']:.6f}, transformers {want:.6f}")
+    assert ours["tokens"] == y.numel() and abs(ours["loss"] - want) <= 1e-5 * want
