@@ -423,3 +423,28 @@ def test_lora_adapters_stay_fp32_under_bf16_compute(checkpoints):
             assert change < ulp / 10, k  # a tenth of a bf16 ulp at most...
             landed += change > 0  # ...and it landed
     assert landed == store.args.n_layers * 2
+
+
+def test_hostile_hf_folders_are_refused_before_anything_is_read(checkpoints, tmp_path):
+    """An index naming a file outside the folder is refused, not followed; a config claiming a
+    billion layers is refused before a unit name is made for each (it took 22 s and 3.5 GB)."""
+    src = checkpoints["qwen3"][0]
+    bad = tmp_path / "outside"
+    shutil.copytree(src, bad)
+    keys = json.loads(json.dumps({"weight_map": {}}))
+    from safetensors import safe_open
+
+    with safe_open(str(src / "model.safetensors"), framework="pt") as f:
+        keys["weight_map"] = {k: "model.safetensors" for k in f.keys()}
+    keys["weight_map"][next(iter(keys["weight_map"]))] = "../../../../etc/passwd"
+    (bad / "model.safetensors.index.json").write_text(json.dumps(keys))
+    r = run_bt("prepare", str(bad), str(tmp_path / "s1"))
+    assert r.returncode != 0 and "../../../../etc/passwd" in r.stderr and "not in" in r.stderr, r.stderr
+    huge = tmp_path / "huge"
+    shutil.copytree(src, huge)
+    cfg = json.loads((huge / "config.json").read_text())
+    cfg["num_hidden_layers"] = 10**9
+    (huge / "config.json").write_text(json.dumps(cfg))
+    r = run_bt("prepare", str(huge), str(tmp_path / "s2"))
+    assert r.returncode != 0 and "num_hidden_layers 1000000000" in r.stderr, r.stderr
+    assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()

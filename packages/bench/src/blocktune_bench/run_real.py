@@ -45,6 +45,7 @@ def _prepare(work: Path, gguf: Path, reps: int) -> dict:
             shutil.rmtree(dst, ignore_errors=True)
             t = time.perf_counter()
             if what == "cp":
+                dst.mkdir()
                 subprocess.run(["cp", str(gguf), str(dst)], check=True)
                 subprocess.run(["sync"], check=True)
             elif what == "gguf reader":

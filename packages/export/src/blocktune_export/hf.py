@@ -270,6 +270,31 @@ def _check_shapes(args: ModelArgs, unit: str, tensors: dict[str, torch.Tensor], 
         raise StoreError(f"{source}: tensors do not match config.json: " + "; ".join(diff[:4]))
 
 
+def _weight_map(src: Path) -> dict[str, str]:
+    """Tensor name -> its safetensors file, each file a plain name inside `src` (an index that
+    points elsewhere is refused, never followed)."""
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise StoreError(f"{index}: not a safetensors index ({exc!r})") from None
+    elif (src / "model.safetensors").is_file():
+        with safe_open(str(src / "model.safetensors"), framework="pt") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}
+    else:
+        raise StoreError(f"{src}: no model.safetensors or model.safetensors.index.json "
+                         "(only the safetensors layout is read, never pickles)")
+    outside = sorted({f for f in weight_map.values() if not isinstance(f, str) or Path(f).name != f})
+    if outside:
+        raise StoreError(f"{index}: names file(s) {outside[:3]} that are not in {src}; an index names the "
+                         "shard files beside it")
+    missing = sorted({f for f in weight_map.values() if not (src / f).is_file()})
+    if missing:
+        raise StoreError(f"{src}: shard file(s) {missing} named in the index are missing")
+    return weight_map
+
+
 def import_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None,
               progress: Callable[[str], None] | None = None) -> BlockStore:
     src = Path(src)
@@ -284,18 +309,10 @@ def import_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None
     gen_path = src / "generation_config.json"
     generation = json.loads(gen_path.read_text()) if gen_path.is_file() else None
     args = args_from_hf(cfg, str(cfg_path), generation)
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-    elif (src / "model.safetensors").is_file():
-        with safe_open(str(src / "model.safetensors"), framework="pt") as f:
-            weight_map = {k: "model.safetensors" for k in f.keys()}
-    else:
-        raise StoreError(f"{src}: no model.safetensors or model.safetensors.index.json "
-                         "(only the safetensors layout is read, never pickles)")
-    missing = sorted({f for f in weight_map.values() if not (src / f).is_file()})
-    if missing:
-        raise StoreError(f"{src}: shard file(s) {missing} named in the index are missing")
+    weight_map = _weight_map(src)
+    if args.n_layers > len(weight_map):  # before unit names are made for it (a hostile config)
+        raise StoreError(f"{cfg_path}: num_hidden_layers {args.n_layers} but the checkpoint holds "
+                         f"{len(weight_map)} tensors in all")
     by_unit: dict[str, list[str]] = {}
     for k in weight_map:
         if k.endswith("rotary_emb.inv_freq"):

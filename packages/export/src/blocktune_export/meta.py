@@ -128,20 +128,9 @@ def _check_shapes(args: ModelArgs, unit: str, tensors: dict[str, torch.Tensor], 
                          f"{len(files)} shard(s): " + "; ".join(diff[:4]))
 
 
-def read_meta(src: str | Path) -> tuple[ModelArgs, Iterator[tuple[str, dict]], dict]:
-    """Validate a Meta folder and return (args, a generator of units, extras).
-
-    Shards are memory-mapped afresh for each unit and released after it is written, so resident
-    memory stays near one unit, whatever the checkpoint size; of a unit, only the tensors split
-    along dim 1 are joined in anonymous memory (the others are written piece by piece from the
-    mapped shards: `RowPieces`).
-    """
-    src = Path(src)
-    tok_path = src / "tokenizer.model"
-    tokenizer = open_tokenizer_model(tok_path) if tok_path.is_file() else None
-    args = read_params(src, tokenizer)
-    files = shard_files(src)
-    # one pass over the keys (mmap: no tensor data read) to check them before writing anything
+def _scan_keys(src: Path, files: list[Path]) -> tuple[dict[str, list[str]], dict[str, torch.Tensor], list[str]]:
+    """One pass over the shards' keys (mapped: no tensor data read), checked before anything is
+    written: (unit -> its keys, the non-parameter extras of shard 0, shard 0's key order)."""
     keys: dict[str, list[int]] = {}
     extras: dict[str, torch.Tensor] = {}
     order: list[str] = []
@@ -165,6 +154,23 @@ def read_meta(src: str | Path) -> tuple[ModelArgs, Iterator[tuple[str, dict]], d
     by_unit: dict[str, list[str]] = {}
     for k in keys:
         by_unit.setdefault(unit_of(k)[0], []).append(k)
+    return by_unit, extras, order
+
+
+def read_meta(src: str | Path) -> tuple[ModelArgs, Iterator[tuple[str, dict]], dict]:
+    """Validate a Meta folder and return (args, a generator of units, extras).
+
+    Shards are memory-mapped afresh for each unit and released after it is written, so resident
+    memory stays near one unit, whatever the checkpoint size; of a unit, only the tensors split
+    along dim 1 are joined in anonymous memory (the others are written piece by piece from the
+    mapped shards: `RowPieces`).
+    """
+    src = Path(src)
+    tok_path = src / "tokenizer.model"
+    tokenizer = open_tokenizer_model(tok_path) if tok_path.is_file() else None
+    args = read_params(src, tokenizer)
+    files = shard_files(src)
+    by_unit, extras, order = _scan_keys(src, files)
     expected = unit_names(args)
     if set(by_unit) != set(expected):
         raise StoreError(f"{src}: checkpoint has units {sorted(by_unit)[:5]}…, params.json "
