@@ -60,7 +60,8 @@ def gguf(session):
     session.install(*CONSTRAINTS, "diskcache", "llama-cpp-python",
                     env={"CMAKE_ARGS": "-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
                                        "-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"})
-    session.run("pytest", "tests/test_gguf.py", "-v", "-s", *session.posargs)
+    session.run("python", "-m", "blocktune_bench.realmodel", "fetch-converter")
+    session.run("pytest", "tests/test_gguf.py", "tests/test_gguf_read.py", "-v", "-s", *session.posargs)
 
 
 @nox.session

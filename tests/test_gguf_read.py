@@ -151,3 +151,81 @@ def test_unreadable_type_and_architecture_are_named(tmp_path):
     r = subprocess.run([sys.executable, "-m", "blocktune", "prepare", str(out), str(tmp_path / "s")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "phi2" in r.stderr and "llama" in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """llama.cpp's own convert_hf_to_gguf.py (nox -s gguf fetches it) run on a transformers-made
+    Mistral checkpoint (llama architecture, sentencepiece vocabulary), at f16 and q8_0. The other
+    families' test tokenizers are BPEs the converter does not know (it names pre-tokenizers by a
+    hash of their output, and refuses ours); their GGUF reading is checked above and by SmolLM2."""
+    from blocktune_bench.realmodel import llama_cpp_converter
+
+    script = llama_cpp_converter()
+    if script is None:
+        pytest.skip("llama.cpp's converter is not fetched: python -m blocktune_bench.realmodel fetch-converter")
+    root = tmp_path_factory.mktemp("converted")
+    make_checkpoint(root / "hf", "mistral")
+    files = {}
+    for kind in ("f16", "q8_0"):
+        files[kind] = root / f"model-{kind}.gguf"
+        r = subprocess.run([sys.executable, str(script), str(root / "hf"), "--outfile", str(files[kind]),
+                            "--outtype", kind], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+    return import_hf(root / "hf", root / "store"), files
+
+
+def test_llama_cpp_converters_f16_file_gives_back_the_checkpoint(converted, tmp_path):
+    """Every weight equal to the transformers checkpoint's at f16 (the rotary layout llama.cpp
+    wrote for `llama`, undone), and the sentencepiece vocabulary tokenizes as the original (on
+    single-spaced text: this test model normalizes whitespace, which a GGUF vocabulary cannot say
+    and llama.cpp does not do)."""
+    hf_store, files = converted
+    back = import_gguf(files["f16"], tmp_path / "s")
+    assert back.dtype == torch.float16
+    for unit in hf_store.units:
+        want, got = hf_store.read_unit(unit), back.read_unit(unit)
+        assert set(got) == set(want), unit
+        for k in want:
+            assert torch.equal(got[k], want[k].to(torch.float16)), f"{unit}.{k}"
+    text = "The keeper wrote three lines every evening. Then he lit the lamp, 1887 times."
+    assert load_tokenizer(back).encode(text) == load_tokenizer(hf_store).encode(text)
+
+
+def test_llama_cpp_converters_q8_0_file_computes_transformers_logits(converted, tmp_path):
+    _, files = converted
+    store = import_gguf(files["q8_0"], tmp_path / "s", note=lambda m: None)
+    path = files["q8_0"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32)
+    tok = torch.randint(0, store.args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(tok).logits
+    eng = Engine(store, EngineConfig(device="cpu", compute_dtype="fp32", read_only=True))
+    got = eng.logits(tok)
+    eng.close()
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+def test_llama_cpp_k_quant_computes_llama_cpps_logits(converted, tmp_path):
+    """A K-quant made by llama.cpp's own quantizer (llama_model_quantize): blocktune's logits on
+    the prepared store equal llama.cpp's on the same file."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    _, files = converted
+    q = tmp_path / "model-q4_k.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert llama_cpp.llama_model_quantize(str(files["f16"]).encode(), str(q).encode(), params) == 0
+    store = import_gguf(q, tmp_path / "s", note=lambda m: None)
+    kinds = store.manifest["source"]["tensor_types"]
+    assert any(k.endswith("_K") for k in kinds), kinds
+    llm = llama_cpp.Llama(model_path=str(q), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    ids = load_tokenizer(store).encode("The keeper wrote three lines every evening before he lit the lamp.")
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    eng = Engine(store, EngineConfig(device="cpu", compute_dtype="fp32", read_only=True))
+    mine = eng.logits(torch.tensor([ids]))[0].numpy()
+    eng.close()
+    err = np.abs(theirs - mine).max() / np.abs(mine).max()
+    print(f"K-quant {sorted(kinds)}: llama.cpp vs blocktune {err:.2e}")
+    assert err < 1e-3

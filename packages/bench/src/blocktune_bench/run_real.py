@@ -43,6 +43,7 @@ def _prepare(work: Path, gguf: Path, reps: int) -> dict:
             evict_from_page_cache([gguf])
             dst = work / "prep"
             shutil.rmtree(dst, ignore_errors=True)
+            dst.unlink(missing_ok=True)  # a file left by an earlier, killed run
             t = time.perf_counter()
             if what == "cp":
                 dst.mkdir()
