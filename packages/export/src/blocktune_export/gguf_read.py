@@ -123,12 +123,9 @@ def _rope_scaling(g: GGUFFile, head_dim: int, theta: float) -> dict | None:
         return None
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(g.model("rope.scaling.factor"))}
-    if kind == "yarn":
-        return {"rope_type": "yarn", "factor": float(g.model("rope.scaling.factor")),
-                "original_max_position_embeddings": int(g.model("rope.scaling.original_context_length"))}
-    if kind not in ("none", None):
-        raise ConfigError(f"{g.path}: {g.arch}.rope.scaling.type {kind!r} is not computed here "
-                          "(linear, yarn and Llama 3's rope_freqs are)")
+    if kind not in ("none", None):  # yarn: llama.cpp's differs from transformers' in details
+        raise ConfigError(f"{g.path}: {g.arch}.rope.scaling.type {kind!r} is not computed here (linear and "
+                          "Llama 3's rope_freqs are); prepare the model's Hugging Face folder instead")
     # Llama 3.1+: llama.cpp stores Meta's rule as per-frequency factors (original / scaled)
     factors = torch.from_numpy(np.array(g.tensors["rope_freqs.weight"].data, dtype=np.float64))
     scaling = _llama3_rule(factors, head_dim, theta, int(g.model("rope.scaling.original_context_length", 8192)))
