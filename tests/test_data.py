@@ -243,7 +243,7 @@ def test_rows_cut_by_seq_len_are_counted(models, tmp_path):
     assert train.cut_rows == 1 and train.cut_tokens == cut[0] - seq - 1
     assert f"1 longer than --seq-len {seq} were cut, losing {train.cut_tokens} tokens" in said[0]
     assert f"1 left out, their prompt alone filling --seq-len {seq} ({path}:3)" in said[0]
-    with pytest.raises(DataError, match="nothing left to train on"):
+    with pytest.raises(DataError, match="no row left; raise --seq-len"):
         load_dataset(path, tok, 8, 256)
 
 
@@ -287,3 +287,21 @@ def test_generate_says_it_stopped_at_the_context(models):
     r = bt("generate", "--store", store.path, "--prompt", " ".join(words[:n]), "--max-new-tokens", "20",
            "--device", "cpu")
     assert r.returncode == 0 and "stopped at the model's context of 256 tokens" in r.stderr, r.stderr[-500:]
+
+
+def test_tool_turns_where_the_template_has_them(models, tmp_path):
+    src, store = models["qwen2"]
+    ours, theirs = load_tokenizer(store), transformers.AutoTokenizer.from_pretrained(src)
+    chat = [{"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": "Let me look."},
+            {"role": "tool", "content": "Oslo: 4 C, rain"}, {"role": "assistant", "content": "Cold and wet."}]
+    path = _write_rows(tmp_path / "tool.jsonl", [{"messages": chat}])
+    train, _ = load_dataset(path, ours, 200, 256, val_ratio=0.0)
+    _check_against_transformers(train.examples[0], theirs, chat)
+    assert "Oslo: 4" not in theirs.decode([t for t in train.examples[0].targets.tolist() if t != -100])
+    # a template that drops the tool turn: refused, not trained without it
+    (tmp_path / "no-tool.jinja").write_text(CHATML_TEMPLATE.replace("{% for m in messages %}",
+                                                                    "{% for m in messages if m['role'] != 'tool' %}"))
+    with pytest.raises(DataError, match="no tool role"):
+        load_dataset(path, ours, 200, 256, val_ratio=0.0, chat_template=str(tmp_path / "no-tool.jinja"))
+    with pytest.raises(DataError, match="no tool turns"):  # Meta's Llama 2 format has none
+        load_dataset(path, ours, 200, 256, val_ratio=0.0, chat_template="llama2")

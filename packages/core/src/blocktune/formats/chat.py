@@ -106,14 +106,16 @@ class ChatFormat:
 
         if self.template is None:
             raise ConfigError(f"{self.name}: Meta's [INST] format is written as tokens, not text")
-        if any(m["role"] == "tool" for m in messages) and "tool" not in self.template:
-            raise DataError(f"a tool turn, and the chat template ({self.name}) has no tool role")
         try:
-            return _template(self.template).render(
+            text = _template(self.template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self.tok.token_text("bos_token") or "", eos_token=self.tok.token_text("eos_token") or "")
         except TemplateError as exc:
             raise DataError(f"the chat template ({self.name}) refused this conversation: {exc}") from None
+        if any(m["role"] == "tool" and m["content"] not in text for m in messages):
+            raise DataError(f"a tool turn, and the chat template ({self.name}) has no tool role (it "
+                            "leaves the turn out); give one that has with --chat-template FILE")
+        return text
 
     def tokens(self, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
         """(token ids, per token: whether it is part of an assistant turn, i.e. trained on)."""

@@ -127,7 +127,7 @@ class RowEncoder:
         """Every row's example; `log` hears what was read and what --seq-len cut or left out."""
         examples = [e for e in map(self.example, rows) if e is not None]
         shapes = ", ".join(f"{n} {s}" for s, n in self.shapes.most_common())
-        text = f"data: {source}: {len(rows)} rows ({shapes})"
+        text = f"{source}: {len(rows)} rows ({shapes})"
         if self.cut_rows:
             text += (f"; {self.cut_rows} longer than --seq-len {self.seq_len} were cut, losing "
                      f"{self.cut_tokens} tokens (raise --seq-len to keep them)")
@@ -135,8 +135,8 @@ class RowEncoder:
             text += (f"; {len(self.dropped)} left out, their prompt alone filling --seq-len {self.seq_len} "
                      f"({', '.join(self.dropped[:3])}{', ...' if len(self.dropped) > 3 else ''})")
         if not examples:
-            raise DataError(f"{text}: nothing left to train on; raise --seq-len or shorten the prompts")
-        log(text)
+            raise DataError(f"{text}: no row left; raise --seq-len or shorten the prompts")
+        log(f"data: {text}")
         return examples
 
 
