@@ -73,6 +73,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                         "store bigger than RAM), or by the store's size against free memory (auto, default)")
 
 
+def _add_chat_template_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template", help="chats for a model whose tokenizer has no chat template: a jinja file "
+                   "(as tokenizer_config.json holds it) or a format by name: chatml, llama3, llama2")
+
+
 def _launch(nproc: int, argv: list[str]) -> int:
     """`--nproc N` on one machine: torchrun's standalone launcher, N copies of this command."""
     from torch.distributed.run import main as torchrun
@@ -108,7 +113,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                  "keep_activations": a.keep_activations, "frozen_reads": a.frozen_reads,
                  "checkpoint_every": a.checkpoint_every, "progress": False if a.no_progress else None,
                  "overwrite": True if a.overwrite else None, "adapter": a.adapter,
-                 "in_place": True if a.in_place else None, "stages": a.stages}
+                 "in_place": True if a.in_place else None, "stages": a.stages,
+                 "chat_template": a.chat_template}
     overrides["compute_dtype"] = a.compute_dtype
     if a.resume and a.config is None and Path(a.out or "runs/latest", "config.toml").is_file():
         a.config = str(Path(a.out or "runs/latest", "config.toml"))
@@ -155,22 +161,28 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     _, engine, tok = _inference_engine(a, 1, min(len(a.prompt) + a.max_new_tokens, 4096))
     sampling = SamplingConfig(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
+    stops = tok.eos_ids
     if a.chat:  # the prompt as the user's turn, in the model's chat template
-        from blocktune.formats.chat import prompt_tokens
+        from blocktune.formats.chat import chat_format
 
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
             {"role": "user", "content": a.prompt}]
-        prompt = prompt_tokens(tok, messages)  # the reply alone is printed
+        chat = chat_format(tok, a.chat_template or "")
+        prompt, stops = chat.prompt(messages), chat.stop_ids()  # the reply alone is printed
     else:
-        if a.system:
-            raise ConfigError("--system needs --chat")
+        if a.system or a.chat_template:
+            raise ConfigError(f"{'--system' if a.system else '--chat-template'} needs --chat")
         prompt = tok.encode(a.prompt, bos=True)
         sys.stdout.write(a.prompt)
     t0 = time.perf_counter()
-    out = stream_text(tok, prompt, generate_tokens(engine, prompt, sampling, tok.eos_ids),
+    out = stream_text(tok, prompt, generate_tokens(engine, prompt, sampling, stops),
                       lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     dt = time.perf_counter() - t0
     sys.stdout.write("\n")
+    limit = engine.args.max_seq_len
+    if len(out) < a.max_new_tokens and len(prompt) + len(out) >= limit and not (out and out[-1] in stops):
+        print(f"[stopped at the model's context of {limit} tokens: the prompt's {len(prompt)} and "
+              f"{len(out)} new; --max-new-tokens {a.max_new_tokens} asked for more]", file=sys.stderr)
     print(f"[{len(out)} tokens in {dt:.2f}s, {len(out) / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
     engine.close()
     return 0
@@ -179,15 +191,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
-    from blocktune.errors import DataError
-    from blocktune.run.data import eval_windows, read_text
+    from blocktune.run.data import eval_examples
 
     store, engine, tok = _inference_engine(a, a.batch_size, a.seq_len)
-    if a.seq_len > store.args.max_seq_len:
-        raise DataError(f"--seq-len {a.seq_len} exceeds the model's context of {store.args.max_seq_len}")
-    windows = eval_windows(tok, read_text(a.data), a.seq_len)
-    if not windows:
-        raise DataError(f"{a.data}: shorter than one window of {a.seq_len + 1} tokens")
+    # a text file's windows, or a file of rows encoded as finetune trains on it
+    windows = eval_examples(a.data, tok, a.seq_len, store.args.max_seq_len, a.chat_template or "",
+                            log=lambda s: print(s, file=sys.stderr))
     total, count = 0.0, 0
     for i in range(0, len(windows), a.batch_size):
         ex = windows[i:i + a.batch_size]
@@ -280,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a store (LoRA or full) on a text or JSONL file")
     p.add_argument("--store", help="prepared block store")
-    p.add_argument("--data", help=".txt (packed), or .jsonl rows of prompt/response or of chat messages")
+    p.add_argument("--data", help=".txt (packed), or rows (.jsonl, a .json array, .parquet, a `datasets` folder) of "
+                                  "prompt/response, chat messages, alpaca or ShareGPT")
+    _add_chat_template_flag(p)
     p.add_argument("--config", help="TOML run config; flags override it")
     p.add_argument("--method", choices=["lora", "full"], help=_default("method"))
     p.add_argument("--adapter", help="LoRA: continue from this adapter (blocktune's adapter.safetensors or a "
@@ -324,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as a user turn in the model's chat template (Llama 2: [INST])")
     p.add_argument("--system", help="with --chat: a system prompt")
+    _add_chat_template_flag(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -332,11 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="mean next-token loss and perplexity of a text file")
+    p = sub.add_parser("eval", help="mean next-token loss and perplexity of a text file or of rows")
     p.add_argument("--store", required=True)
     p.add_argument("--base", action="store_true", help="the base model a full fine-tune kept, not the tuned one")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="a text file (its windows), or rows as finetune reads them "
+                                                 "(scored as finetune trains: a chat on its assistant tokens)")
     p.add_argument("--seq-len", type=int, required=True)
+    _add_chat_template_flag(p)
     p.add_argument("--adapter", help="LoRA adapter: a run's adapter.safetensors or a PEFT folder")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--json", action="store_true")

@@ -8,8 +8,9 @@ Three kinds, each through the library its models ship for:
   template (Llama 3.x, Qwen2.5, Qwen3, recent Mistral);
 - ``tiktoken``: Meta-layout Llama 3's ``tokenizer.model`` (base64 ranks), through `tiktoken`.
 
-Every kind answers ``encode(text, bos, eos)``, ``decode(ids)``, ``bos_id`` (None where the
-model has none), ``eos_ids`` (generation stops at any), ``vocab_size`` and ``chat_template``.
+Every kind answers ``encode(text, bos, eos)``, ``decode(ids)``, ``token_id(text)``, ``bos_id``
+(None where the model has none), ``eos_ids`` (generation stops at any), ``special_ids``,
+``vocab_size`` and ``chat_template`` (None where the tokenizer carries none).
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ class Tokenizer:
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.eos_ids = frozenset([self.eos_id])
         self.chat_template: str | None = None
+        self.special_ids = frozenset(i for i in (self.bos_id, self.eos_id) if i >= 0)
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the piece `text`, None where the vocabulary lacks it."""
+        i = self.sp.piece_to_id(text)
+        return i if self.sp.id_to_piece(i) == text else None
 
     @property
     def vocab_size(self) -> int:
@@ -120,6 +127,11 @@ class HFTokenizer:
         self.add_eos = bool(cfg.get("add_eos_token", False)) and self.eos_id is not None
         self.eos_ids = frozenset(i for i in (self.eos_id, *eos_ids) if i is not None)
         self.chat_template = _chat_template(self.folder, cfg)
+        self.special_ids = frozenset(i for i, t in self.tk.get_added_tokens_decoder().items() if t.special)
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the token `text` (a special token's text too), None where there is none."""
+        return self.tk.token_to_id(text)
 
     @property
     def vocab_size(self) -> int:
@@ -197,6 +209,14 @@ class TiktokenTokenizer:
         self.eos_id = self.special["<|end_of_text|>"]
         self.eos_ids = frozenset({self.eos_id, self.special["<|eot_id|>"], self.special["<|eom_id|>"]})
         self.chat_template = LLAMA3_CHAT_TEMPLATE
+        self.special_ids = frozenset(self.special.values())
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the special token `text`, or of the one-token text `text`; None otherwise."""
+        if text in self.special:
+            return self.special[text]
+        ids = self.enc.encode(text, disallowed_special=())
+        return ids[0] if len(ids) == 1 else None
 
     @property
     def vocab_size(self) -> int:

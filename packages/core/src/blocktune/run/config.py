@@ -18,7 +18,7 @@ from blocktune.model.args import LoraConfig
 from blocktune.paging.budgets import parse_budget
 from blocktune.settings import parse_bytes
 
-__all__ = ["RunConfig", "lr_at", "check_out"]
+__all__ = ["RunConfig", "lr_at", "check_out", "with_adapter_lora", "schedule_notes"]
 
 
 @dataclass
@@ -27,6 +27,8 @@ class RunConfig:
 
     store: str = ""
     data: str = ""
+    # chats without the model's own template: a jinja file, or a format by name (chatml, llama3, llama2)
+    chat_template: str = ""
     out: str = "runs/latest"
     overwrite: bool = False  # start afresh in an --out that holds an earlier run's record
     method: str = "lora"  # lora | full
@@ -145,3 +147,39 @@ def lr_at(cfg: RunConfig, step: int) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def with_adapter_lora(cfg: RunConfig, lora: LoraConfig, adapter: str) -> tuple[RunConfig, str]:
+    """The run's config with the adapter's rank, alpha and targets (the run continues that
+    adapter), and the line that says so; a setting given otherwise (not the default) that
+    disagrees with the adapter is refused, not silently replaced."""
+    ours = {"lora_rank": (cfg.lora_rank, lora.rank), "lora_alpha": (cfg.lora_alpha, lora.alpha),
+            "lora_targets": (list(cfg.lora_targets), list(lora.targets))}
+    default = RunConfig()
+    clash = [f"{k}={mine!r} (the adapter's: {theirs!r})" for k, (mine, theirs) in ours.items()
+             if mine != theirs and mine != getattr(default, k)]
+    if clash:
+        raise ConfigError(f"--adapter {adapter} is LoRA rank {lora.rank}, alpha {lora.alpha}, targets "
+                          f"{list(lora.targets)}, and the run sets {', '.join(clash)}: drop those settings to "
+                          "continue the adapter, or drop --adapter to train a new one with them")
+    new = dataclasses.replace(cfg, lora_rank=lora.rank, lora_alpha=lora.alpha, lora_targets=list(lora.targets))
+    return new, (f"LoRA from --adapter {adapter}: rank {lora.rank}, alpha {lora.alpha}, targets "
+                 f"{list(lora.targets)} (the adapter's own)")
+
+
+def schedule_notes(cfg: RunConfig, start: int) -> list[str]:
+    """What a resume at step `start` changes in the run's schedule: settings of the learning rate
+    that differ from those the run folder's config.toml recorded (--steps reshapes the cosine)."""
+    path = Path(cfg.out) / "config.toml"
+    if not path.is_file():
+        return []
+    try:
+        saved = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return []
+    keys = ("steps", "lr", "warmup_steps", "min_lr_ratio")
+    changed = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in keys if k in saved and saved[k] != getattr(cfg, k)]
+    if not changed:
+        return []
+    return [f"note: resuming with {', '.join(changed)}: the learning-rate schedule (warm-up, then cosine to "
+            f"step {cfg.steps}) is the new one from step {start} on; steps 1-{start} followed the old one"]

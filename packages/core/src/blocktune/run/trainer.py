@@ -25,7 +25,7 @@ from blocktune.errors import ConfigError, TrainingError
 from blocktune.formats.tokenizer import load_tokenizer
 from blocktune.machine.hostmem import peak_rss_bytes
 from blocktune.run.checkpoint import LoraCheckpoint, StoreCheckpoint
-from blocktune.run.config import RunConfig, check_out, lr_at
+from blocktune.run.config import RunConfig, check_out, lr_at, schedule_notes, with_adapter_lora
 from blocktune.run.data import load_dataset
 from blocktune.run.generate import SamplingConfig, generate_tokens
 from blocktune.run.record import RunRecord
@@ -58,12 +58,12 @@ class Trainer:
 
             given = load_adapter(cfg.adapter, self.store.args)
             # the run is the adapter's LoRA: the config says so (and config.toml, for --resume)
-            cfg = dataclasses.replace(cfg, lora_rank=given.lora.rank, lora_alpha=given.lora.alpha,
-                                      lora_targets=list(given.lora.targets))
+            cfg, said = with_adapter_lora(cfg, given.lora, cfg.adapter)
+            self.log(said)
             start_adapters = given.tensors
         self.cfg = cfg
         self.train_data, self.val_data = load_dataset(
-            cfg.data, self.tok, cfg.seq_len, self.args.max_seq_len, cfg.val_ratio)
+            cfg.data, self.tok, cfg.seq_len, self.args.max_seq_len, cfg.val_ratio, cfg.chat_template, self.log)
         ecfg = dataclasses.replace(cfg.engine_config(), device=str(device))
         self.engine = Engine(self.store, ecfg, adapters=start_adapters, dist=self.dist, args=self.args)
         self.checkpoint: LoraCheckpoint | StoreCheckpoint = (
@@ -150,6 +150,8 @@ class Trainer:
         if cfg.method == "full":
             self._start_full(resume)
         start = self.checkpoint.resume() if resume else 0
+        for note in schedule_notes(cfg, start) if resume else []:
+            self.log(note)
         self._announce_stage()
         record = RunRecord(self.out, self._history(start) if resume else [], start=start, steps=cfg.steps,
                            writes=self.dist.is_main, tensorboard=cfg.tensorboard, plot=cfg.plot,
