@@ -13,7 +13,7 @@ IMPORTS = {"core": "blocktune, blocktune.cli, blocktune.run.trainer",
            "bench": "blocktune_bench.reference, blocktune_bench.synthetic, blocktune_bench.demo"}
 CONSTRAINTS = ["-c", "constraints.txt"]
 # the test tools, and the oracles the format tests compare against (transformers, peft, gguf)
-TEST_DEPS = ["pytest", "pytest-benchmark", "hypothesis", "transformers", "peft", "gguf", "pydantic"]
+TEST_DEPS = ["pytest", "pytest-benchmark", "hypothesis", "transformers", "peft", "gguf", "pydantic", "pyarrow", "datasets"]
 # Meta's Llama 3 reference code (its tokenizer, chat format and model, which runs on fairscale's
 # model-parallel layers): only those modules are used, so without their many other dependencies;
 # fairscale is a source package, built against the torch already installed
