@@ -120,7 +120,7 @@ class StoreCheckpoint:
 
     def _write_config(self) -> None:
         """config.toml with the run's id, headed by where its weights live."""
-        where = (f"# a full fine-tune: its weights are the store {self.store.path.resolve()} (its manifest "
+        where = (f"# a full fine-tune: its weights are the store {Path(self.cfg.store).resolve()} (its manifest "
                  f"names run {self.run_id} as their owner); ")
         where += ("the base model it started from is kept there (`--base` reads it)\n" if self.store.keeps_base
                   else "no base model is kept (--in-place)\n")

@@ -34,7 +34,7 @@ def recorded_run_id(out: Path) -> str | None:
 def describe(run: dict | None) -> str:
     """A run as the messages name it: its id and run folder."""
     if run is None:
-        return "no run"
+        return "a run that recorded no owner (the library's Engine writes in place)"
     if not run.get("id"):
         return "a run recorded before runs had ids"
     return f"run {run['id']} ({run.get('out') or 'run folder not recorded'})"
