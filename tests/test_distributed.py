@@ -64,6 +64,9 @@ def test_two_ranks_equal_one_rank_with_double_batch(prepared, tmp_path, method, 
     else:
         s1, r0, r1 = (BlockStore.open(p) for p in (single_store, tmp_path / "rank-0", tmp_path / "rank-1"))
         assert [r0.record(u).crc32 for u in r0.units] == [r1.record(u).crc32 for u in r1.units]
+        # both ranks' stores name one run, the one in the run folder (#28)
+        assert r0.run_record() == r1.run_record() and f'run_id = "{r0.run_record()["id"]}"' in (
+            tmp_path / "two" / "config.toml").read_text()
         worst = max(_rel(r0.read_unit(u)[k], v) for u in s1.units for k, v in s1.read_unit(u).items())
     print(f"worst relative difference of the trained tensors: {worst:.2e}")
     assert worst <= 1e-6

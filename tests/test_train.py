@@ -336,13 +336,13 @@ def test_full_finetune_keeps_the_base_model(prepared, tmp_path):
     kept.close()
     assert BlockStore.open(store).verify() == []
     bt("export", store, tmp_path / "base-out", "--base", "--dtype", "fp32")
-    # a second run continues from the tuned weights; the base stays the first run's
+    # a second run continues from the tuned weights (on purpose: tests/test_runs.py); the base stays the first run's
     bt("finetune", "--store", store, "--data", data, "--method", "full", "--steps", "1", "--seq-len", "32",
-       "--out", tmp_path / "run2")
+       "--out", tmp_path / "run2", "--start-from", "tuned")
     assert loss("--base") == base_loss
     # --in-place: the base goes, its files with it
     bt("finetune", "--store", store, "--data", data, "--method", "full", "--steps", "1", "--seq-len", "32",
-       "--out", tmp_path / "run3", "--in-place")
+       "--out", tmp_path / "run3", "--in-place", "--start-from", "tuned")
     r = subprocess.run([sys.executable, "-m", "blocktune", "eval", "--store", str(store), "--data", str(data),
                         "--seq-len", "32", "--base"], capture_output=True, text=True)
     assert r.returncode == 1 and "no base model is kept" in r.stderr

@@ -114,7 +114,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                  "checkpoint_every": a.checkpoint_every, "progress": False if a.no_progress else None,
                  "overwrite": True if a.overwrite else None, "adapter": a.adapter,
                  "in_place": True if a.in_place else None, "stages": a.stages,
-                 "chat_template": a.chat_template}
+                 "chat_template": a.chat_template, "start_from": a.start_from}
     overrides["compute_dtype"] = a.compute_dtype
     if a.resume and a.config is None and Path(a.out or "runs/latest", "config.toml").is_file():
         a.config = str(Path(a.out or "runs/latest", "config.toml"))
@@ -257,9 +257,20 @@ def cmd_info(a: argparse.Namespace) -> int:
                 k: v for k, v in args.to_dict().items() if not k.endswith("dropout")}},
             "open_seconds": round(opened, 4),
             "tokenizer_kind": store.manifest.get("tokenizer_kind") if store.manifest.get("tokenizer") else None,
-            "tokenizer": store.manifest.get("tokenizer"), "source": store.manifest.get("source")}
+            "tokenizer": store.manifest.get("tokenizer"), "source": store.manifest.get("source"),
+            **_tuned_state(store)}
     print(json.dumps(info, indent=1))
     return 0
+
+
+def _tuned_state(store) -> dict:
+    """`info`'s account of a store's full fine-tunes: the run that owns the tuned state, the base."""
+    run = store.run_record()
+    return {"tuned_by": None if run is None else {
+                "run_id": run.get("id") or None, "out": run.get("out"), "first_step": run["first_step"],
+                "steps_done": store.step - int(run["first_step"])},
+            "holds_tuned": store.holds_tuned(), "base_kept": store.keeps_base,
+            "base_step": store.manifest["base"]["step"] if store.keeps_base else None}
 
 
 def cmd_report(a: argparse.Namespace) -> int:
@@ -316,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-place", action="store_true",
                    help="full: the fine-tuned weights replace the base model's files (default: the base is "
                         "kept beside them, `--base` reads it; this needs a second copy's disk space)")
+    p.add_argument("--start-from", choices=["base", "tuned"], default=None,
+                   help="full, on a store another run tuned: from its kept base model (the tuned weights are "
+                        "dropped), or from the tuned weights on purpose (default: refuse, and say so)")
     p.add_argument("--host-budget", help="RAM for unit files (pinned, for a GPU); on the CPU the RAM for weights, e.g. 4GiB")
     p.add_argument("--activation-budget", help="RAM for stashed block inputs before they spill to disk, e.g. 4GiB")
     p.add_argument("--keep-activations", help="RAM for activations kept to skip the backward's recompute, e.g. 6GiB or inf")

@@ -8,7 +8,9 @@ its checkpoint and that step's metrics row, the row as the checkpoint recorded i
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +21,8 @@ from blocktune.errors import ConfigError, StoreError, TrainingError
 from blocktune.formats.adapters import save_adapter
 from blocktune.machine.devices import Device
 from blocktune.model.args import LoraConfig, ModelArgs
+from blocktune.run.config import RunConfig
+from blocktune.run.ownership import describe, new_run_id, recorded_run_id, resume_verdict, start_refusal
 from blocktune.store.fileio import atomic_write
 from blocktune.store.store import BlockStore
 
@@ -100,18 +104,65 @@ class LoraCheckpoint:
 
 class StoreCheckpoint:
     """A full fine-tune's checkpoint: the store's committed step (every rank commits its own
-    store each step), counted from the step the run started at (`BlockStore.start_run`)."""
+    store each step), counted from the step the run started at (`BlockStore.start_run`). The
+    store's manifest names the run that owns its tuned state; `start` claims it, `resume`
+    continues only the run that holds it (`blocktune.run.ownership`)."""
 
-    def __init__(self, out: Path, store: BlockStore, dist: DistContext, device: Device, config_toml: str):
+    def __init__(self, out: Path, store: BlockStore, dist: DistContext, device: Device, cfg: RunConfig):
         self.out, self.store, self.dist, self.device = out, store, dist, device
-        self.config_toml = config_toml
+        self.cfg = cfg
+        self.run_id = ""
 
     def save(self, step: int, row: dict | None = None) -> None:
         """The store's manifest is the checkpoint, committed by every step: only the config here."""
         if self.dist.is_main:
-            _write_config(self.out, self.config_toml)
+            self._write_config()
 
-    def resume(self) -> int:
+    def _write_config(self) -> None:
+        """config.toml with the run's id, headed by where its weights live."""
+        where = (f"# a full fine-tune: its weights are the store {Path(self.cfg.store).resolve()} (its manifest "
+                 f"names run {self.run_id} as their owner); ")
+        where += ("the base model it started from is kept there (`--base` reads it)\n" if self.store.keeps_base
+                  else "no base model is kept (--in-place)\n")
+        _write_config(self.out, where + dataclasses.replace(self.cfg, run_id=self.run_id).to_toml())
+
+    def start(self, log: Callable[[str], None]) -> None:
+        """Claim the store for a new run, in one commit before anything else is written (the run,
+        and the base it keeps), then write config.toml with the same id. A store whose weights
+        another run tuned is refused unless the config's start_from says how to begin."""
+        cfg, store = self.cfg, self.store
+        _agree(self.dist, start_refusal(store, cfg.start_from))
+        from_base = cfg.start_from == "base" and store.holds_tuned()
+        if store.holds_tuned():
+            log(f"the store holds the tuned weights of {describe(store.run_record())} (step {store.step}): "
+                + ("this run starts from the kept base model instead; those weights are dropped" if from_base
+                   else "this run continues them (--start-from tuned)"))
+        run_id = self.dist.gather_objects(new_run_id())[0]  # one id for every rank's store
+        store.start_run(keep_base=not cfg.in_place, run_id=run_id, out=str(self.out.resolve()),
+                        from_base=from_base)
+        self.dist.gather_objects(None)  # every rank's store names the run before its folder does
+        self.run_id = run_id
+        if self.dist.is_main:
+            self._write_config()
+
+    def resume(self) -> int | None:
+        """The step of the run to go on from, where the store's tuned state is this run's (the
+        step all ranks' stores hold); None where no run was ever started on the store (a
+        requeued or killed start: `start` it). Another run's store is refused (a collective)."""
+        mine = self.dist.gather_objects(recorded_run_id(self.out) if self.dist.is_main else None)[0]
+        verdict, refusal = resume_verdict(self.store, self.out, mine)
+        _agree(self.dist, refusal)
+        ids = {r["id"] for r in self.dist.gather_objects(self.store.run_record()) if r and r.get("id")}
+        if verdict == "none" and not ids:
+            return None
+        self.run_id = mine or next(iter(ids), "")
+        if verdict == "none":  # killed between the ranks' claims, before any step: claim it now
+            self.store.start_run(keep_base=not self.cfg.in_place, run_id=self.run_id, out=str(self.out.resolve()))
+        if self.dist.is_main:
+            self._write_config()
+        return self._agreed_step()
+
+    def _agreed_step(self) -> int:
         """The run's step all ranks' stores hold; a rank killed one commit ahead of the others
         rolls back to theirs (a collective: call on every rank)."""
         first = self.store.run_start()
@@ -138,6 +189,13 @@ class StoreCheckpoint:
             return None
         return {"step": step, "loss": last["loss"], "tokens": last["tokens"], "lr": last["lr"],
                 "recovered": True}
+
+
+def _agree(dist: DistContext, refusal: str | None) -> None:
+    """Refuse on every rank where any rank's store refuses (the first rank's reason)."""
+    reasons = [r for r in dist.gather_objects(refusal) if r]
+    if reasons:
+        raise ConfigError(reasons[0])
 
 
 def _on_cpu(adapters: dict, opt: dict) -> tuple[dict, dict]:

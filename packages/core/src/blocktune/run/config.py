@@ -65,6 +65,10 @@ class RunConfig:
     lora_dropout: float = LoraConfig.dropout
     lora_targets: list[str] = field(default_factory=lambda: list(LoraConfig.targets))
     in_place: bool = False  # full: let the fine-tuned weights replace the base model's files
+    # full, on a store that holds another run's tuned weights: "base" (the kept base) or "tuned"
+    # (those weights, on purpose); "": refuse (blocktune.run.checkpoint.StoreCheckpoint)
+    start_from: str = ""
+    run_id: str = ""  # full: set at the start; the store's manifest names the run that owns it so
     adapter: str = ""  # LoRA: start from this adapter (blocktune's file or a PEFT folder); its rank,
     # alpha and targets replace lora_rank, lora_alpha and lora_targets
     dropout: float = 0.0  # embedding, attention and residual dropout
@@ -84,6 +88,8 @@ class RunConfig:
         if self.verify not in ("once", "always", "never"):
             raise ConfigError(f"verify={self.verify!r}: choose once, always or never")
         check_frozen_reads(self.frozen_reads)
+        if self.start_from not in ("", "base", "tuned"):
+            raise ConfigError(f"start_from={self.start_from!r}: choose base or tuned")
         if not 0 <= self.val_ratio < 1:
             raise ConfigError(f"val_ratio={self.val_ratio} must be in [0, 1)")
         self.lora_targets = list(self.lora_targets)

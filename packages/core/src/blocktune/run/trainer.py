@@ -68,7 +68,7 @@ class Trainer:
         self.engine = Engine(self.store, ecfg, adapters=start_adapters, dist=self.dist, args=self.args)
         self.checkpoint: LoraCheckpoint | StoreCheckpoint = (
             LoraCheckpoint(self.out, self.engine, self.dist, cfg.lora(), self.store.args, cfg.to_toml())
-            if cfg.method == "lora" else StoreCheckpoint(self.out, self.store, self.dist, device, cfg.to_toml()))
+            if cfg.method == "lora" else StoreCheckpoint(self.out, self.store, self.dist, device, cfg))
 
     # ---- evaluation ----
     def validate(self) -> float | None:
@@ -123,8 +123,10 @@ class Trainer:
         per_step = params * per_param
         return per_step, per_step * self.cfg.steps
 
-    def _start_full(self, resume: bool) -> None:
-        """Say what a full fine-tune costs; a fresh one checks the disk and records its start."""
+    def _start_full(self, resume: bool) -> int:
+        """Say what a full fine-tune costs; the step it goes on from. A resume continues the run
+        that owns the store (`StoreCheckpoint.resume`); a new run, or a resume where none had
+        started, checks the disk and claims the store before it writes anything else."""
         cfg = self.cfg
         per, total = self.estimate_disk_writes()
         self.log(f"full fine-tune writes ≈{per / 1e9:.2f} GB per step, ≈{total / 1e9:.1f} GB "
@@ -132,8 +134,12 @@ class Trainer:
         if cfg.grad_clip:
             self.log("note: grad_clip is ignored for a full fine-tune (each unit steps as soon "
                      "as its gradient exists, before the global norm is known)")
+        assert isinstance(self.checkpoint, StoreCheckpoint)
+        start = self.checkpoint.resume() if resume else None
+        if start is not None:
+            return start
         if resume:
-            return
+            self.log(f"no full fine-tune had started on {self.store.path}: {self.out}'s starts now, at step 0")
         self._check_disk()  # every rank has its own store (checked when it was opened)
         if not cfg.in_place and not self.store.keeps_base:
             # the weights before this run stay: their files are kept beside the new versions
@@ -141,15 +147,17 @@ class Trainer:
                      f"(`--base` in export, eval and generate reads it; --in-place does not keep it)")
         elif cfg.in_place and self.store.keeps_base:
             self.log("--in-place: the kept base model is dropped")
-        self.store.start_run(keep_base=not cfg.in_place)
+        self.checkpoint.start(self.log)
+        return 0
 
     # ---- the loop ----
     def run(self, resume: bool = False) -> list[dict]:
         cfg = self.cfg
         self._announce(resume)
         if cfg.method == "full":
-            self._start_full(resume)
-        start = self.checkpoint.resume() if resume else 0
+            start = self._start_full(resume)
+        else:
+            start = self.checkpoint.resume() if resume else 0
         for note in schedule_notes(cfg, start) if resume else []:
             self.log(note)
         self._announce_stage()

@@ -260,12 +260,13 @@ class BlockStore(UnitFiles):
 
     def commit(self, step: int, units: dict[str, FileRecord], state: dict[str, FileRecord] | None = None,
                collect: bool = True, keep_previous: bool = False, drop: tuple[str, ...] = (),
-               **extra: Any) -> None:
+               fresh_state: bool = False, **extra: Any) -> None:
         """Make the new files durable, switch the store to `step` in one atomic manifest
         replace, then (unless `collect` is False: the caller does it later) delete stale files.
         `keep_previous`: the step before stays on disk until the next commit, so that
         `roll_back` can return to it (processes that must agree on one step: stages, replicas).
-        `extra`: entries the manifest records beside the units; `drop`: entries it no longer does."""
+        `extra`: entries the manifest records beside the units; `drop`: entries it no longer does;
+        `fresh_state`: the optimizer state recorded so far is dropped (the units went back to the base)."""
         self.acquire_writer()
         for rec in list(units.values()) + list((state or {}).values()):
             fd = os.open(self.path / rec.file, os.O_RDONLY)
@@ -282,7 +283,7 @@ class BlockStore(UnitFiles):
                                     "state": self.manifest.get("state", {})}
         manifest["step"] = step
         manifest["units"] = {n: (units.get(n) or self._records[n]).to_dict() for n in self.units}
-        merged_state = {**self._state, **(state or {})}
+        merged_state = {**({} if fresh_state else self._state), **(state or {})}
         manifest["state"] = {n: r.to_dict() for n, r in merged_state.items()}
         manifest.update(extra)
         try:
@@ -308,20 +309,41 @@ class BlockStore(UnitFiles):
         units = self.manifest["units"]
         return self.manifest.get("base", {}).get("units", units) == units
 
-    def start_run(self, keep_base: bool) -> None:
-        """Record that a full fine-tune starts from the committed step (`run_start`). With
-        `keep_base` the weights as they are now stay on disk as the base model, unless an
+    def holds_tuned(self) -> bool:
+        """Whether the units are weights a full fine-tune changed: they differ from the kept base,
+        or, with no base kept, a training step was committed to them (`last_step`)."""
+        return not self.base_is_current() if self.keeps_base else "last_step" in self.manifest
+
+    def start_run(self, keep_base: bool, run_id: str = "", out: str = "", from_base: bool = False) -> None:
+        """Record, in one commit and before the run writes anything else, that the full fine-tune
+        `run_id` (run folder `out`) owns the tuned state from the committed step on (`run_start`).
+        With `keep_base` the weights as they are now stay on disk as the base model, unless an
         earlier run kept one already; without it a kept base is dropped (the run may replace
-        its files)."""
-        extra: dict[str, Any] = {"run": {"first_step": self.step}}
-        if keep_base and not self.keeps_base:
+        its files). `from_base`: the units go back to the kept base first, and the optimizer
+        state and last step of the weights they replace are dropped."""
+        extra: dict[str, Any] = {"run": {"id": run_id, "out": out, "first_step": self.step}}
+        units: dict[str, FileRecord] = {}
+        drop = [] if keep_base else ["base"]
+        if from_base:
+            if not self.keeps_base:
+                raise StoreError(f"{self.path}: no base model is kept to start from")
+            units = {n: FileRecord.from_dict(r) for n, r in self.manifest["base"]["units"].items()}
+            drop.append("last_step")
+        elif keep_base and not self.keeps_base:
             extra["base"] = {"step": self.step, "units": self.manifest["units"]}
-        self.commit(self.step, {}, drop=() if keep_base else ("base",), **extra)
+        self.commit(self.step, units, drop=tuple(drop), fresh_state=from_base, **extra)
+
+    def run_record(self) -> dict | None:
+        """The full fine-tune that owns the tuned state (`start_run`): its id, run folder and first
+        step; None: no run was ever started on the store. Stores tuned before runs had ids
+        record the first step alone."""
+        run = self.manifest.get("run")
+        return dict(run) if isinstance(run, dict) and "first_step" in run else None
 
     def run_start(self) -> int | None:
         """The step the current full fine-tune started from (`start_run`); None: none recorded."""
-        run = self.manifest.get("run") or {}
-        return int(run["first_step"]) if "first_step" in run else None
+        run = self.run_record()
+        return None if run is None else int(run["first_step"])
 
     def last_step(self) -> dict | None:
         """What the commit of the last training step recorded of it (step, loss, tokens, lr)."""
