@@ -8,6 +8,7 @@ import pytest
 import torch
 from blocktune import Engine, EngineConfig, OptimizerConfig
 from blocktune.machine.devices import EmuStream, resolve_device
+from blocktune.store.store import BlockStore
 from blocktune_bench.synthetic import make_store
 from conftest import random_batch
 from test_equivalence import assert_matches, one_unit_budget, run_pair
@@ -230,3 +231,31 @@ def test_a_forward_pass_lets_each_slot_go_before_the_next_unit(tmp_path, tiny_ar
         assert torch.equal(got, want)
     finally:
         engine.close()
+
+
+def test_fp32_store_under_bf16_compute_keeps_fp32_masters(tmp_path, tiny_args):
+    """A full fine-tune of an fp32 store computed in bf16 (a GPU's default) steps fp32 masters
+    with fp32 moments: 20 SGD updates, each far below half a bf16 ulp of the weights, move the
+    stored weights as an fp32 run moves them (to bf16's gradient noise). Without masters the
+    bf16 weights round every update away and the store holds the start rounded to bf16."""
+
+    def moved(device, dtype):
+        store = make_store(tmp_path / f"{device}-{dtype}", tiny_args, seed=1)  # fp32
+        engine = Engine(store, EngineConfig(method="full", device=device, compute_dtype=dtype,
+                                            device_budget=one_unit_budget(store),
+                                            optimizer=OptimizerConfig("sgd", lr=1e-4)))
+        batch = random_batch(tiny_args, 1, 8, seed=0)  # one batch: the updates point one way
+        for _ in range(20):
+            engine.train_step([batch])
+        engine.close()
+        st = BlockStore.open(store.path)
+        return st.read_unit("block_00")["attention.wq.weight"] - start, st.read_state("block_00")
+
+    start = make_store(tmp_path / "start", tiny_args, seed=1).read_unit("block_00")["attention.wq.weight"]
+    want, _ = moved("cpu", "fp32")
+    got, state = moved("emu", "bf16")
+    err = (got - want).norm() / want.norm()
+    print(f"bf16 compute vs fp32 compute: weight movement differs by {err:.3e} (relative)")
+    assert state["master.attention.wq.weight"].dtype == torch.float32
+    assert want.abs().max() < 2 ** -9 * start.abs().max()  # the updates are below a bf16 ulp
+    assert err < 0.05
