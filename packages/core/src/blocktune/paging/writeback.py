@@ -33,15 +33,16 @@ class _MasterTee:
 
     def __init__(self, store_dtype: torch.dtype, params: dict[str, torch.Tensor], optimizer: OptimizerConfig):
         compute = next((p.dtype for p in params.values() if p.is_floating_point()), store_dtype)
-        self.wanted = "master" in state_kinds(optimizer, store_dtype, compute)
-        self.keep = self.wanted and store_dtype.itemsize > compute.itemsize
+        self.keep = "master" in state_kinds(optimizer, store_dtype, compute) and (
+            store_dtype.itemsize > compute.itemsize)
         self.shapes = {k: p.shape for k, p in params.items()}
         self._pieces: dict[str, list[torch.Tensor]] = {}
         self.kept = False
 
     def first(self, old: dict | None) -> bool:
-        """Whether masters are made now (none in the old state): they start from the stored weights."""
-        return self.wanted and not (old is not None and any(k.startswith("master.") for k in old))
+        """Whether masters are made now (none in the old state) from weights stored wider than the
+        parameters: they start from the stored weights, not from the parameters' rounding."""
+        return self.keep and not (old is not None and any(k.startswith("master.") for k in old))
 
     def tee(self, spec, data):
         for (name, _, _), piece in zip(spec, data, strict=True):
