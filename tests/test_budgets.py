@@ -77,3 +77,56 @@ def test_no_flags_fits_where_unlimited_is_killed(tmp_path):
     assert auto["exit_code"] == 0 and auto["oom_kills"] == 0 and auto["cgroup_peak_bytes"] <= auto["limit_bytes"]
     unlimited = run("--device-budget", "inf")
     assert unlimited["exit_code"] != 0 and unlimited["oom_kills"] >= 1
+
+
+def test_ranks_on_one_machine_share_its_memory(monkeypatch):
+    """Under torchrun (--nproc) every rank on the machine resolves `auto` from the same free
+    memory: each takes its share (two ranks each took 18.9 GB of 21 GB free before), and says so."""
+    one = _resolve(monkeypatch, 16 << 30)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    two = _resolve(monkeypatch, 16 << 30)
+    half = _resolve(monkeypatch, 8 << 30)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    alone_on_half = _resolve(monkeypatch, 8 << 30)
+    print(f"device budget alone {one.device / MiB:.0f} MiB, each of two ranks {two.device / MiB:.0f} MiB")
+    assert (two.device, two.activation) == (alone_on_half.device, alone_on_half.activation)
+    assert (half.device, half.activation) != (alone_on_half.device, alone_on_half.activation)  # halved again
+    assert 2 * two.device + 2 * two.activation <= 16 << 30
+    assert any("2 ranks on this machine" in n for n in two.notes)
+
+
+def test_emulated_device_memory_is_shared_by_the_ranks(monkeypatch):
+    """The emulated accelerator's memory is the host's: each of two ranks gets half of its room too."""
+    def budgets():
+        sizes = {"embed": 262 * MiB, "block_00": 206 * MiB, "head": 262 * MiB}
+        return resolve(resolve_device("emu"), ARGS, sizes, {k: v // 2 for k, v in sizes.items()}, torch.bfloat16,
+                       method="lora", device_budget=AUTO, host_budget=AUTO, activation_budget=AUTO,
+                       batch=1, seq=64, micro=8)
+
+    monkeypatch.setattr("blocktune.paging.budgets.host_memory_free", lambda: 16 << 30)
+    monkeypatch.setattr("blocktune.machine.devices.base.host_memory_free", lambda: 16 << 30)
+    alone = budgets()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    shared = budgets()
+    print(f"emu alone: device {alone.device / MiB:.0f} MiB, host {alone.host / MiB:.0f} MiB; "
+          f"each of two: {shared.device / MiB:.0f}, {shared.host / MiB:.0f} MiB")
+    assert shared.device < 0.55 * alone.device and shared.host < 0.55 * alone.host
+
+
+def test_two_ranks_on_one_gpu_are_refused(monkeypatch):
+    """More processes than GPUs would put two ranks on one GPU: an error that says how many to run."""
+    from blocktune.errors import ConfigError
+    from blocktune.machine.devices import EmuDevice
+
+    class OneGpu(EmuDevice):  # a machine with one accelerator of its own memory
+        def local_devices(self):
+            return 1
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    sizes = {"embed": 262 * MiB, "block_00": 206 * MiB, "head": 262 * MiB}
+    with pytest.raises(ConfigError, match="2 processes on this machine but 1 emu device.*--nproc 1"):
+        resolve(OneGpu(), ARGS, sizes, sizes, torch.float32, method="lora", device_budget=1 << 30,
+                host_budget=0, activation_budget=None)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert resolve(OneGpu(), ARGS, sizes, sizes, torch.float32, method="lora", device_budget=1 << 30,
+                   host_budget=0, activation_budget=None).device == 1 << 30

@@ -6,9 +6,12 @@ step equals the step torch.optim would take over the whole model (tested). The s
 a flat dict of tensors (``exp_avg.<key>``, ``exp_avg_sq.<key>``, ``master.<key>``, ``step``)
 so that it can be written to a safetensors file next to the unit.
 
-Master weights: when weights are stored in bf16 or fp16, an fp32 copy of each (``master.<key>``)
-lives in the optimizer state; the update is applied to the master and the stored weight is
-the master rounded, so updates smaller than a bf16 ulp accumulate instead of vanishing.
+Master weights: when weights are stored or computed in bf16 or fp16 (an fp32 store under a
+GPU's bf16 compute too), an fp32 copy of each (``master.<key>``) lives in the optimizer state,
+with fp32 moments; the update is applied to the master and the weights are the master rounded
+(to the store's dtype on disk, to the compute dtype resident), so updates smaller than a bf16
+ulp accumulate instead of vanishing. A master starts from the stored weights (`streamed_step`'s
+`stored`), not from their rounding to the compute dtype.
 
 A unit's state is 8-12 bytes per parameter (a 7B block: 2.4 GB): more than the unit. The
 paged step (`streamed_step`) never holds it whole: it reads the old state a piece at a time,
@@ -80,9 +83,10 @@ def unit_step(
 ) -> dict[str, torch.Tensor]:
     """Update `params` in place from `grads`; return the new state (a flat tensor dict).
 
-    `storage_dtype` is the dtype the weights are kept in on disk: below fp32, the update goes
-    to an fp32 master copy and the parameters become the master rounded to `storage_dtype`,
-    whatever dtype they compute in, so a result never depends on what stayed resident.
+    `storage_dtype` is the dtype the weights are kept in on disk: where it or the parameters'
+    (compute) dtype is below fp32, the update goes to an fp32 master copy and the parameters
+    become the master rounded to `storage_dtype` (then to their own dtype), so a result never
+    depends on what stayed resident.
     State tensors are updated in place where they exist (a state read into a buffer stays its
     own next file).
     """
@@ -92,7 +96,7 @@ def unit_step(
         state["step"].fill_(float(step))
     else:
         state["step"] = torch.tensor(float(step))
-    use_master = _uses_master(cfg, storage_dtype)
+    use_master = _uses_master(cfg, storage_dtype, _compute_dtype(params))
     targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (what is updated, its gradient)
     for key, p in params.items():
         g = grads[key]
@@ -145,13 +149,23 @@ def _adamw(cfg: OptimizerConfig, targets: dict[str, tuple[torch.Tensor, torch.Te
     opt.step()
 
 
-def _uses_master(cfg: OptimizerConfig, storage_dtype: torch.dtype) -> bool:
-    return cfg.master_dtype is not None and storage_dtype != torch.float32
+def _compute_dtype(params: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype the unit computes in: its floating-point parameters' (fp32 if it has none)."""
+    return next((p.dtype for p in params.values() if p.is_floating_point()), torch.float32)
 
 
-def state_kinds(cfg: OptimizerConfig, storage_dtype: torch.dtype) -> list[str]:
+def _uses_master(cfg: OptimizerConfig, storage_dtype: torch.dtype,
+                 compute_dtype: torch.dtype = torch.float32) -> bool:
+    """fp32 masters wherever the weights are held narrower than fp32: on disk, or resident in
+    the compute dtype (an fp32 store computed in bf16 would otherwise step bf16 weights)."""
+    narrow = min(storage_dtype.itemsize, compute_dtype.itemsize) < torch.float32.itemsize
+    return cfg.master_dtype is not None and narrow
+
+
+def state_kinds(cfg: OptimizerConfig, storage_dtype: torch.dtype,
+                compute_dtype: torch.dtype = torch.float32) -> list[str]:
     """The per-parameter tensors of the optimizer's state, in their file order."""
-    kinds = ["master"] if _uses_master(cfg, storage_dtype) else []
+    kinds = ["master"] if _uses_master(cfg, storage_dtype, compute_dtype) else []
     if cfg.name == "adamw":
         kinds += ["exp_avg", "exp_avg_sq"]
     elif cfg.momentum:
@@ -171,6 +185,7 @@ def streamed_step(
     lr: float,
     storage_dtype: torch.dtype = torch.float32,
     to_device=None,
+    stored: dict[str, torch.Tensor] | None = None,
 ):
     """`unit_step` a piece at a time: returns (the new state file's tensors as
     [(key, dtype, shape)] in file order, an iterator over their data in that order).
@@ -179,21 +194,23 @@ def streamed_step(
     one piece of each kind, old and new. `old` is the previous state file's tensors (mapped:
     only the pieces read are in memory), pieced or whole (files written before pieces were).
     The pieces are computed on the parameters' device; `old`'s are copied there as needed
-    (by `to_device`, a writable fp32 copy; default: `Tensor.to`).
+    (by `to_device`, a writable fp32 copy; default: `Tensor.to`). `stored`: the unit's weights
+    as stored (mapped), where a master is first made: it starts from them, not from the
+    parameters (which may be them rounded to the compute dtype).
     """
     step = int(old["step"].item()) + 1 if old is not None and "step" in old else 1
-    kinds = state_kinds(cfg, storage_dtype)
+    kinds = state_kinds(cfg, storage_dtype, _compute_dtype(params))
     spec: list[tuple[str, torch.dtype, tuple[int, ...]]] = [("step", torch.float32, ())]
     for key, p in params.items():
         for i, (s, e) in enumerate(_pieces(p.numel())):
             spec += [(f"{kind}.{key}#{i}", torch.float32, (e - s,)) for kind in kinds]
 
     def old_piece(kind: str, key: str, i: int, s: int, e: int, device) -> torch.Tensor | None:
-        if old is None:
-            return None
-        t = old.get(f"{kind}.{key}#{i}")
-        if t is None and f"{kind}.{key}" in old:  # a whole-tensor file
+        t = None if old is None else old.get(f"{kind}.{key}#{i}")
+        if t is None and old is not None and f"{kind}.{key}" in old:  # a whole-tensor file
             t = old[f"{kind}.{key}"].reshape(-1)[s:e]
+        if t is None and kind == "master" and stored is not None and key in stored:
+            t = stored[key].reshape(-1)[s:e]  # the first master: the weights as stored
         if t is None:
             return None
         return to_device(t) if to_device is not None else t.to(device, torch.float32, copy=True)

@@ -9,15 +9,22 @@ fine-tune one unit's gradients and its optimizer step's pieces of state. `resolv
 memory through the device module), keeps a slack for the allocators, estimates the rest from
 the model and the batch, and gives the units what is left. An explicit budget wins; a budget
 below the largest unit is an error with the number to use (the pager's).
+
+Ranks on one machine (torchrun's LOCAL_WORLD_SIZE, `--nproc`) share its RAM, and a memory the
+device draws on with them (CPU, MPS, emu): each rank's `auto` takes its share of what is free,
+not all of it. A GPU is one rank's own (cuda:LOCAL_RANK); more ranks than GPUs would put two
+on one GPU, which is refused.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from blocktune.engine.optim import STATE_PIECE
+from blocktune.errors import ConfigError
 from blocktune.machine.devices import Device
 from blocktune.machine.hostmem import host_memory_free
 from blocktune.model.args import ModelArgs
@@ -25,7 +32,7 @@ from blocktune.paging.hosttier import BOUNCE_SLOTS
 from blocktune.settings import AUTO, parse_bytes
 from blocktune.store.fileio import round_up
 
-__all__ = ["Budgets", "resolve", "parse_budget", "AUTO", "NO_LIMIT", "limit", "holds_two_units"]
+__all__ = ["Budgets", "resolve", "parse_budget", "AUTO", "NO_LIMIT", "limit", "holds_two_units", "local_ranks"]
 
 MiB = 1 << 20
 
@@ -93,10 +100,31 @@ def working_set(args: ModelArgs, dtype: torch.dtype, batch: int, seq: int, micro
     }
 
 
+def local_ranks(device: Device) -> int:
+    """How many ranks share this machine's memory (torchrun's LOCAL_WORLD_SIZE; 1 outside
+    torchrun). More ranks than the machine has GPUs is an error: two would share one GPU."""
+    text = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    try:
+        ranks = int(text)
+    except ValueError:
+        raise ConfigError(f"LOCAL_WORLD_SIZE={text!r} is not a number of processes; "
+                          "launch with torchrun or blocktune --nproc N") from None
+    if ranks < 1:
+        raise ConfigError(f"LOCAL_WORLD_SIZE={ranks} must be at least 1")
+    devices = device.local_devices()
+    if devices is not None and ranks > devices:
+        raise ConfigError(f"{ranks} processes on this machine but {devices} {device.type} device(s): two ranks "
+                          f"would share one device's memory; use --nproc {devices} (or fewer)")
+    return ranks
+
+
 def _device_room(device: Device, host_free: int | None, host_room: int | None,
-                 unit_sizes: dict[str, int], unit_files: dict[str, int]) -> tuple[int | None, int, str]:
+                 unit_sizes: dict[str, int], unit_files: dict[str, int],
+                 ranks: int = 1) -> tuple[int | None, int, str]:
     """The compute device's memory for the resident units, the stash and the working set
-    (None: unknown), the bytes of units in flight beside them, and where the room was found."""
+    (None: unknown), the bytes of units in flight beside them, and where the room was found.
+    `host_free` is already this rank's share; a device whose memory all `ranks` draw on (not
+    one GPU each) is shared the same way."""
     if device.is_cpu:
         free, room = host_free, host_room
         # raw unit files on their way in: one in flight and one idle for reuse where they are
@@ -106,6 +134,8 @@ def _device_room(device: Device, host_free: int | None, host_room: int | None,
         in_flight = 2 * max(converted) if converted else max(unit_files.values())
         return room, in_flight, f"{_mib(free)} free" if free is not None else ""
     free = device.memory_free()
+    if free is not None and device.local_devices() is None:
+        free //= ranks  # one memory for every rank on the machine
     room = None if free is None else int(free * 0.9) - 256 * MiB
     if device.splits_host_ram and room is not None and host_room is not None:
         room = min(room, host_room // 2)  # its "device" memory is host RAM, shared with the tier
@@ -144,6 +174,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
 
     `unit_sizes`: each unit as held resident (compute dtype); `unit_files`: as stored.
     """
+    ranks = local_ranks(device)
     wants = [b == AUTO for b in (device_budget, host_budget, activation_budget)]
     if not any(wants):
         return Budgets(device_budget, host_budget, activation_budget)
@@ -155,10 +186,14 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
         extra = params * 4 + 10 * STATE_PIECE * 4
     notes = []
     host_free = host_memory_free()
+    if host_free is not None and ranks > 1:  # the machine's RAM, shared by its ranks
+        host_free //= ranks
+        notes.append(f"{ranks} ranks on this machine (LOCAL_WORLD_SIZE): each takes 1/{ranks} of the free RAM"
+                     + ("" if device.local_devices() is not None else f" and of {device}'s memory"))
     # 10% and 192 MiB: allocator fragmentation, temporaries, the tokenizer and data
     host_room = None if host_free is None else int(host_free * 0.9) - 192 * MiB
 
-    room, in_flight, where = _device_room(device, host_free, host_room, unit_sizes, unit_files)
+    room, in_flight, where = _device_room(device, host_free, host_room, unit_sizes, unit_files, ranks)
     fixed = work["block"] + work["loss"] + work["kv"] + extra + in_flight
 
     dev, act, host = device_budget, activation_budget, host_budget

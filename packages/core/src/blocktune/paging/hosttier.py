@@ -108,6 +108,7 @@ class HostTier:
             else:  # least recently used out
                 slot = self._entries.popitem(last=False)[1].slot
             slot.wait()
+            self.device.scribble(slot.buf)  # emu: a copy out of it that no wait ordered reads NaN
             slot.used = 0
             return slot, True
         if len(self._bounce) < BOUNCE_SLOTS:
@@ -115,6 +116,7 @@ class HostTier:
         slot = self._bounce[self._next_bounce % len(self._bounce)]
         self._next_bounce += 1
         slot.wait()
+        self.device.scribble(slot.buf)
         slot.used = 0
         return slot, False
 

@@ -89,6 +89,7 @@ class DeviceSlots:
 
     def _make(self, nbytes: int) -> DeviceSlot:
         buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device.torch)
+        self.device.scribble(buf)
         return DeviceSlot(buf, _storage_users(buf))
 
     def take(self, nbytes: int, wait_s: float | None = None) -> DeviceSlot:
@@ -102,8 +103,10 @@ class DeviceSlots:
                 free = [s for s in self._idle if s.unviewed()]
                 same = [s for s in free if s.nbytes == nbytes]
                 if same:
-                    self._idle.remove(same[-1])
-                    return same[-1]
+                    slot = same[-1]
+                    self._idle.remove(slot)
+                    self.device.scribble(slot.buf)  # what it held is gone (emu: NaN, so a stale view shows)
+                    return slot
                 # room for a new one, letting idle slots of other layouts go (largest first)
                 free.sort(key=lambda s: -s.nbytes)
                 while free and self.bytes + nbytes > self.cap:

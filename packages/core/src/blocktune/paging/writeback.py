@@ -17,13 +17,44 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
-from blocktune.engine.optim import OptimizerConfig, streamed_step
+from blocktune.engine.optim import OptimizerConfig, state_kinds, streamed_step
 from blocktune.machine.devices import Device
 from blocktune.paging.budgets import limit
 from blocktune.store.records import FileRecord
 from blocktune.store.store import BlockStore
 
 __all__ = ["WriteBack"]
+
+
+class _MasterTee:
+    """Where weights are stored wider than they compute in (an fp32 store under bf16 compute),
+    the fp32 masters are the stored weights: their pieces are kept on the host as the state
+    file is written, and the unit file is written from them, not from the rounded parameters."""
+
+    def __init__(self, store_dtype: torch.dtype, params: dict[str, torch.Tensor], optimizer: OptimizerConfig):
+        compute = next((p.dtype for p in params.values() if p.is_floating_point()), store_dtype)
+        self.keep = "master" in state_kinds(optimizer, store_dtype, compute) and (
+            store_dtype.itemsize > compute.itemsize)
+        self.shapes = {k: p.shape for k, p in params.items()}
+        self._pieces: dict[str, list[torch.Tensor]] = {}
+        self.kept = False
+
+    def first(self, old: dict | None) -> bool:
+        """Whether masters are made now (none in the old state) from weights stored wider than the
+        parameters: they start from the stored weights, not from the parameters' rounding."""
+        return self.keep and not (old is not None and any(k.startswith("master.") for k in old))
+
+    def tee(self, spec, data):
+        for (name, _, _), piece in zip(spec, data, strict=True):
+            kind, _, rest = name.partition(".")
+            if self.keep and kind == "master":
+                self._pieces.setdefault(rest.rpartition("#")[0], []).append(piece)
+                self.kept = True
+            yield piece
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        out, self._pieces = self._pieces, {}
+        return {k: (p[0] if len(p) == 1 else torch.cat(p)).view(self.shapes[k]) for k, p in out.items()}
 
 
 class WriteBack:
@@ -55,13 +86,19 @@ class WriteBack:
             old = self.store.map_state(name, verify=self.verify)
             dev = self.device
             to_device = None if dev.is_cpu else (lambda t: dev.to_device(t, torch.float32))
-            spec, data = streamed_step(optimizer, params, grads, old, lr, self.store.dtype, to_device)
+            masters = _MasterTee(self.store.dtype, params, optimizer)
+            stored = self.store.read_unit(name, verify=self.verify, map_file=True) if (
+                masters.first(old)) else None
+            spec, data = streamed_step(optimizer, params, grads, old, lr, self.store.dtype, to_device, stored)
             if not dev.is_cpu:
                 data = (dev.to_host(piece) for piece in data)
             # fsync'd at commit; direct IO: every unit is rewritten every step, caching it helps nothing
-            srec = self.store.write_state_stream(name, spec, data, step, sync=False, direct=True)
-            del old, data
-            if dev.is_cpu and all(v.dtype == self.store.dtype for v in params.values() if v.is_floating_point()):
+            srec = self.store.write_state_stream(name, spec, masters.tee(spec, data), step, sync=False,
+                                                 direct=True)
+            del old, data, stored
+            if masters.kept:  # a store wider than the compute: its new weights are the masters
+                rec = self.store.write_unit_stream(name, masters.weights(), step, sync=False, direct=True)
+            elif dev.is_cpu and all(v.dtype == self.store.dtype for v in params.values() if v.is_floating_point()):
                 rec = self.store.write_unit(name, params, step, sync=False, direct=True)  # from its buffer
             else:
                 rec = self.store.write_unit_stream(name, params, step, sync=False, direct=True,

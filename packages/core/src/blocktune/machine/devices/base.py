@@ -126,6 +126,17 @@ class Device:
         """Bytes the device can still allocate (here the host's); None if unknown."""
         return host_memory_free()
 
+    def local_devices(self) -> int | None:
+        """How many devices of this kind the machine has, each a memory of its own that one
+        rank under torchrun takes (CUDA: the GPUs); None where every rank on the machine draws
+        on the same memory (the CPU's RAM, MPS's unified memory, the emulated devices)."""
+        return None
+
+    def scribble(self, buf: torch.Tensor) -> None:
+        """Fill device or page-locked memory that is taken again after it was given back with
+        garbage, where the device emulates an allocator that makes stale reads show (emu);
+        elsewhere a no-op (a real GPU's allocator leaves whatever was there)."""
+
     def to_device(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Copy to the device, converted to `dtype` on the way, if given."""
         return t.to(self.torch, dtype or t.dtype, non_blocking=False)

@@ -59,6 +59,10 @@ class CudaDevice(Device):
         free, _ = torch.cuda.mem_get_info(self.torch)
         return free + torch.cuda.memory_reserved(self.torch) - torch.cuda.memory_allocated(self.torch)
 
+    def local_devices(self) -> int:
+        """The GPUs this process can see: one per rank (`for_local_rank`)."""
+        return torch.cuda.device_count()
+
     def to_device(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Copy to the GPU (converted to `dtype` on the way, if given); asynchronous from
         pinned memory (order it with events)."""
