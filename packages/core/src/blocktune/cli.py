@@ -298,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
                "line, setting or data file, 130 interrupted")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    _finetune_parser(sub)
+    _inference_parsers(sub)
+    _store_parsers(sub)
+    for ep in sorted(entry_points(group="blocktune.commands"), key=lambda e: e.name):
+        ep.load()(sub)
+    return parser
+
+
+
+
+def _finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a store (LoRA or full) on a text or JSONL file")
     p.add_argument("--store", help="prepared block store")
     p.add_argument("--data", help=".txt (packed), or rows (.jsonl, a .json array, .parquet, a `datasets` folder) of "
@@ -341,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p)
     p.set_defaults(func=cmd_finetune)
 
+
+def _inference_parsers(sub) -> None:
+    """generate and eval."""
     p = sub.add_parser("generate", help="generate text, streaming, with a KV cache")
     p.add_argument("--store", required=True)
     p.add_argument("--base", action="store_true", help="the base model a full fine-tune kept, not the tuned one")
@@ -371,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _store_parsers(sub) -> None:
+    """verify, report, info, split-stages and merge-stages."""
     p = sub.add_parser("verify", help="check every file of a store against its checksum")
     p.add_argument("store")
     p.set_defaults(func=cmd_verify)
@@ -398,10 +415,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, required=True, help="the run's number of processes")
     p.add_argument("--stages", type=int, required=True, help="the run's --stages")
     p.set_defaults(func=cmd_merge_stages)
-
-    for ep in sorted(entry_points(group="blocktune.commands"), key=lambda e: e.name):
-        ep.load()(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
