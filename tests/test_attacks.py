@@ -1,0 +1,81 @@
+"""Invariant 6 against a hostile or careless neighbour, with real processes (#29): no write follows
+a link; a damaged checkpoint or manifest is named, never used; SIGTERM stops a run as Ctrl-C
+does; one run folder has one live run."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from blocktune import BlockStore
+from blocktune.store.lock import LOCK_DIR
+from conftest import multi_process_root
+
+PY = sys.executable
+RUN_TOML = ("eval_every = 0\nsample_every = 0\nplot = false\nval_ratio = 0.0\nseq_len = 16\n"
+            "batch_size = 2\ngrad_accum = 1\nlr = 3e-3\ndevice = \"cpu\"\nprogress = false\n")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A tiny-7b store (fp32, with its tokenizer), text.txt and run.toml."""
+    root = tmp_path_factory.mktemp("attacks")
+    multi_process_root(root, RUN_TOML)
+    return root
+
+
+def _store(root: Path, dst: Path) -> Path:
+    shutil.copytree(root / "store", dst, ignore=shutil.ignore_patterns(LOCK_DIR))
+    return dst
+
+
+def _finetune(root: Path, store: Path, out: Path, method: str, steps: int, *extra: str) -> list[str]:
+    return ["finetune", "--config", str(root / "run.toml"), "--store", str(store), "--data",
+            str(root / "text.txt"), "--out", str(out), "--method", method, "--steps", str(steps), *extra]
+
+
+def _blocktune(*args: str, prelude: str = "") -> subprocess.CompletedProcess:
+    """`blocktune ARGS` in a fresh interpreter; `prelude` runs first in that process (it may
+    use os.getpid(): the pid the command's temp files are named after)."""
+    code = f"import os, sys\n{prelude}\nfrom blocktune.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.run([PY, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_a_link_at_a_new_versions_name_is_never_written_through(root, tmp_path):
+    """A full fine-tune at step 1 is resumed with links planted at the names of step 2's unit
+    and optimizer-state versions (and then at the manifest's temp file) that point at a file
+    outside the store. The run refuses to write through any of them (exit 1, the link named),
+    the file they point at keeps its bytes, and the store still holds step 1, verified; with
+    the links gone the run goes on. (Before #29: the file was overwritten, the run exited 0.)"""
+    store, run = _store(root, tmp_path / "s"), tmp_path / "run"
+    r = _blocktune(*_finetune(root, store, run, "full", 1))
+    assert r.returncode == 0, r.stderr[-2000:]
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    units = BlockStore.open(store).units
+    links = [store / f"{u}-000002{kind}.safetensors" for u in units for kind in ("", ".state")]
+    for link in links:
+        os.symlink(victim, link)
+    r = _blocktune(*_finetune(root, store, run, "full", 2, "--resume"))
+    print(r.stderr.strip().splitlines()[-1])
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "symbolic link" in r.stderr and "-000002" in r.stderr and "remove it" in r.stderr
+    assert victim.read_text() == "precious\n"
+    assert BlockStore.open(store).step == 1 and BlockStore.open(store).verify() == []
+
+    for link in links:
+        link.unlink(missing_ok=True)  # the failed step removed the ones it met
+    plant = f"os.symlink({str(victim)!r}, os.path.join({str(store)!r}, f'.manifest.json.tmp-{{os.getpid()}}'))"
+    r = _blocktune(*_finetune(root, store, run, "full", 2, "--resume"), prelude=plant)
+    print(r.stderr.strip().splitlines()[-1])
+    assert r.returncode == 1 and ".manifest.json.tmp-" in r.stderr and "symbolic link" in r.stderr, r.stderr[-2000:]
+    assert victim.read_text() == "precious\n"
+    assert BlockStore.open(store).step == 1 and BlockStore.open(store).verify() == []
+
+    for p in store.glob(".manifest.json.tmp-*"):
+        p.unlink()
+    r = _blocktune(*_finetune(root, store, run, "full", 2, "--resume"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert BlockStore.open(store).step == 2 and victim.read_text() == "precious\n"
