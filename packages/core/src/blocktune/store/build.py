@@ -15,7 +15,7 @@ from blocktune.errors import StoreError
 from blocktune.formats.tokenizer import HF_TOKENIZER_FILES, detect_kind
 from blocktune.machine.devices import dtype_name
 from blocktune.model.args import ModelArgs
-from blocktune.store.fileio import atomic_write, crc32, staging_dir, write_tensors
+from blocktune.store.fileio import atomic_write, crc32, open_new, staging_dir, write_tensors
 from blocktune.store.records import FORMAT, FORMAT_VERSION, MANIFEST, FileRecord, unit_names
 from blocktune.store.store import BlockStore
 
@@ -44,7 +44,7 @@ def build_store(
     expected = unit_names(args)
 
     def write(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> FileRecord:
-        with open(folder / f"{name}.safetensors", "wb") as f:
+        with open(folder / f"{name}.safetensors", "wb", opener=open_new) as f:
             nbytes, crc, layout = write_tensors(f, tensors)
             f.flush()
             os.fsync(f.fileno())
