@@ -79,3 +79,36 @@ def test_a_link_at_a_new_versions_name_is_never_written_through(root, tmp_path):
     r = _blocktune(*_finetune(root, store, run, "full", 2, "--resume"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert BlockStore.open(store).step == 2 and victim.read_text() == "precious\n"
+
+
+def _flip(path: Path, offset: int, bit: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_lora_checkpoint_is_named_not_used(root, tmp_path):
+    """One flipped bit in checkpoint.safetensors (in a tensor's data, then in the step recorded
+    in its header) and `--resume` stops with exit 1, naming the file and the fix, before it
+    trains or writes anything. (Before #29 it resumed from the damaged values, exit 0.)"""
+    store, run = _store(root, tmp_path / "s"), tmp_path / "run"
+    r = _blocktune(*_finetune(root, store, run, "lora", 2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = run / "checkpoint.safetensors"
+    good = ckpt.read_bytes()
+    head = int.from_bytes(good[:8], "little")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for offset, bit in ((8 + head + (len(good) - 8 - head) // 2, 3),  # a data bit
+                        (good.index(b'"step":"2"') + 8, 0)):  # step 2 -> 3
+        ckpt.write_bytes(good)
+        _flip(ckpt, offset, bit)
+        r = _blocktune(*_finetune(root, store, run, "lora", 4, "--resume"))
+        print(r.stderr.strip().splitlines()[-1][:300])
+        assert r.returncode == 1, r.stderr[-2000:]
+        assert f"{ckpt}: checksum mismatch" in r.stderr and "--adapter" in r.stderr
+        after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        assert {k: v for k, v in after.items() if k != ckpt.name} == {
+            k: v for k, v in before.items() if k != ckpt.name}  # nothing was written
+    ckpt.write_bytes(good)
+    r = _blocktune(*_finetune(root, store, run, "lora", 4, "--resume"))
+    assert r.returncode == 0 and "resuming at step 2 of 4" in r.stderr, r.stderr[-2000:]
