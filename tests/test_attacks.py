@@ -2,6 +2,7 @@
 a link; a damaged checkpoint or manifest is named, never used; SIGTERM stops a run as Ctrl-C
 does; one run folder has one live run."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -59,8 +60,8 @@ def test_a_link_at_a_new_versions_name_is_never_written_through(root, tmp_path):
     for link in links:
         os.symlink(victim, link)
     r = _blocktune(*_finetune(root, store, run, "full", 2, "--resume"))
-    print(r.stderr.strip().splitlines()[-1])
     assert r.returncode == 1, r.stderr[-2000:]
+    print(r.stderr.strip().splitlines()[-1])
     assert "symbolic link" in r.stderr and "-000002" in r.stderr and "remove it" in r.stderr
     assert victim.read_text() == "precious\n"
     assert BlockStore.open(store).step == 1 and BlockStore.open(store).verify() == []
@@ -69,7 +70,6 @@ def test_a_link_at_a_new_versions_name_is_never_written_through(root, tmp_path):
         link.unlink(missing_ok=True)  # the failed step removed the ones it met
     plant = f"os.symlink({str(victim)!r}, os.path.join({str(store)!r}, f'.manifest.json.tmp-{{os.getpid()}}'))"
     r = _blocktune(*_finetune(root, store, run, "full", 2, "--resume"), prelude=plant)
-    print(r.stderr.strip().splitlines()[-1])
     assert r.returncode == 1 and ".manifest.json.tmp-" in r.stderr and "symbolic link" in r.stderr, r.stderr[-2000:]
     assert victim.read_text() == "precious\n"
     assert BlockStore.open(store).step == 1 and BlockStore.open(store).verify() == []
@@ -103,8 +103,8 @@ def test_a_damaged_lora_checkpoint_is_named_not_used(root, tmp_path):
         ckpt.write_bytes(good)
         _flip(ckpt, offset, bit)
         r = _blocktune(*_finetune(root, store, run, "lora", 4, "--resume"))
-        print(r.stderr.strip().splitlines()[-1][:300])
         assert r.returncode == 1, r.stderr[-2000:]
+        print(r.stderr.strip().splitlines()[-1][:300])
         assert f"{ckpt}: checksum mismatch" in r.stderr and "--adapter" in r.stderr
         after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
         assert {k: v for k, v in after.items() if k != ckpt.name} == {
@@ -112,3 +112,42 @@ def test_a_damaged_lora_checkpoint_is_named_not_used(root, tmp_path):
     ckpt.write_bytes(good)
     r = _blocktune(*_finetune(root, store, run, "lora", 4, "--resume"))
     assert r.returncode == 0 and "resuming at step 2 of 4" in r.stderr, r.stderr[-2000:]
+
+
+def _flip_text(path: Path, text: str, at: int) -> None:
+    """Flip the lowest bit of character `at` of `text` in the file (a digit becomes its neighbour)."""
+    data = path.read_bytes()
+    _flip(path, data.index(text.encode()) + at, 0)
+
+
+def test_a_damaged_manifest_is_named(root, tmp_path):
+    """One flipped bit in a field of manifest.json (rope_theta 10000 -> 10010, norm_eps 1e-05 ->
+    1e-04) and `verify` and `finetune` stop with exit 1 naming its checksum. A manifest written
+    before it had one (the field removed) with vocab_size or multiple_of flipped: `verify` names
+    the tensors the field no longer fits, and `finetune` stops with that line, no traceback.
+    (Before #29 verify passed every one and finetune trained on, or crashed in load_state_dict.)"""
+    store = _store(root, tmp_path / "s")
+    mpath = store / "manifest.json"
+    good = mpath.read_bytes()
+    for text, at in (('"rope_theta": 10000.0', 17), ('"norm_eps": 1e-05', 16)):
+        mpath.write_bytes(good)
+        _flip_text(mpath, text, at)
+        for cmd in (["verify", str(store)], _finetune(root, store, tmp_path / "run", "lora", 1, "--overwrite")):
+            r = _blocktune(*cmd)
+            assert r.returncode == 1 and f"{mpath}: checksum mismatch" in r.stderr, r.stderr[-2000:]
+            print(r.stderr.strip().splitlines()[-1][:200])
+            assert "restore manifest.json" in r.stderr and "Traceback" not in r.stderr
+
+    old = json.loads(good)
+    del old["manifest_crc32"]
+    for text, at, tensor in (('"vocab_size": 1024', 17, "tok_embeddings.weight: the model fields give [1025, 64]"),
+                             ('"multiple_of": 32', 16, "feed_forward.w1.weight: the model fields give [198, 64]")):
+        mpath.write_text(json.dumps(old, indent=1))
+        r = _blocktune("verify", str(store))
+        assert r.returncode == 0, r.stderr[-2000:]  # an old manifest, undamaged, still opens
+        _flip_text(mpath, text, at)
+        r = _blocktune("verify", str(store))
+        assert r.returncode == 1 and tensor in r.stderr, r.stderr[-2000:]
+        print(r.stderr.strip().splitlines()[0][:300])
+        r = _blocktune(*_finetune(root, store, tmp_path / "run", "lora", 1, "--overwrite"))
+        assert r.returncode == 1 and tensor in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
