@@ -4,9 +4,12 @@ does; one run folder has one live run."""
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -151,3 +154,31 @@ def test_a_damaged_manifest_is_named(root, tmp_path):
         print(r.stderr.strip().splitlines()[0][:300])
         r = _blocktune(*_finetune(root, store, tmp_path / "run", "lora", 1, "--overwrite"))
         assert r.returncode == 1 and tensor in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def _wait_for_rows(metrics: Path, n: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= n):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.05)
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(root, tmp_path):
+    """SIGTERM to a running LoRA finetune (what schedulers, docker stop and systemd send): the
+    clean stop of Ctrl-C, with its message and exit code 130; the rows written are whole and
+    --resume goes on from the last checkpoint. (Before #29: killed at once, exit -15/143, no message.)"""
+    store, run = _store(root, tmp_path / "s"), tmp_path / "run"
+    cmd = [PY, "-m", "blocktune", *_finetune(root, store, run, "lora", 1000, "--checkpoint-every", "2")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_rows(run / "metrics.jsonl", 3, proc)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    print(f"stopped {time.monotonic() - t0:.2f}s after SIGTERM, exit {proc.returncode}: {err.strip().splitlines()[-1]}")
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "blocktune finetune: interrupted", err[-2000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    r = _blocktune(*_finetune(root, store, run, "lora", len(rows) + 2, "--resume"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    at = int(re.search(r"resuming at step (\d+) of", r.stderr)[1])
+    assert at % 2 == 0 and len(rows) - 1 <= at <= len(rows) + 1  # the last checkpoint (every 2 steps)
