@@ -182,3 +182,35 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(root, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     at = int(re.search(r"resuming at step (\d+) of", r.stderr)[1])
     assert at % 2 == 0 and len(rows) - 1 <= at <= len(rows) + 1  # the last checkpoint (every 2 steps)
+
+
+def test_two_resumes_of_one_lora_run_at_once(root, tmp_path):
+    """Two `finetune --resume` of one LoRA run started together: one runs, the other stops at
+    once (exit 1) naming the first's pid; the run's rows stay one per step. (Before #29 both ran,
+    their rows interleaved in metrics.jsonl.)"""
+    store, run = _store(root, tmp_path / "s"), tmp_path / "run"
+    r = _blocktune(*_finetune(root, store, run, "lora", 2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    cmd = [PY, "-m", "blocktune", *_finetune(root, store, run, "lora", 1000, "--resume")]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        t0 = time.monotonic()
+        while all(p.poll() is None for p in procs):  # the second stops at once; the first runs on
+            assert time.monotonic() - t0 < 180, "neither run stopped: both are writing the run folder"
+            time.sleep(0.05)
+        stopped = time.monotonic() - t0
+        loser = next(i for i, p in enumerate(procs) if p.poll() is not None)
+        winner = procs[1 - loser]
+        _wait_for_rows(run / "metrics.jsonl", 4, winner)
+        winner.send_signal(signal.SIGTERM)
+        winner.communicate(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    err = procs[loser].communicate()[1]
+    print(f"the second resume stopped {stopped:.1f}s after both started: {err.strip().splitlines()[-1][:200]}")
+    assert procs[loser].returncode == 1, err[-2000:]
+    assert "another run is writing this run folder" in err and f"pid {winner.pid}" in err
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 4
