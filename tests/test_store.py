@@ -11,6 +11,7 @@ from blocktune import BlockStore, BudgetError, ChecksumError, Engine, EngineConf
 from blocktune.paging.buffers import BufferPool
 from blocktune.settings import parse_bytes
 from blocktune.store.build import build_store
+from blocktune.store.fileio import open_new_direct
 from blocktune_bench.synthetic import SHAPES as PRESETS
 from blocktune_bench.synthetic import make_store, random_units
 from conftest import random_batch
@@ -170,7 +171,7 @@ def test_direct_io_read_notices_a_grown_or_cut_file(tiny_store):
 def test_direct_io_falls_back_where_the_file_system_refuses_it(tiny_store):
     """tmpfs answers O_DIRECT with EINVAL: the page cache is used instead, same bytes."""
     def no_direct(path, mode="r", **kw):
-        if "opener" in kw:
+        if kw.get("opener") is open_new_direct:
             raise OSError(errno.EINVAL, "Invalid argument", str(path))
         return open(path, mode, **kw)
 

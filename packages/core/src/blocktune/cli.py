@@ -10,7 +10,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -20,7 +22,7 @@ from blocktune.errors import BlocktuneError, BudgetError, ConfigError, DataError
 
 # exit codes: 0 done; 1 the run failed (a store, checkpoint or adapter problem, training that
 # cannot go on, a rank that died); 2 the command line, a setting or the data is wrong (argparse's
-# usage errors are 2 too); 130 interrupted
+# usage errors are 2 too); 130 interrupted (Ctrl-C, or SIGTERM)
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
 __all__ = ["main", "build_parser"]
@@ -295,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blocktune", description=__doc__.splitlines()[0],
         epilog="exit codes: 0 done, 1 the run failed (store, checkpoint, training), 2 a wrong command "
-               "line, setting or data file, 130 interrupted")
+               "line, setting or data file, 130 interrupted (Ctrl-C, or SIGTERM)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     _finetune_parser(sub)
@@ -417,9 +419,18 @@ def _store_parsers(sub) -> None:
     p.set_defaults(func=cmd_merge_stages)
 
 
+def _term_as_interrupt() -> None:
+    """SIGTERM (what a scheduler, `docker stop` or systemd sends) stops a command as Ctrl-C
+    does: KeyboardInterrupt in the main thread, the same clean stop, message and exit code 130.
+    Left alone where SIGTERM is ignored or handled already (by the process that started us)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    _term_as_interrupt()
     try:
         return a.func(a)
     except BlocktuneError as exc:

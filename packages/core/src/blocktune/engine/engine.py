@@ -38,7 +38,7 @@ from blocktune.engine.order import UnitOrder
 from blocktune.engine.recompute import skip_unread_product
 from blocktune.engine.rng import seed_micro_batch
 from blocktune.engine.stagelink import StageLink
-from blocktune.errors import ConfigError, TrainingError
+from blocktune.errors import ConfigError, StoreError, TrainingError
 from blocktune.machine.devices import Device, parse_dtype, resolve_device
 from blocktune.machine.hostmem import fix_mmap_threshold
 from blocktune.model.args import ModelArgs
@@ -89,6 +89,8 @@ class Engine:
                  args: ModelArgs | None = None):  # args: the store's, or a run's copy (dropout)
         self.store, self.cfg, self.dist = store, cfg or EngineConfig(), dist
         self.args: ModelArgs = args or store.args
+        if problems := store.shape_problems():  # a damaged model field: named, not a state-dict error
+            raise StoreError(problems[0])
         self.device: Device = resolve_device(self.cfg.device)
         dtype = self.cfg.compute_dtype
         self.dtype = parse_dtype(dtype) if dtype else self.device.default_dtype()

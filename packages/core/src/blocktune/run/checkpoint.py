@@ -17,13 +17,13 @@ import torch
 
 from blocktune.dist.groups import DistContext
 from blocktune.engine.engine import Engine
-from blocktune.errors import ConfigError, StoreError, TrainingError
+from blocktune.errors import ChecksumError, ConfigError, StoreError, TrainingError
 from blocktune.formats.adapters import save_adapter
 from blocktune.machine.devices import Device
 from blocktune.model.args import LoraConfig, ModelArgs
 from blocktune.run.config import RunConfig
 from blocktune.run.ownership import describe, new_run_id, recorded_run_id, resume_verdict, start_refusal
-from blocktune.store.fileio import atomic_write
+from blocktune.store.fileio import atomic_write, crc32
 from blocktune.store.store import BlockStore
 
 __all__ = ["CHECKPOINT", "LoraCheckpoint", "StoreCheckpoint", "merge_stages", "stage_optimizer_state"]
@@ -65,6 +65,7 @@ class LoraCheckpoint:
         if row is not None:  # this step's metrics, in case the run dies before it logs them
             meta["row"] = json.dumps(row)
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        meta["crc32"] = str(_checkpoint_crc(cpu, meta))
         atomic_write(self.path, save(cpu, metadata=meta))
         save_adapter(self.out / "adapter.safetensors", adapters, self.lora, self.model)
 
@@ -88,9 +89,23 @@ class LoraCheckpoint:
 
         try:
             with safe_open(str(self.path), framework="pt") as f:
-                return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:
-            raise StoreError(f"{self.path}: unreadable checkpoint ({exc})") from exc
+            raise StoreError(f"{self.path}: unreadable checkpoint ({type(exc).__name__}: {exc}); "
+                             f"{self._fix()}") from exc
+        if "crc32" in meta:  # a checkpoint written before #29 has none
+            got, want = _checkpoint_crc(tensors, meta), meta["crc32"]
+            if want != str(got):
+                raise ChecksumError(f"{self.path}: checksum mismatch (crc32 {got}, the checkpoint says "
+                                    f"{want}); the checkpoint is damaged. {self._fix()}")
+        return meta, tensors
+
+    def _fix(self) -> str:
+        """What to do when the checkpoint cannot be used."""
+        adapter = self.out / "adapter.safetensors"
+        return (f"Restore the run folder from a copy, or start a new run (another --out) from the "
+                f"adapters it saved, checked on their own: --adapter {adapter} (the optimizer state "
+                "is lost), or start over with --overwrite")
 
     def recorded_row(self, step: int) -> dict | None:
         """The metrics row of `step` as the checkpoint recorded it, if it is that step's."""
@@ -196,6 +211,16 @@ def _agree(dist: DistContext, refusal: str | None) -> None:
     reasons = [r for r in dist.gather_objects(refusal) if r]
     if reasons:
         raise ConfigError(reasons[0])
+
+
+def _checkpoint_crc(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> int:
+    """crc32 of a checkpoint's metadata (its own crc32 aside), keys, dtypes, shapes and data."""
+    crc = crc32(json.dumps({k: v for k, v in meta.items() if k != "crc32"}, sort_keys=True).encode())
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        crc = crc32(f"{k}:{t.dtype}:{list(t.shape)};".encode(), crc)
+        crc = crc32(memoryview(t.reshape(-1).view(torch.uint8).numpy()), crc)
+    return crc
 
 
 def _on_cpu(adapters: dict, opt: dict) -> tuple[dict, dict]:

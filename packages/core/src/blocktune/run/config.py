@@ -17,6 +17,7 @@ from blocktune.errors import ConfigError
 from blocktune.model.args import LoraConfig
 from blocktune.paging.budgets import parse_budget
 from blocktune.settings import parse_bytes
+from blocktune.store.lock import LOCK_DIR
 
 __all__ = ["RunConfig", "lr_at", "check_out", "with_adapter_lora", "schedule_notes"]
 
@@ -140,7 +141,7 @@ class RunConfig:
 def check_out(cfg: RunConfig, resume: bool) -> None:
     """Refuse to start afresh in a run folder that holds an earlier run's record."""
     out = Path(cfg.out)
-    if not resume and not cfg.overwrite and out.is_dir() and any(out.iterdir()):
+    if not resume and not cfg.overwrite and out.is_dir() and any(p.name != LOCK_DIR for p in out.iterdir()):
         raise ConfigError(f"{out}: the run folder is not empty (an earlier run's record is there); "
                           "continue it with --resume, replace it with --overwrite, or choose another --out")
 

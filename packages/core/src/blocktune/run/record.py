@@ -5,6 +5,7 @@ metrics.jsonl, its scalars for TensorBoard, the figure redrawn at checkpoints, t
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,10 @@ from blocktune.run.report import Progress, ScalarLog, plot_run
 from blocktune.store.fileio import atomic_write
 
 __all__ = ["RunRecord"]
+
+
+def _no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
 
 
 class RunRecord:
@@ -33,7 +38,7 @@ class RunRecord:
         """A step's row; at a `checkpoint` the scalars are flushed and the figure redrawn."""
         self.history.append(row)
         if self.writes:
-            with open(self.path, "a") as f:
+            with open(self.path, "a", opener=_no_follow) as f:  # a link swapped in is not followed
                 f.write(json.dumps(row) + "\n")
             self.scalars.add(row)
             if checkpoint:

@@ -30,6 +30,7 @@ from blocktune.run.data import load_dataset
 from blocktune.run.generate import SamplingConfig, generate_tokens
 from blocktune.run.record import RunRecord
 from blocktune.run.report import read_metrics
+from blocktune.store.lock import WriterLock
 from blocktune.store.store import BlockStore
 
 __all__ = ["Trainer"]
@@ -47,6 +48,9 @@ class Trainer:
         # a full fine-tune writes the store: the writer lock first (a clear error if another
         # process has it); anything else reads the step it opened, pinned against collection
         self.store = BlockStore.open(_rank_store(cfg, self.dist), writer=cfg.method == "full")
+        # then one live run per run folder (its writer, rank 0, holds the lock): a second run, a
+        # --resume beside a live one say, stops here with the holder's name
+        self.run_lock = WriterLock.acquire_run(self.out) if self.dist.is_main else None
         # dropout is a training setting, not a property of the stored weights
         self.args = self.store.args.with_dropout(cfg.dropout) if cfg.dropout else self.store.args
         self.tok = load_tokenizer(self.store)
@@ -274,6 +278,8 @@ class Trainer:
         self.engine.close()
         self.store.close()
         self.dist.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
 
 
 def _rank_store(cfg: RunConfig, dist: DistContext) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,8 +14,8 @@ from blocktune.errors import StoreError
 from blocktune.formats.tokenizer import HF_TOKENIZER_FILES, detect_kind
 from blocktune.machine.devices import dtype_name
 from blocktune.model.args import ModelArgs
-from blocktune.store.fileio import atomic_write, crc32, staging_dir, write_tensors
-from blocktune.store.records import FORMAT, FORMAT_VERSION, MANIFEST, FileRecord, unit_names
+from blocktune.store.fileio import atomic_write, crc32, open_new, staging_dir, write_tensors
+from blocktune.store.records import FORMAT, FORMAT_VERSION, MANIFEST, FileRecord, manifest_bytes, unit_names
 from blocktune.store.store import BlockStore
 
 __all__ = ["build_store"]
@@ -44,7 +43,7 @@ def build_store(
     expected = unit_names(args)
 
     def write(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> FileRecord:
-        with open(folder / f"{name}.safetensors", "wb") as f:
+        with open(folder / f"{name}.safetensors", "wb", opener=open_new) as f:
             nbytes, crc, layout = write_tensors(f, tensors)
             f.flush()
             os.fsync(f.fileno())
@@ -99,5 +98,5 @@ def build_store(
         for name, data in small.items():  # small files: written and checksummed from memory
             atomic_write(tmp / name, data)
             manifest["checksums"][name] = {"bytes": len(data), "crc32": crc32(memoryview(data))}
-        atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+        atomic_write(tmp / MANIFEST, manifest_bytes(manifest))
     return BlockStore.open(dst)

@@ -6,6 +6,10 @@ IO wants 4 KiB-aligned buffers, offsets and lengths: `aligned_empty` makes them 
 with transparent huge pages from 2 MiB up), `AlignedWriter` gathers other writes through a
 bounce buffer. The checksum is ISA-L's crc32 where it installs, zlib's otherwise. Whole files
 and folders appear atomically: `atomic_write` (temp, fsync, rename) and `staging_dir`.
+
+Every file is written under a new name, created by `open_new` (O_CREAT|O_EXCL|O_NOFOLLOW): a
+write never follows a link planted at the name, never lands in a file that exists elsewhere
+under another name (a hard link), and never changes the bytes a reader has open.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import struct
 import tempfile
 import threading
@@ -34,7 +39,8 @@ from blocktune.machine.devices import dtype_name
 from blocktune.machine.hostmem import advise_huge
 
 __all__ = ["atomic_write", "staging_dir", "ALIGN", "HUGE_PAGE", "AlignedWriter", "RowPieces", "write_stream", "aligned_empty", "crc32", "decode_tensors",
-           "file_image", "open_direct", "read_into", "round_up", "write_image", "write_tensors"]
+           "file_image", "open_direct", "open_new", "open_new_direct",
+           "read_into", "round_up", "write_image", "write_tensors"]
 
 _ST_DTYPES = {
     "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -72,7 +78,41 @@ def round_up(n: int) -> int:
 
 
 def open_direct(path: str, flags: int) -> int:
+    """An `opener` for reading with direct IO."""
     return os.open(path, flags | os.O_DIRECT, 0o644)
+
+
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_new(path: str | Path, flags: int = 0) -> int:
+    """An `opener` that creates `path` as a new file (O_EXCL, O_NOFOLLOW; with `flags`'
+    O_DIRECT, for direct IO), never writing through what stands at the name. A regular file
+    there (an uncommitted version or temp file a killed process left) is unlinked first, so
+    its inode, which a reader may still have open, keeps its bytes; a link, folder or any
+    other kind of file is a StoreError that names it."""
+    flags = _NEW | (flags & getattr(os, "O_DIRECT", 0))
+    try:
+        return os.open(path, flags, 0o666)  # the umask applies, as open(path, "wb")'s does
+    except FileExistsError:
+        pass
+    kind = os.lstat(path).st_mode
+    if not stat.S_ISREG(kind):
+        what = "a symbolic link" if stat.S_ISLNK(kind) else "a folder" if stat.S_ISDIR(kind) else "a special file"
+        raise StoreError(f"{path}: {what} stands where blocktune writes a new file of its own; nothing "
+                         "was written through it. blocktune never writes through links: remove it, then "
+                         "run again (the store or run folder is as it was)")
+    os.unlink(path)
+    try:
+        return os.open(path, flags, 0o666)
+    except FileExistsError:
+        raise StoreError(f"{path}: another process created this file while blocktune was writing it; "
+                         "only one blocktune process may write a store or run folder at a time") from None
+
+
+def open_new_direct(path: str | Path, flags: int = 0) -> int:
+    """`open_new` for writing with direct IO."""
+    return open_new(path, os.O_DIRECT)
 
 
 class AlignedWriter:
@@ -289,11 +329,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes | memoryview, *, opener: Callable = open) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
+    """Write `data` to `path` so that a crash leaves either the old file or the new one. The
+    temp file is made by `open_new` (nothing at its name is written through), and the rename
+    replaces a link at `path` itself, never its target."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    f = opener(tmp, "wb", opener=open_new)
     try:
-        with opener(tmp, "wb") as f:
+        with f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

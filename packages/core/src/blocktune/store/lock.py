@@ -5,6 +5,8 @@
                                   names the holder (pid, host, command, since when)
     STORE/.lock/readers/*.pin     one per open reader: the files of the manifest version it opened,
                                   flock(LOCK_SH) held for as long as it is open
+    OUT/.lock/run                 a run folder's writer lock, as the store's: held by the live run
+                                  that writes its checkpoint and metrics
 
 Both are OS locks held by an open file descriptor, so the kernel releases them when the process
 dies, however it dies: a SIGKILLed writer never leaves a stale lock, and a dead reader's pin is
@@ -40,6 +42,7 @@ __all__ = ["LOCK_DIR", "StoreLockedError", "WriterLock", "ReadPin", "pinned_file
 
 LOCK_DIR = ".lock"
 _WRITER = "writer"
+_RUN = "run"
 _READERS = "readers"
 
 
@@ -77,8 +80,27 @@ def _lock_dir(store: Path, *parts: str) -> Path | None:
     return d
 
 
+def _take(path: Path) -> tuple[int | None, str]:
+    """(the descriptor holding flock(LOCK_EX) on `path`, with this process named in it, "");
+    or (None, the holder's text) where another descriptor holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace")
+        os.close(fd)
+        return None, holder
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, _holder_text().encode(), 0)
+    return fd, ""
+
+
 class WriterLock:
-    """The exclusive right to change the store at `store`: `acquire` or a clear error."""
+    """The exclusive right to change the store at `store`: `acquire` or a clear error (and,
+    by `acquire_run`, to write a run folder)."""
 
     def __init__(self, fd: int, path: Path):
         self._fd: int | None = fd
@@ -90,28 +112,32 @@ class WriterLock:
         if d is None:
             raise StoreError(f"{store}: the folder is read-only; a store can be written only "
                              "where its folder can be")
-        path = d / _WRITER
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace")
-            os.close(fd)
+        fd, holder = _take(d / _WRITER)
+        if fd is None:
             if _holder_pid(holder) == os.getpid():
                 raise StoreLockedError(
                     f"{store}: this process already writes this store through another BlockStore "
-                    "(an engine that fine-tunes it, say); close that one first") from None
+                    "(an engine that fine-tunes it, say); close that one first")
             raise StoreLockedError(
                 f"{store}: another process is writing this store ({_describe_holder(holder)}); "
                 "wait for it to finish or stop it, or work on a copy of the store "
-                "(`cp -r`), or give each data-parallel rank its own store ('store-{rank}')"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, _holder_text().encode(), 0)
-        return cls(fd, path)
+                "(`cp -r`), or give each data-parallel rank its own store ('store-{rank}')")
+        return cls(fd, d / _WRITER)
+
+    @classmethod
+    def acquire_run(cls, out: str | Path) -> WriterLock:
+        """The exclusive right to write the run folder `out` (OUT/.lock/run): one live run per
+        folder, so a `--resume` beside a live run stops here instead of interleaving its rows."""
+        d = _lock_dir(out)
+        if d is None:
+            raise StoreError(f"{out}: the run folder is read-only; give --out a folder that can be written")
+        fd, holder = _take(d / _RUN)
+        if fd is None:
+            raise StoreLockedError(
+                f"{out}: another run is writing this run folder ({_describe_holder(holder)}); "
+                "wait for it to finish or stop it (Ctrl-C or SIGTERM), then --resume; or give this "
+                "run another --out")
+        return cls(fd, d / _RUN)
 
     @property
     def held(self) -> bool:

@@ -20,10 +20,8 @@ def merge_stage_stores(pattern: str, world: int, stages: int, out: str | Path) -
     where the disk allows (copied otherwise), tokenizer and extra files from rank 0's store.
     The result is the tuned model at the stores' common step, without optimizer state or a kept
     base (for export, eval and generate); nothing is written into the stores."""
-    import json
-
     from blocktune.store.fileio import atomic_write
-    from blocktune.store.records import MANIFEST
+    from blocktune.store.records import MANIFEST, manifest_bytes
     from blocktune.store.store import BlockStore
 
     _check_layout(pattern, world, stages)
@@ -53,7 +51,7 @@ def merge_stage_stores(pattern: str, world: int, stages: int, out: str | Path) -
             _link_or_copy(first.path / f, out / f)
         manifest = {k: v for k, v in first.manifest.items() if k not in ("base", "previous", "run", "last_step")}
         manifest.update(units=units, state={})
-        atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+        atomic_write(out / MANIFEST, manifest_bytes(manifest))
     finally:
         for p in parts:
             p.close()

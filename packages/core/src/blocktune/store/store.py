@@ -47,7 +47,18 @@ from blocktune.machine.devices import DTYPES, parse_dtype
 from blocktune.model.args import ModelArgs
 from blocktune.store.fileio import atomic_write, crc32
 from blocktune.store.lock import ReadPin, WriterLock, pinned_files
-from blocktune.store.records import FORMAT, FORMAT_VERSION, MANIFEST, FileRecord, manifest_files, unit_names
+from blocktune.store.records import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    MANIFEST_CRC,
+    FileRecord,
+    manifest_bytes,
+    manifest_crc,
+    manifest_files,
+    shape_mismatches,
+    unit_names,
+)
 from blocktune.store.unitfiles import UnitFiles
 
 __all__ = ["BlockStore"]
@@ -125,6 +136,7 @@ class BlockStore(UnitFiles):
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise StoreError(f"{mpath}: corrupt manifest ({exc})") from exc
         cls._check_manifest(manifest, mpath)
+        manifest.pop(MANIFEST_CRC, None)  # checked: the in-memory manifest is its fields alone
         return raw, manifest
 
     def acquire_writer(self) -> None:
@@ -175,6 +187,12 @@ class BlockStore(UnitFiles):
                 f"{mpath}: store format version {version!r} is newer than this blocktune "
                 f"understands ({FORMAT_VERSION}); upgrade blocktune"
             )
+        if MANIFEST_CRC in m and m[MANIFEST_CRC] != manifest_crc(m):
+            raise ChecksumError(
+                f"{mpath}: checksum mismatch (its fields give crc32 {manifest_crc(m)}, it says "
+                f"{m[MANIFEST_CRC]!r}); the manifest is damaged. It alone records which file versions "
+                "make the model and its settings: restore manifest.json (or the whole store) from a "
+                "copy, or prepare the store again")
         try:
             args = ModelArgs(**m["model"])
             parse_dtype(m["dtype"])
@@ -287,7 +305,7 @@ class BlockStore(UnitFiles):
         manifest["state"] = {n: r.to_dict() for n, r in merged_state.items()}
         manifest.update(extra)
         try:
-            atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1).encode(), opener=self.opener)
+            atomic_write(self.path / MANIFEST, manifest_bytes(manifest), opener=self.opener)
         except OSError as exc:
             raise StoreError(f"{self.path / MANIFEST}: write failed ({exc.strerror or exc}); the store "
                              f"still holds step {self.step}, intact; free space or fix the disk, then resume") from exc
@@ -362,7 +380,7 @@ class BlockStore(UnitFiles):
             raise StoreError(f"{self.path}: step {self.step} kept no previous step to return to")
         manifest = {k: v for k, v in self.manifest.items() if k not in ("previous", "last_step")}
         manifest.update(step=prev["step"], units=prev["units"], state=prev["state"])
-        atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1).encode(), opener=self.opener)
+        atomic_write(self.path / MANIFEST, manifest_bytes(manifest), opener=self.opener)
         self.manifest = manifest
         self._records = {n: FileRecord.from_dict(manifest["units"][n]) for n in self.units}
         self._state = {n: FileRecord.from_dict(r) for n, r in manifest["state"].items()}
@@ -396,9 +414,17 @@ class BlockStore(UnitFiles):
         self._uncached -= set(removed)
         return removed
 
+    def shape_problems(self) -> list[str]:
+        """Where the manifest's model fields and its tensor records disagree (a damaged field,
+        vocab_size or multiple_of say, would otherwise fail only when a unit is built)."""
+        base = self.manifest.get("base", {}).get("units", {})
+        lines = shape_mismatches(self.args, self.manifest["units"]) + shape_mismatches(self.args, base, "base ")
+        return [f"{self.path / MANIFEST}: {line}; the model fields or the tensor records are damaged: "
+                "restore manifest.json from a copy, or prepare the store again" for line in lines]
+
     def verify(self) -> list[str]:
         """Read every file and check it against the manifest; return one line per problem."""
-        problems = []
+        problems = self.shape_problems()
         for name in self.manifest.get("checksums", {}):
             self._verified.discard(name)
             try:

@@ -21,6 +21,8 @@ from blocktune.store.fileio import (
     decode_tensors,
     file_image,
     open_direct,
+    open_new,
+    open_new_direct,
     read_into,
     round_up,
     write_image,
@@ -163,6 +165,9 @@ class UnitFiles:
         path = self.path / filename
         try:
             f, direct = self._create(path, direct)
+        except OSError as exc:  # nothing was created: what stands at the name is not this process's
+            raise self._write_failed(path, exc) from exc
+        try:
             with f:
                 out = AlignedWriter(f) if direct else f
                 nbytes, crc, layout = body(out, f if direct else None)
@@ -173,8 +178,7 @@ class UnitFiles:
                     os.fsync(f.fileno())
         except OSError as exc:
             path.unlink(missing_ok=True)
-            raise StoreError(f"{path}: write failed ({exc.strerror or exc}); the store still holds "
-                             f"step {self.step}, intact; free space or fix the disk, then resume") from exc
+            raise self._write_failed(path, exc) from exc
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -183,15 +187,20 @@ class UnitFiles:
             self._uncached.add(filename)
         return FileRecord(filename, nbytes, crc, layout)
 
+    def _write_failed(self, path: Path, exc: OSError) -> StoreError:
+        return StoreError(f"{path}: write failed ({exc.strerror or exc}); the store still holds "
+                          f"step {self.step}, intact; free space or fix the disk, then resume")
+
     def _create(self, path: Path, direct: bool):
-        """(file, whether it is open for direct IO)."""
+        """(file, whether it is open for direct IO), made by `open_new`: a new file, never
+        written through a link or into another name's file."""
         if direct and hasattr(os, "O_DIRECT"):
             try:
-                return self.opener(path, "wb", buffering=0, opener=open_direct), True
+                return self.opener(path, "wb", buffering=0, opener=open_new_direct), True
             except OSError as exc:
                 if exc.errno != errno.EINVAL:  # EINVAL: this file system does no direct IO
                     raise
-        return self.opener(path, "wb"), False
+        return self.opener(path, "wb", opener=open_new), False
 
     def write_unit(self, name: str, tensors: dict[str, torch.Tensor], step: int,
                    sync: bool = True, direct: bool = False) -> FileRecord:
