@@ -129,7 +129,9 @@ def test_demo_log_off_a_terminal(tmp_path):
     log = r.stdout + r.stderr
     print(log)
     assert "\r" not in log
-    assert len(log.splitlines()) < 40
+    # the questions and answers before and after, the steps' commands, and a progress line every
+    # 30 s (how many depends on the machine's speed: not counted)
+    assert len([line for line in log.splitlines() if not line.startswith("finetune ")]) < 50
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["last_loss"] < summary["first_loss"]
     assert (tmp_path / "demo" / "run" / "loss.png").is_file()
