@@ -41,35 +41,8 @@ def build_store(
     that holds tokenizer.json and its companions.
     """
     expected = unit_names(args)
-
-    def write(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> FileRecord:
-        with open(folder / f"{name}.safetensors", "wb", opener=open_new) as f:
-            nbytes, crc, layout = write_tensors(f, tensors)
-            f.flush()
-            os.fsync(f.fileno())
-        return FileRecord(f"{name}.safetensors", nbytes, crc, layout)
-
     with staging_dir(Path(dst)) as tmp, ThreadPoolExecutor(1, thread_name_prefix="blocktune-build") as pool:
-        # unit i is written on the pool while unit i+1 is assembled: two units in memory at most
-        records: dict[str, FileRecord] = {}
-        pending: tuple[str, Future] | None = None
-        for name, tensors in units:
-            if name not in expected or name in records or (pending and pending[0] == name):
-                raise StoreError(f"unexpected or repeated unit {name!r}; expected {expected}")
-            if name == "head" and args.tie_embeddings and "output.weight" in tensors:
-                raise StoreError("tied embeddings: the head's output.weight is the embedding matrix, "
-                                 "stored once with embed; leave it out of the head")
-            cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-            if pending:
-                records[pending[0]] = pending[1].result()
-                if progress:
-                    progress(pending[0])
-            pending = (name, pool.submit(write, tmp, name, cast))
-            del tensors, cast
-        if pending:
-            records[pending[0]] = pending[1].result()
-            if progress:
-                progress(pending[0])
+        records = _write_units(tmp, pool, args, units, dtype, progress)
         missing = [n for n in expected if n not in records]
         if missing:
             raise StoreError(f"store is missing units {missing}")
@@ -79,18 +52,7 @@ def build_store(
             "units": {n: records[n].to_dict() for n in expected}, "state": {},
             "tokenizer": None, **(extra or {}),
         }
-        small = dict(files or {})
-        if tokenizer is not None:
-            kind = tokenizer_kind or detect_kind(Path(tokenizer))
-            if kind == "hf":  # a folder: tokenizer.json, its config, the chat template
-                folder = Path(tokenizer)
-                small.update({n: (folder / n).read_bytes() for n in HF_TOKENIZER_FILES
-                              if (folder / n).is_file()})
-                manifest["tokenizer"] = "tokenizer.json"
-            else:
-                small["tokenizer.model"] = Path(tokenizer).read_bytes()
-                manifest["tokenizer"] = "tokenizer.model"
-            manifest["tokenizer_kind"] = kind
+        small = {**(files or {}), **_tokenizer_files(tokenizer, tokenizer_kind, manifest)}
         extras = sorted(set(small) - {manifest["tokenizer"]})
         if extras:
             manifest["extra_files"] = extras
@@ -100,3 +62,54 @@ def build_store(
             manifest["checksums"][name] = {"bytes": len(data), "crc32": crc32(memoryview(data))}
         atomic_write(tmp / MANIFEST, manifest_bytes(manifest))
     return BlockStore.open(dst)
+
+
+def _write_unit(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> FileRecord:
+    with open(folder / f"{name}.safetensors", "wb", opener=open_new) as f:
+        nbytes, crc, layout = write_tensors(f, tensors)
+        f.flush()
+        os.fsync(f.fileno())
+    return FileRecord(f"{name}.safetensors", nbytes, crc, layout)
+
+
+def _write_units(tmp: Path, pool: ThreadPoolExecutor, args: ModelArgs, units, dtype: torch.dtype,
+                 progress) -> dict[str, FileRecord]:
+    """Each unit cast and written on the pool while the next is assembled: two units in memory
+    at most."""
+    expected = unit_names(args)
+    records: dict[str, FileRecord] = {}
+    pending: tuple[str, Future] | None = None
+
+    def landed() -> None:
+        records[pending[0]] = pending[1].result()
+        if progress:
+            progress(pending[0])
+
+    for name, tensors in units:
+        if name not in expected or name in records or (pending and pending[0] == name):
+            raise StoreError(f"unexpected or repeated unit {name!r}; expected {expected}")
+        if name == "head" and args.tie_embeddings and "output.weight" in tensors:
+            raise StoreError("tied embeddings: the head's output.weight is the embedding matrix, "
+                             "stored once with embed; leave it out of the head")
+        cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        if pending:
+            landed()
+        pending = (name, pool.submit(_write_unit, tmp, name, cast))
+        del tensors, cast
+    if pending:
+        landed()
+    return records
+
+
+def _tokenizer_files(tokenizer: str | Path | None, kind: str | None, manifest: dict) -> dict[str, bytes]:
+    """The tokenizer's files (name -> bytes), and its name and kind in the manifest."""
+    if tokenizer is None:
+        return {}
+    kind = kind or detect_kind(Path(tokenizer))
+    manifest["tokenizer_kind"] = kind
+    if kind == "hf":  # a folder: tokenizer.json, its config, the chat template
+        folder = Path(tokenizer)
+        manifest["tokenizer"] = "tokenizer.json"
+        return {n: (folder / n).read_bytes() for n in HF_TOKENIZER_FILES if (folder / n).is_file()}
+    manifest["tokenizer"] = "tokenizer.model"
+    return {"tokenizer.model": Path(tokenizer).read_bytes()}
