@@ -61,7 +61,9 @@ def gguf(session):
                     env={"CMAKE_ARGS": "-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
                                        "-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"})
     session.run("python", "-m", "blocktune_bench.realmodel", "fetch-converter")
-    session.run("pytest", "tests/test_gguf.py", "tests/test_gguf_read.py", "-v", "-s", *session.posargs)
+    fetch_real_model(session)
+    session.run("pytest", "tests/test_gguf.py", "tests/test_gguf_read.py", "tests/test_realmodel.py", "-v", "-s",
+                *session.posargs)
 
 
 @nox.session

@@ -265,3 +265,15 @@ def test_cli_eval_loss_equals_transformers(smol, tmp_path):
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
     print(f"SmolLM2 eval loss: blocktune {ours['loss']:.6f}, transformers {want:.6f}")
     assert ours["tokens"] == y.numel() and abs(ours["loss"] - want) <= 1e-5 * want
+
+
+def test_tokens_equal_llama_cpps_on_the_same_file(smol):
+    """llama.cpp itself (nox -s gguf builds it) tokenizes the GGUF file as blocktune's store does:
+    whitespace runs, emoji sequences, digit runs, contractions, scripts, special tokens in the text."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path, store, _, _ = smol
+    text = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n🚀 (normal) 😶\u200d🌫️ ✅ 🦙🦙 3 33 333 3333 33333 3.3 3..3 "
+            "កាន់តែពិសេស 我想在apple工作1314151天～ ------======= нещо на Български ''''```\"\"\"......!!!!?? "
+            "I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL " + MIXED)
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    assert load_tokenizer(store).encode(text, bos=False) == llm.tokenize(text.encode(), add_bos=False, special=True)
