@@ -17,7 +17,6 @@ import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from blocktune.engine.config import FROZEN_READS
 from blocktune.errors import BlocktuneError, BudgetError, ConfigError, DataError
 
 # exit codes: 0 done; 1 the run failed (a store, checkpoint or adapter problem, training that
@@ -26,58 +25,6 @@ from blocktune.errors import BlocktuneError, BudgetError, ConfigError, DataError
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
 __all__ = ["main", "build_parser"]
-
-
-def parse_sets(items: list[str]) -> dict:
-    """`--set key=value` pairs as RunConfig overrides; the value is read as TOML (numbers,
-    true/false, lists, quoted strings), else taken as a string."""
-    import dataclasses
-    import tomllib
-
-    from blocktune.errors import ConfigError
-    from blocktune.run.config import RunConfig
-
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    out = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or not key:
-            raise ConfigError(f"--set {item!r}: write it as key=value, e.g. --set lora_rank=16")
-        if key not in known:
-            raise ConfigError(f"--set {item!r}: {key!r} is not a setting; `blocktune finetune --print-config` "
-                              "lists them")
-        try:
-            out[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = value
-    return out
-
-
-def _default(name: str) -> str:
-    """RunConfig's default for a setting, for --help."""
-    import dataclasses
-
-    from blocktune.run.config import RunConfig
-
-    f = next(f for f in dataclasses.fields(RunConfig) if f.name == name)
-    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    return f"(default: {value!r})" if value not in ("", None) else ""
-
-
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda[:N] or mps; emu and emu-mps: the CPU "
-                   "behaving as an accelerator (as MPS), for tests")
-    p.add_argument("--device-budget", default=None,
-                   help="bytes of weights resident on the device, e.g. 2GiB; auto (default): from the free memory")
-    p.add_argument("--frozen-reads", choices=FROZEN_READS, default=None,
-                   help="CPU, frozen weights: through the page cache (mapped), past it (direct, for a "
-                        "store bigger than RAM), or by the store's size against free memory (auto, default)")
-
-
-def _add_chat_template_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--chat-template", help="chats for a model whose tokenizer has no chat template: a jinja file "
-                   "(as tokenizer_config.json holds it) or a format by name: chatml, llama3, llama2")
 
 
 def _launch(nproc: int, argv: list[str]) -> int:
@@ -108,20 +55,13 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     if a.nproc and a.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(a.nproc, sys.argv[1:])
 
-    overrides = {"store": a.store, "data": a.data, "method": a.method, "steps": a.steps, "lr": a.lr,
-                 "batch_size": a.batch_size, "seq_len": a.seq_len, "out": a.out,
-                 "device": a.device, "device_budget": a.device_budget, "grad_accum": a.grad_accum,
-                 "host_budget": a.host_budget, "activation_budget": a.activation_budget, "seed": a.seed,
-                 "keep_activations": a.keep_activations, "frozen_reads": a.frozen_reads,
-                 "checkpoint_every": a.checkpoint_every, "progress": False if a.no_progress else None,
-                 "overwrite": True if a.overwrite else None, "adapter": a.adapter,
-                 "in_place": True if a.in_place else None, "stages": a.stages,
-                 "chat_template": a.chat_template, "start_from": a.start_from}
-    overrides["compute_dtype"] = a.compute_dtype
-    if a.resume and a.config is None and Path(a.out or "runs/latest", "config.toml").is_file():
-        a.config = str(Path(a.out or "runs/latest", "config.toml"))
-    sets = parse_sets(a.set or [])
-    cfg = RunConfig.load(a.config, **{**sets, **{k: v for k, v in overrides.items() if v is not None}})
+    from blocktune.run.flags import given_settings, parse_sets
+
+    out = a.out or RunConfig.out
+    if a.resume and a.config is None and Path(out, "config.toml").is_file():
+        a.config = str(Path(out, "config.toml"))
+    # a flag wins over --set, --set over --config, --config over the defaults
+    cfg = RunConfig.load(a.config, **{**parse_sets(a.set or []), **given_settings(a)})
     if a.print_config:  # the resolved settings, as a --config file takes them
         sys.stdout.write(cfg.to_toml())
         return 0
@@ -142,18 +82,18 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
 def _inference_engine(a: argparse.Namespace, batch: int, seq: int):
     """(store, engine, tokenizer) for generate and eval: read-only, with the adapter if given."""
-    from blocktune.engine.engine import Engine, EngineConfig
+    from blocktune.engine.engine import Engine
     from blocktune.formats.adapters import load_adapter
     from blocktune.formats.tokenizer import load_tokenizer
-    from blocktune.paging.budgets import parse_budget
+    from blocktune.run.config import MACHINE, RunConfig
+    from blocktune.run.flags import given_settings
     from blocktune.store.store import BlockStore
 
+    settings = RunConfig(**given_settings(a, MACHINE))  # typed as a run types them
     store = BlockStore.open_base(a.store) if a.base else BlockStore.open(a.store)
     tok = load_tokenizer(store)
     adapter = load_adapter(a.adapter, store.args) if a.adapter else None
-    cfg = EngineConfig(method="lora" if adapter else "full", lora=adapter.lora if adapter else None,
-                       device=a.device or "auto", device_budget=parse_budget(a.device_budget or "auto"),
-                       read_only=True, frozen_reads=a.frozen_reads or "auto", batch_hint=(batch, seq, 1))
+    cfg = settings.inference_config(adapter.lora if adapter else None, batch, seq)
     engine = Engine(store, cfg, adapters=adapter.tensors if adapter else None)
     return store, engine, tok
 
@@ -311,52 +251,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _finetune_parser(sub) -> None:
-    p = sub.add_parser("finetune", help="fine-tune a store (LoRA or full) on a text or JSONL file")
-    p.add_argument("--store", help="prepared block store")
-    p.add_argument("--data", help=".txt (packed), or rows (.jsonl, a .json array, .parquet, a `datasets` folder) of "
-                                  "prompt/response, chat messages, alpaca or ShareGPT")
-    _add_chat_template_flag(p)
+    from blocktune.run.config import PROCESSES
+    from blocktune.run.flags import add_setting_flags
+
+    p = sub.add_parser("finetune", help="fine-tune a store (LoRA or full) on a text or JSONL file",
+                       description="Every setting of a run is a flag below, a --set KEY=VALUE and a key of "
+                                   "a --config file (a flag wins over --set, --set over --config).")
     p.add_argument("--config", help="TOML run config; flags override it")
-    p.add_argument("--method", choices=["lora", "full"], help=_default("method"))
-    p.add_argument("--adapter", help="LoRA: continue from this adapter (blocktune's adapter.safetensors or a "
-                                     "PEFT folder; its rank, alpha and targets are used)")
-    p.add_argument("--steps", type=int, help=_default("steps"))
-    p.add_argument("--lr", type=float, help=f"peak learning rate {_default('lr')}")
-    p.add_argument("--batch-size", type=int, help=_default("batch_size"))
-    p.add_argument("--grad-accum", type=int, help=f"micro-batches per step {_default('grad_accum')}")
-    p.add_argument("--seq-len", type=int, help=_default("seq_len"))
-    p.add_argument("--seed", type=int, help=_default("seed"))
-    p.add_argument("--checkpoint-every", type=int, help=f"steps {_default('checkpoint_every')}")
-    p.add_argument("--compute-dtype", choices=["fp32", "bf16", "fp16"],
-                   help="arithmetic dtype (default: the device's, fp32 on CPU, bf16 on GPUs)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any RunConfig setting, e.g. --set lora_rank=16 --set 'lora_targets=[\"wq\",\"wv\"]' "
-                        "(repeatable; flags above win over it, it wins over --config)")
+                   help="any setting by its name, e.g. --set lora_rank=16 --set 'lora_targets=[\"wq\",\"wv\"]' "
+                        "(repeatable; flags win over it, it wins over --config)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved settings as TOML (a --config file) and exit")
-    p.add_argument("--out", help=f"run folder: config, checkpoints, metrics.jsonl, loss.png {_default('out')}")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds an earlier run")
-    p.add_argument("--in-place", action="store_true",
-                   help="full: the fine-tuned weights replace the base model's files (default: the base is "
-                        "kept beside them, `--base` reads it; this needs a second copy's disk space)")
-    p.add_argument("--start-from", choices=["base", "tuned"], default=None,
-                   help="full, on a store another run tuned: from its kept base model (the tuned weights are "
-                        "dropped), or from the tuned weights on purpose (default: refuse, and say so)")
-    p.add_argument("--host-budget", help="RAM for unit files (pinned, for a GPU); on the CPU the RAM for weights, e.g. 4GiB")
-    p.add_argument("--activation-budget", help="RAM for stashed block inputs before they spill to disk, e.g. 4GiB")
-    p.add_argument("--keep-activations", help="RAM for activations kept to skip the backward's recompute, e.g. 6GiB or inf")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--nproc", type=int, help="processes on this machine (torchrun --standalone): data parallel, "
-                                           "or stages x replicas with --stages")
-    p.add_argument("--stages", type=int, help="pipeline stages: each process pages only its stage's units; "
-                                             f"the processes are stages x data-parallel replicas {_default('stages')}")
-    _add_run_flags(p)
+    groups = add_setting_flags(p)
+    groups[PROCESSES].add_argument("--nproc", type=int, help="processes on this machine (torchrun --standalone): "
+                                   "data parallel, or stages x replicas with --stages")
     p.set_defaults(func=cmd_finetune)
 
 
 def _inference_parsers(sub) -> None:
     """generate and eval."""
+    from blocktune.run.config import MACHINE
+    from blocktune.run.flags import add_setting_flags
+
     p = sub.add_parser("generate", help="generate text, streaming, with a KV cache")
     p.add_argument("--store", required=True)
     p.add_argument("--base", action="store_true", help="the base model a full fine-tune kept, not the tuned one")
@@ -365,13 +283,12 @@ def _inference_parsers(sub) -> None:
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as a user turn in the model's chat template (Llama 2: [INST])")
     p.add_argument("--system", help="with --chat: a system prompt")
-    _add_chat_template_flag(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    _add_run_flags(p)
+    add_setting_flags(p, (*MACHINE, "chat_template"))
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="mean next-token loss and perplexity of a text file or of rows")
@@ -380,11 +297,10 @@ def _inference_parsers(sub) -> None:
     p.add_argument("--data", required=True, help="a text file (its windows), or rows as finetune reads them "
                                                  "(scored as finetune trains: a chat on its assistant tokens)")
     p.add_argument("--seq-len", type=int, required=True)
-    _add_chat_template_flag(p)
     p.add_argument("--adapter", help="LoRA adapter: a run's adapter.safetensors or a PEFT folder")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--json", action="store_true")
-    _add_run_flags(p)
+    add_setting_flags(p, (*MACHINE, "chat_template"))
     p.set_defaults(func=cmd_eval)
 
 

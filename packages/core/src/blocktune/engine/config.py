@@ -28,7 +28,7 @@ class EngineConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     device: str = "auto"
     compute_dtype: str | None = None  # None: the device's default (fp32 on CPU, bf16 on GPUs)
-    # Budgets in bytes, None (no limit) or "auto" (from the machine's free memory: blocktune.paging.budgets)
+    # Budgets in bytes (parsed: RunConfig, blocktune.settings), None (no limit) or "auto" (from the machine's free memory: blocktune.paging.budgets)
     device_budget: int | str | None = AUTO  # units resident on the device
     host_budget: int | str | None = AUTO  # unit files kept in (pinned) RAM for an accelerator;
     # on the CPU, host RAM is the device: the smaller of the two budgets bounds residency
@@ -58,5 +58,11 @@ class EngineConfig:
         if self.method == "lora" and self.lora is None:
             raise ConfigError("method 'lora' needs a LoRA configuration")
         check_frozen_reads(self.frozen_reads)
+        for name in ("device_budget", "host_budget", "activation_budget", "keep_budget"):
+            value = getattr(self, name)
+            if not (value is None or value == AUTO and name != "keep_budget"
+                    or isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise ConfigError(f"{name}={value!r}: give bytes (an int: blocktune.settings.parse_bytes reads "
+                                  "'2GiB'), None for no limit" + ("" if name == "keep_budget" else ", or 'auto'"))
         if self.loss_chunk <= 0:
             raise ConfigError(f"loss_chunk={self.loss_chunk} must be positive")

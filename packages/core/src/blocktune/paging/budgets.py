@@ -29,10 +29,10 @@ from blocktune.machine.devices import Device
 from blocktune.machine.hostmem import host_memory_free
 from blocktune.model.args import ModelArgs
 from blocktune.paging.hosttier import BOUNCE_SLOTS
-from blocktune.settings import AUTO, parse_bytes
+from blocktune.settings import AUTO
 from blocktune.store.fileio import round_up
 
-__all__ = ["Budgets", "resolve", "parse_budget", "AUTO", "NO_LIMIT", "limit", "holds_two_units", "local_ranks"]
+__all__ = ["Budgets", "resolve", "AUTO", "NO_LIMIT", "limit", "holds_two_units", "local_ranks"]
 
 MiB = 1 << 20
 
@@ -67,14 +67,6 @@ class Budgets:
     activation: int | None
     notes: tuple[str, ...] = ()  # how each `auto` was worked out, for the resolved config
     tight: bool = False  # `auto` found room for under two units (`holds_two_units`): spend time to save memory
-
-
-def parse_budget(text: str | int | None) -> int | str | None:
-    """'auto', or bytes as `parse_bytes` reads them ('4GiB'; None and 'inf': unlimited)."""
-
-    if isinstance(text, str) and text.strip().lower() == AUTO:
-        return AUTO
-    return parse_bytes(text)
 
 
 def _mib(n: int) -> str:

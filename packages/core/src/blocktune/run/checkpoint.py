@@ -21,7 +21,7 @@ from blocktune.errors import ChecksumError, ConfigError, StoreError, TrainingErr
 from blocktune.formats.adapters import save_adapter
 from blocktune.machine.devices import Device
 from blocktune.model.args import LoraConfig, ModelArgs
-from blocktune.run.config import RunConfig
+from blocktune.run.config import RunConfig, with_checksum
 from blocktune.run.ownership import describe, new_run_id, recorded_run_id, resume_verdict, start_refusal
 from blocktune.store.fileio import atomic_write, crc32
 from blocktune.store.store import BlockStore
@@ -33,7 +33,7 @@ CHECKPOINT = "checkpoint.safetensors"
 
 def _write_config(out: Path, config_toml: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.toml", config_toml.encode())
+    atomic_write(out / "config.toml", with_checksum(config_toml).encode())  # --resume checks it
 
 
 class LoraCheckpoint:
@@ -139,7 +139,7 @@ class StoreCheckpoint:
                  f"names run {self.run_id} as their owner); ")
         where += ("the base model it started from is kept there (`--base` reads it)\n" if self.store.keeps_base
                   else "no base model is kept (--in-place)\n")
-        _write_config(self.out, where + dataclasses.replace(self.cfg, run_id=self.run_id).to_toml())
+        _write_config(self.out, where + dataclasses.replace(self.cfg, run_id=self.run_id).to_toml(absolute=True))
 
     def start(self, log: Callable[[str], None]) -> None:
         """Claim the store for a new run, in one commit before anything else is written (the run,

@@ -1,125 +1,158 @@
-"""A fine-tuning run's settings (`RunConfig`: every field reachable from the command line,
-its defaults the library's), the learning-rate schedule, and the check of `--out`."""
+"""A fine-tuning run's settings: `RunConfig`, every field typed once where it comes in (a size
+is bytes, None or `auto` from then on) and carrying its command-line flag's help, choices and
+section (blocktune.run.flags makes the flags); its TOML form, checksummed in a run folder; the
+learning-rate schedule, and the check of `--out`."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
 import tomllib
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-from blocktune.engine.config import EngineConfig, check_frozen_reads
+from blocktune.engine.config import FROZEN_READS, EngineConfig
 from blocktune.engine.optim import OptimizerConfig
-from blocktune.errors import ConfigError
+from blocktune.errors import BudgetError, ConfigError
 from blocktune.model.args import LoraConfig
-from blocktune.paging.budgets import parse_budget
-from blocktune.settings import parse_bytes
+from blocktune.settings import AUTO, parse_budget, parse_bytes, short_size, size_text
 from blocktune.store.lock import LOCK_DIR
 
-__all__ = ["RunConfig", "lr_at", "check_out", "with_adapter_lora", "schedule_notes"]
+if TYPE_CHECKING:
+    from blocktune.paging.budgets import Budgets
+
+__all__ = ["RunConfig", "SECTIONS", "MACHINE", "FIELDS", "typed", "with_checksum", "config_line",
+           "lr_at", "check_out", "with_adapter_lora", "schedule_notes"]
+
+Budget: TypeAlias = "int | str | None"  # bytes, None (no limit) or AUTO (worked out at the start)
+Size: TypeAlias = "int | None"  # bytes, or None (no limit)
+
+# the sections of `finetune --help`, in order
+DATA, LORA, METHOD, OPTIM, EVAL, MACHINE_SECTION, RUN, PROCESSES = SECTIONS = (
+    "data", "LoRA", "method (full fine-tunes)", "optimizer and schedule", "evaluation, samples and checkpoints",
+    "machine and budgets", "run folder and output", "processes")
+MACHINE = ("device", "device_budget", "frozen_reads")  # the settings generate and eval share with a run
+PATHS = ("store", "data", "adapter", "chat_template")  # written absolute in a run folder's config.toml
+CHECKSUM = "# crc32: "  # the last line of a run folder's config.toml: the crc32 of the lines above it
+
+
+def _setting(default: Any, section: str, help: str = "", *, choices: tuple | None = None, least: int | None = None,
+             flag: bool = True) -> Any:
+    """A RunConfig field: its default, and for its flag its section, help and choices; `least`: the
+    smallest value it takes; `flag=False`: set by the run, not given on the command line."""
+    meta = {"section": section, "help": help, "choices": choices, "least": least, "flag": flag}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _either(choices: tuple) -> str:
+    named = [str(c) for c in choices if c != ""]
+    return ", ".join(named[:-1]) + f" or {named[-1]}" if len(named) > 1 else named[0]
 
 
 @dataclass
 class RunConfig:
     """Every setting of a fine-tune, in one place. Defaults suit a 7B LoRA run on a 16 GB laptop."""
 
-    store: str = ""
-    data: str = ""
-    # chats without the model's own template: a jinja file, or a format by name (chatml, llama3, llama2)
-    chat_template: str = ""
-    out: str = "runs/latest"
-    overwrite: bool = False  # start afresh in an --out that holds an earlier run's record
-    method: str = "lora"  # lora | full
-    steps: int = 100
-    lr: float = OptimizerConfig.lr
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10
-    optimizer: str = OptimizerConfig.name  # adamw | sgd
-    weight_decay: float = OptimizerConfig.weight_decay
-    grad_clip: float = 1.0  # global norm, LoRA only (a full fine-tune steps each unit at once)
-    batch_size: int = 1
-    grad_accum: int = 8
-    seq_len: int = 512
-    val_ratio: float = 0.05
-    eval_every: int = 25
-    eval_batches: int = 8
-    sample_every: int = 50
-    sample_prompt: str = "The"
-    sample_tokens: int = 32
-    checkpoint_every: int = 10
-    seed: int = 0
-    device: str = "auto"
-    compute_dtype: str = ""  # "": the device's default (fp32 on CPU, bf16 on GPUs)
-    # "auto": from the memory free at the start (blocktune.paging.budgets; printed with the config)
-    device_budget: str = "auto"  # weights resident on the device, e.g. "2GiB"; "inf": no limit
-    host_budget: str = "auto"  # unit files kept in RAM (pinned) for a GPU; on the CPU, the RAM for weights
-    activation_budget: str = "auto"  # stashed block inputs in RAM before spilling to disk
-    keep_activations: str = "0"  # RAM for activations kept to skip the recompute, e.g. "6GiB"; "inf": all
-    verify: str = "once"  # crc32 of each file: "once" per file version per process, "always", "never"
-    frozen_reads: str = "auto"  # CPU, LoRA: "mapped" (page cache), "direct" (store bigger than RAM), "auto"
+    store: str = _setting("", DATA, "prepared block store")
+    data: str = _setting("", DATA, ".txt (packed), or rows (.jsonl, a .json array, .parquet, a `datasets` folder) "
+                         "of prompt/response, chat messages, alpaca or ShareGPT")
+    chat_template: str = _setting("", DATA, "chats for a model whose tokenizer has no chat template: a jinja file "
+                                  "(as tokenizer_config.json holds it) or a format by name: chatml, llama3, llama2")
+    out: str = _setting("runs/latest", RUN, "run folder: config, checkpoints, metrics.jsonl, loss.png")
+    overwrite: bool = _setting(False, RUN, "start afresh in an --out that holds an earlier run")
+    method: str = _setting("lora", METHOD, "", choices=("lora", "full"))
+    steps: int = _setting(100, OPTIM, "optimizer steps", least=1)
+    lr: float = _setting(OptimizerConfig.lr, OPTIM, "peak learning rate")
+    min_lr_ratio: float = _setting(0.1, OPTIM, "the cosine decays to lr * min_lr_ratio")
+    warmup_steps: int = _setting(10, OPTIM, "steps of linear warm-up", least=0)
+    optimizer: str = _setting(OptimizerConfig.name, OPTIM, "", choices=("adamw", "sgd"))
+    weight_decay: float = _setting(OptimizerConfig.weight_decay, OPTIM)
+    grad_clip: float = _setting(1.0, OPTIM, "global norm, LoRA only (a full fine-tune steps each unit at once)")
+    batch_size: int = _setting(1, OPTIM, "sequences per micro-batch", least=1)
+    grad_accum: int = _setting(8, OPTIM, "micro-batches per step", least=1)
+    seq_len: int = _setting(512, DATA, "tokens per sequence", least=1)
+    val_ratio: float = _setting(0.05, DATA, "the share of the data held out for validation, in [0, 1)")
+    eval_every: int = _setting(25, EVAL, "steps between validation losses (0: at the end only)", least=0)
+    eval_batches: int = _setting(8, EVAL, "batches per validation loss", least=0)
+    sample_every: int = _setting(50, EVAL, "steps between samples (0: none)", least=0)
+    sample_prompt: str = _setting("The", EVAL)
+    sample_tokens: int = _setting(32, EVAL, "", least=0)
+    checkpoint_every: int = _setting(10, EVAL, "steps", least=1)
+    seed: int = _setting(0, OPTIM)
+    device: str = _setting("auto", MACHINE_SECTION, "auto, cpu, cuda[:N] or mps; emu and emu-mps: the CPU behaving "
+                           "as an accelerator (as MPS), for tests")
+    compute_dtype: str = _setting("", MACHINE_SECTION, "arithmetic dtype (default: the device's, fp32 on CPU, "
+                                  "bf16 on GPUs)", choices=("", "fp32", "bf16", "fp16"))
+    # budgets: "auto" works them out from the memory free at the start (blocktune.paging.budgets)
+    device_budget: Budget = _setting(AUTO, MACHINE_SECTION, "bytes of weights resident on the device, e.g. 2GiB; "
+                                     "inf: no limit; auto: from the free memory")
+    host_budget: Budget = _setting(AUTO, MACHINE_SECTION, "RAM for unit files (pinned, for a GPU); on the CPU the "
+                                   "RAM for weights, e.g. 4GiB")
+    activation_budget: Budget = _setting(AUTO, MACHINE_SECTION, "RAM for stashed block inputs before they spill "
+                                         "to disk, e.g. 4GiB")
+    keep_activations: Size = _setting(0, MACHINE_SECTION, "RAM for activations kept to skip the backward's "
+                                      "recompute, e.g. 6GiB or inf")
+    verify: str = _setting("once", MACHINE_SECTION, "crc32 of each file: once per file version per process, "
+                           "always, never", choices=("once", "always", "never"))
+    frozen_reads: str = _setting("auto", MACHINE_SECTION, "CPU, frozen weights: through the page cache (mapped), "
+                                 "past it (direct, for a store bigger than RAM), or by the store's size against "
+                                 "free memory (auto)", choices=FROZEN_READS)
     # LoRA's defaults are LoraConfig's (one source for the library and the CLI)
-    lora_rank: int = LoraConfig.rank
-    lora_alpha: float = LoraConfig.alpha
-    lora_dropout: float = LoraConfig.dropout
-    lora_targets: list[str] = field(default_factory=lambda: list(LoraConfig.targets))
-    in_place: bool = False  # full: let the fine-tuned weights replace the base model's files
-    # full, on a store that holds another run's tuned weights: "base" (the kept base) or "tuned"
-    # (those weights, on purpose); "": refuse (blocktune.run.checkpoint.StoreCheckpoint)
-    start_from: str = ""
-    run_id: str = ""  # full: set at the start; the store's manifest names the run that owns it so
-    adapter: str = ""  # LoRA: start from this adapter (blocktune's file or a PEFT folder); its rank,
-    # alpha and targets replace lora_rank, lora_alpha and lora_targets
-    dropout: float = 0.0  # embedding, attention and residual dropout
-    plot: bool = True  # loss.png at each checkpoint and at the end (needs matplotlib)
-    tensorboard: bool = True  # TensorBoard event files in the run folder (needs tensorboard)
-    progress: bool = True
-    progress_every: float = 30.0  # seconds between progress lines when stderr is not a terminal
-    dist_timeout: float = 300.0  # seconds a rank waits in a collective before giving up
-    stages: int = 1  # pipeline stages over the processes (each pages only its share of the units)
+    lora_rank: int = _setting(LoraConfig.rank, LORA, "", least=1)
+    lora_alpha: float = _setting(LoraConfig.alpha, LORA)
+    lora_dropout: float = _setting(LoraConfig.dropout, LORA)
+    lora_targets: list[str] = _setting(list(LoraConfig.targets), LORA, "the layers LoRA adapts")
+    in_place: bool = _setting(False, METHOD, "full: the fine-tuned weights replace the base model's files "
+                              "(default: the base is kept beside them, `--base` reads it; this needs a second "
+                              "copy's disk space)")
+    start_from: str = _setting("", METHOD, "full, on a store another run tuned: from its kept base model (the "
+                               "tuned weights are dropped), or from the tuned weights on purpose (default: refuse, "
+                               "and say so)", choices=("", "base", "tuned"))
+    # full: set at the start; the store's manifest names the run that owns it so
+    run_id: str = _setting("", RUN, flag=False)
+    adapter: str = _setting("", LORA, "continue from this adapter (blocktune's adapter.safetensors or a PEFT "
+                            "folder): its rank, alpha and targets are the run's")
+    dropout: float = _setting(0.0, OPTIM, "embedding, attention and residual dropout")
+    plot: bool = _setting(True, RUN, "loss.png at each checkpoint and at the end (needs matplotlib)")
+    tensorboard: bool = _setting(True, RUN, "TensorBoard event files in the run folder (needs tensorboard)")
+    progress: bool = _setting(True, RUN, "progress lines on stderr")
+    progress_every: float = _setting(30.0, RUN, "seconds between progress lines when stderr is not a terminal")
+    dist_timeout: float = _setting(300.0, PROCESSES, "seconds a rank waits in a collective before giving up")
+    stages: int = _setting(1, PROCESSES, "pipeline stages: each process pages only its stage's units; the "
+                           "processes are stages x data-parallel replicas", least=1)
 
     def __post_init__(self) -> None:
-        if self.method not in ("lora", "full"):
-            raise ConfigError(f"method={self.method!r}: choose lora or full")
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "checkpoint_every", "stages"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
-        if self.verify not in ("once", "always", "never"):
-            raise ConfigError(f"verify={self.verify!r}: choose once, always or never")
-        check_frozen_reads(self.frozen_reads)
-        if self.start_from not in ("", "base", "tuned"):
-            raise ConfigError(f"start_from={self.start_from!r}: choose base or tuned")
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, typed(f, getattr(self, f.name)))
         if not 0 <= self.val_ratio < 1:
             raise ConfigError(f"val_ratio={self.val_ratio} must be in [0, 1)")
-        self.lora_targets = list(self.lora_targets)
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> RunConfig:
-        values: dict[str, Any] = {}
-        if path:
-            p = Path(path)
-            try:
-                values = tomllib.loads(p.read_text())
-            except FileNotFoundError:
-                raise ConfigError(f"{p}: config file not found") from None
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"{p}: not valid TOML ({exc})") from None
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(values) - known)
-            if unknown:
-                raise ConfigError(f"{p}: unknown setting(s) {unknown}")
+        """The config in the TOML file `path` (if any) with `overrides` (None: not given) over it."""
+        values = _read_toml(Path(path)) if path else {}
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls(**values)
         except TypeError as exc:
             raise ConfigError(str(exc)) from None
 
-    def to_toml(self) -> str:
+    def to_toml(self, absolute: bool = False) -> str:
+        """The settings as a --config file takes them (sizes as '2GiB', 'inf', 'auto'); `absolute`:
+        with the files' paths absolute, as a run folder keeps them (a resume from elsewhere)."""
         lines = []
-        for k, v in dataclasses.asdict(self).items():
-            lines.append(f"{k} = {json.dumps(v)}")  # JSON scalars and lists are valid TOML
+        for f in dataclasses.fields(self):
+            value = _toml_value(f, getattr(self, f.name))
+            if absolute and f.name in PATHS:
+                value = _absolute(f.name, value)
+            lines.append(f"{f.name} = {json.dumps(value)}")  # JSON scalars and lists are valid TOML
         return "\n".join(lines) + "\n"
 
     def lora(self) -> LoraConfig:
@@ -130,12 +163,157 @@ class RunConfig:
             method=self.method, lora=self.lora(),
             optimizer=OptimizerConfig(self.optimizer, self.lr, weight_decay=self.weight_decay),
             device=self.device, compute_dtype=self.compute_dtype or None,
-            device_budget=parse_budget(self.device_budget), host_budget=parse_budget(self.host_budget),
-            activation_budget=parse_budget(self.activation_budget), seed=self.seed,
+            device_budget=self.device_budget, host_budget=self.host_budget,
+            activation_budget=self.activation_budget, seed=self.seed,
             batch_hint=(self.batch_size, self.seq_len, self.grad_accum),
-            keep_budget=parse_bytes(self.keep_activations), verify=self.verify,
+            keep_budget=self.keep_activations, verify=self.verify,
             frozen_reads=self.frozen_reads,
         )
+
+    def inference_config(self, lora: LoraConfig | None, batch: int, seq: int) -> EngineConfig:
+        """generate's and eval's engine: this config's machine settings (`MACHINE`), read-only, with
+        an adapter's LoRA (None: the model alone)."""
+        return EngineConfig(method="lora" if lora else "full", lora=lora, device=self.device,
+                            device_budget=self.device_budget, read_only=True, frozen_reads=self.frozen_reads,
+                            batch_hint=(batch, seq, 1))
+
+    def changed(self) -> str:
+        """The settings that differ from the defaults, on one line (`key=value ...`)."""
+        default = RunConfig()
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "run_id" and value != getattr(default, f.name):
+                value = _toml_value(f, value)
+                parts.append(f"{f.name}={value if isinstance(value, str) and value.isprintable() else json.dumps(value)}")
+        return " ".join(parts)
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("must be a whole number")
+    return value
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("must be a number")
+    return float(value)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("must be true or false")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("must be a string (in TOML, in quotes)")
+    return value
+
+
+def _names(value: Any) -> list[str]:
+    """A list of names; a string of names separated by commas is one too."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(v, str) for v in items):
+        raise TypeError('must be a list of names, e.g. ["wq", "wv"], or names separated by commas')
+    return [name.strip() for item in items for name in item.split(",") if name.strip()]
+
+
+def _bytes(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        if isinstance(value, bool) or not (value is None or isinstance(value, (int, float, str))):
+            raise TypeError("must be a size like 512MiB, 4GiB or inf")
+        value = parse(value)
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must not be negative")
+        return value
+    return convert
+
+
+# each annotation's conversion: the one place a setting's value gets its type
+_TYPES: dict[str, Callable[[Any], Any]] = {"int": _int, "float": _float, "bool": _bool, "str": _str,
+                                           "list[str]": _names, "Budget": _bytes(parse_budget),
+                                           "Size": _bytes(parse_bytes)}
+
+
+def typed(f: dataclasses.Field, value: Any, where: str = "") -> Any:
+    """`value` as the setting `f`'s type, within its choices and bounds; else a ConfigError that
+    names the setting (after `where`: the file or flag it came from)."""
+    try:
+        out = _TYPES[f.type](value)
+    except (TypeError, ValueError, BudgetError) as exc:
+        raise ConfigError(f"{where}{f.name}={value!r}: {exc}") from None
+    choices, least = f.metadata.get("choices"), f.metadata.get("least")
+    if choices and out not in choices:
+        raise ConfigError(f"{where}{f.name}={value!r}: choose {_either(choices)}")
+    if least is not None and out < least:
+        raise ConfigError(f"{where}{f.name}={value!r} must be {'positive' if least == 1 else f'at least {least}'}")
+    return out
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_untyped = [f"{f.name}: {f.type}" for f in FIELDS.values() if f.type not in _TYPES]
+if _untyped:  # a new field's annotation needs its conversion in _TYPES
+    raise TypeError(f"RunConfig fields of a type without a conversion: {_untyped}")
+
+
+def _toml_value(f: dataclasses.Field, value: Any) -> Any:
+    return size_text(value) if f.type in ("Budget", "Size") else value
+
+
+def _absolute(name: str, value: str) -> str:
+    from blocktune.formats.chat import NAMED_FORMATS
+
+    if not value or (name == "chat_template" and value in NAMED_FORMATS):
+        return value
+    return os.path.abspath(value)
+
+
+def with_checksum(text: str) -> str:
+    """`text` (a run folder's config.toml) with its checksum line added at the end."""
+    return text + f"{CHECKSUM}{zlib.crc32(text.encode()):08x}\n"
+
+
+def _checked(path: Path, text: str) -> str:
+    """A config file's text, its checksum line (if it has one) checked: a file changed since its
+    run wrote it is refused (a hand-written one has no line and is taken as it is)."""
+    lines = text.splitlines(keepends=True)
+    marks = [i for i, line in enumerate(lines) if line.startswith(CHECKSUM)]
+    if not marks:
+        return text
+    i = marks[-1]
+    rest = "".join(lines[:i] + lines[i + 1:])
+    if f"{CHECKSUM}{zlib.crc32(rest.encode()):08x}" != lines[i].strip():
+        raise ConfigError(f"{path}: the settings no longer match the checksum the run wrote with them "
+                          f"({lines[i].strip()}): the file changed after the run wrote it (a disk or copy error, or "
+                          "an edit); if you edited it on purpose, remove the checksum line")
+    return rest
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """A config file's settings, each typed (errors name the file)."""
+    try:
+        values = tomllib.loads(_checked(path, path.read_text()))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {unknown}")
+    return {k: typed(FIELDS[k], v, where=f"{path}: ") for k, v in values.items()}
+
+
+def config_line(cfg: RunConfig, budgets: Budgets, arithmetic: Path) -> str:
+    """The config a run prints at its start: the settings that differ from the defaults, the
+    budgets it resolved (`Budgets`), and where the arithmetic behind them is."""
+    return (f"config: {cfg.changed()}; budgets: device {short_size(budgets.device)}, host "
+            f"{short_size(budgets.host)}, activations {short_size(budgets.activation)} (how: {arithmetic}; "
+            "every setting: --print-config)")
 
 
 def check_out(cfg: RunConfig, resume: bool) -> None:

@@ -25,7 +25,7 @@ from blocktune.errors import ConfigError, TrainingError
 from blocktune.formats.tokenizer import load_tokenizer
 from blocktune.machine.hostmem import peak_rss_bytes
 from blocktune.run.checkpoint import LoraCheckpoint, StoreCheckpoint
-from blocktune.run.config import RunConfig, check_out, lr_at, schedule_notes, with_adapter_lora
+from blocktune.run.config import RunConfig, check_out, config_line, lr_at, schedule_notes, with_adapter_lora
 from blocktune.run.data import load_dataset
 from blocktune.run.generate import SamplingConfig, generate_tokens
 from blocktune.run.record import RunRecord
@@ -71,7 +71,7 @@ class Trainer:
         ecfg = dataclasses.replace(cfg.engine_config(), device=str(device))
         self.engine = Engine(self.store, ecfg, adapters=start_adapters, dist=self.dist, args=self.args)
         self.checkpoint: LoraCheckpoint | StoreCheckpoint = (
-            LoraCheckpoint(self.out, self.engine, self.dist, cfg.lora(), self.store.args, cfg.to_toml())
+            LoraCheckpoint(self.out, self.engine, self.dist, cfg.lora(), self.store.args, cfg.to_toml(absolute=True))
             if cfg.method == "lora" else StoreCheckpoint(self.out, self.store, self.dist, device, cfg))
 
     # ---- evaluation ----
@@ -191,9 +191,13 @@ class Trainer:
         if not self.dist.enabled:  # ranks check before they join (the CLI): rank 0 writes here
             check_out(self.cfg, resume)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.log("config:\n" + self.cfg.to_toml())
-        for note in self.engine.budgets.notes:
-            self.log(note)
+        budgets, arithmetic = self.engine.budgets, self.out / "budgets.txt"
+        if self.dist.is_main:  # the budgets' arithmetic stays in the run folder; its warnings are said
+            arithmetic.write_text("\n".join(budgets.notes or ["every budget was given"]) + "\n")
+        self.log(config_line(self.cfg, budgets, arithmetic))
+        for note in budgets.notes:
+            if note.startswith("warning"):
+                self.log(note)
 
     def _announce_stage(self) -> None:
         """With pipeline stages every rank says what it holds."""
