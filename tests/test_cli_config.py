@@ -119,6 +119,7 @@ def test_sizes_are_parsed_once_and_written_back_as_written():
     assert (toml["device_budget"], toml["host_budget"], toml["activation_budget"], toml["keep_activations"]) == (
         "1536MiB", "inf", "3MiB", "6GiB")
     assert RunConfig(**toml) == cfg and RunConfig().device_budget == "auto"
+    assert RunConfig(keep_activations="0").keep_activations == 0  # as an older run folder's config.toml has it
     assert RunConfig(device_budget=1000).to_toml().count('device_budget = 1000\n') == 1
     with pytest.raises(ConfigError, match="device_budget='2GiB'"):
         EngineConfig(device_budget="2GiB")  # the engine takes parsed budgets only

@@ -57,11 +57,12 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
     from blocktune.run.flags import given_settings, parse_sets
 
-    out = a.out or RunConfig.out
+    sets = parse_sets(a.set or [])
+    out = a.out or sets.get("out") or RunConfig.out
     if a.resume and a.config is None and Path(out, "config.toml").is_file():
         a.config = str(Path(out, "config.toml"))
     # a flag wins over --set, --set over --config, --config over the defaults
-    cfg = RunConfig.load(a.config, **{**parse_sets(a.set or []), **given_settings(a)})
+    cfg = RunConfig.load(a.config, **{**sets, **given_settings(a)})
     if a.print_config:  # the resolved settings, as a --config file takes them
         sys.stdout.write(cfg.to_toml())
         return 0

@@ -49,7 +49,9 @@ def size_text(value: int | str | None) -> int | str:
 
 
 def short_size(value: int | None) -> str:
-    """A size for a person: 'unlimited', '512 MiB', '2.5 GiB'."""
+    """A size for a person: 'unlimited', '600 KiB', '512 MiB', '2.5 GiB'."""
     if value is None:
         return "unlimited"
-    return f"{value / (1 << 30):.1f} GiB" if value >= 1 << 30 else f"{value / (1 << 20):,.0f} MiB"
+    if value >= 1 << 30:
+        return f"{value / (1 << 30):.1f} GiB"
+    return f"{value / (1 << 20):,.0f} MiB" if value >= 1 << 20 else f"{value / (1 << 10):,.0f} KiB"

@@ -35,6 +35,8 @@ from blocktune.store.store import BlockStore
 
 __all__ = ["Trainer"]
 
+BUDGETS = "budgets.txt"  # in the run folder: how the budgets were worked out
+
 
 class Trainer:
     def __init__(self, cfg: RunConfig, log=print):
@@ -164,6 +166,7 @@ class Trainer:
             start = self.checkpoint.resume() if resume else 0
         for note in schedule_notes(cfg, start) if resume else []:
             self.log(note)
+        self._keep_arithmetic()
         self._announce_stage()
         record = RunRecord(self.out, self._history(start) if resume else [], start=start, steps=cfg.steps,
                            writes=self.dist.is_main, tensorboard=cfg.tensorboard, plot=cfg.plot,
@@ -191,13 +194,17 @@ class Trainer:
         if not self.dist.enabled:  # ranks check before they join (the CLI): rank 0 writes here
             check_out(self.cfg, resume)
         self.out.mkdir(parents=True, exist_ok=True)
-        budgets, arithmetic = self.engine.budgets, self.out / "budgets.txt"
-        if self.dist.is_main:  # the budgets' arithmetic stays in the run folder; its warnings are said
-            arithmetic.write_text("\n".join(budgets.notes or ["every budget was given"]) + "\n")
-        self.log(config_line(self.cfg, budgets, arithmetic))
+        budgets = self.engine.budgets  # the arithmetic goes into the run folder once it starts; warnings are said
+        self.log(config_line(self.cfg, budgets, self.out / BUDGETS))
         for note in budgets.notes:
             if note.startswith("warning"):
                 self.log(note)
+
+    def _keep_arithmetic(self) -> None:
+        """How the budgets were worked out, in the run folder (written once the run has started:
+        a run refused before it starts leaves its folder as it was)."""
+        if self.dist.is_main:
+            (self.out / BUDGETS).write_text("\n".join(self.engine.budgets.notes or ["every budget was given"]) + "\n")
 
     def _announce_stage(self) -> None:
         """With pipeline stages every rank says what it holds."""
