@@ -14,7 +14,7 @@ from typing import Any
 from blocktune.engine.config import EngineConfig, check_frozen_reads
 from blocktune.engine.optim import OptimizerConfig
 from blocktune.errors import ConfigError
-from blocktune.model.args import LoraConfig
+from blocktune.model.args import LoraConfig, lora_targets
 from blocktune.paging.budgets import parse_budget
 from blocktune.settings import parse_bytes
 from blocktune.store.lock import LOCK_DIR
@@ -64,6 +64,8 @@ class RunConfig:
     lora_rank: int = LoraConfig.rank
     lora_alpha: float = LoraConfig.alpha
     lora_dropout: float = LoraConfig.dropout
+    # Meta's names (wq wk wv wo w1 w2 w3), Hugging Face's (q_proj ... down_proj) or "all-linear" (all seven);
+    # kept as Meta's (the store's), so config.toml, checkpoints and adapters are the same either way
     lora_targets: list[str] = field(default_factory=lambda: list(LoraConfig.targets))
     in_place: bool = False  # full: let the fine-tuned weights replace the base model's files
     # full, on a store that holds another run's tuned weights: "base" (the kept base) or "tuned"
@@ -93,7 +95,7 @@ class RunConfig:
             raise ConfigError(f"start_from={self.start_from!r}: choose base or tuned")
         if not 0 <= self.val_ratio < 1:
             raise ConfigError(f"val_ratio={self.val_ratio} must be in [0, 1)")
-        self.lora_targets = list(self.lora_targets)
+        self.lora_targets = list(lora_targets(self.lora_targets))
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> RunConfig:
