@@ -2,11 +2,9 @@
 Face's names and "all-linear", --epochs, a run folder per run, an adapter per checkpoint, and
 the messages and exits of a Unix tool. Each test runs the command as a user does."""
 
-import json
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 import torch
