@@ -2,6 +2,7 @@
 Face's names and "all-linear", --epochs, a run folder per run, an adapter per checkpoint, and
 the messages and exits of a Unix tool. Each test runs the command as a user does."""
 
+import json
 import subprocess
 import sys
 import tomllib
@@ -58,3 +59,26 @@ def test_lora_targets_by_hugging_face_names_and_all_linear(prepared, tmp_path):
     r = bt("finetune", "--store", "s", "--data", "d", "--set", 'lora_targets=["qproj"]', "--print-config")
     assert r.returncode == 2 and "['qproj']" in r.stderr and "q_proj" in r.stderr and "'wq'" in r.stderr
     assert "all-linear" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_epochs_instead_of_steps(prepared, tmp_path):
+    """--epochs N: the steps follow from the training examples over batch_size x grad_accum x
+    ranks, the log says how many, config.toml records them; steps beside epochs is refused."""
+    data = tmp_path / "short.txt"
+    data.write_text(demo_text()[:1500])
+    r = lora(prepared, "--out", tmp_path / "run", "--data", data, "--set", "epochs=2", steps=None)
+    assert r.returncode == 0, r.stderr[-2000:]
+    examples = int(r.stderr.split(" training sequences")[0].rsplit("; ", 1)[1])
+    steps = -(-2 * examples // 2)  # batch 2, grad_accum 1, one rank
+    assert f"epochs 2: {steps} steps ({examples} training examples, 2 per step" in r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["step"] == steps
+    assert tomllib.loads((tmp_path / "run" / "config.toml").read_text())["steps"] == steps
+
+    r = bt("finetune", "--store", "s", "--data", "d", "--set", "epochs=1", "--steps", "5", "--print-config")
+    assert r.returncode == 2 and "both steps=5 and epochs=1" in r.stderr
+    (tmp_path / "e.toml").write_text("epochs = 3\n")  # the command line's steps win over a file's epochs
+    r = bt("finetune", "--store", "s", "--data", "d", "--config", tmp_path / "e.toml", "--steps", "5", "--print-config")
+    assert r.returncode == 0 and (tomllib.loads(r.stdout)["steps"], tomllib.loads(r.stdout)["epochs"]) == (5, 0)
+    (tmp_path / "e.toml").write_text("epochs = 3\nsteps = 7\n")
+    r = bt("finetune", "--store", "s", "--data", "d", "--config", tmp_path / "e.toml", "--print-config")
+    assert r.returncode == 2 and "e.toml gives both steps=7 and epochs=3" in r.stderr

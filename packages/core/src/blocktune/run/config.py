@@ -19,7 +19,7 @@ from blocktune.paging.budgets import parse_budget
 from blocktune.settings import parse_bytes
 from blocktune.store.lock import LOCK_DIR
 
-__all__ = ["RunConfig", "lr_at", "check_out", "with_adapter_lora", "schedule_notes"]
+__all__ = ["RunConfig", "lr_at", "check_out", "with_adapter_lora", "schedule_notes", "steps_of_epochs"]
 
 
 @dataclass
@@ -34,6 +34,10 @@ class RunConfig:
     overwrite: bool = False  # start afresh in an --out that holds an earlier run's record
     method: str = "lora"  # lora | full
     steps: int = 100
+    # passes over the training examples instead of steps (0: steps decides): the run takes
+    # ceil(epochs * examples / (batch_size * grad_accum * data-parallel ranks)) steps, says so, and
+    # records them as `steps` in config.toml (a resume continues them); with steps given too it is refused
+    epochs: float = 0.0
     lr: float = OptimizerConfig.lr
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 10
@@ -93,6 +97,8 @@ class RunConfig:
         check_frozen_reads(self.frozen_reads)
         if self.start_from not in ("", "base", "tuned"):
             raise ConfigError(f"start_from={self.start_from!r}: choose base or tuned")
+        if self.epochs < 0:
+            raise ConfigError(f"epochs={self.epochs} must be positive (or 0: steps decides)")
         if not 0 <= self.val_ratio < 1:
             raise ConfigError(f"val_ratio={self.val_ratio} must be in [0, 1)")
         self.lora_targets = list(lora_targets(self.lora_targets))
@@ -112,7 +118,9 @@ class RunConfig:
             unknown = sorted(set(values) - known)
             if unknown:
                 raise ConfigError(f"{p}: unknown setting(s) {unknown}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        _steps_or_epochs(values, given, path)
+        values.update(given)
         try:
             return cls(**values)
         except TypeError as exc:
@@ -138,6 +146,31 @@ class RunConfig:
             keep_budget=parse_bytes(self.keep_activations), verify=self.verify,
             frozen_reads=self.frozen_reads,
         )
+
+
+def _steps_or_epochs(file: dict[str, Any], line: dict[str, Any], path: str | Path | None) -> None:
+    """A run's length is steps or epochs: both in one place (the command line, or the file) is
+    refused; the command line's steps win over the file's epochs (its epochs over the file's
+    steps need nothing: epochs, where set, decide)."""
+    for layer, where in ((line, "the command line"), (file, str(path))):
+        if layer.get("epochs") and "steps" in layer:
+            raise ConfigError(f"{where} gives both steps={layer['steps']!r} and epochs={layer['epochs']!r}: "
+                              "give one (with epochs the steps follow from the data)")
+    if "steps" in line:
+        file.pop("epochs", None)
+
+
+def steps_of_epochs(cfg: RunConfig, examples: int, ranks: int) -> tuple[RunConfig, str | None]:
+    """The config with the steps its epochs take over `examples` training examples on `ranks`
+    data-parallel ranks (epochs resolved into steps), and the line that says so; unchanged
+    without epochs."""
+    if not cfg.epochs:
+        return cfg, None
+    per_step = cfg.batch_size * cfg.grad_accum * ranks
+    steps = max(1, math.ceil(cfg.epochs * examples / per_step))
+    return dataclasses.replace(cfg, steps=steps, epochs=0.0), (
+        f"epochs {cfg.epochs:g}: {steps} steps ({examples} training examples, {per_step} per step: batch_size "
+        f"{cfg.batch_size} x grad_accum {cfg.grad_accum} x {ranks} rank(s))")
 
 
 def check_out(cfg: RunConfig, resume: bool) -> None:

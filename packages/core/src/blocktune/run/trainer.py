@@ -25,7 +25,14 @@ from blocktune.errors import ConfigError, TrainingError
 from blocktune.formats.tokenizer import load_tokenizer
 from blocktune.machine.hostmem import peak_rss_bytes
 from blocktune.run.checkpoint import LoraCheckpoint, StoreCheckpoint
-from blocktune.run.config import RunConfig, check_out, lr_at, schedule_notes, with_adapter_lora
+from blocktune.run.config import (
+    RunConfig,
+    check_out,
+    lr_at,
+    schedule_notes,
+    steps_of_epochs,
+    with_adapter_lora,
+)
 from blocktune.run.data import load_dataset
 from blocktune.run.generate import SamplingConfig, generate_tokens
 from blocktune.run.record import RunRecord
@@ -68,6 +75,10 @@ class Trainer:
         self.cfg = cfg
         self.train_data, self.val_data = load_dataset(
             cfg.data, self.tok, cfg.seq_len, self.args.max_seq_len, cfg.val_ratio, cfg.chat_template, self.log)
+        cfg, said = steps_of_epochs(cfg, len(self.train_data), self.dist.dp_world)
+        if said:  # from here on the run is its steps (config.toml records them)
+            self.log(said)
+            self.cfg = cfg
         ecfg = dataclasses.replace(cfg.engine_config(), device=str(device))
         self.engine = Engine(self.store, ecfg, adapters=start_adapters, dist=self.dist, args=self.args)
         self.checkpoint: LoraCheckpoint | StoreCheckpoint = (
