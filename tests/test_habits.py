@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +83,31 @@ def test_epochs_instead_of_steps(prepared, tmp_path):
     (tmp_path / "e.toml").write_text("epochs = 3\nsteps = 7\n")
     r = bt("finetune", "--store", "s", "--data", "d", "--config", tmp_path / "e.toml", "--print-config")
     assert r.returncode == 2 and "e.toml gives both steps=7 and epochs=3" in r.stderr
+
+
+def test_a_new_run_folder_per_run_and_resume_finds_the_newest(prepared, tmp_path):
+    """Without --out every run gets its own runs/<date-time> (printed): a second run starts
+    instead of refusing; --resume without --out continues the newest and says which, or, with
+    no run there, refuses and creates nothing. An explicit --out is as before."""
+    first = lora(prepared, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = lora(prepared, "--checkpoint-every", "1", steps=1, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(folders) == 2 and all(f"run folder: {Path('runs', f)}" in r.stderr for f, r in zip(folders, (first, second)))
+    assert json.loads(second.stdout.splitlines()[-1])["out"] == str(Path("runs", folders[1]))
+    resumed = lora(prepared, "--resume", steps=3, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming the newest run under runs/: {Path('runs', folders[1])}" in resumed.stderr
+    assert "resuming at step 1 of 3" in resumed.stderr
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = lora(prepared, "--resume", cwd=empty)
+    assert r.returncode == 2 and "--resume without --out: no run folder under" in r.stderr
+    r = lora(prepared, "--resume", "--out", "new", cwd=empty)  # a LoRA resume where no run is: nothing left
+    assert r.returncode == 2 and "new holds no LoRA checkpoint" in r.stderr and "without --resume" in r.stderr
+    assert list(empty.iterdir()) == []
+    (empty / "afile").write_text("x")
+    r = lora(prepared, "--out", "afile", cwd=empty)
+    assert r.returncode == 2 and "--out afile: a file, not a folder" in r.stderr and "Traceback" not in r.stderr

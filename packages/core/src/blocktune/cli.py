@@ -105,8 +105,9 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     from blocktune.run.config import RunConfig, check_out
     from blocktune.run.trainer import Trainer
 
-    if a.nproc and a.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch(a.nproc, sys.argv[1:])
+    sets = parse_sets(a.set or [])
+    if a.resume and not a.out and not a.config and "out" not in sets:  # the newest run under runs/
+        a.out = _default_out(a)
 
     overrides = {"store": a.store, "data": a.data, "method": a.method, "steps": a.steps, "lr": a.lr,
                  "batch_size": a.batch_size, "seq_len": a.seq_len, "out": a.out,
@@ -118,13 +119,16 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                  "in_place": True if a.in_place else None, "stages": a.stages,
                  "chat_template": a.chat_template, "start_from": a.start_from}
     overrides["compute_dtype"] = a.compute_dtype
-    if a.resume and a.config is None and Path(a.out or "runs/latest", "config.toml").is_file():
-        a.config = str(Path(a.out or "runs/latest", "config.toml"))
-    sets = parse_sets(a.set or [])
+    if a.resume and a.config is None and a.out and Path(a.out, "config.toml").is_file():
+        a.config = str(Path(a.out, "config.toml"))
     cfg = RunConfig.load(a.config, **{**sets, **{k: v for k, v in overrides.items() if v is not None}})
     if a.print_config:  # the resolved settings, as a --config file takes them
         sys.stdout.write(cfg.to_toml())
         return 0
+    if not cfg.out:  # a new folder per run (or, resuming, the newest), named once for every rank
+        cfg.out = _default_out(a)
+    if a.nproc and a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(a.nproc, [*sys.argv[1:], "--out", cfg.out])
     if not cfg.store or not cfg.data:
         raise ConfigError("finetune needs --store and --data (or store/data in --config)")
     check_out(cfg, a.resume)  # every rank, before any joins the others (and rank 0 writes there)
@@ -138,6 +142,16 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         print(json.dumps({"step": last["step"], "loss": last["loss"], "val_loss": last.get("val_loss"),
                           "out": str(cfg.out)}))
     return 0
+
+
+def _default_out(a: argparse.Namespace) -> str:
+    """The run folder when --out is not given (`blocktune.run.config.default_out`); the ranks of
+    a run started by torchrun itself cannot agree on a new one's name, so they must be given it."""
+    from blocktune.run.config import default_out
+
+    if "WORLD_SIZE" in os.environ and not a.resume:
+        raise ConfigError("several processes write one run folder: name it with --out")
+    return default_out(a.resume, lambda s: print(s, file=sys.stderr))
 
 
 def _inference_engine(a: argparse.Namespace, batch: int, seq: int):

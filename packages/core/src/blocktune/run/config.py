@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ from blocktune.paging.budgets import parse_budget
 from blocktune.settings import parse_bytes
 from blocktune.store.lock import LOCK_DIR
 
-__all__ = ["RunConfig", "lr_at", "check_out", "with_adapter_lora", "schedule_notes", "steps_of_epochs"]
+__all__ = ["RunConfig", "lr_at", "check_out", "with_adapter_lora", "schedule_notes", "steps_of_epochs",
+           "default_out"]
 
 
 @dataclass
@@ -30,7 +33,9 @@ class RunConfig:
     data: str = ""
     # chats without the model's own template: a jinja file, or a format by name (chatml, llama3, llama2)
     chat_template: str = ""
-    out: str = "runs/latest"
+    # the run folder; "": a new one per run, runs/<YYYYMMDD-HHMMSS> (printed), and for --resume the
+    # newest under runs/ (`default_out`)
+    out: str = ""
     overwrite: bool = False  # start afresh in an --out that holds an earlier run's record
     method: str = "lora"  # lora | full
     steps: int = 100
@@ -173,9 +178,39 @@ def steps_of_epochs(cfg: RunConfig, examples: int, ranks: int) -> tuple[RunConfi
         f"{cfg.batch_size} x grad_accum {cfg.grad_accum} x {ranks} rank(s))")
 
 
+RUNS = Path("runs")  # where run folders go when none is named
+
+
+def default_out(resume: bool, log: Callable[[str], None], root: Path = RUNS) -> str:
+    """The run folder when none is named, said in the log: a new runs/<YYYYMMDD-HHMMSS> per run
+    (-2, -3, ... for runs started in one second); for a resume, the newest run under runs/ (the
+    one whose config.toml was written last)."""
+    if resume:
+        found = sorted((p.stat().st_mtime, str(p.parent)) for p in root.glob("*/config.toml"))
+        if not found:
+            raise ConfigError(f"--resume without --out: no run folder under {root.resolve()} (none holds a "
+                              "config.toml); name the run to continue with --out")
+        log(f"resuming the newest run under {root}/: {found[-1][1]} (--out names another)")
+        return found[-1][1]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = next(p for p in (root / stamp, *(root / f"{stamp}-{n}" for n in range(2, 10_000))) if not p.exists())
+    log(f"run folder: {path} (a new one per run; --out names it)")
+    return str(path)
+
+
 def check_out(cfg: RunConfig, resume: bool) -> None:
-    """Refuse to start afresh in a run folder that holds an earlier run's record."""
+    """Refuse to start afresh in a run folder that holds an earlier run's record, a LoRA resume
+    where there is no checkpoint, and an --out that is not a folder (before anything is written)."""
+    from blocktune.run.checkpoint import CHECKPOINT  # the run's checkpoint module builds on this one
+
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file, not a folder; the run folder holds the run's config, checkpoints "
+                          "and metrics: name a new folder, or a run's folder")
+    if resume and cfg.method == "lora" and not (out / CHECKPOINT).is_file():
+        raise ConfigError(f"--resume: {out} holds no LoRA checkpoint ({CHECKPOINT}) to continue"
+                          f"{'' if out.is_dir() else ' (the folder does not exist)'}; start the run there "
+                          "without --resume, or name the run to continue with --out")
     if not resume and not cfg.overwrite and out.is_dir() and any(p.name != LOCK_DIR for p in out.iterdir()):
         raise ConfigError(f"{out}: the run folder is not empty (an earlier run's record is there); "
                           "continue it with --resume, replace it with --overwrite, or choose another --out")

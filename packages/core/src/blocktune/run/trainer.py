@@ -28,6 +28,7 @@ from blocktune.run.checkpoint import LoraCheckpoint, StoreCheckpoint
 from blocktune.run.config import (
     RunConfig,
     check_out,
+    default_out,
     lr_at,
     schedule_notes,
     steps_of_epochs,
@@ -45,6 +46,8 @@ __all__ = ["Trainer"]
 
 class Trainer:
     def __init__(self, cfg: RunConfig, log=print):
+        if not cfg.out:  # a library caller that named no run folder: a new one, as the CLI gives
+            cfg = dataclasses.replace(cfg, out=default_out(False, log))
         self.out = Path(cfg.out)
         from blocktune.machine.devices import resolve_device
 
