@@ -111,3 +111,30 @@ def test_a_new_run_folder_per_run_and_resume_finds_the_newest(prepared, tmp_path
     (empty / "afile").write_text("x")
     r = lora(prepared, "--out", "afile", cwd=empty)
     assert r.returncode == 2 and "--out afile: a file, not a folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_every_checkpoint_keeps_its_adapter_and_the_best_is_marked(prepared, tmp_path):
+    """A LoRA run keeps adapter-step-N.safetensors at each checkpoint (and at each validation),
+    the newest keep_adapters of them and the best validated one, named adapter-best.safetensors
+    too; adapters.json and `report` say which."""
+    out = tmp_path / "run"
+    r = lora(prepared, "--out", out, "--checkpoint-every", "3", "--set", "val_ratio=0.3", "--set", "eval_every=2",
+             "--set", "keep_adapters=1", steps=6)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    validated = {row["step"]: row["val_loss"] for row in rows if row.get("val_loss") is not None}
+    assert sorted(validated) == [2, 4, 6]
+    best = min(validated, key=validated.get)
+    kept = sorted(int(p.name[len("adapter-step-"):-len(".safetensors")]) for p in out.glob("adapter-step-*"))
+    assert kept == sorted({6, best}), kept  # step 3's (a checkpoint, not validated) went with the bound
+    final, last = load_file(out / "adapter.safetensors"), load_file(out / "adapter-step-6.safetensors")
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    marked = load_file(out / "adapter-best.safetensors")
+    assert all(torch.equal(marked[k], load_file(out / f"adapter-step-{best}.safetensors")[k]) for k in marked)
+    index = json.loads((out / "adapters.json").read_text())
+    assert index["best"]["step"] == best and index["best"]["val_loss"] == validated[best]
+
+    report = bt("report", out, "--json", "--no-plot", check=True)
+    assert json.loads(report.stdout)["adapters"] == {"steps": sorted({6, best}), "best_step": best,
+                                                     "best": str(out / "adapter-best.safetensors")}
+    assert f"best validation: {out / 'adapter-best.safetensors'} (step {best})" in bt("report", out, "--no-plot").stdout

@@ -58,7 +58,10 @@ class RunConfig:
     sample_every: int = 50
     sample_prompt: str = "The"
     sample_tokens: int = 32
-    checkpoint_every: int = 10
+    checkpoint_every: int = 10  # LoRA: and at every validation, so that the best adapter is kept
+    # LoRA: adapter-step-N.safetensors kept in the run folder, the newest keep_adapters of them and the
+    # best validated one (also adapter-best.safetensors; adapters.json lists them); 0: every one
+    keep_adapters: int = 3
     seed: int = 0
     device: str = "auto"
     compute_dtype: str = ""  # "": the device's default (fp32 on CPU, bf16 on GPUs)
@@ -102,6 +105,8 @@ class RunConfig:
         check_frozen_reads(self.frozen_reads)
         if self.start_from not in ("", "base", "tuned"):
             raise ConfigError(f"start_from={self.start_from!r}: choose base or tuned")
+        if self.keep_adapters < 0:
+            raise ConfigError(f"keep_adapters={self.keep_adapters} must be 0 (keep every one) or more")
         if self.epochs < 0:
             raise ConfigError(f"epochs={self.epochs} must be positive (or 0: steps decides)")
         if not 0 <= self.val_ratio < 1:

@@ -85,7 +85,8 @@ class Trainer:
         ecfg = dataclasses.replace(cfg.engine_config(), device=str(device))
         self.engine = Engine(self.store, ecfg, adapters=start_adapters, dist=self.dist, args=self.args)
         self.checkpoint: LoraCheckpoint | StoreCheckpoint = (
-            LoraCheckpoint(self.out, self.engine, self.dist, cfg.lora(), self.store.args, cfg.to_toml())
+            LoraCheckpoint(self.out, self.engine, self.dist, cfg.lora(), self.store.args, cfg.to_toml(),
+                           cfg.keep_adapters)
             if cfg.method == "lora" else StoreCheckpoint(self.out, self.store, self.dist, device, cfg))
 
     # ---- evaluation ----
@@ -189,7 +190,8 @@ class Trainer:
         try:
             for step in range(start, cfg.steps):
                 row = self._step(step, step_offset)
-                checkpoint = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
+                checkpoint = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or (
+                    cfg.method == "lora" and row.get("val_loss") is not None)  # a validated adapter is kept
                 if checkpoint:
                     self.checkpoint.save(step + 1, row)
                 record.add(row, checkpoint)
