@@ -138,3 +138,34 @@ def test_every_checkpoint_keeps_its_adapter_and_the_best_is_marked(prepared, tmp
     assert json.loads(report.stdout)["adapters"] == {"steps": sorted({6, best}), "best_step": best,
                                                      "best": str(out / "adapter-best.safetensors")}
     assert f"best validation: {out / 'adapter-best.safetensors'} (step {best})" in bt("report", out, "--no-plot").stdout
+
+
+def test_wrong_paths_and_files_are_exit_2_with_the_fix(prepared, tmp_path):
+    """prepare into a file; a folder with neither layout's config (both named); an adapter of
+    another model (its shape in words, not the field multiple_of); a chat row with no assistant
+    turn (said so)."""
+    from blocktune.formats.adapters import save_adapter
+    from blocktune.model.args import LoraConfig
+    from blocktune_bench.synthetic import SHAPES
+
+    (tmp_path / "afile").write_text("x")
+    r = bt("prepare", prepared / "meta", tmp_path / "afile")
+    assert r.returncode == 2 and f"{tmp_path / 'afile'} is a file; a store is a folder" in r.stderr, r.stderr
+    assert (tmp_path / "afile").read_text() == "x" and "Traceback" not in r.stderr
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(b"")
+    r = bt("prepare", hf, tmp_path / "store")
+    assert r.returncode == 2 and "neither config.json (a Hugging Face folder" in r.stderr and "params.json (Meta" in r.stderr
+    assert "beside model.safetensors" in r.stderr and not (tmp_path / "store").exists()
+
+    other = tmp_path / "other.safetensors"
+    save_adapter(other, {"layers.0.attention.wq.lora_a": torch.zeros(2, 128)}, LoraConfig(rank=2), SHAPES["tiny-70b"])
+    r = bt("generate", "--store", prepared / "store", "--adapter", other, "--prompt", "Hi", "--device", "cpu")
+    assert r.returncode == 2 and "trained for a different model" in r.stderr
+    assert "hidden size: the adapter's 128, the store's 64" in r.stderr and "multiple_of" not in r.stderr
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    r = lora(prepared, "--out", tmp_path / "run", "--data", chats)
+    assert r.returncode == 2 and "has no assistant turn" in r.stderr and "fills" not in r.stderr

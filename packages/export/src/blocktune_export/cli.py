@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from blocktune.errors import ConfigError
 from blocktune.machine.devices import dtype_name, parse_dtype
 from blocktune.run.report import Progress
 from blocktune.store.records import unit_names
@@ -20,6 +21,9 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     from .meta import import_meta, open_tokenizer_model, read_params
 
     src = Path(a.src)
+    if Path(a.dst).exists() and not Path(a.dst).is_dir():
+        raise ConfigError(f"prepare: {a.dst} is a file; a store is a folder: give the path of a new (or empty) "
+                          "folder for it")
     dtype = parse_dtype(a.dtype) if a.dtype else None
     is_hf = (src / "config.json").is_file() and not (src / "params.json").is_file()
     t0 = time.perf_counter()
