@@ -169,3 +169,44 @@ def test_wrong_paths_and_files_are_exit_2_with_the_fix(prepared, tmp_path):
     chats.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
     r = lora(prepared, "--out", tmp_path / "run", "--data", chats)
     assert r.returncode == 2 and "has no assistant turn" in r.stderr and "fills" not in r.stderr
+
+
+def _closed_reader(*args) -> subprocess.CompletedProcess:
+    """`blocktune ARGS | head` where head has gone before the command writes: its stdout is a
+    pipe whose reading end is closed."""
+    proc = subprocess.Popen([sys.executable, "-m", "blocktune", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    return subprocess.CompletedProcess(args, proc.wait(), "", err)
+
+
+def test_a_closed_pipe_ends_quietly_and_help_and_version_need_no_torch(prepared, tmp_path):
+    """`info | head` and `report --json | head` end as Unix tools do (no traceback, 128 + SIGPIPE);
+    --version; --help builds every command's parser without importing torch."""
+    for args in (("info", prepared / "store"), ("report", prepared / "nothing")):
+        r = _closed_reader(*args)
+        if args[0] == "report":  # no run there: the error goes to stderr, which is open
+            assert r.returncode == 2 and "no metrics.jsonl" in r.stderr
+            continue
+        assert r.returncode == 141 and r.stderr == "", r.stderr
+    run = tmp_path / "run"
+    assert lora(prepared, "--out", run, steps=1).returncode == 0
+    r = _closed_reader("report", run, "--json", "--no-plot")
+    assert r.returncode == 141 and r.stderr == "", r.stderr
+
+    r = bt("--version", check=True)
+    assert r.stdout.strip() == "blocktune 0.1.0"
+    probe = "import sys; from blocktune.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)  # every command's parser
+    assert r.stdout.strip() == "False", r.stderr[-2000:]
+
+
+def test_nproc_names_one_run_folder_and_prints_one_result(prepared, tmp_path):
+    """--nproc 2 without --out: both ranks write the one new run folder, and the result line is
+    printed once (rank 0's), not once per rank."""
+    r = lora(prepared, "--nproc", "2", "--batch-size", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+    results = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1 and json.loads(results[0])["step"] == 2, r.stdout

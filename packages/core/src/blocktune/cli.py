@@ -137,7 +137,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         history = trainer.run(resume=a.resume)
     finally:
         trainer.close()
-    if history:
+    if history and trainer.dist.is_main:  # the result, once for the run (rank 0's)
         last = history[-1]
         print(json.dumps({"step": last["step"], "loss": last["loss"], "val_loss": last.get("val_loss"),
                           "out": str(cfg.out)}))
@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="blocktune", description=__doc__.splitlines()[0],
         epilog="exit codes: 0 done, 1 the run failed (store, checkpoint, training), 2 a wrong command "
                "line, setting or data file, 130 interrupted (Ctrl-C, or SIGTERM)")
+    from blocktune import __version__
+
+    parser.add_argument("--version", action="version", version=f"blocktune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     _finetune_parser(sub)
@@ -446,7 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     _term_as_interrupt()
     try:
-        return a.func(a)
+        code = a.func(a)
+        sys.stdout.flush()  # a reader that stopped early (`| head`) shows here, not at exit
+        return code
+    except BrokenPipeError:  # as Unix tools end when their reader has gone: quietly, 128 + SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 128 + signal.SIGPIPE
     except BlocktuneError as exc:
         print(f"blocktune {a.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, (ConfigError, DataError, BudgetError)) else EXIT_FAILED

@@ -7,9 +7,6 @@ import time
 from pathlib import Path
 
 from blocktune.errors import ConfigError
-from blocktune.machine.devices import dtype_name, parse_dtype
-from blocktune.run.report import Progress
-from blocktune.store.records import unit_names
 
 from .exports import EXPORTS, ExportJob
 
@@ -17,6 +14,11 @@ __all__ = ["register_prepare", "register_export"]
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
+    # torch's imports are in the commands, so that `blocktune --help` starts without it
+    from blocktune.machine.devices import dtype_name, parse_dtype
+    from blocktune.run.report import Progress
+    from blocktune.store.records import unit_names
+
     from .hf import import_hf
     from .meta import import_meta, open_tokenizer_model, read_params
 
@@ -67,6 +69,7 @@ def _is_gguf(path: Path) -> bool:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from blocktune.formats.adapters import load_adapter
+    from blocktune.machine.devices import parse_dtype
     from blocktune.store.store import BlockStore
 
     store = BlockStore.open_base(a.store) if a.base else BlockStore.open(a.store)

@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blocktune.engine.config import EngineConfig, check_frozen_reads
-from blocktune.engine.optim import OptimizerConfig
+from blocktune.engine.config import EngineConfig, OptimizerConfig, check_frozen_reads
 from blocktune.errors import ConfigError
 from blocktune.model.args import LoraConfig, lora_targets
-from blocktune.paging.budgets import parse_budget
 from blocktune.settings import parse_bytes
 from blocktune.store.lock import LOCK_DIR
 
@@ -146,6 +144,8 @@ class RunConfig:
         return LoraConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets))
 
     def engine_config(self) -> EngineConfig:
+        from blocktune.paging.budgets import parse_budget  # torch's: the settings alone start without it
+
         return EngineConfig(
             method=self.method, lora=self.lora(),
             optimizer=OptimizerConfig(self.optimizer, self.lr, weight_decay=self.weight_decay),
