@@ -210,3 +210,17 @@ def test_nproc_names_one_run_folder_and_prints_one_result(prepared, tmp_path):
     assert len(list((tmp_path / "runs").iterdir())) == 1
     results = [line for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1 and json.loads(results[0])["step"] == 2, r.stdout
+
+
+def test_export_gguf_without_gguf_names_the_extra(prepared, tmp_path):
+    """Without the gguf package (as after a plain install), `export --format gguf` and `gguf-lora`
+    say which extra brings it, exit 2, and write nothing."""
+    assert lora(prepared, "--out", tmp_path / "run", steps=1).returncode == 0
+    code = ("import sys; sys.modules['gguf'] = None  # import gguf fails as where it is not installed\n"
+            "from blocktune.cli import main; sys.exit(main(sys.argv[1:]))")
+    for fmt in ("gguf", "gguf-lora"):
+        extra = ["--adapter", tmp_path / "run" / "adapter.safetensors"] if fmt == "gguf-lora" else []
+        r = subprocess.run([sys.executable, "-c", code, "export", str(prepared / "store"), str(tmp_path / fmt),
+                            "--format", fmt, *map(str, extra)], capture_output=True, text=True)
+        assert r.returncode == 2 and "pip install 'blocktune-export[gguf]'" in r.stderr, r.stderr[-2000:]
+        assert f"export --format {fmt} needs the gguf package" in r.stderr and not (tmp_path / fmt).exists()
