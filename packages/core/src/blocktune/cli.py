@@ -17,6 +17,7 @@ import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from blocktune import __version__
 from blocktune.engine.config import FROZEN_READS
 from blocktune.errors import BlocktuneError, BudgetError, ConfigError, DataError
 
@@ -311,9 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blocktune", description=__doc__.splitlines()[0],
         epilog="exit codes: 0 done, 1 the run failed (store, checkpoint, training), 2 a wrong command "
-               "line, setting or data file, 130 interrupted (Ctrl-C, or SIGTERM)")
-    from blocktune import __version__
-
+               "line, setting or data file, 130 interrupted (Ctrl-C, or SIGTERM), 141 the output's reader "
+               "went away (| head)")
     parser.add_argument("--version", action="version", version=f"blocktune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
