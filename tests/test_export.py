@@ -129,8 +129,9 @@ def test_adapter_for_another_model_is_refused(tmp_path):
     lora = LoraConfig(rank=2)
     args = PRESETS["tiny-7b"]
     save_adapter(tmp_path / "a.safetensors", {"layers.0.attention.wq.lora_a": torch.zeros(2, 64)}, lora, args)
-    with pytest.raises(StoreError, match="different model"):
+    with pytest.raises(ConfigError, match="different model") as err:  # a wrong --adapter: exit 2
         load_adapter(tmp_path / "a.safetensors", PRESETS["tiny-70b"])
+    assert "hidden size: the adapter's 64, the store's" in str(err.value) and "multiple_of" not in str(err.value)
 
 
 # ---- bad input: a clear error naming the file, and nothing written to DST ----

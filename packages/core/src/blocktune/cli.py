@@ -17,6 +17,7 @@ import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from blocktune import __version__
 from blocktune.errors import BlocktuneError, BudgetError, ConfigError, DataError
 
 # exit codes: 0 done; 1 the run failed (a store, checkpoint or adapter problem, training that
@@ -50,22 +51,24 @@ def _launch(nproc: int, argv: list[str]) -> int:
 
 def cmd_finetune(a: argparse.Namespace) -> int:
     from blocktune.run.config import RunConfig, check_out
+    from blocktune.run.flags import given_settings, parse_sets
     from blocktune.run.trainer import Trainer
 
-    if a.nproc and a.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch(a.nproc, sys.argv[1:])
-
-    from blocktune.run.flags import given_settings, parse_sets
-
     sets = parse_sets(a.set or [])
-    out = a.out or sets.get("out") or RunConfig.out
-    if a.resume and a.config is None and Path(out, "config.toml").is_file():
+    if a.resume and not a.out and not a.config and "out" not in sets:  # the newest run under runs/
+        a.out = _default_out(a)
+    out = a.out or sets.get("out")
+    if a.resume and a.config is None and out and Path(out, "config.toml").is_file():
         a.config = str(Path(out, "config.toml"))
     # a flag wins over --set, --set over --config, --config over the defaults
     cfg = RunConfig.load(a.config, **{**sets, **given_settings(a)})
     if a.print_config:  # the resolved settings, as a --config file takes them
         sys.stdout.write(cfg.to_toml())
         return 0
+    if not cfg.out:  # a new folder per run (or, resuming, the newest), named once for every rank
+        cfg.out = _default_out(a)
+    if a.nproc and a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(a.nproc, [*sys.argv[1:], "--out", cfg.out])
     if not cfg.store or not cfg.data:
         raise ConfigError("finetune needs --store and --data (or store/data in --config)")
     check_out(cfg, a.resume)  # every rank, before any joins the others (and rank 0 writes there)
@@ -74,11 +77,21 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         history = trainer.run(resume=a.resume)
     finally:
         trainer.close()
-    if history:
+    if history and trainer.dist.is_main:  # the result, once for the run (rank 0's)
         last = history[-1]
         print(json.dumps({"step": last["step"], "loss": last["loss"], "val_loss": last.get("val_loss"),
                           "out": str(cfg.out)}))
     return 0
+
+
+def _default_out(a: argparse.Namespace) -> str:
+    """The run folder when --out is not given (`blocktune.run.config.default_out`); the ranks of
+    a run started by torchrun itself cannot agree on a new one's name, so they must be given it."""
+    from blocktune.run.config import default_out
+
+    if "WORLD_SIZE" in os.environ and not a.resume:
+        raise ConfigError("several processes write one run folder: name it with --out")
+    return default_out(a.resume, lambda s: print(s, file=sys.stderr))
 
 
 def _inference_engine(a: argparse.Namespace, batch: int, seq: int):
@@ -238,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blocktune", description=__doc__.splitlines()[0],
         epilog="exit codes: 0 done, 1 the run failed (store, checkpoint, training), 2 a wrong command "
-               "line, setting or data file, 130 interrupted (Ctrl-C, or SIGTERM)")
+               "line, setting or data file, 130 interrupted (Ctrl-C, or SIGTERM), 141 the output's reader "
+               "went away (| head)")
+    parser.add_argument("--version", action="version", version=f"blocktune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     _finetune_parser(sub)
@@ -349,7 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     _term_as_interrupt()
     try:
-        return a.func(a)
+        code = a.func(a)
+        sys.stdout.flush()  # a reader that stopped early (`| head`) shows here, not at exit
+        return code
+    except BrokenPipeError:  # as Unix tools end when their reader has gone: quietly, 128 + SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 128 + signal.SIGPIPE
     except BlocktuneError as exc:
         print(f"blocktune {a.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, (ConfigError, DataError, BudgetError)) else EXIT_FAILED

@@ -6,9 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from blocktune.machine.devices import dtype_name, parse_dtype
-from blocktune.run.report import Progress
-from blocktune.store.records import unit_names
+from blocktune.errors import ConfigError
 
 from .exports import EXPORTS, ExportJob
 
@@ -16,10 +14,18 @@ __all__ = ["register_prepare", "register_export"]
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
+    # torch's imports are in the commands, so that `blocktune --help` starts without it
+    from blocktune.machine.devices import dtype_name, parse_dtype
+    from blocktune.run.report import Progress
+    from blocktune.store.records import unit_names
+
     from .hf import import_hf
     from .meta import import_meta, open_tokenizer_model, read_params
 
     src = Path(a.src)
+    if Path(a.dst).exists() and not Path(a.dst).is_dir():
+        raise ConfigError(f"prepare: {a.dst} is a file; a store is a folder: give the path of a new (or empty) "
+                          "folder for it")
     dtype = parse_dtype(a.dtype) if a.dtype else None
     is_hf = (src / "config.json").is_file() and not (src / "params.json").is_file()
     t0 = time.perf_counter()
@@ -63,6 +69,7 @@ def _is_gguf(path: Path) -> bool:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from blocktune.formats.adapters import load_adapter
+    from blocktune.machine.devices import parse_dtype
     from blocktune.store.store import BlockStore
 
     store = BlockStore.open_base(a.store) if a.base else BlockStore.open(a.store)

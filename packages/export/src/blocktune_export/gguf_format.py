@@ -38,6 +38,18 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+GGUF_EXTRA = "pip install 'blocktune-export[gguf]'"  # the extra that brings the gguf package
+
+
+def need_gguf(what: str):
+    """The gguf package (llama.cpp's reader and writer), or an error naming the extra to install."""
+    try:
+        import gguf
+    except ImportError:
+        raise ConfigError(f"{what} needs the gguf package, in blocktune-export's `gguf` extra: {GGUF_EXTRA}") from None
+    return gguf
+
+
 def _tensor_dtype(dtype: torch.dtype):
     import gguf
 
@@ -227,7 +239,7 @@ def _namer(args, arch: str):
 def export_gguf(store: BlockStore, out: str | Path, adapter=None, dtype: torch.dtype = torch.bfloat16,
                 warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)) -> Path:
     """`out` is a folder; the model goes to `out/model.gguf` (LoRA merged if given)."""
-    import gguf
+    gguf = need_gguf("export --format gguf")
 
     from .merge import merged_unit
 
@@ -282,7 +294,7 @@ def export_gguf_lora(store: BlockStore, out: str | Path, adapter, dtype: torch.d
     Ollama's ADAPTER), in the layout llama.cpp's convert_lora_to_gguf.py writes: general.type
     `adapter`, adapter.type `lora`, adapter.lora.alpha, and `<base tensor>.lora_a` (rank x in) and
     `.lora_b` (out x rank) for each adapted weight, B's rows in the base file's rotary layout."""
-    import gguf
+    gguf = need_gguf("export --format gguf-lora")
 
     args, family = store.args, _architecture(store)
     gguf_name = _namer(args, family.gguf_arch)

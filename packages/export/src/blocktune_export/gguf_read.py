@@ -31,7 +31,7 @@ from blocktune.store.build import build_store
 from blocktune.store.records import unit_names
 from blocktune.store.store import BlockStore
 
-from .gguf_format import LLAMA3_SPLIT, QWEN2_SPLIT
+from .gguf_format import LLAMA3_SPLIT, QWEN2_SPLIT, need_gguf
 from .meta import meta_key
 
 __all__ = ["read_gguf", "import_gguf"]
@@ -80,10 +80,7 @@ class GGUFFile:
     """One GGUF file's metadata, read through `gguf.GGUFReader` (the tensors stay mapped)."""
 
     def __init__(self, path: str | Path):
-        try:
-            import gguf
-        except ImportError:
-            raise ConfigError("reading a GGUF file needs the gguf package: pip install 'blocktune-export[gguf]'") from None
+        gguf = need_gguf("reading a GGUF file")
         self.path = Path(path)
         try:
             self.reader = gguf.GGUFReader(str(self.path))

@@ -106,10 +106,21 @@ def open_tokenizer_model(path: Path):
     return TiktokenTokenizer(path) if detect_kind(path) == "tiktoken" else Tokenizer(path)
 
 
+def _no_model_config(src: Path) -> str:
+    """What `prepare` says of a folder with neither layout's model config."""
+    if not src.is_dir():
+        return f"{src}: no such folder; give a Meta or Hugging Face checkpoint folder, or a .gguf file"
+    weights = sorted(p.name for p in src.iterdir() if p.suffix in (".safetensors", ".pth", ".bin"))
+    return (f"{src}: neither config.json (a Hugging Face folder: config.json beside model*.safetensors) nor "
+            f"params.json (Meta's layout: params.json beside consolidated.*.pth) is there"
+            + (f" beside {', '.join(weights[:3])}{' ...' if len(weights) > 3 else ''}" if weights else "")
+            + "; copy the model's config.json (or params.json) from where the weights came from into the folder")
+
+
 def read_params(src: Path, tokenizer: Tokenizer | None) -> ModelArgs:
     path = src / "params.json"
     if not path.is_file():
-        raise StoreError(f"{src}: params.json missing; Meta folders ship it next to the shards")
+        raise ConfigError(_no_model_config(src))
     params = params_json.read_json(path)
     if params.get("vocab_size", -1) == -1:
         if tokenizer is None:

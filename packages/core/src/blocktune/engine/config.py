@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from blocktune.engine.optim import OptimizerConfig
 from blocktune.errors import ConfigError
 from blocktune.model.args import LoraConfig
 from blocktune.settings import AUTO
 
-__all__ = ["EngineConfig", "FROZEN_READS", "check_frozen_reads"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["EngineConfig", "OptimizerConfig", "FROZEN_READS", "check_frozen_reads"]
 
 
 FROZEN_READS = ("auto", "mapped", "direct")
@@ -19,6 +23,34 @@ def check_frozen_reads(value: str) -> str:
     if value not in FROZEN_READS:
         raise ConfigError(f"frozen_reads={value!r}: choose {', '.join(FROZEN_READS[:-1])} or {FROZEN_READS[-1]}")
     return value
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer's settings (its arithmetic: `blocktune.engine.optim`, which torch runs; this
+    module stays free of torch, so that the CLI's settings and --help start without it)."""
+
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 2e-4  # the CLI's default too (RunConfig takes it from here)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd only
+    master_dtype: str | None = "fp32"  # fp32 master copies when storage is lower precision
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer {self.name!r} is not supported; choose adamw or sgd")
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"learning rate {self.lr} must be a finite number >= 0")
+        object.__setattr__(self, "betas", tuple(self.betas))
+
+    def torch_optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:
+        """The torch.optim equivalent, for resident parameters (LoRA), the unit-wise step and
+        the reference (`blocktune.engine.optim.torch_optimizer`)."""
+        from blocktune.engine.optim import torch_optimizer
+
+        return torch_optimizer(self, params, lr)
 
 
 @dataclass(frozen=True)

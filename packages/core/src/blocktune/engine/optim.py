@@ -23,49 +23,29 @@ in the order the step makes them; `whole_state` joins a file back into the flat 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-from blocktune.errors import ConfigError
+from blocktune.engine.config import OptimizerConfig  # torch-free, for the CLI's settings
 from blocktune.machine.devices import fused_adamw
 
-__all__ = ["OptimizerConfig", "unit_step", "streamed_step", "state_kinds", "whole_state", "STATE_PIECE"]
+__all__ = ["OptimizerConfig", "torch_optimizer", "unit_step", "streamed_step", "state_kinds", "whole_state", "STATE_PIECE"]
 
 STATE_PIECE = 1 << 22  # elements of each piece of a state file (16 MiB in fp32)
 
 
-@dataclass(frozen=True)
-class OptimizerConfig:
-    name: str = "adamw"  # adamw | sgd
-    lr: float = 2e-4  # the CLI's default too (RunConfig takes it from here)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    momentum: float = 0.0  # sgd only
-    master_dtype: str | None = "fp32"  # fp32 master copies when storage is lower precision
-
-    def __post_init__(self) -> None:
-        if self.name not in ("adamw", "sgd"):
-            raise ConfigError(f"optimizer {self.name!r} is not supported; choose adamw or sgd")
-        if not (self.lr >= 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"learning rate {self.lr} must be a finite number >= 0")
-        object.__setattr__(self, "betas", tuple(self.betas))
-
-    def torch_optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:
-        """The torch.optim equivalent, for resident parameters (LoRA), the unit-wise step and
-        the reference. AdamW is fused where the build has the kernel for the parameters'
-        device (CPU: torch >= 2.4), single-tensor otherwise: the same arithmetic everywhere."""
-        lr = self.lr if lr is None else lr
-        params = list(params)
-        if self.name == "adamw":
-            fused = bool(params) and _fused(self, params[0].device)
-            return torch.optim.AdamW(params, lr=lr, betas=self.betas, eps=self.eps,
-                                     weight_decay=self.weight_decay, foreach=False if not fused else None,
-                                     fused=fused or None)
-        return torch.optim.SGD(params, lr=lr, momentum=self.momentum,
-                               weight_decay=self.weight_decay, foreach=False)
+def torch_optimizer(cfg: OptimizerConfig, params, lr: float | None = None) -> torch.optim.Optimizer:
+    """The torch.optim equivalent, for resident parameters (LoRA), the unit-wise step and
+    the reference. AdamW is fused where the build has the kernel for the parameters'
+    device (CPU: torch >= 2.4), single-tensor otherwise: the same arithmetic everywhere."""
+    lr = cfg.lr if lr is None else lr
+    params = list(params)
+    if cfg.name == "adamw":
+        fused = bool(params) and _fused(cfg, params[0].device)
+        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay, foreach=False if not fused else None,
+                                 fused=fused or None)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, foreach=False)
 
 
 def _fused(cfg: OptimizerConfig, device: torch.device) -> bool:

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from blocktune.errors import StoreError
+from blocktune.errors import ConfigError, StoreError
 from blocktune.model.args import LoraConfig, ModelArgs
 from blocktune.store.fileio import atomic_write
 
@@ -95,7 +95,26 @@ def load_adapter(path: str | Path, args: ModelArgs | None = None) -> Adapter:
     if got != crc or (named is not None and _named_crc(tensors, meta["lora"], meta["model"]) != named):
         raise StoreError(f"{path}: checksum mismatch; the adapter file is damaged")
     if args is not None and model != fingerprint(args):
-        diff = {k: (model.get(k), getattr(args, k)) for k in _SHAPE_KEYS if model.get(k) != getattr(args, k)}
-        raise StoreError(f"{path}: adapter was trained for a different model "
-                         f"(adapter vs store: {diff}); use an adapter made from this store")
+        raise ConfigError(f"{path}: the adapter was trained for a different model than this store's: "
+                          f"{_differences(model, fingerprint(args))}; give the adapter of a run on this model, or "
+                          "the store of the model the adapter was trained on")
     return Adapter(tensors, lora, model)
+
+
+# the model's shape, in words (the fields a fingerprint holds)
+_WORDS = {"dim": "hidden size", "n_layers": "layers", "n_heads": "attention heads",
+          "n_kv_heads": "key/value heads", "vocab_size": "vocabulary size",
+          "multiple_of": "feed-forward width (rounded to a multiple of)",
+          "ffn_dim_multiplier": "feed-forward width (multiplier)", "explicit_head_dim": "head size",
+          "ffn_dim": "feed-forward width", "qkv_bias": "q/k/v biases", "qk_norm": "q/k norms",
+          "tie_embeddings": "embeddings tied to the output"}
+
+
+def _differences(adapter: dict, store: dict) -> str:
+    """'hidden size: the adapter's 64, the store's 128; ...' (None: not set, which the words say)."""
+    def word(v):
+        return "none" if v is None else "no" if v is False else "yes" if v is True else v
+
+    keys = [k for k in _WORDS if adapter.get(k) != store.get(k)]
+    return "; ".join(f"{_WORDS[k]}: the adapter's {word(adapter.get(k))}, the store's {word(store.get(k))}"
+                     for k in keys)

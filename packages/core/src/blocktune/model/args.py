@@ -18,7 +18,7 @@ from typing import Any
 from blocktune.errors import ConfigError
 from blocktune.families import ARGS_FIELDS
 
-__all__ = ["ModelArgs", "LoraConfig", "PRESETS", "LORA_TARGETS", "ROPE_TYPES"]
+__all__ = ["ModelArgs", "LoraConfig", "PRESETS", "LORA_TARGETS", "ROPE_TYPES", "lora_targets"]
 
 # RoPE scaling types and the parameters each needs (Hugging Face's names)
 ROPE_TYPES: dict[str, tuple[str, ...]] = {
@@ -200,6 +200,25 @@ PRESETS: dict[str, ModelArgs] = {
 }
 
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+# the same modules by Hugging Face's (and peft's target_modules) names
+LORA_HF_TARGETS = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
+                   "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def lora_targets(given: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """LoRA targets as the store names its modules (wq, ..., w3), from Meta's names, Hugging
+    Face's (q_proj, ..., down_proj) or peft's "all-linear" (every linear layer of a block: the
+    seven); duplicates dropped, in the order given. Unknown names are refused with the valid ones."""
+    names = [given] if isinstance(given, str) else list(given)
+    out: list[str] = []
+    for name in names:
+        found = LORA_TARGETS if name == "all-linear" else (LORA_HF_TARGETS.get(name, name),)
+        out += [t for t in found if t not in out]
+    bad = [t for t in names if t != "all-linear" and LORA_HF_TARGETS.get(t, t) not in LORA_TARGETS]
+    if bad:
+        raise ConfigError(f"unknown LoRA target(s) {bad}; choose from {list(LORA_TARGETS)} (Meta's names), "
+                          f"{list(LORA_HF_TARGETS)} (Hugging Face's) or \"all-linear\" (all seven)")
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -212,16 +231,13 @@ class LoraConfig:
     targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
 
     def __post_init__(self) -> None:
-        bad = [t for t in self.targets if t not in LORA_TARGETS]
-        if bad:
-            raise ConfigError(f"unknown LoRA target(s) {bad}; choose from {list(LORA_TARGETS)}")
+        object.__setattr__(self, "targets", lora_targets(self.targets))  # Meta's names, whatever was given
         if not self.targets:
             raise ConfigError("LoRA needs at least one target module")
         if self.rank <= 0:
             raise ConfigError(f"LoRA rank={self.rank} must be a positive integer")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoRA dropout={self.dropout} must be in [0, 1)")
-        object.__setattr__(self, "targets", tuple(self.targets))
 
     @property
     def scale(self) -> float:

@@ -22,6 +22,7 @@ from blocktune.formats.adapters import save_adapter
 from blocktune.machine.devices import Device
 from blocktune.model.args import LoraConfig, ModelArgs
 from blocktune.run.config import RunConfig, with_checksum
+from blocktune.run.keptadapters import KeptAdapters
 from blocktune.run.ownership import describe, new_run_id, recorded_run_id, resume_verdict, start_refusal
 from blocktune.store.fileio import atomic_write, crc32
 from blocktune.store.store import BlockStore
@@ -39,13 +40,15 @@ def _write_config(out: Path, config_toml: str) -> None:
 class LoraCheckpoint:
     """checkpoint.safetensors (adapters as `adapter.*`, optimizer state as `optim.{i}.*` with
     the single process's parameter indices, the step, the LoRA settings, the step's metrics row)
-    and adapter.safetensors beside it; rank 0 writes them for every rank."""
+    and adapter.safetensors beside it, kept as adapter-step-N.safetensors (`KeptAdapters`);
+    rank 0 writes them for every rank."""
 
     def __init__(self, out: Path, engine: Engine, dist: DistContext, lora: LoraConfig,
-                 model: ModelArgs, config_toml: str):
+                 model: ModelArgs, config_toml: str, keep_adapters: int = 3):
         self.out, self.engine, self.dist = out, engine, dist
         self.lora, self.model, self.config_toml = lora, model, config_toml
         self.path = out / CHECKPOINT
+        self.kept = KeptAdapters(out, keep_adapters)  # adapter-step-N.safetensors, the best marked
 
     def save(self, step: int, row: dict | None = None) -> None:
         """Write the checkpoint of `step` (a collective with pipeline stages: call on every rank)."""
@@ -68,6 +71,7 @@ class LoraCheckpoint:
         meta["crc32"] = str(_checkpoint_crc(cpu, meta))
         atomic_write(self.path, save(cpu, metadata=meta))
         save_adapter(self.out / "adapter.safetensors", adapters, self.lora, self.model)
+        self.kept.add(step, (row or {}).get("val_loss"))
 
     def resume(self) -> int:
         """Load the adapters and this rank's optimizer state; the step the checkpoint was made at."""
@@ -80,6 +84,7 @@ class LoraCheckpoint:
         if self.engine.adapters.blocks:  # a pipeline stage without blocks has no optimizer state
             opt = self.engine.lora_optimizer
             opt.load_state_dict(stage_optimizer_state(opt.state_dict(), tensors, self.engine.adapters.offset))
+        self.kept.resume(int(meta["step"]))
         return int(meta["step"])
 
     def _read(self) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 import tomllib
 import zlib
 from collections.abc import Callable
@@ -16,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from blocktune.engine.config import FROZEN_READS, EngineConfig
-from blocktune.engine.optim import OptimizerConfig
+from blocktune.engine.config import FROZEN_READS, EngineConfig, OptimizerConfig
 from blocktune.errors import BudgetError, ConfigError
-from blocktune.model.args import LoraConfig
+from blocktune.model.args import LoraConfig, lora_targets
 from blocktune.settings import AUTO, parse_budget, parse_bytes, short_size, size_text
 from blocktune.store.lock import LOCK_DIR
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from blocktune.paging.budgets import Budgets
 
 __all__ = ["RunConfig", "SECTIONS", "MACHINE", "FIELDS", "typed", "with_checksum", "config_line",
-           "lr_at", "check_out", "with_adapter_lora", "schedule_notes"]
+           "lr_at", "check_out", "with_adapter_lora", "schedule_notes", "steps_of_epochs", "default_out"]
 
 Budget: TypeAlias = "int | str | None"  # bytes, None (no limit) or AUTO (worked out at the start)
 Size: TypeAlias = "int | None"  # bytes, or None (no limit)
@@ -65,10 +65,16 @@ class RunConfig:
                          "of prompt/response, chat messages, alpaca or ShareGPT")
     chat_template: str = _setting("", DATA, "chats for a model whose tokenizer has no chat template: a jinja file "
                                   "(as tokenizer_config.json holds it) or a format by name: chatml, llama3, llama2")
-    out: str = _setting("runs/latest", RUN, "run folder: config, checkpoints, metrics.jsonl, loss.png")
+    # "": a new one per run, runs/<YYYYMMDD-HHMMSS> (printed), and for --resume the newest under runs/
+    out: str = _setting("", RUN, "run folder: config, checkpoints, metrics.jsonl, loss.png (default: a new "
+                        "runs/<YYYYMMDD-HHMMSS>; with --resume, the newest under runs/)")
     overwrite: bool = _setting(False, RUN, "start afresh in an --out that holds an earlier run")
     method: str = _setting("lora", METHOD, "", choices=("lora", "full"))
     steps: int = _setting(100, OPTIM, "optimizer steps", least=1)
+    # the steps follow from the data: ceil(epochs * examples / (batch_size * grad_accum * data-parallel
+    # ranks)), said and recorded as `steps` in config.toml (a resume continues them)
+    epochs: float = _setting(0.0, OPTIM, "passes over the training examples instead of --steps (0: --steps "
+                             "decides; both in one place is refused)", least=0)
     lr: float = _setting(OptimizerConfig.lr, OPTIM, "peak learning rate")
     min_lr_ratio: float = _setting(0.1, OPTIM, "the cosine decays to lr * min_lr_ratio")
     warmup_steps: int = _setting(10, OPTIM, "steps of linear warm-up", least=0)
@@ -84,7 +90,10 @@ class RunConfig:
     sample_every: int = _setting(50, EVAL, "steps between samples (0: none)", least=0)
     sample_prompt: str = _setting("The", EVAL)
     sample_tokens: int = _setting(32, EVAL, "", least=0)
-    checkpoint_every: int = _setting(10, EVAL, "steps", least=1)
+    checkpoint_every: int = _setting(10, EVAL, "steps (LoRA: and at every validation, so that the best adapter "
+                                     "is kept)", least=1)
+    keep_adapters: int = _setting(3, EVAL, "LoRA: adapter-step-N.safetensors kept in the run folder, the newest N "
+                                  "and the best validated one (also adapter-best.safetensors; 0: every one)", least=0)
     seed: int = _setting(0, OPTIM)
     device: str = _setting("auto", MACHINE_SECTION, "auto, cpu, cuda[:N] or mps; emu and emu-mps: the CPU behaving "
                            "as an accelerator (as MPS), for tests")
@@ -108,7 +117,9 @@ class RunConfig:
     lora_rank: int = _setting(LoraConfig.rank, LORA, "", least=1)
     lora_alpha: float = _setting(LoraConfig.alpha, LORA)
     lora_dropout: float = _setting(LoraConfig.dropout, LORA)
-    lora_targets: list[str] = _setting(list(LoraConfig.targets), LORA, "the layers LoRA adapts")
+    # kept as Meta's names (the store's): config.toml, checkpoints and adapters are the same either way
+    lora_targets: list[str] = _setting(list(LoraConfig.targets), LORA, "the layers LoRA adapts: Meta's names (wq wk "
+                                       "wv wo w1 w2 w3), Hugging Face's (q_proj ... down_proj) or all-linear")
     in_place: bool = _setting(False, METHOD, "full: the fine-tuned weights replace the base model's files "
                               "(default: the base is kept beside them, `--base` reads it; this needs a second "
                               "copy's disk space)")
@@ -133,12 +144,15 @@ class RunConfig:
             setattr(self, f.name, typed(f, getattr(self, f.name)))
         if not 0 <= self.val_ratio < 1:
             raise ConfigError(f"val_ratio={self.val_ratio} must be in [0, 1)")
+        self.lora_targets = list(lora_targets(self.lora_targets))
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> RunConfig:
         """The config in the TOML file `path` (if any) with `overrides` (None: not given) over it."""
         values = _read_toml(Path(path)) if path else {}
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        _steps_or_epochs(values, given, path)
+        values.update(given)
         try:
             return cls(**values)
         except TypeError as exc:
@@ -316,9 +330,64 @@ def config_line(cfg: RunConfig, budgets: Budgets, arithmetic: Path) -> str:
             "every setting: --print-config)")
 
 
+def _steps_or_epochs(file: dict[str, Any], line: dict[str, Any], path: str | Path | None) -> None:
+    """A run's length is steps or epochs: both in one place (the command line, or the file) is
+    refused; the command line's steps win over the file's epochs (its epochs over the file's
+    steps need nothing: epochs, where set, decide)."""
+    for layer, where in ((line, "the command line"), (file, str(path))):
+        if layer.get("epochs") and "steps" in layer:
+            raise ConfigError(f"{where} gives both steps={layer['steps']!r} and epochs={layer['epochs']!r}: "
+                              "give one (with epochs the steps follow from the data)")
+    if "steps" in line:
+        file.pop("epochs", None)
+
+
+def steps_of_epochs(cfg: RunConfig, examples: int, ranks: int) -> tuple[RunConfig, str | None]:
+    """The config with the steps its epochs take over `examples` training examples on `ranks`
+    data-parallel ranks (epochs resolved into steps), and the line that says so; unchanged
+    without epochs."""
+    if not cfg.epochs:
+        return cfg, None
+    per_step = cfg.batch_size * cfg.grad_accum * ranks
+    steps = max(1, math.ceil(cfg.epochs * examples / per_step))
+    return dataclasses.replace(cfg, steps=steps, epochs=0.0), (
+        f"epochs {cfg.epochs:g}: {steps} steps ({examples} training examples, {per_step} per step: batch_size "
+        f"{cfg.batch_size} x grad_accum {cfg.grad_accum} x {ranks} rank(s))")
+
+
+RUNS = Path("runs")  # where run folders go when none is named
+
+
+def default_out(resume: bool, log: Callable[[str], None], root: Path = RUNS) -> str:
+    """The run folder when none is named, said in the log: a new runs/<YYYYMMDD-HHMMSS> per run
+    (-2, -3, ... for runs started in one second); for a resume, the newest run under runs/ (the
+    one whose config.toml was written last)."""
+    if resume:
+        found = sorted((p.stat().st_mtime, str(p.parent)) for p in root.glob("*/config.toml"))
+        if not found:
+            raise ConfigError(f"--resume without --out: no run folder under {root.resolve()} (none holds a "
+                              "config.toml); name the run to continue with --out")
+        log(f"resuming the newest run under {root}/: {found[-1][1]} (--out names another)")
+        return found[-1][1]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = next(p for p in (root / stamp, *(root / f"{stamp}-{n}" for n in range(2, 10_000))) if not p.exists())
+    log(f"run folder: {path} (a new one per run; --out names it)")
+    return str(path)
+
+
 def check_out(cfg: RunConfig, resume: bool) -> None:
-    """Refuse to start afresh in a run folder that holds an earlier run's record."""
+    """Refuse to start afresh in a run folder that holds an earlier run's record, a LoRA resume
+    where there is no checkpoint, and an --out that is not a folder (before anything is written)."""
+    from blocktune.run.checkpoint import CHECKPOINT  # the run's checkpoint module builds on this one
+
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file, not a folder; the run folder holds the run's config, checkpoints "
+                          "and metrics: name a new folder, or a run's folder")
+    if resume and cfg.method == "lora" and not (out / CHECKPOINT).is_file():
+        raise ConfigError(f"--resume: {out} holds no LoRA checkpoint ({CHECKPOINT}) to continue"
+                          f"{'' if out.is_dir() else ' (the folder does not exist)'}; start the run there "
+                          "without --resume, or name the run to continue with --out")
     if not resume and not cfg.overwrite and out.is_dir() and any(p.name != LOCK_DIR for p in out.iterdir()):
         raise ConfigError(f"{out}: the run folder is not empty (an earlier run's record is there); "
                           "continue it with --resume, replace it with --overwrite, or choose another --out")

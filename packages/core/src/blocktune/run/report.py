@@ -23,6 +23,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from blocktune.run.keptadapters import BEST, kept_adapters
+
 __all__ = ["read_metrics", "summarize", "draw_run", "save_figure", "plot_run", "ScalarLog",
            "Progress", "SCALARS"]
 
@@ -80,6 +82,9 @@ def summarize(run: str | Path) -> dict[str, Any]:
         "budgets": {k: cfg[k] for k in ("device_budget", "host_budget", "activation_budget",
                                         "keep_activations") if k in cfg},
     }
+    kept = kept_adapters(run)  # a LoRA run's adapter-step-N files and the best validated one
+    out["adapters"] = {"steps": sorted(kept["steps"]), "best_step": kept["best"],
+                       "best": str(run / BEST) if kept["best"] is not None else None}
     out["finished"] = bool(rows) and out["steps_planned"] is not None and out["steps_done"] >= out["steps_planned"]
     return out
 
@@ -101,6 +106,10 @@ def format_summary(s: dict[str, Any]) -> str:
         + (f", {s['peak_device_reserved_gb']:.2f} GB reserved" if s.get("peak_device_reserved_gb") is not None else ""),
         "budgets   " + (", ".join(f"{k} {v}" for k, v in s["budgets"].items()) or "—"),
     ]
+    kept = s.get("adapters") or {}
+    if kept.get("steps"):
+        lines.append("adapters  adapter-step-N.safetensors of steps " + ", ".join(map(str, kept["steps"]))
+                     + (f"; best validation: {kept['best']} (step {kept['best_step']})" if kept["best"] else ""))
     return "\n".join(lines)
 
 

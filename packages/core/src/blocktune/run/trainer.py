@@ -25,7 +25,16 @@ from blocktune.errors import ConfigError, TrainingError
 from blocktune.formats.tokenizer import load_tokenizer
 from blocktune.machine.hostmem import peak_rss_bytes
 from blocktune.run.checkpoint import LoraCheckpoint, StoreCheckpoint
-from blocktune.run.config import RunConfig, check_out, config_line, lr_at, schedule_notes, with_adapter_lora
+from blocktune.run.config import (
+    RunConfig,
+    check_out,
+    config_line,
+    default_out,
+    lr_at,
+    schedule_notes,
+    steps_of_epochs,
+    with_adapter_lora,
+)
 from blocktune.run.data import load_dataset
 from blocktune.run.generate import SamplingConfig, generate_tokens
 from blocktune.run.record import RunRecord
@@ -40,6 +49,8 @@ BUDGETS = "budgets.txt"  # in the run folder: how the budgets were worked out
 
 class Trainer:
     def __init__(self, cfg: RunConfig, log=print):
+        if not cfg.out:  # a library caller that named no run folder: a new one, as the CLI gives
+            cfg = dataclasses.replace(cfg, out=default_out(False, log))
         self.out = Path(cfg.out)
         from blocktune.machine.devices import resolve_device
 
@@ -70,10 +81,15 @@ class Trainer:
         self.cfg = cfg
         self.train_data, self.val_data = load_dataset(
             cfg.data, self.tok, cfg.seq_len, self.args.max_seq_len, cfg.val_ratio, cfg.chat_template, self.log)
+        cfg, said = steps_of_epochs(cfg, len(self.train_data), self.dist.dp_world)
+        if said:  # from here on the run is its steps (config.toml records them)
+            self.log(said)
+            self.cfg = cfg
         ecfg = dataclasses.replace(cfg.engine_config(), device=str(device))
         self.engine = Engine(self.store, ecfg, adapters=start_adapters, dist=self.dist, args=self.args)
         self.checkpoint: LoraCheckpoint | StoreCheckpoint = (
-            LoraCheckpoint(self.out, self.engine, self.dist, cfg.lora(), self.store.args, cfg.to_toml(absolute=True))
+            LoraCheckpoint(self.out, self.engine, self.dist, cfg.lora(), self.store.args, cfg.to_toml(absolute=True),
+                           cfg.keep_adapters)
             if cfg.method == "lora" else StoreCheckpoint(self.out, self.store, self.dist, device, cfg))
 
     # ---- evaluation ----
@@ -178,7 +194,8 @@ class Trainer:
         try:
             for step in range(start, cfg.steps):
                 row = self._step(step, step_offset)
-                checkpoint = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
+                checkpoint = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or (
+                    cfg.method == "lora" and row.get("val_loss") is not None)  # a validated adapter is kept
                 if checkpoint:
                     self.checkpoint.save(step + 1, row)
                 record.add(row, checkpoint)
