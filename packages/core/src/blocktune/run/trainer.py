@@ -213,7 +213,7 @@ class Trainer:
 
     def _history(self, start: int) -> list[dict]:
         """The metrics rows of a resumed run up to its checkpoint at `start`."""
-        history = read_metrics(self.out / "metrics.jsonl", upto=start)
+        history = read_metrics(self.out / "metrics.jsonl", upto=start, log=self.log)
         if start and (not history or history[-1]["step"] < start):
             lost = self.checkpoint.recorded_row(start)  # killed after the checkpoint, before its metrics row
             if lost is not None:
