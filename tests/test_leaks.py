@@ -5,6 +5,7 @@ a full disk (a real, small tmpfs mounted in a user namespace) ends `prepare`, `e
 LoRA checkpoint with one clear message, exit 1 and nothing half-written."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -154,12 +155,13 @@ def test_odd_entries_in_the_readers_folder_neither_crash_nor_hang_a_writer(root,
     assert not list(store.glob("*-00000[123]*.safetensors"))  # collection works again
 
 
-def _on_small_disk(size: str, disk: Path, *args: str) -> tuple[int, str, list[str]]:
+def _on_small_disk(size: str, disk: Path, *args: str, first: str = "") -> tuple[int, str, list[str]]:
     """`blocktune ARGS` with a tmpfs of `size` mounted at `disk` (a user namespace: no root
-    needed): (exit code, stderr, what is left on that disk, hidden files included)."""
+    needed), after the shell command `first`: (exit code, stderr, what is left on that disk,
+    hidden files included)."""
     disk.mkdir(exist_ok=True)
     cmd = " ".join(f"'{a}'" for a in [PY, "-m", "blocktune", *args])
-    script = (f"mount -t tmpfs -o size={size} tmpfs '{disk}' || exit 99\n{cmd} 2>'{disk.parent}/err'\n"
+    script = (f"mount -t tmpfs -o size={size} tmpfs '{disk}' || exit 99\n{first}\n{cmd} 2>'{disk.parent}/err'\n"
               f"echo rc=$?; cd '{disk}' && find . -mindepth 1 -not -path './*/.lock*' | sort")
     r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
     if r.returncode == 99 or not r.stdout.startswith("rc="):
@@ -203,3 +205,18 @@ def test_a_full_disk_at_a_lora_checkpoint(root, tmp_path):
     assert "write failed (No space left on device" in err and "the run folder still holds step 1, intact" in err
     assert "--resume" in err
     assert not [n for n in left if ".tmp-" in n] and "./run/checkpoint.safetensors" in left
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+def test_the_disk_precheck_says_sizes_that_differ(root, tmp_path):
+    """A full fine-tune of a 1.7 MB store on a 2.5 MiB disk: refused before anything is written
+    (exit 2), with the sizes in MiB (before: "needs about 0.0 GB free ... and 0.0 GB are free")."""
+    disk = tmp_path / "disk"
+    code, err, _ = _on_small_disk("2560k", disk, *_finetune(root, disk / "s", tmp_path / "run", 1),
+                                  first=f"cp -r '{root / 'store'}' '{disk / 's'}'")
+    line = err.strip().splitlines()[-1]
+    print(line)
+    assert code == 2 and "a full fine-tune needs about" in line and " GB" not in line, err[-2000:]
+    need = float(re.search(r"about ([0-9.]+) MiB free", line)[1])
+    free = float(re.search(r"([0-9.]+) MiB are free", line)[1])
+    assert need > free > 0
