@@ -13,6 +13,11 @@
 - corruptions: one byte flipped in every file of a store, one at a time; each must be named.
 - fuzz: truncated and bit-flipped manifests and adapter files; only the project's errors.
 - crc32 cost: checksum throughput against the bytes a step reads.
+- attacks (#29, `blocktune_bench.attacks`): killed prepares and exports, orphaned versions, odd
+  entries in .lock/readers, full disks (a real tmpfs), hostile safetensors headers and tokenizer
+  files, huge and odd JSONL rows, odd paths, file modes, links and damage in a run folder.
+
+`nox -s bench` runs it as the group `reliability` of `python -m blocktune_bench.run`, small.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from blocktune.model.args import LoraConfig
 from blocktune.store.fileio import crc32
 from blocktune.store.lock import LOCK_DIR
 
+from .attacks import run_attacks
 from .common import machine, save
 from .synthetic import SHAPES, make_store
 
@@ -253,6 +259,7 @@ def main(argv=None) -> int:
     p.add_argument("--kills", type=int, default=40)
     p.add_argument("--fuzz", type=int, default=2000)
     p.add_argument("--writers", type=int, default=20, help="trials of two writers and a reader at once")
+    p.add_argument("--command", default="blocktune_bench.reliability", help="the command the results name")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -267,6 +274,8 @@ def main(argv=None) -> int:
         print("corruptions", c, flush=True)
         z = fuzz(root, a.fuzz)
         print("fuzz", z, flush=True)
+        (root / "attacks").mkdir()
+        attacks = run_attacks(root / "attacks")
     cost = crc_cost()
     step_read = 1.61e9  # bytes a LoRA step reads on the 1 GB test model (cpu-step results)
     table = ["Reliability campaign (`python -m blocktune_bench.reliability`), tiny model, real processes and files.", "",
@@ -276,10 +285,16 @@ def main(argv=None) -> int:
              f"| ENOSPC / EIO at the k-th write call of a step, every k | {f['tried']} | {f['survived']} | clear StoreError; last committed step intact; no file left behind |",
              f"| one flipped bit in a unit or optimizer-state file | {c['tried']} | {c['named']} | each named by file in the error |",
              f"| fuzzed manifests and adapter files | {z['cases']} | {z['clear']} | only blocktune's own errors; {z['other_exceptions']} other exceptions |",
+             "", "The attacks of #29, each through the `blocktune` command in fresh processes (a full disk is a real "
+             "tmpfs of 300-420 KiB mounted in a user namespace):", "",
+             "| attack | held | what was seen | s |", "| --- | --- | --- | ---: |",
+             *[f"| {t['attack']} | {'yes' if t['held'] else '**NO**'} | {t['seen'].replace('|', '/')} | {t['seconds']} |"
+               for t in attacks],
              "", f"crc32 runs at {cost['crc32_GBps']:.1f} GB/s here: checking every byte a LoRA step reads on the "
              f"1 GB test model ({step_read / 1e9:.2f} GB) would cost {step_read / cost['crc32_GBps'] / 1e9:.2f} s; "
              "checked once per file version per process (the default) it costs that once per run."]
-    save("reliability", {"machine": machine("blocktune_bench.reliability"), "kills": k, "concurrent_writers": w, "faults": f, "corruptions": c, "fuzz": z, **cost}, table)
+    save("reliability", {"machine": machine(a.command), "kills": k, "concurrent_writers": w, "faults": f,
+                         "corruptions": c, "fuzz": z, "attacks": attacks, **cost}, table)
     return 0
 
 

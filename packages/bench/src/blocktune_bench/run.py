@@ -17,6 +17,8 @@ dist      data-parallel LoRA: 2 processes against 1 on this machine, and bytes a
 real      SmolLM2-135M-Instruct (GGUF): prepare against gguf's reader; LoRA and full steps from the CLI
           against transformers + peft in memory; a 30-step LoRA run's held-out loss before and after.
 stages    pipeline stages: bytes each rank reads, S = 1, 2, 4; a worked model of 70B on 4 and 8 machines.
+reliability  the reliability campaign, small (10 kills, 3 writer trials, 300 fuzz cases) with the
+          attacks of #29 (blocktune_bench.reliability, blocktune_bench.attacks).
 disk      the headline's step on a disk a cgroup slows to BLOCKTUNE_READ_RATE (400MB): step time
           against max(IO floor, compute floor), driver and CLI, beside BLOCKTUNE_BASELINE (a checkout).
 
@@ -207,7 +209,8 @@ def group_headline(work: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="step,limit,headline,auto,families,real,prepare,export,generate,dist,stages,disk")
+    p.add_argument("--only", default="step,limit,headline,auto,families,real,prepare,export,generate,dist,stages,disk,"
+                                        "reliability")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("BLOCKTUNE_BENCH_DIR", "/tmp/blocktune-bench")))
     a = p.parse_args(argv)
@@ -237,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         group_stages(a.workdir, a.reps)
     if "disk" in groups:
         group_disk(a.workdir)
+    if "reliability" in groups:
+        from .reliability import main as reliability
+
+        reliability(["--kills", "10", "--writers", "3", "--fuzz", "300",
+                     "--command", "blocktune_bench.run"])
     return 0
 
 

@@ -174,6 +174,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
     problems = store.verify()
     for p in problems:
         print(p, file=sys.stderr)
+    for note in store.leftovers():
+        print(f"note: {note}", file=sys.stderr)
     store.close()
     n = len(store.units) + len(store.manifest.get("state", {})) + len(store.manifest.get("checksums", {}))
     print(f"{a.store}: step {store.step}, {n} files checked, {len(problems)} problem(s)")

@@ -33,10 +33,10 @@ from blocktune.formats.tokenizer import HF_TOKENIZER_FILES
 from blocktune.model.args import ROPE_TYPES, ModelArgs
 from blocktune.model.llama import stored_shapes
 from blocktune.store.build import build_store
-from blocktune.store.fileio import staging_dir
+from blocktune.store.fileio import read_header, staging_dir, usual_mode
 from blocktune.store.records import unit_names
 from blocktune.store.store import BlockStore
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .meta import meta_key, unit_of
@@ -231,6 +231,7 @@ def export_hf(store: BlockStore, out: str | Path, adapter=None,
             nonlocal current, total
             name = f"model-{shard + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
             save_file(current, str(tmp / name), metadata={"format": "pt"})
+            usual_mode(tmp / name)
             weight_map.update({k: name for k in current})
             total += sum(t.numel() * t.element_size() for t in current.values())
             current = {}
@@ -280,8 +281,7 @@ def _weight_map(src: Path) -> dict[str, str]:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise StoreError(f"{index}: not a safetensors index ({exc!r})") from None
     elif (src / "model.safetensors").is_file():
-        with safe_open(str(src / "model.safetensors"), framework="pt") as f:
-            weight_map = {k: "model.safetensors" for k in f.keys()}
+        weight_map = {k: "model.safetensors" for k in read_header(src / "model.safetensors") if k != "__metadata__"}
     else:
         raise StoreError(f"{src}: no model.safetensors or model.safetensors.index.json "
                          "(only the safetensors layout is read, never pickles)")
@@ -292,6 +292,11 @@ def _weight_map(src: Path) -> dict[str, str]:
     missing = sorted({f for f in weight_map.values() if not (src / f).is_file()})
     if missing:
         raise StoreError(f"{src}: shard file(s) {missing} named in the index are missing")
+    for name in sorted(set(weight_map.values())):  # each header checked before the library reads it
+        held = read_header(src / name)
+        absent = sorted(k for k, f in weight_map.items() if f == name and k not in held)
+        if absent:
+            raise StoreError(f"{src / name}: does not hold {absent[:3]}, which {index.name} places in it")
     return weight_map
 
 
@@ -327,8 +332,11 @@ def import_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None
         for unit in unit_names(args):
             out = {}
             for k in by_unit.get(unit, []):
-                with safe_open(str(src / weight_map[k]), framework="pt") as f:
-                    t = f.get_tensor(k)
+                try:
+                    with safe_open(str(src / weight_map[k]), framework="pt") as f:
+                        t = f.get_tensor(k)
+                except SafetensorError as exc:  # the library's message names no file
+                    raise StoreError(f"{src / weight_map[k]}: cannot read tensor {k} ({exc})") from exc
                 local = unit_of(meta_of_hf(k))[1]
                 heads = rotary_heads(args, local)
                 out[local] = from_hf(t, heads) if heads else t

@@ -21,7 +21,7 @@ from blocktune.families import FAMILIES
 from blocktune.formats.adapters import Adapter, fingerprint
 from blocktune.formats.hfnames import HF_MODULES, from_hf, rotary_heads, to_hf
 from blocktune.model.args import LORA_TARGETS, LoraConfig, ModelArgs
-from blocktune.store.fileio import staging_dir
+from blocktune.store.fileio import staging_dir, usual_mode
 
 __all__ = ["load_peft", "save_peft"]
 
@@ -125,5 +125,6 @@ def save_peft(out: str | Path, adapter: Adapter, args: ModelArgs, base_model: st
            "inference_mode": True, "auto_mapping": {"base_model_class": FAMILIES[args.family].hf_architecture}}
     with staging_dir(Path(out)) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        usual_mode(tmp / "adapter_model.safetensors")
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return Path(out)

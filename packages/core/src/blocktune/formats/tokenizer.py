@@ -22,7 +22,7 @@ from typing import Any
 from blocktune.errors import ConfigError
 
 __all__ = ["Tokenizer", "HFTokenizer", "TiktokenTokenizer", "load_tokenizer", "detect_kind",
-           "TOKENIZER_KINDS", "HF_TOKENIZER_FILES"]
+           "TOKENIZER_KINDS", "TOKENIZERS", "HF_TOKENIZER_FILES"]
 
 TOKENIZER_KINDS = ("sentencepiece", "hf", "tiktoken")
 # the files of a Hugging Face tokenizer (and generation settings) kept beside a store
@@ -42,8 +42,8 @@ class Tokenizer:
         if not self.path.is_file():
             raise ConfigError(f"{self.path}: tokenizer.model not found")
         self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.Load(str(self.path))
+        try:  # from bytes: a path sentencepiece cannot encode (a non-UTF-8 byte) reads as well
+            self.sp.Load(model_proto=self.path.read_bytes())
         except (OSError, RuntimeError) as exc:
             raise ConfigError(f"{self.path}: not a sentencepiece model ({exc})") from exc
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
@@ -238,6 +238,9 @@ class TiktokenTokenizer:
     def decode(self, ids: list[int]) -> str:
         specials = set(self.special.values())
         return self.enc.decode([i for i in ids if i not in specials])
+
+
+TOKENIZERS = {"sentencepiece": Tokenizer, "hf": HFTokenizer, "tiktoken": TiktokenTokenizer}  # kind -> class
 
 
 def detect_kind(path: Path) -> str:

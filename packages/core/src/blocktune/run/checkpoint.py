@@ -24,7 +24,7 @@ from blocktune.model.args import LoraConfig, ModelArgs
 from blocktune.run.config import RunConfig, with_checksum
 from blocktune.run.keptadapters import KeptAdapters
 from blocktune.run.ownership import describe, new_run_id, recorded_run_id, resume_verdict, start_refusal
-from blocktune.store.fileio import atomic_write, crc32
+from blocktune.store.fileio import atomic_write, crc32, is_write_failure, write_failed
 from blocktune.store.store import BlockStore
 
 __all__ = ["CHECKPOINT", "LoraCheckpoint", "StoreCheckpoint", "merge_stages", "stage_optimizer_state"]
@@ -49,6 +49,7 @@ class LoraCheckpoint:
         self.lora, self.model, self.config_toml = lora, model, config_toml
         self.path = out / CHECKPOINT
         self.kept = KeptAdapters(out, keep_adapters)  # adapter-step-N.safetensors, the best marked
+        self.saved: int | None = None  # the step the checkpoint on disk holds, once known
 
     def save(self, step: int, row: dict | None = None) -> None:
         """Write the checkpoint of `step` (a collective with pipeline stages: call on every rank)."""
@@ -57,7 +58,6 @@ class LoraCheckpoint:
             adapters, opt = merge_stages(self.dist.gather_objects(_on_cpu(adapters, opt)), self.dist)
         if not self.dist.is_main:
             return  # every replica holds the same adapters; rank 0 writes them
-        _write_config(self.out, self.config_toml)
         from safetensors.torch import save
 
         tensors = {f"adapter.{k}": v for k, v in adapters.items()}
@@ -69,9 +69,18 @@ class LoraCheckpoint:
             meta["row"] = json.dumps(row)
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         meta["crc32"] = str(_checkpoint_crc(cpu, meta))
-        atomic_write(self.path, save(cpu, metadata=meta))
-        save_adapter(self.out / "adapter.safetensors", adapters, self.lora, self.model)
-        self.kept.add(step, (row or {}).get("val_loss"))
+        try:  # each file is replaced atomically: a full disk leaves the one before
+            _write_config(self.out, self.config_toml)
+            atomic_write(self.path, save(cpu, metadata=meta))
+            self.saved = step
+            save_adapter(self.out / "adapter.safetensors", adapters, self.lora, self.model)
+            self.kept.add(step, (row or {}).get("val_loss"))
+        except OSError as exc:
+            if not is_write_failure(exc):
+                raise
+            held = "no checkpoint yet" if self.saved is None else f"step {self.saved}"
+            raise write_failed(self.out, exc, f"the run folder still holds {held}, intact",
+                               "--resume" if self.saved is not None else "run again") from exc
 
     def resume(self) -> int:
         """Load the adapters and this rank's optimizer state; the step the checkpoint was made at."""
@@ -84,8 +93,9 @@ class LoraCheckpoint:
         if self.engine.adapters.blocks:  # a pipeline stage without blocks has no optimizer state
             opt = self.engine.lora_optimizer
             opt.load_state_dict(stage_optimizer_state(opt.state_dict(), tensors, self.engine.adapters.offset))
-        self.kept.resume(int(meta["step"]))
-        return int(meta["step"])
+        self.saved = int(meta["step"])
+        self.kept.resume(self.saved)
+        return self.saved
 
     def _read(self) -> tuple[dict, dict[str, torch.Tensor]]:
         if not self.path.is_file():

@@ -11,6 +11,7 @@ sees exactly the batches the uninterrupted run would have seen, with no sampler 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,11 @@ from blocktune.formats.tokenizer import Tokenizer
 from blocktune.run.rows import Row, read_rows, read_text
 
 __all__ = ["Example", "Dataset", "RowEncoder", "load_dataset", "read_text", "eval_windows", "eval_examples"]
+
+# characters a token may take, generously (the longest pieces of real vocabularies are runs of
+# 16-32 spaces or dashes): a row's text past (seq_len + 1) times this cannot reach the example
+# and is not tokenized, so a 200 MB response costs what its first tokens do
+CHARS_PER_TOKEN = 64
 
 
 @dataclass
@@ -93,6 +99,7 @@ class RowEncoder:
     def example(self, row: Row) -> Example | None:
         """The row's example; None (counted in `dropped`) where --seq-len leaves it nothing to train on."""
         self.shapes[row.shape] += 1
+        row = self._bounded(row)
         if row.messages is not None:
             ids, trained = self.chat(row.where).tokens(row.messages)
             if not any(trained):
@@ -105,6 +112,19 @@ class RowEncoder:
             ids = self.tok.encode(row.text, bos=True, eos=True)
             trained = [True] * len(ids)
         return self._fit(ids, trained, row.where)
+
+    def _bounded(self, row: Row) -> Row:
+        """The row with each of its texts cut to the characters --seq-len can use
+        (`CHARS_PER_TOKEN` a token); what is cut counts as cut by `_fit`."""
+        limit = (self.seq_len + 1) * CHARS_PER_TOKEN
+
+        def clip(text):
+            return text[:limit] if isinstance(text, str) and len(text) > limit else text
+
+        messages = row.messages and [{**m, "content": clip(m["content"])} if "content" in m else m
+                                     for m in row.messages]
+        return dataclasses.replace(row, messages=messages, prompt=clip(row.prompt),
+                                   response=clip(row.response), text=clip(row.text))
 
     def _fit(self, ids: list[int], trained: list[bool], where: str) -> Example | None:
         """Inputs ids[:-1] and targets ids[1:] (masked where `trained` is False), cut to seq_len and

@@ -4,11 +4,13 @@ metrics.jsonl, its scalars for TensorBoard, the figure redrawn at checkpoints, t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+from blocktune.errors import StoreError
 from blocktune.run.report import Progress, ScalarLog, plot_run
 from blocktune.store.fileio import atomic_write
 
@@ -38,8 +40,15 @@ class RunRecord:
         """A step's row; at a `checkpoint` the scalars are flushed and the figure redrawn."""
         self.history.append(row)
         if self.writes:
-            with open(self.path, "a", opener=_no_follow) as f:  # a link swapped in is not followed
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.path, "a", opener=_no_follow) as f:  # a link swapped in is not followed
+                    f.write(json.dumps(row) + "\n")
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise StoreError(f"{self.path}: a symbolic link stands where the run appends its metrics; "
+                                 "nothing was written through it. Remove it, then --resume (the checkpoint "
+                                 "is intact)") from None
             self.scalars.add(row)
             if checkpoint:
                 self.scalars.flush()

@@ -35,20 +35,33 @@ SCALARS = {"loss": "train/loss", "val_loss": "val/loss", "lr": "train/lr",
            "peak_device_reserved_gb": "memory/peak_device_reserved_gb", "device_slots_gb": "memory/device_slots_gb"}
 
 
-def read_metrics(path: str | Path, upto: int | None = None) -> list[dict]:
-    """Rows of a metrics.jsonl (a line cut by a kill is skipped), at most one per step (the
-    last written wins: a resumed run re-logs the steps after its checkpoint)."""
+def read_metrics(path: str | Path, upto: int | None = None, log=None) -> list[dict]:
+    """Rows of a metrics.jsonl, at most one per step (the last written wins: a resumed run
+    re-logs the steps after its checkpoint). A line that is not a row is skipped, and `log`
+    (stderr by default) hears which: the last one cut by a kill, or a damaged one."""
     path = Path(path)
     if not path.is_file():
         return []
     rows: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    bad = []
+    for n, line in enumerate(lines, 1):
         try:
-            row = json.loads(line)
+            row = json.loads(line) if line.strip() else None
         except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and (upto is None or row["step"] <= upto):
-            rows[row["step"]] = row
+            row = False
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            if upto is None or row["step"] <= upto:
+                rows[row["step"]] = row
+        elif row is not None:
+            bad.append(n)
+    if bad:
+        cut = [bad.pop()] if bad[-1] == len(lines) else []  # no newline after it: a write a kill cut
+        parts = [f"damaged line(s) {', '.join(map(str, bad[:8]))}{' …' if len(bad) > 8 else ''} (not "
+                 "metrics rows)"] if bad else []
+        parts += [f"line {cut[0]}, cut short by a kill"] if cut else []
+        (log or (lambda m: print(m, file=sys.stderr)))(f"note: {path}: skipped {'; '.join(parts)}")
     return [rows[s] for s in sorted(rows)]
 
 

@@ -113,7 +113,9 @@ def to_row(row: Any, where: str) -> Row:
 
 def _jsonl(path: Path, text: str) -> list[Row]:
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # lines end at "\n" alone: str.splitlines() would also split inside a string at U+2028,
+    # U+0085 and the like, which JSON allows unescaped
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -39,6 +39,7 @@ from blocktune.run.data import load_dataset
 from blocktune.run.generate import SamplingConfig, generate_tokens
 from blocktune.run.record import RunRecord
 from blocktune.run.report import read_metrics
+from blocktune.store.fileio import size_text
 from blocktune.store.lock import WriterLock
 from blocktune.store.store import BlockStore
 
@@ -127,12 +128,12 @@ class Trainer:
         free = shutil.disk_usage(self.store.path).free
         if free < need:
             raise ConfigError(
-                f"{self.store.path}: a full fine-tune needs about {need / 1e9:.1f} GB free on its disk "
-                f"({store_bytes / 1e9:.1f} GB per version of the weights, {state / 1e9:.1f} GB of optimizer "
+                f"{self.store.path}: a full fine-tune needs about {size_text(need)} free on its disk "
+                f"({size_text(store_bytes)} per version of the weights, {size_text(state)} of optimizer "
                 f"state, {'the base model kept, ' if kept_base else ''}a new version beside the last) and "
-                f"{free / 1e9:.1f} GB are free; free space, or pass --in-place to let the run replace the base model")
-        self.log(f"disk: a full fine-tune takes about {need / 1e9:.1f} GB beside the store; "
-                 f"{free / 1e9:.1f} GB free")
+                f"{size_text(free)} are free; free space, or pass --in-place to let the run replace the base model")
+        self.log(f"disk: a full fine-tune takes about {size_text(need)} beside the store; "
+                 f"{size_text(free)} free")
 
     def estimate_disk_writes(self) -> tuple[int, int]:
         """Bytes a full fine-tune writes per step (units + optimizer state) and over the run."""
@@ -240,7 +241,7 @@ class Trainer:
 
     def _history(self, start: int) -> list[dict]:
         """The metrics rows of a resumed run up to its checkpoint at `start`."""
-        history = read_metrics(self.out / "metrics.jsonl", upto=start)
+        history = read_metrics(self.out / "metrics.jsonl", upto=start, log=self.log)
         if start and (not history or history[-1]["step"] < start):
             lost = self.checkpoint.recorded_row(start)  # killed after the checkpoint, before its metrics row
             if lost is not None:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from blocktune.errors import StoreError
-from blocktune.formats.tokenizer import HF_TOKENIZER_FILES, detect_kind
+from blocktune.formats.tokenizer import HF_TOKENIZER_FILES, TOKENIZERS, detect_kind
 from blocktune.machine.devices import dtype_name
 from blocktune.model.args import ModelArgs
 from blocktune.store.fileio import atomic_write, crc32, open_new, staging_dir, write_tensors
@@ -41,6 +41,8 @@ def build_store(
     that holds tokenizer.json and its companions.
     """
     expected = unit_names(args)
+    named: dict[str, Any] = {}
+    tok_files = _tokenizer_files(tokenizer, tokenizer_kind, named)  # read and checked before anything is written
     with staging_dir(Path(dst)) as tmp, ThreadPoolExecutor(1, thread_name_prefix="blocktune-build") as pool:
         records = _write_units(tmp, pool, args, units, dtype, progress)
         missing = [n for n in expected if n not in records]
@@ -50,9 +52,9 @@ def build_store(
             "format": FORMAT, "format_version": FORMAT_VERSION, "model": args.to_dict(),
             "dtype": dtype_name(dtype), "step": 0,
             "units": {n: records[n].to_dict() for n in expected}, "state": {},
-            "tokenizer": None, **(extra or {}),
+            "tokenizer": None, **(extra or {}), **named,
         }
-        small = {**(files or {}), **_tokenizer_files(tokenizer, tokenizer_kind, manifest)}
+        small = {**(files or {}), **tok_files}
         extras = sorted(set(small) - {manifest["tokenizer"]})
         if extras:
             manifest["extra_files"] = extras
@@ -102,11 +104,13 @@ def _write_units(tmp: Path, pool: ThreadPoolExecutor, args: ModelArgs, units, dt
 
 
 def _tokenizer_files(tokenizer: str | Path | None, kind: str | None, manifest: dict) -> dict[str, bytes]:
-    """The tokenizer's files (name -> bytes), and its name and kind in the manifest."""
+    """The tokenizer's files (name -> bytes), and its name and kind in the manifest; loaded
+    once here, so that a damaged tokenizer fails `prepare`, not the first run."""
     if tokenizer is None:
         return {}
     kind = kind or detect_kind(Path(tokenizer))
     manifest["tokenizer_kind"] = kind
+    TOKENIZERS[kind](tokenizer)
     if kind == "hf":  # a folder: tokenizer.json, its config, the chat template
         folder = Path(tokenizer)
         manifest["tokenizer"] = "tokenizer.json"

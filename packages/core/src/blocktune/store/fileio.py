@@ -14,6 +14,9 @@ under another name (a hard link), and never changes the bytes a reader has open.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import glob
 import json
 import math
 import os
@@ -39,7 +42,7 @@ from blocktune.machine.devices import dtype_name
 from blocktune.machine.hostmem import advise_huge
 
 __all__ = ["atomic_write", "staging_dir", "ALIGN", "HUGE_PAGE", "AlignedWriter", "RowPieces", "write_stream", "aligned_empty", "crc32", "decode_tensors",
-           "file_image", "open_direct", "open_new", "open_new_direct",
+           "file_image", "is_write_failure", "open_direct", "size_text", "write_failed", "partial_dirs", "remove_dead_partials", "open_new", "open_new_direct", "read_header", "usual_mode",
            "read_into", "round_up", "write_image", "write_tensors"]
 
 _ST_DTYPES = {
@@ -320,6 +323,53 @@ def decode_tensors(buf: torch.Tensor, source: str) -> dict[str, torch.Tensor]:
         raise StoreError(f"{source}: not a readable safetensors file ({exc})") from exc
 
 
+_MAX_HEADER = 100 << 20  # the safetensors library's own limit
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+             "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The header of a safetensors file someone else wrote (a Hugging Face checkpoint), checked
+    against the file before anything is allocated for it: the header length within the file
+    (and 100 MB), each tensor's offsets within the data and as long as its dtype and shape
+    say. A StoreError that names the file otherwise (the library's errors do not)."""
+    path = Path(path)
+
+    def bad(why: str) -> StoreError:
+        return StoreError(f"{path}: not a valid safetensors file ({why}); copy it again from where the "
+                          "model was downloaded")
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise bad(f"{size} bytes, shorter than the header's length field")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > min(size - 8, _MAX_HEADER):
+            raise bad(f"its header says it is {n:,} bytes long; the file holds {size:,}")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise bad(f"the header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    data = size - 8 - n
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            lo, hi = (int(v) for v in meta["data_offsets"])
+            count = math.prod(int(d) for d in meta["shape"])
+            if min(int(d) for d in [0, *meta["shape"]]) < 0:
+                raise ValueError("a negative dimension")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise bad(f"tensor {key!r} has no valid shape and offsets ({exc})") from None
+        want = count * _ITEMSIZE.get(meta.get("dtype"), 0)
+        if not 0 <= lo <= hi <= data or (want and hi - lo != want):
+            raise bad(f"tensor {key!r} ({meta.get('dtype')} {meta['shape']}) at bytes {lo:,}-{hi:,} of "
+                      f"{data:,} bytes of data")
+    return header
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -347,19 +397,121 @@ def atomic_write(path: Path, data: bytes | memoryview, *, opener: Callable = ope
     _fsync_dir(path.parent)
 
 
+_PARTIAL = ".partial-"
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def usual_mode(path: Path) -> None:
+    """Give a file another library made (safetensors' writer makes them 0600) the mode
+    open() gives a new file: 0666 less the umask."""
+    os.chmod(path, 0o666 & ~_umask())
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+# what a full disk looks like from libraries that write without raising OSError: torch.save's
+# zip writer, C++ streams (basic_ios), safetensors' Rust writer
+_WRITE_MARKERS = ("No space left", "Disk quota", "File too large", "inline_container.cc", "iostream error",
+                  "Errno 28", "Input/output error", " requested and ")  # numpy tofile
+
+
+def size_text(nbytes: float) -> str:
+    """A size to read in a message: GB from 1 GB up (two decimals), MiB below, so that a small
+    difference still shows ("needs 96.0 MiB, 71.3 MiB are free", never "0.1 GB and 0.1 GB")."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a write that the disk refused (full, over quota, failing), whichever
+    library made it."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in _WRITE_ERRNOS
+    return isinstance(exc, Exception) and any(m in str(exc) for m in _WRITE_MARKERS)
+
+
+def write_failed(path: Path, exc: BaseException, kept: str, again: str = "run the command again") -> StoreError:
+    """The error for a write to `path` that the disk refused: what failed, the space left,
+    what is still intact (`kept`) and how to go on (`again`)."""
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0][:200]
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = f"; {size_text(shutil.disk_usage(where).free)} free there"
+    except OSError:
+        free = ""
+    return StoreError(f"{path}: write failed ({detail}{free}); {kept}; free space or fix the disk, then {again}")
+
+
+def partial_dirs(dst: Path) -> list[tuple[Path, bool]]:
+    """The hidden `.NAME.partial-PID-XXXX` folders that `staging_dir` makes beside `dst`, each
+    with whether a live process still writes it (it holds flock on the folder; a name whose pid
+    runs is taken as live, since the flock comes a moment after the folder)."""
+    dst = Path(dst)
+    out = []
+    for p in dst.parent.glob(f".{glob.escape(dst.name)}{_PARTIAL}*"):
+        if not p.is_dir() or p.is_symlink():
+            continue
+        out.append((p, _partial_alive(p)))
+    return out
+
+
+def _partial_alive(p: Path) -> bool:
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return True  # gone meanwhile, or not ours to judge
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    pid = p.name.rpartition(_PARTIAL)[2].split("-")[0]
+    if not pid.isdigit():
+        return False  # made before partial folders carried their maker's pid and lock
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # another user's live process
+    return True
+
+
+def remove_dead_partials(dst: Path) -> list[Path]:
+    """Remove what killed writers of `dst` left beside it (see `partial_dirs`)."""
+    dead = [p for p, alive in partial_dirs(dst) if not alive]
+    for p in dead:
+        shutil.rmtree(p, ignore_errors=True)
+    return dead
+
+
 @contextmanager
 def staging_dir(dst: Path) -> Iterator[Path]:
-    """A temp folder beside `dst` that becomes `dst` on success and vanishes on failure."""
+    """A temp folder beside `dst` that becomes `dst` on success and vanishes on failure. While
+    it is written its maker holds flock on it, and its name carries the maker's pid, so that
+    the next `staging_dir` for `dst` can remove the ones killed processes left."""
     dst = Path(dst)
+    if dst.parent.is_dir():
+        remove_dead_partials(dst)
     if dst.exists() and any(dst.iterdir()):
         raise StoreError(f"{dst}: already exists and is not empty; choose a new folder or remove it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700: the result gets a folder's usual mode
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}{_PARTIAL}{os.getpid()}-", dir=dst.parent))
+    held = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fcntl.flock(held, fcntl.LOCK_EX)  # released when the descriptor closes, or the process dies
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: the result gets a folder's usual mode
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as exc:
+            if not is_write_failure(exc) or isinstance(exc, StoreError):
+                raise
+            raise write_failed(dst, exc, f"nothing was written to {dst} (the partial copy is removed)") from exc
         try:
             if dst.exists():
                 dst.rmdir()
@@ -370,5 +522,6 @@ def staging_dir(dst: Path) -> Iterator[Path]:
                              "discarded: choose a new folder") from None
         _fsync_dir(dst.parent)
     finally:
+        os.close(held)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -31,6 +31,7 @@ import json
 import os
 import secrets
 import socket
+import stat
 import sys
 import time
 from collections.abc import Iterable
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from blocktune.errors import StoreError, StoreLockedError
 
-__all__ = ["LOCK_DIR", "StoreLockedError", "WriterLock", "ReadPin", "pinned_files"]
+__all__ = ["LOCK_DIR", "StoreLockedError", "WriterLock", "ReadPin", "pinned_files", "pin_notes"]
 
 LOCK_DIR = ".lock"
 _WRITER = "writer"
@@ -174,7 +175,9 @@ class ReadPin:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH)
-                os.write(fd, text)
+                rest = memoryview(text)  # a short write (a full disk) must not leave half a pin
+                while len(rest):
+                    rest = rest[os.write(fd, rest):]
                 path = d / f"{name}.pin"
                 os.replace(tmp, path)  # the lock belongs to the file, not the name: it moves with it
                 return cls(fd, path)
@@ -201,18 +204,35 @@ class ReadPin:
             pass
 
 
-def pinned_files(store: str | Path) -> set[str] | None:
-    """Every file named by a live reader's pin; dead readers' pins are removed. None if some
-    live pin cannot be read: then nothing can be proven unreferenced, and nothing is deleted."""
+def _open_pin(p: Path) -> int | None:
+    """A descriptor on the pin file `p`; None for anything blocktune never makes there (a
+    folder, a link, a FIFO, a device: ignored, and never opened in a way that could block)."""
+    try:
+        if not stat.S_ISREG(os.lstat(p).st_mode):
+            return None
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # gone meanwhile (released), or swapped for a link
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _scan_pins(store: str | Path, remove_dead: bool) -> tuple[set[str], list[Path], list[Path]]:
+    """(files named by live readers' pins, live pins that cannot be read, other entries)."""
     d = Path(store, LOCK_DIR, _READERS)
-    if not d.is_dir():
-        return set()
     files: set[str] = set()
+    unreadable: list[Path] = []
+    foreign: list[Path] = []
+    if not d.is_dir():
+        return files, unreadable, foreign
     for p in d.iterdir():
-        try:
-            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue  # released meanwhile
+        fd = _open_pin(p)
+        if fd is None:
+            if p.exists() or p.is_symlink():
+                foreign.append(p)
+            continue
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -220,11 +240,39 @@ def pinned_files(store: str | Path) -> set[str] | None:
                 if p.suffix != ".pin":
                     continue  # still being made: its maker reads the manifest again after
                 try:
-                    files.update(json.loads(os.pread(fd, 1 << 24, 0))["files"])
+                    files.update(_pin_files(os.pread(fd, 1 << 24, 0)))
                 except (ValueError, KeyError, TypeError):
-                    return None
+                    unreadable.append(p)
             else:  # nobody holds it: its reader has gone
-                p.unlink(missing_ok=True)
+                if remove_dead:
+                    p.unlink(missing_ok=True)
         finally:
             os.close(fd)
+    return files, unreadable, foreign
+
+
+def _pin_files(raw: bytes) -> list[str]:
+    files = json.loads(raw)["files"]
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise TypeError("files is not a list of names")
     return files
+
+
+def pinned_files(store: str | Path) -> set[str] | None:
+    """Every file named by a live reader's pin; dead readers' pins are removed. None if some
+    live pin cannot be read: then nothing can be proven unreferenced, and nothing is deleted.
+    Entries that are not regular files (a folder, a FIFO, a link) are not pins: ignored."""
+    files, unreadable, _ = _scan_pins(store, remove_dead=True)
+    return None if unreadable else files
+
+
+def pin_notes(store: str | Path) -> tuple[set[str], list[str]]:
+    """For `verify`, removing nothing: (files live readers keep, one line per oddity in
+    STORE/.lock/readers: a live pin that cannot be read, an entry blocktune never makes)."""
+    files, unreadable, foreign = _scan_pins(store, remove_dead=False)
+    notes = [f"{p}: held open by a live process but not a pin blocktune wrote (its files cannot be "
+             "read); garbage collection deletes nothing while it is held: stop the process that "
+             f"holds it (`fuser {p}`) or remove the file" for p in unreadable]
+    notes += [f"{p}: not a reader's pin (a folder, link or special file); blocktune ignores it: "
+              "remove it" for p in foreign]
+    return files, notes

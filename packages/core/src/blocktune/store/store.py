@@ -45,8 +45,8 @@ import torch
 from blocktune.errors import ChecksumError, StoreError
 from blocktune.machine.devices import DTYPES, parse_dtype
 from blocktune.model.args import ModelArgs
-from blocktune.store.fileio import atomic_write, crc32
-from blocktune.store.lock import ReadPin, WriterLock, pinned_files
+from blocktune.store.fileio import atomic_write, crc32, partial_dirs, size_text
+from blocktune.store.lock import ReadPin, WriterLock, pin_notes, pinned_files
 from blocktune.store.records import (
     FORMAT,
     FORMAT_VERSION,
@@ -421,6 +421,30 @@ class BlockStore(UnitFiles):
         lines = shape_mismatches(self.args, self.manifest["units"]) + shape_mismatches(self.args, base, "base ")
         return [f"{self.path / MANIFEST}: {line}; the model fields or the tensor records are damaged: "
                 "restore manifest.json from a copy, or prepare the store again" for line in lines]
+
+    def leftovers(self) -> list[str]:
+        """What killed or departed processes left, for `verify` (removing nothing): file versions
+        no manifest needs (a reader open across commits keeps its step's until the next writer
+        commits), live readers' pins, oddities in .lock/readers, and partial folders of a killed
+        `prepare` beside the store."""
+        kept, notes = pin_notes(self.path)
+        need = manifest_files(self.manifest)
+        orphans = sorted(p.name for p in self.path.iterdir() if p.is_file() and p.name not in need and (
+            p.suffix == ".safetensors" or ".tmp-" in p.name))
+        dead = [p for p in orphans if p not in kept]
+        if dead:
+            size = sum((self.path / p).stat().st_size for p in dead)
+            notes.append(f"{self.path}: {len(dead)} file version(s) no step needs ({size_text(size)}: "
+                         f"{', '.join(dead[:4])}{' …' if len(dead) > 4 else ''}), left by a killed run or "
+                         "kept for a reader that has gone; the next writer's commit removes them")
+        if len(orphans) > len(dead):
+            notes.append(f"{self.path}: {len(orphans) - len(dead)} older file version(s) kept for "
+                         "readers still open (eval, export); removed at the first commit after they close")
+        for p, alive in partial_dirs(self.path):
+            if not alive:
+                notes.append(f"{p}: left by a killed `prepare` of this folder; the next prepare to "
+                             f"{self.path.name} removes it, or remove it yourself")
+        return notes
 
     def verify(self) -> list[str]:
         """Read every file and check it against the manifest; return one line per problem."""
