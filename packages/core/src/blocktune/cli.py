@@ -327,8 +327,8 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, help=_default("seq_len"))
     p.add_argument("--seed", type=int, help=_default("seed"))
     p.add_argument("--checkpoint-every", type=int, help=f"steps {_default('checkpoint_every')}")
-    p.add_argument("--compute-dtype", choices=["fp32", "bf16", "fp16"],
-                   help="arithmetic dtype (default: the device's, fp32 on CPU, bf16 on GPUs)")
+    p.add_argument("--compute-dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="arithmetic dtype (default auto: bf16 on a CPU that computes it natively, else fp32; bf16 on GPUs)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any RunConfig setting, e.g. --set lora_rank=16 --set 'lora_targets=[\"wq\",\"wv\"]' "
                         "(repeatable; flags above win over it, it wins over --config)")

@@ -27,7 +27,9 @@ class EngineConfig:
     lora: LoraConfig | None = field(default_factory=LoraConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     device: str = "auto"
-    compute_dtype: str | None = None  # None: the device's default (fp32 on CPU, bf16 on GPUs)
+    # None: the device's default (fp32 on CPU, bf16 on GPUs); "auto": bf16 on a CPU that computes
+    # it natively (blocktune.machine.cpubf16), else the default; or fp32, bf16, fp16
+    compute_dtype: str | None = None
     # Budgets in bytes, None (no limit) or "auto" (from the machine's free memory: blocktune.paging.budgets)
     device_budget: int | str | None = AUTO  # units resident on the device
     host_budget: int | str | None = AUTO  # unit files kept in (pinned) RAM for an accelerator;

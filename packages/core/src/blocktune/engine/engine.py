@@ -39,7 +39,7 @@ from blocktune.engine.recompute import skip_unread_product
 from blocktune.engine.rng import seed_micro_batch
 from blocktune.engine.stagelink import StageLink
 from blocktune.errors import ConfigError, StoreError, TrainingError
-from blocktune.machine.devices import Device, parse_dtype, resolve_device
+from blocktune.machine.devices import Device, resolve_device
 from blocktune.machine.hostmem import fix_mmap_threshold
 from blocktune.model.args import ModelArgs
 from blocktune.model.llama import KVCache
@@ -92,9 +92,8 @@ class Engine:
         if problems := store.shape_problems():  # a damaged model field: named, not a state-dict error
             raise StoreError(problems[0])
         self.device: Device = resolve_device(self.cfg.device)
-        dtype = self.cfg.compute_dtype
-        self.dtype = parse_dtype(dtype) if dtype else self.device.default_dtype()
-        self.device.check_dtype(self.dtype)
+        # the dtype and the line that says why ("compute bf16 (auto: this CPU has avx512_bf16)")
+        self.dtype, self.dtype_note = self.device.resolve_dtype(self.cfg.compute_dtype)
         full = self.cfg.method == "full"
         self.units = store.units
         self.stage = StageLink(dist, store, full, self.args.dim, self.dtype, self.device.torch)

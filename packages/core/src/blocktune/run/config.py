@@ -19,7 +19,9 @@ from blocktune.paging.budgets import parse_budget
 from blocktune.settings import parse_bytes
 from blocktune.store.lock import LOCK_DIR
 
-__all__ = ["RunConfig", "lr_at", "check_out", "with_adapter_lora", "schedule_notes"]
+__all__ = ["COMPUTE_DTYPES", "RunConfig", "lr_at", "check_out", "with_adapter_lora", "schedule_notes"]
+
+COMPUTE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -52,7 +54,9 @@ class RunConfig:
     checkpoint_every: int = 10
     seed: int = 0
     device: str = "auto"
-    compute_dtype: str = ""  # "": the device's default (fp32 on CPU, bf16 on GPUs)
+    # auto: bf16 on a CPU that computes it natively (avx512_bf16, AMX, Arm bf16; BLOCKTUNE_CPU_BF16=0/1
+    # overrides the probe), else fp32; a GPU's default (bf16); or fp32, bf16, fp16 ("": the device's default)
+    compute_dtype: str = "auto"
     # "auto": from the memory free at the start (blocktune.paging.budgets; printed with the config)
     device_budget: str = "auto"  # weights resident on the device, e.g. "2GiB"; "inf": no limit
     host_budget: str = "auto"  # unit files kept in RAM (pinned) for a GPU; on the CPU, the RAM for weights
@@ -86,6 +90,8 @@ class RunConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "checkpoint_every", "stages"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        if self.compute_dtype not in COMPUTE_DTYPES + ("",):
+            raise ConfigError(f"compute_dtype={self.compute_dtype!r}: choose {', '.join(COMPUTE_DTYPES)}")
         if self.verify not in ("once", "always", "never"):
             raise ConfigError(f"verify={self.verify!r}: choose once, always or never")
         check_frozen_reads(self.frozen_reads)

@@ -192,6 +192,7 @@ class Trainer:
             check_out(self.cfg, resume)
         self.out.mkdir(parents=True, exist_ok=True)
         self.log("config:\n" + self.cfg.to_toml())
+        self.log(self.engine.dtype_note)
         for note in self.engine.budgets.notes:
             self.log(note)
 
