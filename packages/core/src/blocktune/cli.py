@@ -345,7 +345,8 @@ def _finetune_parser(sub) -> None:
                         "dropped), or from the tuned weights on purpose (default: refuse, and say so)")
     p.add_argument("--host-budget", help="RAM for unit files (pinned, for a GPU); on the CPU the RAM for weights, e.g. 4GiB")
     p.add_argument("--activation-budget", help="RAM for stashed block inputs before they spill to disk, e.g. 4GiB")
-    p.add_argument("--keep-activations", help="RAM for activations kept to skip the backward's recompute, e.g. 6GiB or inf")
+    p.add_argument("--keep-activations", help="RAM for activations kept to skip the backward's recompute, e.g. 6GiB, inf, 0 "
+                                              "(default auto: what is left beside every unit resident)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--nproc", type=int, help="processes on this machine (torchrun --standalone): data parallel, "
                                            "or stages x replicas with --stages")

@@ -47,8 +47,9 @@ class EngineConfig:
     max_dirty: int | None = 512 << 20  # full fine-tune: written-but-unsynced bytes before an early fsync
     # Bytes of autograd activations kept from the first forward instead of recomputing the
     # unit in the backward (weights in the graph become handles the pager resolves).
-    # 0: always recompute; None: keep every unit's. Units past the budget are recomputed.
-    keep_budget: int | None = 0
+    # 0: always recompute; None: keep every unit's; "auto": what RAM holds beside every unit
+    # resident (blocktune.paging.budgets). Units past the budget are recomputed.
+    keep_budget: int | str | None = 0
     # CPU, frozen units (LoRA, inference): "mapped" reads them through the page cache, "direct"
     # with O_DIRECT into reused buffers (for a store bigger than RAM); "auto" picks direct when
     # the store is more than 80% of the memory available (MemAvailable, or a cgroup's limit).

@@ -34,6 +34,7 @@ from blocktune.engine.handles import WeightHandles
 from blocktune.engine.inference import Inference
 from blocktune.engine.loss import check_batches, chunked_cross_entropy, count_targets
 from blocktune.engine.modules import UnitModules
+from blocktune.engine.optim import state_kinds
 from blocktune.engine.order import UnitOrder
 from blocktune.engine.recompute import skip_unread_product
 from blocktune.engine.rng import seed_micro_batch
@@ -115,7 +116,7 @@ class Engine:
             fix_mmap_threshold()
         self.pager = self._open_pager(as_stored)
         # a stage whose units all stay resident takes each micro-batch through all of them
-        self.interleave = (self.dist.stages > 1 and self.cfg.keep_budget == 0
+        self.interleave = (self.dist.stages > 1 and self.budgets.keep == 0
                            and sum(sizes.values()) <= self.pager.budget)
         self.order = UnitOrder(self.units, self.lo, self.hi, full, self.interleave)
         lora = self.cfg.lora if self.cfg.method == "lora" else None
@@ -139,8 +140,9 @@ class Engine:
             self.device, store.args, sizes,
             {n: store.unit_bytes(n) for n in own}, self.dtype,
             method=cfg.method, device_budget=cfg.device_budget, host_budget=cfg.host_budget,
-            activation_budget=cfg.activation_budget, batch=batch, seq=seq, micro=micro,
-            loss_chunk=cfg.loss_chunk, kv_cache=cfg.read_only)
+            activation_budget=cfg.activation_budget, keep_budget=cfg.keep_budget, batch=batch, seq=seq,
+            micro=micro, loss_chunk=cfg.loss_chunk, kv_cache=cfg.read_only,
+            state_kinds=len(state_kinds(cfg.optimizer, store.dtype, self.dtype)))
 
     def _open_pager(self, as_stored: frozenset[str]) -> Pager:
         """The pager within the device budget (on a CPU, host RAM is the device: the smaller of
@@ -276,7 +278,7 @@ class Engine:
         stashed, the RNG state noted for the replay), or, within keep_budget, with one whose
         saved weights are handles, so the backward needs no recompute. xs becomes the head's
         inputs (or, on a stage without the head, goes on to the next stage)."""
-        dev, kept_bytes, M, keep_budget = self.device, 0, len(xs), self.cfg.keep_budget
+        dev, kept_bytes, M, keep_budget = self.device, 0, len(xs), self.budgets.keep
         mods, hooks = {}, {}
         for i, m in self.order.visits(self.order.forward, M):
             if m == 0:  # the unit's first visit

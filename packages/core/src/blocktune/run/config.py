@@ -16,7 +16,6 @@ from blocktune.engine.optim import OptimizerConfig
 from blocktune.errors import ConfigError
 from blocktune.model.args import LoraConfig
 from blocktune.paging.budgets import parse_budget
-from blocktune.settings import parse_bytes
 from blocktune.store.lock import LOCK_DIR
 
 __all__ = ["COMPUTE_DTYPES", "RunConfig", "lr_at", "check_out", "with_adapter_lora", "schedule_notes"]
@@ -61,7 +60,9 @@ class RunConfig:
     device_budget: str = "auto"  # weights resident on the device, e.g. "2GiB"; "inf": no limit
     host_budget: str = "auto"  # unit files kept in RAM (pinned) for a GPU; on the CPU, the RAM for weights
     activation_budget: str = "auto"  # stashed block inputs in RAM before spilling to disk
-    keep_activations: str = "0"  # RAM for activations kept to skip the recompute, e.g. "6GiB"; "inf": all
+    # RAM for activations kept to skip the backward's recompute, e.g. "6GiB"; "inf": all; "0": none;
+    # "auto": what is left beside every unit resident (the fast mode where memory allows; said in the log)
+    keep_activations: str = "auto"
     verify: str = "once"  # crc32 of each file: "once" per file version per process, "always", "never"
     frozen_reads: str = "auto"  # CPU, LoRA: "mapped" (page cache), "direct" (store bigger than RAM), "auto"
     # LoRA's defaults are LoraConfig's (one source for the library and the CLI)
@@ -139,7 +140,7 @@ class RunConfig:
             device_budget=parse_budget(self.device_budget), host_budget=parse_budget(self.host_budget),
             activation_budget=parse_budget(self.activation_budget), seed=self.seed,
             batch_hint=(self.batch_size, self.seq_len, self.grad_accum),
-            keep_budget=parse_bytes(self.keep_activations), verify=self.verify,
+            keep_budget=parse_budget(self.keep_activations), verify=self.verify,
             frozen_reads=self.frozen_reads,
         )
 
