@@ -2,6 +2,7 @@
 elsewhere, said in the log; a bf16 step on the CPU against the in-memory reference in bf16, with
 the adapters, masters and moments kept in fp32."""
 
+import json
 import os
 import platform
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import torch
 from blocktune import Engine, EngineConfig
 from blocktune.errors import ConfigError
-from blocktune.machine.cpubf16 import ENV, cpu_bf16
+from blocktune.machine.cpubf16 import ENV
 from blocktune.paging.pager import resident_sizes
 from blocktune.run.config import RunConfig
 from blocktune_bench.corpus import demo_text
@@ -41,13 +42,33 @@ def test_auto_follows_the_probe(tiny_store, monkeypatch, said, dtype):
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64", reason="reads x86 flags")
-def test_the_probe_reads_the_processors_flags(monkeypatch):
-    monkeypatch.delenv(ENV, raising=False)
+def test_the_probe_times_bf16_once_per_machine(tmp_path):
+    """Without the flags fp32, nothing timed; with them a matmul timed once and kept in the cache
+    folder, read back by the next process; bf16 only where it is clearly faster."""
+    env = {k: v for k, v in os.environ.items() if k != ENV} | {"BLOCKTUNE_CACHE": str(tmp_path)}
+
+    def probe() -> tuple[bool, str]:
+        r = subprocess.run([sys.executable, "-c", "from blocktune.machine.cpubf16 import cpu_bf16; "
+                            "print(repr(cpu_bf16()))"], capture_output=True, text=True, env=env, check=True)
+        print(r.stdout.strip())
+        return eval(r.stdout)
+
     flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    native, why = cpu_bf16()
-    print(why)
-    assert native == (("avx512_bf16" in flags or "amx_bf16" in flags) and torch.backends.mkldnn.is_available())
-    assert ("has avx512_bf16" in why or "has amx_bf16" in why) if native else "bf16" in why
+    native, why = probe()
+    kept = tmp_path / "cpu-bf16.json"
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        assert not native and "no avx512_bf16 or amx_bf16" in why and not kept.exists()
+        return
+    assert "matmul timed now" in why and kept.is_file()
+    assert probe() == (native, why.replace("a 128x4096x4096 matmul timed now", "a matmul timed on this machine before"))
+    table = json.loads(kept.read_text())
+    (key,) = table
+    for speedup, want in ((2.0, (True, "computes bf16 2.0x as fast as fp32")),
+                          (1.1, (False, "computes bf16 at 1.10x fp32's speed"))):
+        table[key]["speedup"] = speedup
+        kept.write_text(json.dumps(table))
+        native, why = probe()
+        assert native == want[0] and want[1] in why
 
 
 def test_the_cli_says_what_it_chose(tmp_path):

@@ -45,7 +45,7 @@ from blocktune.machine.hostmem import fix_mmap_threshold
 from blocktune.model.args import ModelArgs
 from blocktune.model.llama import KVCache
 from blocktune.model.lora import LoraAdapters
-from blocktune.paging.budgets import Budgets
+from blocktune.paging.budgets import AUTO, Budgets
 from blocktune.paging.budgets import resolve as resolve_budgets
 from blocktune.paging.pager import Pager, resident_sizes
 from blocktune.paging.stash import ActivationStash
@@ -136,11 +136,14 @@ class Engine:
         at `sizes`."""
         cfg, store = self.cfg, self.store
         batch, seq, micro = cfg.batch_hint
+        # pipeline stages keep their own fast mode: micro-batches interleaved through resident
+        # units (which needs the recompute), not activations kept
+        keep = 0 if cfg.keep_budget == AUTO and self.dist.stages > 1 else cfg.keep_budget
         return resolve_budgets(
             self.device, store.args, sizes,
             {n: store.unit_bytes(n) for n in own}, self.dtype,
             method=cfg.method, device_budget=cfg.device_budget, host_budget=cfg.host_budget,
-            activation_budget=cfg.activation_budget, keep_budget=cfg.keep_budget, batch=batch, seq=seq,
+            activation_budget=cfg.activation_budget, keep_budget=keep, batch=batch, seq=seq,
             micro=micro, loss_chunk=cfg.loss_chunk, kv_cache=cfg.read_only,
             state_kinds=len(state_kinds(cfg.optimizer, store.dtype, self.dtype)))
 
