@@ -328,7 +328,7 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--seed", type=int, help=_default("seed"))
     p.add_argument("--checkpoint-every", type=int, help=f"steps {_default('checkpoint_every')}")
     p.add_argument("--compute-dtype", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="arithmetic dtype (default auto: bf16 on a CPU that computes it natively, else fp32; bf16 on GPUs)")
+                   help="arithmetic dtype (default auto: bf16 on a CPU where it outruns fp32, else fp32; bf16 on GPUs)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any RunConfig setting, e.g. --set lora_rank=16 --set 'lora_targets=[\"wq\",\"wv\"]' "
                         "(repeatable; flags above win over it, it wins over --config)")

@@ -27,8 +27,8 @@ class EngineConfig:
     lora: LoraConfig | None = field(default_factory=LoraConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     device: str = "auto"
-    # None: the device's default (fp32 on CPU, bf16 on GPUs); "auto": bf16 on a CPU that computes
-    # it natively (blocktune.machine.cpubf16), else the default; or fp32, bf16, fp16
+    # None: the device's default (fp32 on CPU, bf16 on GPUs); "auto": bf16 on a CPU whose bf16
+    # instructions outrun fp32 (blocktune.machine.cpubf16), else the default; or fp32, bf16, fp16
     compute_dtype: str | None = None
     # Budgets in bytes, None (no limit) or "auto" (from the machine's free memory: blocktune.paging.budgets)
     device_budget: int | str | None = AUTO  # units resident on the device

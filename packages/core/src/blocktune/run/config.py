@@ -53,8 +53,8 @@ class RunConfig:
     checkpoint_every: int = 10
     seed: int = 0
     device: str = "auto"
-    # auto: bf16 on a CPU that computes it natively (avx512_bf16, AMX, Arm bf16; BLOCKTUNE_CPU_BF16=0/1
-    # overrides the probe), else fp32; a GPU's default (bf16); or fp32, bf16, fp16 ("": the device's default)
+    # auto: bf16 on a CPU whose bf16 instructions outrun fp32 (blocktune.machine.cpubf16;
+    # BLOCKTUNE_CPU_BF16=0/1 overrides), else fp32; a GPU's default (bf16); or fp32, bf16, fp16
     compute_dtype: str = "auto"
     # "auto": from the memory free at the start (blocktune.paging.budgets; printed with the config)
     device_budget: str = "auto"  # weights resident on the device, e.g. "2GiB"; "inf": no limit
