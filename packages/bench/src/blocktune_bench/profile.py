@@ -1,9 +1,10 @@
 """Where one paged step's time goes (`python -m blocktune_bench.measure ... --profile`): the wall
 time between the computing thread's asks for successive units (each unit's compute, and its wait
 for a load, in the forward and the backward), the pager's own counters (waits for loads, the read
-thread's seconds), torch's operators by kind (matmuls, attention, widening and copies,
-allocations, the optimizer) from torch.profiler, and the process's page faults, context switches
-and user/system seconds from getrusage.
+thread's seconds, the write-back thread's, where a full fine-tune's optimizer step runs),
+torch's operators by kind (matmuls, attention, widening and copies, allocations, the LoRA
+optimizer) from torch.profiler on the computing thread, and the process's page faults, context
+switches and user/system seconds from getrusage.
 
 The profiled step is an extra step after the timed ones: the profiler's own cost (a few µs per
 operator) is in its wall time, not in the figures the benchmark quotes.

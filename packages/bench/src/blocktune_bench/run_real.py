@@ -87,9 +87,7 @@ def _finetune(work: Path, store: Path, train: Path, name: str, method: str, step
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     if method == "full":  # a full fine-tune writes its store: a fresh copy each time
-        shutil.rmtree(work / "store-full", ignore_errors=True)
-        shutil.copytree(store, work / "store-full")
-        store = work / "store-full"
+        store = _fresh_copy(work, store)
     r = _probe("finetune", "--store", str(store), "--data", str(train), "--out", str(out), "--method", method,
                "--steps", str(steps), "--batch-size", str(sh.batch), "--grad-accum", "1", "--seq-len", str(sh.seq),
                "--no-progress", "--checkpoint-every", "1000", "--set", "val_ratio=0", "--set", "eval_every=0",
@@ -125,12 +123,19 @@ def _steps(work: Path, gguf: Path, store: Path, train: Path, reps: int, sh: Shap
     return runs
 
 
-def _profiles(store: Path, sh: Shape) -> list[dict]:
+def _fresh_copy(work: Path, store: Path) -> Path:
+    """A copy of the store for a full fine-tune to write (the prepared one stays the base model)."""
+    shutil.rmtree(work / "store-full", ignore_errors=True)
+    return Path(shutil.copytree(store, work / "store-full"))
+
+
+def _profiles(work: Path, store: Path, sh: Shape) -> list[dict]:
     """One no-flag paged step of each method in each dtype, profiled (`measure --profile`)."""
     out = []
     for dtype in DTYPES:
         for method in ("lora", "full"):
-            r = subprocess.run([sys.executable, "-m", "blocktune_bench.measure", "--store", str(store), "--mode",
+            path = _fresh_copy(work, store) if method == "full" else store
+            r = subprocess.run([sys.executable, "-m", "blocktune_bench.measure", "--store", str(path), "--mode",
                                 "paged-auto", "--method", method, "--batch", str(sh.batch), "--seq", str(sh.seq),
                                 "--steps", "2", "--compute-dtype", dtype, "--profile"],
                                capture_output=True, text=True)
@@ -207,7 +212,7 @@ def group_real(work: Path, reps: int, small: bool = False) -> None:
     print(json.dumps(ratio), flush=True)
     prep = _prepare(work, gguf, reps)
     runs = _steps(work, gguf, store, train, reps, sh)
-    profiles = _profiles(store, sh)
+    profiles = _profiles(work, store, sh)
     tracking = _tracking(work, store, train, sh)
     loss = _heldout(work, gguf, store, train, held, sh)
     data = {"machine": machine(), "shape": sh.__dict__, "matmul": ratio, "runs": runs, "profiles": profiles,
