@@ -245,8 +245,8 @@ def _table(gguf: Path, reps: int, sh: Shape, data: dict) -> list[str]:
                 s = statistics.median(r["step_median"] for r in rs)
                 table.append(f"| {dtype} | {method} | {who} | {s:.2f} | {s / hf:.2f} | {rs[-1]['anon_peak'] / 1e9:.2f} GB |")
     table += ["", "Where a no-flag paged step's time goes (one profiled step after two timed ones, random "
-              "tokens; seconds of operators' own CPU time by kind, summed over threads; the profiler's cost is "
-              "in the wall time):", "", "| dtype | method | wall | matmul | attention | widen/copy | allocation | "
+              "tokens; seconds of operators' own time by kind on the computing thread (a full fine-tune's "
+              "optimizer step runs on the write-back thread); the profiler's cost is in the wall time):", "", "| dtype | method | wall | matmul | attention | widen/copy | allocation | "
               "other ops | load waits | minor faults | system s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: "
               "| ---: | ---: | ---: | ---: |"]
     for p in data["profiles"]:
