@@ -97,6 +97,19 @@ def cgroup_peak(cg: str | None) -> int | None:
 
 
 
+def _paged_engine(a: argparse.Namespace, store: BlockStore, ocfg: OptimizerConfig, dtype: torch.dtype):
+    """The paged engine of --mode (paged-auto: the CLI's defaults), and its device budget."""
+    unit = max(store.unit_bytes(u) for u in store.units) * dtype.itemsize // store.dtype.itemsize
+    auto = a.mode == "paged-auto"
+    budget = AUTO if auto else int(unit * a.budget_units)
+    engine = Engine(store, EngineConfig(method=a.method, lora=LORA, optimizer=ocfg, device="cpu",
+                                        compute_dtype=a.compute_dtype, device_budget=budget,
+                                        lean_memory=a.mode == "paged-lean",
+                                        keep_budget=AUTO if auto else None if a.mode == "paged-keep" else 0,
+                                        max_dirty=parse_bytes(a.max_dirty), batch_hint=(a.batch, a.seq, 1)))
+    return engine, budget
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--store", required=True)
@@ -128,15 +141,7 @@ def main(argv: list[str] | None = None) -> int:
            "compute_dtype": a.compute_dtype, "memory_limit": a.memory_limit}
     paged = a.mode.startswith("paged")
     if paged:
-        unit = max(store.unit_bytes(u) for u in store.units) * dtype.itemsize // store.dtype.itemsize
-        auto = a.mode == "paged-auto"
-        budget = AUTO if auto else int(unit * a.budget_units)
-        engine = Engine(store, EngineConfig(method=a.method, lora=LORA, optimizer=ocfg, device="cpu",
-                                            compute_dtype=a.compute_dtype, device_budget=budget,
-                                            lean_memory=a.mode == "paged-lean",
-                                            keep_budget=AUTO if auto else None if a.mode == "paged-keep" else 0,
-                                            max_dirty=parse_bytes(a.max_dirty), batch_hint=(a.batch, a.seq, 1)))
-        out["budget_bytes"] = budget
+        engine, out["budget_bytes"] = _paged_engine(a, store, ocfg, dtype)
 
         def step(i):
             r = engine.train_step([random_batch(args, a.batch, a.seq, i)])
