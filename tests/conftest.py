@@ -35,11 +35,13 @@ def bt(*args, check: bool = False) -> subprocess.CompletedProcess:
 
 
 def finetune_cmd(root, store, out, method, batch, steps=3, extra=(), accum=2) -> list[str]:
-    """The multi-process tests' `blocktune finetune`: root holds text.txt and run.toml."""
+    """The multi-process tests' `blocktune finetune`: root holds text.txt and run.toml. fp32 (not
+    `auto`, bf16 on a CPU with avx512_bf16): they compare runs split over processes with one
+    process's to 1e-6, and a bf16 matmul's rounding depends on the batch it is given."""
     return [sys.executable, "-m", "blocktune", "finetune", "--store", str(store), "--data", str(root / "text.txt"),
             "--out", str(out), "--method", method, "--steps", str(steps), "--seq-len", "16",
             "--batch-size", str(batch), "--grad-accum", str(accum), "--lr", "0.1", "--device", "cpu",
-            "--no-progress", "--config", str(root / "run.toml"), *extra]
+            "--compute-dtype", "fp32", "--no-progress", "--config", str(root / "run.toml"), *extra]
 
 
 def multi_process_root(root, config: str):

@@ -130,3 +130,34 @@ def test_two_ranks_on_one_gpu_are_refused(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert resolve(OneGpu(), ARGS, sizes, sizes, torch.float32, method="lora", device_budget=1 << 30,
                    host_budget=0, activation_budget=None).device == 1 << 30
+
+
+def test_auto_keeps_activations_where_memory_allows(monkeypatch):
+    """`keep_activations auto` (the run's default): with room for every unit and every block's
+    activations, all units resident and activations kept (no recompute); short of room, none kept
+    and the log says the backward recomputes."""
+    work = working_set(ARGS, torch.float32, 1, 64, 8, 2048)
+    units = (262 + 206 + 262) * MiB
+    roomy = _resolve(monkeypatch, 16 << 30, keep_budget=AUTO)
+    print("\n".join(roomy.notes))
+    assert roomy.device == units and roomy.keep >= work["kept"]
+    assert "every block's activations" in " ".join(roomy.notes) and not roomy.tight
+    some = _resolve(monkeypatch, 2 << 30, keep_budget=AUTO)
+    print("\n".join(some.notes))
+    assert some.device == units and 0 < some.keep < work["kept"] and "the rest recomputed" in " ".join(some.notes)
+    short = _resolve(monkeypatch, 1200 * MiB, keep_budget=AUTO)
+    print("\n".join(short.notes))
+    assert short.keep == 0 and "each block is recomputed in the backward" in " ".join(short.notes)
+    assert short.device == _resolve(monkeypatch, 1200 * MiB).device  # the units lose nothing to it
+    explicit = _resolve(monkeypatch, 16 << 30, keep_budget=0)
+    assert explicit.keep == 0 and explicit.device > units  # the library's default: always recompute
+
+
+def test_a_full_fine_tune_counts_its_fp32_state(monkeypatch):
+    """The fp32 masters and moments a full fine-tune's step holds (pieces of each, old and new) are
+    taken from the units' room: more kinds of state, a smaller device budget."""
+    adam = _resolve(monkeypatch, 16 << 30, method="full", state_kinds=3)
+    sgd = _resolve(monkeypatch, 16 << 30, method="full", state_kinds=0)
+    lora = _resolve(monkeypatch, 16 << 30)
+    assert lora.device > sgd.device > adam.device
+    assert "optimizer step (fp32 state)" in " ".join(adam.notes)

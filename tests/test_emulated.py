@@ -52,16 +52,22 @@ def test_emulated_bf16_equals_the_bf16_reference(tmp_path, tiny_args, method, op
     if method == "lora":  # the same bf16 arithmetic as the reference's, to the bit
         assert_matches(store.path, engine, ref, method, losses)
         return
-    # a full fine-tune steps fp32 masters where the reference steps bf16 weights: they part by
-    # bf16's rounding of each update (AdamW's, about ±lr whatever the gradient, most visibly)
+    assert_bf16_full_matches(store.path, engine, ref, opt, losses)
+
+
+def assert_bf16_full_matches(store_path, engine, ref, opt, losses) -> BlockStore:
+    """A full fine-tune in bf16 against the reference in bf16: the engine steps fp32 masters where
+    the reference steps bf16 weights, so they part by bf16's rounding of each update (AdamW's,
+    about ±lr whatever the gradient, most visibly). Returns the store after the steps."""
     for got, want in losses:
         print(f"loss paged {got:.9f} reference {want:.9f}")
         assert abs(got - want) <= 1e-3 * abs(want)
     engine.close()
-    st = BlockStore.open(store.path)
+    st = BlockStore.open(store_path)
     worst = max(_norm_rel(st.read_unit(u)[k], w) for u in st.units for k, w in ref.unit_state(u).items())
     print(f"weights: worst relative error (norm) {worst:.2e}")
     assert worst <= BF16_TOL[opt]
+    return st
 
 
 def _norm_rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -277,3 +277,28 @@ def test_tokens_equal_llama_cpps_on_the_same_file(smol):
             "I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL " + MIXED)
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     assert load_tokenizer(store).encode(text, bos=False) == llm.tokenize(text.encode(), add_bos=False, special=True)
+
+
+@pytest.mark.parametrize("method,steps,lr", [("lora", 4, 1e-3), ("full", 2, 1e-5)])
+def test_bf16_tracks_fp32_on_the_real_model(smol, tmp_path, method, steps, lr):
+    """`--compute-dtype auto`'s bf16 on the real model: a few AdamW steps on the project's text in
+    bf16 and in fp32 from the same start, every loss within 1% of fp32's (measured: LoRA 1.5e-3
+    over 6 steps, full 3.4e-3 over 3, batch 2 x 64). The 30-step runs are the real bench group's."""
+    from blocktune_bench.corpus import corpus_text
+
+    _, store, _, _ = smol
+    ids = torch.tensor(load_tokenizer(store).encode(corpus_text(20_000), bos=True))
+    windows = ids[:steps * 2 * 65].view(steps, 2, 65)
+    losses = {}
+    for dtype in ("fp32", "bf16"):
+        st = store
+        if method == "full":  # a full fine-tune writes its store: a fresh copy each
+            st = BlockStore.open(shutil.copytree(store.path, tmp_path / dtype))
+        eng = Engine(st, EngineConfig(method=method, device="cpu", compute_dtype=dtype,
+                                      optimizer=OptimizerConfig("adamw", lr=lr)))
+        assert eng.dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
+        losses[dtype] = [eng.train_step([(w[:, :-1], w[:, 1:])]).loss for w in windows]
+        eng.close()
+    rel = [abs(b - a) / a for a, b in zip(losses["fp32"], losses["bf16"])]
+    print(f"SmolLM2 {method}: fp32 {losses['fp32']}, bf16 {losses['bf16']}, worst relative {max(rel):.2e}")
+    assert max(rel) <= 1e-2 and losses["fp32"] != losses["bf16"]

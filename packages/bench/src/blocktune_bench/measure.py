@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from blocktune import Engine, EngineConfig, LoraConfig, OptimizerConfig
 from blocktune.machine.hostmem import peak_rss_bytes
-from blocktune.settings import parse_bytes
+from blocktune.settings import AUTO, parse_bytes
 from blocktune.store.store import BlockStore
 
 from .synthetic import random_batch
@@ -97,10 +97,25 @@ def cgroup_peak(cg: str | None) -> int | None:
 
 
 
+def _paged_engine(a: argparse.Namespace, store: BlockStore, ocfg: OptimizerConfig, dtype: torch.dtype):
+    """The paged engine of --mode (paged-auto: the CLI's defaults), and its device budget."""
+    unit = max(store.unit_bytes(u) for u in store.units) * dtype.itemsize // store.dtype.itemsize
+    auto = a.mode == "paged-auto"
+    budget = AUTO if auto else int(unit * a.budget_units)
+    engine = Engine(store, EngineConfig(method=a.method, lora=LORA, optimizer=ocfg, device="cpu",
+                                        compute_dtype=a.compute_dtype, device_budget=budget,
+                                        lean_memory=a.mode == "paged-lean",
+                                        keep_budget=AUTO if auto else None if a.mode == "paged-keep" else 0,
+                                        max_dirty=parse_bytes(a.max_dirty), batch_hint=(a.batch, a.seq, 1)))
+    return engine, budget
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--store", required=True)
-    p.add_argument("--mode", choices=["paged", "paged-lean", "paged-keep", "plain", "ckpt"], required=True)
+    # paged-auto: the CLI's defaults (budgets and keep_activations auto); paged*: --budget-units
+    p.add_argument("--mode", choices=["paged", "paged-auto", "paged-lean", "paged-keep", "plain", "ckpt"],
+                   required=True)
     p.add_argument("--method", choices=["lora", "full"], default="lora")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
@@ -111,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-dirty", default="512MiB")
     p.add_argument("--cold", action="store_true", help="drop the store from the page cache first")
+    p.add_argument("--profile", action="store_true", help="paged: one more step, profiled (blocktune_bench.profile)")
     a = p.parse_args(argv)
     if a.cold:  # page cache pages are charged to the cgroup that reads them: make it this one
         evict_from_page_cache(Path(a.store).glob("*.safetensors"))
@@ -125,14 +141,7 @@ def main(argv: list[str] | None = None) -> int:
            "compute_dtype": a.compute_dtype, "memory_limit": a.memory_limit}
     paged = a.mode.startswith("paged")
     if paged:
-        unit = max(store.unit_bytes(u) for u in store.units) * dtype.itemsize // store.dtype.itemsize
-        budget = int(unit * a.budget_units)
-        engine = Engine(store, EngineConfig(method=a.method, lora=LORA, optimizer=ocfg, device="cpu",
-                                            compute_dtype=a.compute_dtype, device_budget=budget,
-                                            lean_memory=a.mode == "paged-lean",
-                                            keep_budget=None if a.mode == "paged-keep" else 0,
-                                            max_dirty=parse_bytes(a.max_dirty)))
-        out["budget_bytes"] = budget
+        engine, out["budget_bytes"] = _paged_engine(a, store, ocfg, dtype)
 
         def step(i):
             r = engine.train_step([random_batch(args, a.batch, a.seq, i)])
@@ -162,7 +171,12 @@ def main(argv: list[str] | None = None) -> int:
             s1 = engine.pager.stats.snapshot()
             out["last_step_io_seconds"] = {"read_thread": s1["read_seconds"] - s0["read_seconds"],
                                            "write_thread": s1["write_seconds"] - s0["write_seconds"]}
+    if paged and a.profile:
+        from .profile import profile_step
+
+        out["profile"] = profile_step(engine, lambda: step(a.steps + 1))
     if paged:
+        out["budgets"] = {"device": engine.budgets.device, "keep": engine.budgets.keep, "notes": engine.budgets.notes}
         engine.close()
     out.update({"first_step_seconds": times[0], "step_seconds": times[1:],
                 "step_median": statistics.median(times[1:]), "losses": losses,

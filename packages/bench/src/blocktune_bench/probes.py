@@ -87,9 +87,12 @@ def finetune(*argv: str) -> int:
     return code
 
 
-def hf_step(gguf_file: str, text_file: str, method: str, batch: str, seq: str, steps: str) -> None:
-    """transformers (+ peft for LoRA) in memory, fp32, on the same GGUF file and text: seconds per
-    step (AdamW, blocktune's LoRA defaults) and the peak anonymous memory, as JSON."""
+def hf_step(gguf_file: str, text_file: str, method: str, batch: str, seq: str, steps: str,
+            dtype: str = "fp32") -> None:
+    """transformers (+ peft for LoRA) in memory on the same GGUF file and text: seconds per step
+    (AdamW, blocktune's LoRA defaults) and the peak anonymous memory, as JSON. In bf16 as each is
+    usually run and as blocktune computes: LoRA on bf16 weights with peft's fp32 adapters; a full
+    fine-tune with fp32 weights and moments under torch.autocast (bf16 matmuls, fp32 masters)."""
     from pathlib import Path
 
     import peft
@@ -102,8 +105,9 @@ def hf_step(gguf_file: str, text_file: str, method: str, batch: str, seq: str, s
 
     start, peak = rss_anon(), track_anon_peak()
     path = Path(gguf_file)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                              dtype=torch.float32)
+    bf16 = dtype == "bf16"
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.bfloat16 if bf16 and method == "lora" else torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if method == "lora":
         lora = LoraConfig()
@@ -121,13 +125,16 @@ def hf_step(gguf_file: str, text_file: str, method: str, batch: str, seq: str, s
     for i in range(int(steps)):
         chunk = ids[i * b * (s + 1):(i + 1) * b * (s + 1)].reshape(b, s + 1)
         t = time.perf_counter()
-        logits = model(input_ids=chunk[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and method == "full"):
+            logits = model(input_ids=chunk[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                 chunk[:, 1:].reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
-    print(json.dumps({"seconds": times, "anon_peak": peak(), "anon_start": start}))
+    print(json.dumps({"seconds": times, "anon_peak": peak(), "anon_start": start, "loss": loss.item(),
+                      "adapter_dtypes": sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})}))
 
 
 def hf_loss(folder: str, gguf_name: str, text_file: str, seq: str) -> None:

@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="step,limit,headline,auto,families,real,prepare,export,generate,dist,stages,disk,"
                                         "reliability")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--small", action="store_true", help="real: tiny shapes, to check that the code runs (saves nothing)")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("BLOCKTUNE_BENCH_DIR", "/tmp/blocktune-bench")))
     a = p.parse_args(argv)
     a.workdir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if "families" in groups:
         group_families(a.workdir)
     if "real" in groups:
-        group_real(a.workdir / "real", a.reps)
+        group_real(a.workdir / "real", a.reps, a.small)
     if "prepare" in groups:
         group_prepare(a.workdir, a.reps)
     if "export" in groups:

@@ -59,7 +59,9 @@ class EngineConfig:
     lora: LoraConfig | None = field(default_factory=LoraConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     device: str = "auto"
-    compute_dtype: str | None = None  # None: the device's default (fp32 on CPU, bf16 on GPUs)
+    # None: the device's default (fp32 on CPU, bf16 on GPUs); "auto": bf16 on a CPU whose bf16
+    # instructions outrun fp32 (blocktune.machine.cpubf16), else the default; or fp32, bf16, fp16
+    compute_dtype: str | None = None
     # Budgets in bytes (parsed: RunConfig, blocktune.settings), None (no limit) or "auto" (from the machine's free memory: blocktune.paging.budgets)
     device_budget: int | str | None = AUTO  # units resident on the device
     host_budget: int | str | None = AUTO  # unit files kept in (pinned) RAM for an accelerator;
@@ -77,8 +79,9 @@ class EngineConfig:
     max_dirty: int | None = 512 << 20  # full fine-tune: written-but-unsynced bytes before an early fsync
     # Bytes of autograd activations kept from the first forward instead of recomputing the
     # unit in the backward (weights in the graph become handles the pager resolves).
-    # 0: always recompute; None: keep every unit's. Units past the budget are recomputed.
-    keep_budget: int | None = 0
+    # 0: always recompute; None: keep every unit's; "auto": what RAM holds beside every unit
+    # resident (blocktune.paging.budgets). Units past the budget are recomputed.
+    keep_budget: int | str | None = 0
     # CPU, frozen units (LoRA, inference): "mapped" reads them through the page cache, "direct"
     # with O_DIRECT into reused buffers (for a store bigger than RAM); "auto" picks direct when
     # the store is more than 80% of the memory available (MemAvailable, or a cgroup's limit).

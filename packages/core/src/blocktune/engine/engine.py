@@ -34,17 +34,18 @@ from blocktune.engine.handles import WeightHandles
 from blocktune.engine.inference import Inference
 from blocktune.engine.loss import check_batches, chunked_cross_entropy, count_targets
 from blocktune.engine.modules import UnitModules
+from blocktune.engine.optim import state_kinds
 from blocktune.engine.order import UnitOrder
 from blocktune.engine.recompute import skip_unread_product
 from blocktune.engine.rng import seed_micro_batch
 from blocktune.engine.stagelink import StageLink
 from blocktune.errors import ConfigError, StoreError, TrainingError
-from blocktune.machine.devices import Device, parse_dtype, resolve_device
+from blocktune.machine.devices import Device, resolve_device
 from blocktune.machine.hostmem import fix_mmap_threshold
 from blocktune.model.args import ModelArgs
 from blocktune.model.llama import KVCache
 from blocktune.model.lora import LoraAdapters
-from blocktune.paging.budgets import Budgets
+from blocktune.paging.budgets import AUTO, Budgets
 from blocktune.paging.budgets import resolve as resolve_budgets
 from blocktune.paging.pager import Pager, resident_sizes
 from blocktune.paging.stash import ActivationStash
@@ -92,9 +93,8 @@ class Engine:
         if problems := store.shape_problems():  # a damaged model field: named, not a state-dict error
             raise StoreError(problems[0])
         self.device: Device = resolve_device(self.cfg.device)
-        dtype = self.cfg.compute_dtype
-        self.dtype = parse_dtype(dtype) if dtype else self.device.default_dtype()
-        self.device.check_dtype(self.dtype)
+        # the dtype and the line that says why ("compute bf16 (auto: this CPU has avx512_bf16)")
+        self.dtype, self.dtype_note = self.device.resolve_dtype(self.cfg.compute_dtype)
         full = self.cfg.method == "full"
         self.units = store.units
         self.stage = StageLink(dist, store, full, self.args.dim, self.dtype, self.device.torch)
@@ -116,7 +116,7 @@ class Engine:
             fix_mmap_threshold()
         self.pager = self._open_pager(as_stored)
         # a stage whose units all stay resident takes each micro-batch through all of them
-        self.interleave = (self.dist.stages > 1 and self.cfg.keep_budget == 0
+        self.interleave = (self.dist.stages > 1 and self.budgets.keep == 0
                            and sum(sizes.values()) <= self.pager.budget)
         self.order = UnitOrder(self.units, self.lo, self.hi, full, self.interleave)
         lora = self.cfg.lora if self.cfg.method == "lora" else None
@@ -136,12 +136,16 @@ class Engine:
         at `sizes`."""
         cfg, store = self.cfg, self.store
         batch, seq, micro = cfg.batch_hint
+        # pipeline stages keep their own fast mode: micro-batches interleaved through resident
+        # units (which needs the recompute), not activations kept
+        keep = 0 if cfg.keep_budget == AUTO and self.dist.stages > 1 else cfg.keep_budget
         return resolve_budgets(
             self.device, store.args, sizes,
             {n: store.unit_bytes(n) for n in own}, self.dtype,
             method=cfg.method, device_budget=cfg.device_budget, host_budget=cfg.host_budget,
-            activation_budget=cfg.activation_budget, batch=batch, seq=seq, micro=micro,
-            loss_chunk=cfg.loss_chunk, kv_cache=cfg.read_only)
+            activation_budget=cfg.activation_budget, keep_budget=keep, batch=batch, seq=seq,
+            micro=micro, loss_chunk=cfg.loss_chunk, kv_cache=cfg.read_only,
+            state_kinds=len(state_kinds(cfg.optimizer, store.dtype, self.dtype)))
 
     def _open_pager(self, as_stored: frozenset[str]) -> Pager:
         """The pager within the device budget (on a CPU, host RAM is the device: the smaller of
@@ -277,7 +281,7 @@ class Engine:
         stashed, the RNG state noted for the replay), or, within keep_budget, with one whose
         saved weights are handles, so the backward needs no recompute. xs becomes the head's
         inputs (or, on a stage without the head, goes on to the next stage)."""
-        dev, kept_bytes, M, keep_budget = self.device, 0, len(xs), self.cfg.keep_budget
+        dev, kept_bytes, M, keep_budget = self.device, 0, len(xs), self.budgets.keep
         mods, hooks = {}, {}
         for i, m in self.order.visits(self.order.forward, M):
             if m == 0:  # the unit's first visit

@@ -67,6 +67,7 @@ class Budgets:
     activation: int | None
     notes: tuple[str, ...] = ()  # how each `auto` was worked out, for the resolved config
     tight: bool = False  # `auto` found room for under two units (`holds_two_units`): spend time to save memory
+    keep: int | None = 0  # activations kept to skip the backward's recompute (None: every block's)
 
 
 def _mib(n: int) -> str:
@@ -87,6 +88,10 @@ def working_set(args: ModelArgs, dtype: torch.dtype, batch: int, seq: int, micro
         "block": 2 * tokens * (8 * args.dim + 4 * hidden) * item + 3 * batch * args.n_heads * seq * seq * 4,
         # one chunk of logits in fp32, its softmax and its gradient
         "loss": 3 * min(loss_chunk, tokens) * args.vocab_size * 4,
+        # every block's activations kept with their graph (the weights as handles): the inputs of its
+        # linears, the FFN's hidden tensors, the norms' fp32 statistics, the attention's probabilities
+        "kept": args.n_layers * micro * (tokens * ((10 * args.dim + 4 * hidden) * item + 4 * args.dim * 4)
+                                         + batch * args.n_heads * seq * seq * 4),
         # generation: keys and values of every layer for every position
         "kv": 2 * args.n_layers * tokens * (args.n_kv_heads or args.n_heads) * args.head_dim * item if kv_cache else 0,
     }
@@ -160,63 +165,109 @@ def _host_budget(device: Device, host, host_free: int | None, host_room: int | N
 
 def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_files: dict[str, int],
             compute_dtype: torch.dtype, *, method: str,
-            device_budget, host_budget, activation_budget, batch: int = 1, seq: int = 512,
-            micro: int = 1, loss_chunk: int = 2048, kv_cache: bool = False) -> Budgets:
+            device_budget, host_budget, activation_budget, keep_budget=0, batch: int = 1, seq: int = 512,
+            micro: int = 1, loss_chunk: int = 2048, kv_cache: bool = False, state_kinds: int = 3) -> Budgets:
     """Budgets in bytes (None: unlimited) for budgets given as bytes, None, or "auto".
 
     `unit_sizes`: each unit as held resident (compute dtype); `unit_files`: as stored.
+    `keep_budget`: activations kept to skip the recompute ("auto": what is left beside every
+    unit resident). `state_kinds`: a full fine-tune's fp32 tensors of optimizer state per
+    weight (master, exp_avg, exp_avg_sq: `blocktune.engine.optim.state_kinds`).
     """
     ranks = local_ranks(device)
-    wants = [b == AUTO for b in (device_budget, host_budget, activation_budget)]
-    if not any(wants):
-        return Budgets(device_budget, host_budget, activation_budget)
+    if AUTO not in (device_budget, host_budget, activation_budget, keep_budget):
+        return Budgets(device_budget, host_budget, activation_budget, keep=keep_budget)
     largest, largest_file = max(unit_sizes.values()), max(unit_files.values())
     work = working_set(args, compute_dtype, batch, seq, micro, loss_chunk, kv_cache)
-    params = largest // compute_dtype.itemsize
-    extra = 0  # a full fine-tune: one unit's fp32 gradients, and its optimizer step's pieces
-    if method == "full":  # (old and new, of each kind of state, and a piece being written)
-        extra = params * 4 + 10 * STATE_PIECE * 4
-    notes = []
+    extra = _full_step_bytes(largest // compute_dtype.itemsize, state_kinds) if method == "full" else 0
+    notes: list[str] = []
+    host_free, host_room = _host_room(device, ranks, notes)
+    room, in_flight, where = _device_room(device, host_free, host_room, unit_sizes, unit_files, ranks)
+    fixed = work["block"] + work["loss"] + work["kv"] + extra + in_flight
+    dev, act, keep = device_budget, activation_budget, keep_budget
+    if room is None:  # nothing to go by: unlimited units, no activations kept beyond the stash
+        if dev == AUTO:
+            dev = None
+            notes.append(f"device_budget auto: unlimited ({device} does not say how much memory is free)")
+        act = work["stash"] if act == AUTO else act
+        if keep == AUTO:
+            keep = 0
+            notes.append(f"keep_activations auto: 0 ({device} does not say how much memory is free): "
+                         "each block is recomputed in the backward")
+    else:
+        dev, act = _units_and_stash(device, room - fixed, largest, fixed, where, dev, act, work, extra, notes)
+        if keep == AUTO:
+            keep, dev = _kept(room - fixed - (work["stash"] if act is None else act), dev, device_budget == AUTO,
+                              unit_sizes, work["kept"], args.n_layers, notes)
+    host = _host_budget(device, host_budget, host_free, host_room, largest_file, notes)
+    if device_budget == AUTO and room is not None and room - fixed < largest:
+        _warn_short(fixed, largest, room, extra, notes)
+    tight = device_budget == AUTO and not holds_two_units(dev, largest)
+    if tight:
+        notes.append("memory is tight (room for under two units): freed heap memory goes back to the "
+                     "OS after every unit")
+    return Budgets(dev, host, act, tuple(notes), tight, keep)
+
+
+def _full_step_bytes(params: int, state_kinds: int) -> int:
+    """A full fine-tune's step beside the units: one unit's gradients (at most fp32), and its
+    optimizer step's pieces: old and new of each kind of fp32 state (masters, moments), the
+    piece of weights and of gradient widened to fp32, and a piece being written."""
+    return params * 4 + (2 * state_kinds + 4) * STATE_PIECE * 4
+
+
+def _host_room(device: Device, ranks: int, notes: list[str]) -> tuple[int | None, int | None]:
+    """(this rank's share of the free RAM, the room in it after the slack); None: unknown."""
     host_free = host_memory_free()
     if host_free is not None and ranks > 1:  # the machine's RAM, shared by its ranks
         host_free //= ranks
         notes.append(f"{ranks} ranks on this machine (LOCAL_WORLD_SIZE): each takes 1/{ranks} of the free RAM"
                      + ("" if device.local_devices() is not None else f" and of {device}'s memory"))
     # 10% and 192 MiB: allocator fragmentation, temporaries, the tokenizer and data
-    host_room = None if host_free is None else int(host_free * 0.9) - 192 * MiB
+    return host_free, None if host_free is None else int(host_free * 0.9) - 192 * MiB
 
-    room, in_flight, where = _device_room(device, host_free, host_room, unit_sizes, unit_files, ranks)
-    fixed = work["block"] + work["loss"] + work["kv"] + extra + in_flight
 
-    dev, act, host = device_budget, activation_budget, host_budget
-    if room is None:  # nothing to go by: unlimited
-        if dev == AUTO:
-            dev = None
-            notes.append(f"device_budget auto: unlimited ({device} does not say how much memory is free)")
-        act = work["stash"] if act == AUTO else act
-    else:
-        avail = room - fixed
-        if dev == AUTO:  # the units first, the stash in RAM from what is left (it can spill)
-            stash_wanted = work["stash"] if act == AUTO else min(act or work["stash"], work["stash"])
-            dev = max(largest, avail - stash_wanted)
-            notes.append(f"device_budget auto: {_mib(dev)} ({dev / largest:.1f}x the largest unit) = {where} "
-                         f"- 10% and {256 if not device.is_cpu else 192} MiB slack - {_mib(fixed)} for one block's "
-                         f"recompute, the loss chunk, units in flight"
-                         + (", a unit's gradients and optimizer step" if extra else "")
-                         + (", the KV cache" if work["kv"] else "") + f" - {_mib(stash_wanted)} of stash")
-        if act == AUTO:
-            act = min(work["stash"], max(16 * MiB, avail - (dev or 0)))
-            notes.append(f"activation_budget auto: {_mib(act)} (the stashed block inputs need ≈"
-                         f"{_mib(work['stash'])}" + ("; the rest spills to disk)" if act < work["stash"] else ")"))
-    host = _host_budget(device, host, host_free, host_room, largest_file, notes)
-    if device_budget == AUTO and room is not None and room - fixed < largest:
-        need = fixed + largest
-        hint = ("--method lora, or optimizer = \"sgd\" in --config" if extra else "a smaller --seq-len, --batch-size or --grad-accum")
-        notes.append(f"warning: this run needs about {_mib(need)} with one unit resident (the largest, "
-                     f"{_mib(largest)}, and {_mib(fixed)} beside it) and {_mib(room)} are there after the slack: "
-                     f"it may be killed for memory; try {hint}, or a machine with more memory")
-    tight = device_budget == AUTO and not holds_two_units(dev, largest)
-    if tight:
-        notes.append("memory is tight (room for under two units): freed heap memory goes back to the "
-                     "OS after every unit")
-    return Budgets(dev, host, act, tuple(notes), tight)
+def _units_and_stash(device: Device, avail: int, largest: int, fixed: int, where: str, dev, act,
+                     work: dict[str, int], extra: int, notes: list[str]):
+    """The device budget and the activation budget from `avail` (the room after the fixed
+    working set): the units first, the stash in RAM from what is left (it can spill)."""
+    if dev == AUTO:
+        stash_wanted = work["stash"] if act == AUTO else min(act or work["stash"], work["stash"])
+        dev = max(largest, avail - stash_wanted)
+        notes.append(f"device_budget auto: {_mib(dev)} ({dev / largest:.1f}x the largest unit) = {where} "
+                     f"- 10% and {256 if not device.is_cpu else 192} MiB slack - {_mib(fixed)} for one block's "
+                     f"recompute, the loss chunk, units in flight"
+                     + (", a unit's gradients and optimizer step (fp32 state)" if extra else "")
+                     + (", the KV cache" if work["kv"] else "") + f" - {_mib(stash_wanted)} of stash")
+    if act == AUTO:
+        act = min(work["stash"], max(16 * MiB, avail - (dev or 0)))
+        notes.append(f"activation_budget auto: {_mib(act)} (the stashed block inputs need ≈"
+                     f"{_mib(work['stash'])}" + ("; the rest spills to disk)" if act < work["stash"] else ")"))
+    return dev, act
+
+
+def _kept(spare: int, dev, dev_auto: bool, unit_sizes: dict[str, int], every: int, blocks: int,
+          notes: list[str]) -> tuple[int, int | None]:
+    """`keep_activations auto`: the RAM left beside every unit resident (or the device budget,
+    where it holds fewer) and the stash keeps blocks' activations so that the backward does not
+    recompute them (the fast mode); under one block's, none (each block recomputed, slower).
+    Returns (the keep budget, the device budget less what was given to it where `auto` chose it)."""
+    held = sum(unit_sizes.values()) if dev is None else min(dev, sum(unit_sizes.values()))
+    spare -= held
+    one = every // blocks  # `every`: all `blocks` blocks' activations (working_set's "kept")
+    if spare < one:
+        notes.append(f"keep_activations auto: 0 (no room beside the units for one block's activations, ≈{_mib(one)}):"
+                     " each block is recomputed in the backward (slower)")
+        return 0, dev
+    notes.append(f"keep_activations auto: up to {_mib(spare)} beside every unit resident: "
+                 + (f"every block's activations (≈{_mib(every)}) are kept, no recompute in the backward"
+                    if spare >= every else f"≈{spare * 100 // every}% of the blocks' ≈{_mib(every)} kept, the rest recomputed"))
+    return spare, (held if dev_auto else dev)
+
+
+def _warn_short(fixed: int, largest: int, room: int, extra: int, notes: list[str]) -> None:
+    need = fixed + largest
+    hint = ("--method lora, or optimizer = \"sgd\" in --config" if extra else "a smaller --seq-len, --batch-size or --grad-accum")
+    notes.append(f"warning: this run needs about {_mib(need)} with one unit resident (the largest, "
+                 f"{_mib(largest)}, and {_mib(fixed)} beside it) and {_mib(room)} are there after the slack: "
+                 f"it may be killed for memory; try {hint}, or a machine with more memory")

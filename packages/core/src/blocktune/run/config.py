@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from blocktune.engine.config import FROZEN_READS, EngineConfig, OptimizerConfig
 from blocktune.errors import BudgetError, ConfigError
 from blocktune.model.args import LoraConfig, lora_targets
-from blocktune.settings import AUTO, parse_budget, parse_bytes, short_size, size_text
+from blocktune.settings import AUTO, parse_budget, short_size, size_text
 from blocktune.store.lock import LOCK_DIR
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ __all__ = ["RunConfig", "SECTIONS", "MACHINE", "FIELDS", "typed", "with_checksum
            "lr_at", "check_out", "with_adapter_lora", "schedule_notes", "steps_of_epochs", "default_out"]
 
 Budget: TypeAlias = "int | str | None"  # bytes, None (no limit) or AUTO (worked out at the start)
-Size: TypeAlias = "int | None"  # bytes, or None (no limit)
 
 # the sections of `finetune --help`, in order
 DATA, LORA, METHOD, OPTIM, EVAL, MACHINE_SECTION, RUN, PROCESSES = SECTIONS = (
@@ -97,8 +96,10 @@ class RunConfig:
     seed: int = _setting(0, OPTIM)
     device: str = _setting("auto", MACHINE_SECTION, "auto, cpu, cuda[:N] or mps; emu and emu-mps: the CPU behaving "
                            "as an accelerator (as MPS), for tests")
-    compute_dtype: str = _setting("", MACHINE_SECTION, "arithmetic dtype (default: the device's, fp32 on CPU, "
-                                  "bf16 on GPUs)", choices=("", "fp32", "bf16", "fp16"))
+    # auto: bf16 on a CPU whose bf16 instructions outrun fp32 (blocktune.machine.cpubf16; BLOCKTUNE_CPU_BF16=0/1
+    # overrides), else fp32; a GPU's default (bf16). "" (an older run's config.toml): the device's default
+    compute_dtype: str = _setting("auto", MACHINE_SECTION, "arithmetic dtype (auto: bf16 on a CPU where it outruns "
+                                  "fp32, else fp32; bf16 on GPUs)", choices=("auto", "fp32", "bf16", "fp16", ""))
     # budgets: "auto" works them out from the memory free at the start (blocktune.paging.budgets)
     device_budget: Budget = _setting(AUTO, MACHINE_SECTION, "bytes of weights resident on the device, e.g. 2GiB; "
                                      "inf: no limit; auto: from the free memory")
@@ -106,8 +107,10 @@ class RunConfig:
                                    "RAM for weights, e.g. 4GiB")
     activation_budget: Budget = _setting(AUTO, MACHINE_SECTION, "RAM for stashed block inputs before they spill "
                                          "to disk, e.g. 4GiB")
-    keep_activations: Size = _setting(0, MACHINE_SECTION, "RAM for activations kept to skip the backward's "
-                                      "recompute, e.g. 6GiB or inf")
+    # auto: what is left beside every unit resident (the fast mode where memory allows; said in the log)
+    keep_activations: Budget = _setting(AUTO, MACHINE_SECTION, "RAM for activations kept to skip the backward's "
+                                        "recompute, e.g. 6GiB, inf or 0; auto: what is left beside every unit "
+                                        "resident")
     verify: str = _setting("once", MACHINE_SECTION, "crc32 of each file: once per file version per process, "
                            "always, never", choices=("once", "always", "never"))
     frozen_reads: str = _setting("auto", MACHINE_SECTION, "CPU, frozen weights: through the page cache (mapped), "
@@ -248,8 +251,7 @@ def _bytes(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 # each annotation's conversion: the one place a setting's value gets its type
 _TYPES: dict[str, Callable[[Any], Any]] = {"int": _int, "float": _float, "bool": _bool, "str": _str,
-                                           "list[str]": _names, "Budget": _bytes(parse_budget),
-                                           "Size": _bytes(parse_bytes)}
+                                           "list[str]": _names, "Budget": _bytes(parse_budget)}
 
 
 def typed(f: dataclasses.Field, value: Any, where: str = "") -> Any:
@@ -274,7 +276,7 @@ if _untyped:  # a new field's annotation needs its conversion in _TYPES
 
 
 def _toml_value(f: dataclasses.Field, value: Any) -> Any:
-    return size_text(value) if f.type in ("Budget", "Size") else value
+    return size_text(value) if f.type == "Budget" else value
 
 
 def _absolute(name: str, value: str) -> str:
@@ -326,7 +328,8 @@ def config_line(cfg: RunConfig, budgets: Budgets, arithmetic: Path) -> str:
     """The config a run prints at its start: the settings that differ from the defaults, the
     budgets it resolved (`Budgets`), and where the arithmetic behind them is."""
     return (f"config: {cfg.changed()}; budgets: device {short_size(budgets.device)}, host "
-            f"{short_size(budgets.host)}, activations {short_size(budgets.activation)} (how: {arithmetic}; "
+            f"{short_size(budgets.host)}, activations {short_size(budgets.activation)}, kept activations "
+            f"{short_size(budgets.keep)} (how: {arithmetic}; "
             "every setting: --print-config)")
 
 

@@ -212,10 +212,12 @@ class Trainer:
         if not self.dist.enabled:  # ranks check before they join (the CLI): rank 0 writes here
             check_out(self.cfg, resume)
         self.out.mkdir(parents=True, exist_ok=True)
-        budgets = self.engine.budgets  # the arithmetic goes into the run folder once it starts; warnings are said
+        budgets = self.engine.budgets  # the arithmetic goes into the run folder once it starts; what the
+        # run chose (the dtype, keeping activations or not) and warnings are said
         self.log(config_line(self.cfg, budgets, self.out / BUDGETS))
+        self.log(self.engine.dtype_note)
         for note in budgets.notes:
-            if note.startswith("warning"):
+            if note.startswith(("warning", "keep_activations")):
                 self.log(note)
 
     def _keep_arithmetic(self) -> None:

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from blocktune.errors import ConfigError
-from blocktune.machine.dtypes import dtype_name
+from blocktune.machine.dtypes import dtype_name, parse_dtype
 from blocktune.machine.hostmem import host_memory_free, peak_rss_bytes
 
 __all__ = ["Device"]
@@ -108,6 +108,22 @@ class Device:
         if torch.float16 in self.compute_dtypes:
             return torch.float16
         return torch.float32
+
+    def auto_dtype(self) -> tuple[torch.dtype, str]:
+        """The dtype `--compute-dtype auto` picks here, and why (the log's words)."""
+        return self.default_dtype(), "the device's default"
+
+    def resolve_dtype(self, setting: str | None) -> tuple[torch.dtype, str]:
+        """The compute dtype a setting means here (None or "": the device's default; "auto": the
+        fastest this device computes natively) and the line that says it, checked."""
+        if setting == "auto":
+            dtype, why = self.auto_dtype()
+            said = f"auto: {why}"
+        else:
+            dtype = parse_dtype(setting) if setting else self.default_dtype()
+            said = "asked" if setting else "the device's default"
+        self.check_dtype(dtype)
+        return dtype, f"compute {dtype_name(dtype)} ({said})"
 
     def check_dtype(self, dtype: torch.dtype) -> None:
         if dtype not in self.compute_dtypes:
