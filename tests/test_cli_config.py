@@ -132,7 +132,7 @@ def test_sizes_are_parsed_once_and_written_back_as_written():
     (["--set", "progress=maybe"], "progress='maybe': must be true or false"),
     (["--set", "device_budget=lots"], "device_budget='lots': cannot read the size"),
     (["--set", "lora_targets=[1, 2]"], "lora_targets=[1, 2]: must be a list of names"),
-    (["--keep-activations", "auto"], "keep_activations='auto'"),
+    (["--keep-activations", "lots"], "keep_activations='lots'"),
     (["--host-budget=-1GiB"], "host_budget='-1GiB': must not be negative"),
     (["--set", "verify=sometimes"], "verify='sometimes': choose once, always or never"),
 ])

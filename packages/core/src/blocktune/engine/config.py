@@ -95,9 +95,9 @@ class EngineConfig:
         check_frozen_reads(self.frozen_reads)
         for name in ("device_budget", "host_budget", "activation_budget", "keep_budget"):
             value = getattr(self, name)
-            if not (value is None or value == AUTO and name != "keep_budget"
+            if not (value is None or value == AUTO
                     or isinstance(value, int) and not isinstance(value, bool) and value >= 0):
                 raise ConfigError(f"{name}={value!r}: give bytes (an int: blocktune.settings.parse_bytes reads "
-                                  "'2GiB'), None for no limit" + ("" if name == "keep_budget" else ", or 'auto'"))
+                                  "'2GiB'), None for no limit, or 'auto'")
         if self.loss_chunk <= 0:
             raise ConfigError(f"loss_chunk={self.loss_chunk} must be positive")
