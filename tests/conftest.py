@@ -7,6 +7,12 @@ import torch
 from blocktune_bench.synthetic import SHAPES as PRESETS
 from blocktune_bench.synthetic import make_store, random_batch
 
+# `--compute-dtype auto` times a matmul once per machine to choose bf16 or fp32 on a CPU with bf16
+# instructions; the suite's numbers must not depend on that (a CI machine may be faster in bf16, and
+# a noisy one may time either way): the suite runs fp32 unless a test asks otherwise
+# (test_cpubf16 sets, or removes, BLOCKTUNE_CPU_BF16 itself and tests the probe in fresh processes)
+os.environ.setdefault("BLOCKTUNE_CPU_BF16", "0")
+
 __all__ = ["PRESETS", "random_batch"]  # tests import them from here
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -28,7 +28,7 @@ def _default_text(f: dataclasses.Field) -> str:
     value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if f.type == "bool" or value in ("", None):
         return ""
-    value = size_text(value) if f.type in ("Budget", "Size") else value
+    value = size_text(value) if f.type == "Budget" else value
     return f"(default: {value!r})"
 
 
@@ -43,7 +43,7 @@ def _add_flag(group: argparse._ArgumentGroup, f: dataclasses.Field) -> None:
         kwargs["type"] = _FLAG_TYPES.get(f.type, str)
         if f.metadata["choices"]:
             kwargs["choices"] = [c for c in f.metadata["choices"] if c != ""]
-        elif f.type in ("Budget", "Size"):
+        elif f.type == "Budget":
             kwargs["metavar"] = "BYTES"
     group.add_argument(flag_of(f), **kwargs)
 
