@@ -152,7 +152,7 @@ def test_metrics_jsonl_a_link_or_a_damaged_row(root, tmp_path):
     assert (tmp_path / "victim").read_text() == ""
 
     metrics.unlink()
-    r = bt(*cmd[3:-1], "3")
+    r = bt(*cmd[3:-1], "3", "--overwrite")  # the killed run left its budgets.txt there
     assert r.returncode == 0, r.stderr[-2000:]
     lines = metrics.read_text().splitlines()
     lines[1] = lines[1][:20] + "#" + lines[1][21:]

@@ -84,8 +84,9 @@ def test_params_json_round_trip_and_errors(tmp_path):
     (tmp_path / "params.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="expected a JSON object"):
         ModelArgs.from_file(tmp_path / "params.json")
+    assert LoraConfig(targets=("wq", "gate_proj")).targets == ("wq", "w1")  # Hugging Face's names too
     with pytest.raises(ConfigError, match="unknown LoRA target"):
-        LoraConfig(targets=("wq", "gate_proj"))
+        LoraConfig(targets=("wq", "gate"))
 
 
 def test_devices_resolve_and_probe():

@@ -371,7 +371,7 @@ def test_full_finetune_refuses_a_disk_without_room(prepared, tmp_path):
         r = subprocess.run([sys.executable, "-m", "blocktune", "finetune", "--store", str(mnt / "store"), "--data",
                             str(data), "--method", "full", "--steps", "1", "--seq-len", "32", "--out",
                             str(tmp_path / "run")], capture_output=True, text=True)
-        assert r.returncode == 2 and "GB free" in r.stderr and "--in-place" in r.stderr, r.stderr[-1500:]
+        assert r.returncode == 2 and "MiB free on its disk" in r.stderr and "--in-place" in r.stderr, r.stderr[-1500:]
         assert sorted(p.name for p in (mnt / "store").iterdir() if p.name != ".lock") == [
             n for n in listing if n != ".lock"]
     finally:
