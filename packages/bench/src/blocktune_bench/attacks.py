@@ -284,6 +284,230 @@ def damaged_metrics_row(lab: Lab) -> tuple[bool, str]:
     return "skipped damaged line(s) 2" in r.stderr, "report names line 2 and goes on"
 
 
+def _store_crcs(path: Path, base: bool = False) -> dict[str, int]:
+    """The units' checksums of a store (or of the base it keeps: each file read and checked)."""
+    from blocktune import BlockStore
+
+    with (BlockStore.open_base(path) if base else BlockStore.open(path)) as s:
+        if base:
+            for u in s.units:
+                s.read_unit(u)
+        return {u: s.record(u).crc32 for u in s.units}
+
+
+def _wait_for(ready: Callable[[], bool], proc: subprocess.Popen, limit: float = 300) -> None:
+    deadline = time.time() + limit
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+
+
+def _rows(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _has_rows(out: Path, n: int) -> Callable[[], bool]:
+    metrics = out / "metrics.jsonl"
+    return lambda: metrics.is_file() and metrics.read_text().count("\n") >= n
+
+
+def first_commit_kills(lab: Lab) -> tuple[bool, str]:
+    """#29 A: a full fine-tune SIGKILLed while it starts, as its run folder appears and just after,
+    then requeued with --resume (itself killed at its second row) until it ends; and a --resume on
+    a fresh store. The base is kept and the run ends at its own last step, never restarted."""
+    steps, seen, killed, ok = 4, [], [], True
+    for delay, ready in ((1.0, None), (0.0, Path.exists), (0.03, Path.exists)):
+        store = lab.fresh()
+        out = store.with_name(store.name + "-run")
+        base = _store_crcs(store)
+        first = subprocess.Popen([PY, "-m", "blocktune", *map(str, lab.finetune(store, out, "full", steps))],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for(lambda o=out, r=ready: r is None or r(o), first, 120)
+        time.sleep(delay)
+        kill(first)
+        killed.append(json.loads((store / "manifest.json").read_text()).get("step"))
+        again = subprocess.Popen([PY, "-m", "blocktune", *map(str, lab.finetune(store, out, "full", steps, "--resume"))],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for(_has_rows(out, 2), again)
+        kill(again)
+        r = bt(*lab.finetune(store, out, "full", steps, "--resume"))
+        ok = ok and clear(r, 0) and "resuming at step 0 " not in r.stderr and _store_crcs(store, base=True) == base
+        ok = ok and _rows(out) == list(range(1, steps + 1)) and _store_crcs(store) != base
+        seen.append(str(json.loads((store / "manifest.json").read_text())["step"]))
+    store = lab.fresh()
+    base = _store_crcs(store)
+    r = bt(*lab.finetune(store, store.with_name(store.name + "-run"), "full", steps, "--resume"))
+    ok = ok and clear(r, 0, "no full fine-tune had started") and _store_crcs(store, base=True) == base
+    return ok, (f"killed at store steps {killed}, requeued (killed again at row 2, requeued): stores ended at steps "
+                f"{'/'.join(seen)} of {steps}, rows 1-{steps} once each, the base kept; --resume on a fresh store: "
+                f"exit {r.returncode}, the base kept")
+
+
+def _blocktune_after(prelude: str, *args) -> subprocess.CompletedProcess:
+    """`blocktune ARGS` in a fresh interpreter that runs `prelude` first (it may use os.getpid())."""
+    code = f"import os, sys\n{prelude}\nfrom blocktune.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.run([PY, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def version_links(lab: Lab) -> tuple[bool, str]:
+    """#29 B: links planted at the names of step 2's unit and state files, then at the manifest's
+    temp file, pointing outside the store: nothing written through them, the store still at step 1."""
+    from blocktune import BlockStore
+
+    store = lab.fresh()
+    out = store.with_name(store.name + "-run")
+    bt(*lab.finetune(store, out, "full", 1))
+    victim = lab.root / f"victim{lab.n}.txt"
+    victim.write_text("precious\n")
+    links = [store / f"{u}-000002{kind}.safetensors" for u in BlockStore.open(store).units for kind in ("", ".state")]
+    for link in links:
+        os.symlink(victim, link)
+    r1 = bt(*lab.finetune(store, out, "full", 2, "--resume"))
+    ok = clear(r1, 1, "symbolic link", "-000002") and victim.read_text() == "precious\n"
+    ok = ok and BlockStore.open(store).step == 1 and BlockStore.open(store).verify() == []
+    for link in links:
+        link.unlink(missing_ok=True)
+    plant = f"os.symlink({str(victim)!r}, os.path.join({str(store)!r}, f'.manifest.json.tmp-{{os.getpid()}}'))"
+    r2 = _blocktune_after(plant, *lab.finetune(store, out, "full", 2, "--resume"))
+    ok = ok and clear(r2, 1, ".manifest.json.tmp-", "symbolic link") and victim.read_text() == "precious\n"
+    for p in store.glob(".manifest.json.tmp-*"):
+        p.unlink()
+    r3 = bt(*lab.finetune(store, out, "full", 2, "--resume"))
+    ok = ok and clear(r3, 0) and BlockStore.open(store).step == 2 and victim.read_text() == "precious\n"
+    return ok, (f"exit {r1.returncode}: {_from(r1, 'head-')[:90]}; the manifest's temp file: exit {r2.returncode}; "
+                "the target unchanged, the store at step 1, then step 2 without the links")
+
+
+def _from(r: subprocess.CompletedProcess, marker: str) -> str:
+    """stderr from the first `marker` on, on one line."""
+    return " ".join(r.stderr[r.stderr.find(marker):].split())
+
+
+def _flip(path: Path, offset: int, bit: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def _flip_text(path: Path, text: str, at: int) -> None:
+    """Flip the lowest bit of character `at` of `text` in the file (a digit becomes its neighbour)."""
+    _flip(path, path.read_bytes().index(text.encode()) + at)
+
+
+def lora_checkpoint_bits(lab: Lab) -> tuple[bool, str]:
+    """#29 C: a bit flipped in checkpoint.safetensors (a tensor's data, then the step in its
+    header): --resume refuses, naming the file; restored, it resumes at step 2."""
+    store = lab.fresh()
+    out = store.with_name(store.name + "-run")
+    bt(*lab.finetune(store, out, "lora", 2))
+    ckpt = out / "checkpoint.safetensors"
+    good = ckpt.read_bytes()
+    head = int.from_bytes(good[:8], "little")
+    ok, r = True, None
+    for offset, bit in ((8 + head + (len(good) - 8 - head) // 2, 3), (good.index(b'"step":"2"') + 8, 0)):
+        ckpt.write_bytes(good)
+        _flip(ckpt, offset, bit)
+        r = bt(*lab.finetune(store, out, "lora", 4, "--resume"))
+        ok = ok and clear(r, 1, f"{ckpt}: checksum mismatch")
+    ckpt.write_bytes(good)
+    again = bt(*lab.finetune(store, out, "lora", 4, "--resume"))
+    ok = ok and clear(again, 0, "resuming at step 2 of 4")
+    return ok, f"a data bit, then the header's step: exit 1, {_from(r, ckpt.name)[:110]}; restored: resumed at step 2"
+
+
+def manifest_digits(lab: Lab) -> tuple[bool, str]:
+    """#29 D: one digit flipped in manifest.json (rope_theta, norm_eps, step, run.first_step):
+    verify and --resume name its checksum; in a manifest without one (as older stores have),
+    vocab_size or multiple_of flipped: verify names the tensors it no longer fits, finetune stops."""
+    store = lab.fresh()
+    out = store.with_name(store.name + "-run")
+    bt(*lab.finetune(store, out, "full", 1))
+    mpath = store / "manifest.json"
+    good = mpath.read_bytes()
+    ok, named = True, 0
+    for text, at in (('"rope_theta": 10000.0', 17), ('"norm_eps": 1e-05', 16), ('"step": 1', 8), ('"first_step": 0', 14)):
+        mpath.write_bytes(good)
+        _flip_text(mpath, text, at)
+        for cmd in (["verify", store], lab.finetune(store, out, "full", 2, "--resume")):
+            r = bt(*cmd)
+            named += clear(r, 1, f"{mpath}: checksum mismatch")
+    ok = named == 8
+    old = json.loads(good)
+    del old["manifest_crc32"]
+    for text, at in (('"vocab_size": 1024', 17), ('"multiple_of": 32', 16)):
+        mpath.write_text(json.dumps(old, indent=1))
+        _flip_text(mpath, text, at)
+        v = bt("verify", store)
+        r = bt(*lab.finetune(store, out, "full", 2, "--resume"))
+        ok = ok and clear(v, 1, "the model fields give") and clear(r, 1, "the model fields give")
+    mpath.write_bytes(good)
+    return ok and clear(bt("verify", store), 0), (f"rope_theta, norm_eps, step, first_step: verify and --resume exit 1 "
+                                                  f"naming its checksum {named}/8; without one, multiple_of 32->33: "
+                                                  f"{_from(v, 'feed_forward')[:90]}")
+
+
+def sigterm(lab: Lab) -> tuple[bool, str]:
+    """#29 E: SIGTERM to a running LoRA finetune stops it as Ctrl-C does (exit 130, its message,
+    whole rows), and --resume goes on from its last checkpoint."""
+    store = lab.fresh()
+    out = store.with_name(store.name + "-run")
+    p = subprocess.Popen([PY, "-m", "blocktune", *map(str, lab.finetune(store, out, "lora", 1000, "--checkpoint-every", "2"))],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(_has_rows(out, 3), p)
+    t0 = time.perf_counter()
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    took = time.perf_counter() - t0
+    rows = _rows(out)
+    ok = p.returncode == 130 and err.strip().splitlines()[-1] == "blocktune finetune: interrupted"
+    ok = ok and "Traceback" not in err and rows == list(range(1, len(rows) + 1))
+    r = bt(*lab.finetune(store, out, "lora", len(rows) + 2, "--resume"))
+    at = next((line for line in r.stderr.splitlines() if "resuming at step" in line), "")
+    ok = ok and clear(r, 0) and "resuming at step 0 " not in at and bool(at)
+    return ok, f"exit {p.returncode} {took:.1f} s after SIGTERM at row {len(rows)}: '{err.strip().splitlines()[-1]}'; {at.strip()[:60]}"
+
+
+def lora_folder_lock(lab: Lab) -> tuple[bool, str]:
+    """#29 F: two LoRA --resume of one run folder started together: one runs, the other stops at
+    once naming the first's pid; the rows stay one per step."""
+    store = lab.fresh()
+    out = store.with_name(store.name + "-run")
+    bt(*lab.finetune(store, out, "lora", 2))
+    cmd = [PY, "-m", "blocktune", *map(str, lab.finetune(store, out, "lora", 1000, "--resume"))]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        _wait_for(lambda: any(p.poll() is not None for p in procs), procs[0], 180)
+        loser = next((p for p in procs if p.poll() is not None), None)
+        winner = procs[1] if loser is procs[0] else procs[0]
+        _wait_for(_has_rows(out, 4), winner)
+        winner.send_signal(signal.SIGTERM)
+        winner.communicate(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                kill(p)
+    if loser is None:
+        return False, "neither resume stopped: both wrote the run folder"
+    r = subprocess.CompletedProcess(cmd, loser.returncode, "", loser.stderr.read())
+    rows = _rows(out)
+    ok = clear(r, 1, "another run is writing this run folder", f"pid {winner.pid}")
+    ok = ok and rows == list(range(1, len(rows) + 1)) and len(rows) >= 4
+    return ok, f"exit {r.returncode}: …{r.stderr[r.stderr.find('another run'):][:110].strip()}"
+
+
+def config_digit(lab: Lab) -> tuple[bool, str]:
+    """#29 G: one digit of lr changed in a run folder's config.toml: --resume refuses (exit 2),
+    naming the file and the fix."""
+    store = lab.fresh()
+    out = store.with_name(store.name + "-run")
+    bt(*lab.finetune(store, out, "lora", 2))
+    config = out / "config.toml"
+    line = next(x for x in config.read_text().splitlines() if x.startswith("lr = "))
+    _flip_text(config, line, len(line) - 1)
+    r = bt("finetune", "--out", out, "--resume")  # its settings from the run folder's config.toml
+    return (clear(r, 2, str(config), "remove the checksum line"),
+            f"{line}, last digit flipped: exit {r.returncode}, {_from(r, 'config.toml')[:110]}")
+
+
 ATTACKS: dict[str, Callable[[Lab], tuple[bool, str]]] = {
     "killed prepare/export: .NAME.partial folders": killed_partials,
     "reader open across commits: orphaned version": orphaned_version,
@@ -304,6 +528,13 @@ ATTACKS: dict[str, Callable[[Lab], tuple[bool, str]]] = {
     "HF export file modes": hf_export_mode,
     "a link planted at metrics.jsonl mid-run": metrics_link,
     "a damaged metrics.jsonl row": damaged_metrics_row,
+    "A. full fine-tune killed around its first commit, requeued; --resume on a fresh store": first_commit_kills,
+    "B. links at the next version's file names (units, state, manifest temp)": version_links,
+    "C. flipped bits in a LoRA checkpoint.safetensors": lora_checkpoint_bits,
+    "D. digit flips in manifest.json": manifest_digits,
+    "E. SIGTERM to a running finetune": sigterm,
+    "F. a LoRA --resume while the run is alive": lora_folder_lock,
+    "G. one digit of lr changed in a run folder's config.toml": config_digit,
 }
 
 
