@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from blocktune import BlockStore
 from blocktune.store.lock import LOCK_DIR
+from blocktune_bench.attacks import flip, flip_text
 from conftest import multi_process_root
 
 PY = sys.executable
@@ -84,12 +85,6 @@ def test_a_link_at_a_new_versions_name_is_never_written_through(root, tmp_path):
     assert BlockStore.open(store).step == 2 and victim.read_text() == "precious\n"
 
 
-def _flip(path: Path, offset: int, bit: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 1 << bit
-    path.write_bytes(bytes(data))
-
-
 def test_a_damaged_lora_checkpoint_is_named_not_used(root, tmp_path):
     """One flipped bit in checkpoint.safetensors (in a tensor's data, then in the step recorded
     in its header) and `--resume` stops with exit 1, naming the file and the fix, before it
@@ -104,7 +99,7 @@ def test_a_damaged_lora_checkpoint_is_named_not_used(root, tmp_path):
     for offset, bit in ((8 + head + (len(good) - 8 - head) // 2, 3),  # a data bit
                         (good.index(b'"step":"2"') + 8, 0)):  # step 2 -> 3
         ckpt.write_bytes(good)
-        _flip(ckpt, offset, bit)
+        flip(ckpt, offset, bit)
         r = _blocktune(*_finetune(root, store, run, "lora", 4, "--resume"))
         assert r.returncode == 1, r.stderr[-2000:]
         print(r.stderr.strip().splitlines()[-1][:300])
@@ -115,12 +110,6 @@ def test_a_damaged_lora_checkpoint_is_named_not_used(root, tmp_path):
     ckpt.write_bytes(good)
     r = _blocktune(*_finetune(root, store, run, "lora", 4, "--resume"))
     assert r.returncode == 0 and "resuming at step 2 of 4" in r.stderr, r.stderr[-2000:]
-
-
-def _flip_text(path: Path, text: str, at: int) -> None:
-    """Flip the lowest bit of character `at` of `text` in the file (a digit becomes its neighbour)."""
-    data = path.read_bytes()
-    _flip(path, data.index(text.encode()) + at, 0)
 
 
 def test_a_damaged_manifest_is_named(root, tmp_path):
@@ -134,7 +123,7 @@ def test_a_damaged_manifest_is_named(root, tmp_path):
     good = mpath.read_bytes()
     for text, at in (('"rope_theta": 10000.0', 17), ('"norm_eps": 1e-05', 16)):
         mpath.write_bytes(good)
-        _flip_text(mpath, text, at)
+        flip_text(mpath, text, at)
         for cmd in (["verify", str(store)], _finetune(root, store, tmp_path / "run", "lora", 1, "--overwrite")):
             r = _blocktune(*cmd)
             assert r.returncode == 1 and f"{mpath}: checksum mismatch" in r.stderr, r.stderr[-2000:]
@@ -148,7 +137,7 @@ def test_a_damaged_manifest_is_named(root, tmp_path):
         mpath.write_text(json.dumps(old, indent=1))
         r = _blocktune("verify", str(store))
         assert r.returncode == 0, r.stderr[-2000:]  # an old manifest, undamaged, still opens
-        _flip_text(mpath, text, at)
+        flip_text(mpath, text, at)
         r = _blocktune("verify", str(store))
         assert r.returncode == 1 and tensor in r.stderr, r.stderr[-2000:]
         print(r.stderr.strip().splitlines()[0][:300])

@@ -382,15 +382,15 @@ def _from(r: subprocess.CompletedProcess, marker: str) -> str:
     return " ".join(r.stderr[r.stderr.find(marker):].split())
 
 
-def _flip(path: Path, offset: int, bit: int = 0) -> None:
+def flip(path: Path, offset: int, bit: int = 0) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 1 << bit
     path.write_bytes(bytes(data))
 
 
-def _flip_text(path: Path, text: str, at: int) -> None:
+def flip_text(path: Path, text: str, at: int) -> None:
     """Flip the lowest bit of character `at` of `text` in the file (a digit becomes its neighbour)."""
-    _flip(path, path.read_bytes().index(text.encode()) + at)
+    flip(path, path.read_bytes().index(text.encode()) + at)
 
 
 def lora_checkpoint_bits(lab: Lab) -> tuple[bool, str]:
@@ -405,7 +405,7 @@ def lora_checkpoint_bits(lab: Lab) -> tuple[bool, str]:
     ok, r = True, None
     for offset, bit in ((8 + head + (len(good) - 8 - head) // 2, 3), (good.index(b'"step":"2"') + 8, 0)):
         ckpt.write_bytes(good)
-        _flip(ckpt, offset, bit)
+        flip(ckpt, offset, bit)
         r = bt(*lab.finetune(store, out, "lora", 4, "--resume"))
         ok = ok and clear(r, 1, f"{ckpt}: checksum mismatch")
     ckpt.write_bytes(good)
@@ -426,7 +426,7 @@ def manifest_digits(lab: Lab) -> tuple[bool, str]:
     ok, named = True, 0
     for text, at in (('"rope_theta": 10000.0', 17), ('"norm_eps": 1e-05', 16), ('"step": 1', 8), ('"first_step": 0', 14)):
         mpath.write_bytes(good)
-        _flip_text(mpath, text, at)
+        flip_text(mpath, text, at)
         for cmd in (["verify", store], lab.finetune(store, out, "full", 2, "--resume")):
             r = bt(*cmd)
             named += clear(r, 1, f"{mpath}: checksum mismatch")
@@ -435,7 +435,7 @@ def manifest_digits(lab: Lab) -> tuple[bool, str]:
     del old["manifest_crc32"]
     for text, at in (('"vocab_size": 1024', 17), ('"multiple_of": 32', 16)):
         mpath.write_text(json.dumps(old, indent=1))
-        _flip_text(mpath, text, at)
+        flip_text(mpath, text, at)
         v = bt("verify", store)
         r = bt(*lab.finetune(store, out, "full", 2, "--resume"))
         ok = ok and clear(v, 1, "the model fields give") and clear(r, 1, "the model fields give")
@@ -502,7 +502,7 @@ def config_digit(lab: Lab) -> tuple[bool, str]:
     bt(*lab.finetune(store, out, "lora", 2))
     config = out / "config.toml"
     line = next(x for x in config.read_text().splitlines() if x.startswith("lr = "))
-    _flip_text(config, line, len(line) - 1)
+    flip_text(config, line, len(line) - 1)
     r = bt("finetune", "--out", out, "--resume")  # its settings from the run folder's config.toml
     return (clear(r, 2, str(config), "remove the checksum line"),
             f"{line}, last digit flipped: exit {r.returncode}, {_from(r, 'config.toml')[:110]}")
