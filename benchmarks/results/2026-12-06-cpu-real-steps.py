@@ -1,7 +1,9 @@
 """The real group's step table alone, fp32 only (the session had no time for the whole group):
 python real_steps.py WORKDIR REPS -> benchmarks/results/<date>-cpu-real-steps.{json,md}"""
-import json, statistics, sys
+import statistics
+import sys
 from pathlib import Path
+
 import blocktune_bench.run_real as rr
 from blocktune_bench.common import machine, save
 from blocktune_bench.corpus import corpus_text
