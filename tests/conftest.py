@@ -31,6 +31,21 @@ def tiny_store(tmp_path, tiny_args):
 
 
 
+def prepared_root(root):
+    """`root` holding a tiny Meta checkpoint with its tokenizer prepared into an fp32 store (`store`),
+    a text (`text.txt`) and a quiet run config (`run.toml`), for tests that run `blocktune finetune`."""
+    from blocktune_bench.corpus import demo_text
+    from blocktune_bench.synthetic import write_meta_checkpoint
+    from blocktune_export.meta import import_meta
+
+    store = import_meta(write_meta_checkpoint(root / "meta", "tiny-7b", seed=0), root / "store", dtype=torch.float32)
+    store.close()
+    (root / "text.txt").write_text(demo_text())
+    (root / "run.toml").write_text("eval_every = 0\nsample_every = 0\nplot = false\ntensorboard = false\n"
+                                   "val_ratio = 0.0\nwarmup_steps = 0\nprogress = false\n")
+    return root
+
+
 def bt(*args, check: bool = False) -> subprocess.CompletedProcess:
     """`blocktune ARGS...` as a user runs it (a fresh interpreter); with `check`, a failure
     fails the test with the command's stderr."""

@@ -13,12 +13,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import torch
 from blocktune import BlockStore
-from blocktune_bench.corpus import demo_text
-from blocktune_bench.synthetic import write_meta_checkpoint
-from blocktune_export.meta import import_meta
-from conftest import bt
+from conftest import bt, prepared_root
 
 STEPS = 4
 
@@ -26,13 +22,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A tiny Meta checkpoint with its tokenizer prepared into an fp32 store, a text, a config."""
-    root = tmp_path_factory.mktemp("runs")
-    store = import_meta(write_meta_checkpoint(root / "meta", "tiny-7b", seed=0), root / "store", dtype=torch.float32)
-    store.close()
-    (root / "text.txt").write_text(demo_text())
-    (root / "run.toml").write_text("eval_every = 0\nsample_every = 0\nplot = false\ntensorboard = false\n"
-                                   "val_ratio = 0.0\nwarmup_steps = 0\nprogress = false\n")
-    return root
+    return prepared_root(tmp_path_factory.mktemp("runs"))
 
 
 def _store(prepared, dst: Path) -> Path:
