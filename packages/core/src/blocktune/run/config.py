@@ -26,7 +26,7 @@ from blocktune.store.lock import LOCK_DIR
 if TYPE_CHECKING:
     from blocktune.paging.budgets import Budgets
 
-__all__ = ["RunConfig", "SECTIONS", "MACHINE", "FIELDS", "typed", "with_checksum", "config_line",
+__all__ = ["RunConfig", "SECTIONS", "MACHINE", "FIELDS", "typed", "toml_value", "with_checksum", "config_line",
            "lr_at", "check_out", "with_adapter_lora", "schedule_notes", "steps_of_epochs", "default_out"]
 
 Budget: TypeAlias = "int | str | None"  # bytes, None (no limit) or AUTO (worked out at the start)
@@ -166,7 +166,7 @@ class RunConfig:
         with the files' paths absolute, as a run folder keeps them (a resume from elsewhere)."""
         lines = []
         for f in dataclasses.fields(self):
-            value = _toml_value(f, getattr(self, f.name))
+            value = toml_value(f, getattr(self, f.name))
             if absolute and f.name in PATHS:
                 value = _absolute(f.name, value)
             lines.append(f"{f.name} = {json.dumps(value)}")  # JSON scalars and lists are valid TOML
@@ -201,7 +201,7 @@ class RunConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name != "run_id" and value != getattr(default, f.name):
-                value = _toml_value(f, value)
+                value = toml_value(f, value)
                 parts.append(f"{f.name}={value if isinstance(value, str) and value.isprintable() else json.dumps(value)}")
         return " ".join(parts)
 
@@ -275,7 +275,8 @@ if _untyped:  # a new field's annotation needs its conversion in _TYPES
     raise TypeError(f"RunConfig fields of a type without a conversion: {_untyped}")
 
 
-def _toml_value(f: dataclasses.Field, value: Any) -> Any:
+def toml_value(f: dataclasses.Field, value: Any) -> Any:
+    """A setting's value as a config file writes it (a size as '2GiB', 'inf' or 'auto')."""
     return size_text(value) if f.type == "Budget" else value
 
 

@@ -10,8 +10,7 @@ import tomllib
 from typing import Any
 
 from blocktune.errors import ConfigError
-from blocktune.run.config import FIELDS, SECTIONS, typed
-from blocktune.settings import size_text
+from blocktune.run.config import FIELDS, SECTIONS, toml_value, typed
 
 __all__ = ["add_setting_flags", "given_settings", "parse_sets", "flag_of"]
 
@@ -28,8 +27,7 @@ def _default_text(f: dataclasses.Field) -> str:
     value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if f.type == "bool" or value in ("", None):
         return ""
-    value = size_text(value) if f.type == "Budget" else value
-    return f"(default: {value!r})"
+    return f"(default: {toml_value(f, value)!r})"
 
 
 def _add_flag(group: argparse._ArgumentGroup, f: dataclasses.Field) -> None:

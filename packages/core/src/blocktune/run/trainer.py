@@ -39,7 +39,7 @@ from blocktune.run.data import load_dataset
 from blocktune.run.generate import SamplingConfig, generate_tokens
 from blocktune.run.record import RunRecord
 from blocktune.run.report import read_metrics
-from blocktune.store.fileio import size_text
+from blocktune.store.fileio import readable_size
 from blocktune.store.lock import WriterLock
 from blocktune.store.store import BlockStore
 
@@ -128,12 +128,12 @@ class Trainer:
         free = shutil.disk_usage(self.store.path).free
         if free < need:
             raise ConfigError(
-                f"{self.store.path}: a full fine-tune needs about {size_text(need)} free on its disk "
-                f"({size_text(store_bytes)} per version of the weights, {size_text(state)} of optimizer "
+                f"{self.store.path}: a full fine-tune needs about {readable_size(need)} free on its disk "
+                f"({readable_size(store_bytes)} per version of the weights, {readable_size(state)} of optimizer "
                 f"state, {'the base model kept, ' if kept_base else ''}a new version beside the last) and "
-                f"{size_text(free)} are free; free space, or pass --in-place to let the run replace the base model")
-        self.log(f"disk: a full fine-tune takes about {size_text(need)} beside the store; "
-                 f"{size_text(free)} free")
+                f"{readable_size(free)} are free; free space, or pass --in-place to let the run replace the base model")
+        self.log(f"disk: a full fine-tune takes about {readable_size(need)} beside the store; "
+                 f"{readable_size(free)} free")
 
     def estimate_disk_writes(self) -> tuple[int, int]:
         """Bytes a full fine-tune writes per step (units + optimizer state) and over the run."""

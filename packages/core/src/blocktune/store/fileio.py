@@ -42,7 +42,7 @@ from blocktune.machine.devices import dtype_name
 from blocktune.machine.hostmem import advise_huge
 
 __all__ = ["atomic_write", "staging_dir", "ALIGN", "HUGE_PAGE", "AlignedWriter", "RowPieces", "write_stream", "aligned_empty", "crc32", "decode_tensors",
-           "file_image", "is_write_failure", "open_direct", "size_text", "write_failed", "partial_dirs", "remove_dead_partials", "open_new", "open_new_direct", "read_header", "usual_mode",
+           "file_image", "is_write_failure", "open_direct", "readable_size", "write_failed", "partial_dirs", "remove_dead_partials", "open_new", "open_new_direct", "read_header", "usual_mode",
            "read_into", "round_up", "write_image", "write_tensors"]
 
 _ST_DTYPES = {
@@ -418,7 +418,7 @@ _WRITE_MARKERS = ("No space left", "Disk quota", "File too large", "inline_conta
                   "Errno 28", "Input/output error", " requested and ")  # numpy tofile
 
 
-def size_text(nbytes: float) -> str:
+def readable_size(nbytes: float) -> str:
     """A size to read in a message: GB from 1 GB up (two decimals), MiB below, so that a small
     difference still shows ("needs 96.0 MiB, 71.3 MiB are free", never "0.1 GB and 0.1 GB")."""
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 2**20:.1f} MiB"
@@ -440,7 +440,7 @@ def write_failed(path: Path, exc: BaseException, kept: str, again: str = "run th
     while not where.exists() and where != where.parent:
         where = where.parent
     try:
-        free = f"; {size_text(shutil.disk_usage(where).free)} free there"
+        free = f"; {readable_size(shutil.disk_usage(where).free)} free there"
     except OSError:
         free = ""
     return StoreError(f"{path}: write failed ({detail}{free}); {kept}; free space or fix the disk, then {again}")

@@ -45,7 +45,7 @@ import torch
 from blocktune.errors import ChecksumError, StoreError
 from blocktune.machine.devices import DTYPES, parse_dtype
 from blocktune.model.args import ModelArgs
-from blocktune.store.fileio import atomic_write, crc32, partial_dirs, size_text
+from blocktune.store.fileio import atomic_write, crc32, partial_dirs, readable_size
 from blocktune.store.lock import ReadPin, WriterLock, pin_notes, pinned_files
 from blocktune.store.records import (
     FORMAT,
@@ -434,7 +434,7 @@ class BlockStore(UnitFiles):
         dead = [p for p in orphans if p not in kept]
         if dead:
             size = sum((self.path / p).stat().st_size for p in dead)
-            notes.append(f"{self.path}: {len(dead)} file version(s) no step needs ({size_text(size)}: "
+            notes.append(f"{self.path}: {len(dead)} file version(s) no step needs ({readable_size(size)}: "
                          f"{', '.join(dead[:4])}{' …' if len(dead) > 4 else ''}), left by a killed run or "
                          "kept for a reader that has gone; the next writer's commit removes them")
         if len(orphans) > len(dead):
