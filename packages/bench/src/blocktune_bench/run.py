@@ -21,6 +21,8 @@ reliability  the reliability campaign, small (10 kills, 3 writer trials, 300 fuz
           attacks of #29 (blocktune_bench.reliability, blocktune_bench.attacks).
 disk      the headline's step on a disk a cgroup slows to BLOCKTUNE_READ_RATE (400MB): step time
           against max(IO floor, compute floor), driver and CLI, beside BLOCKTUNE_BASELINE (a checkout).
+floor     the README's no-flag `blocktune finetune` LoRA step on the 7B shape under 2 GiB, this disk as it
+          is, against max(IO floor, the same command in RAM).
 
 Results: benchmarks/results/<date>-cpu-<group>.json and .md (machine, date, commit, command).
 """
@@ -42,6 +44,7 @@ from blocktune.store.store import BlockStore
 from .common import cached_store, disk_bandwidth, machine, matmul_rate, measure, save
 from .measure import evict_from_page_cache
 from .run_disk import group_disk
+from .run_floor import group_floor
 from .run_io import group_dist, group_export, group_generate, group_prepare
 from .run_limits import group_auto, group_families
 from .run_real import group_real
@@ -210,7 +213,7 @@ def group_headline(work: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default="step,limit,headline,auto,families,real,prepare,export,generate,dist,stages,disk,"
-                                        "reliability")
+                                        "reliability,floor")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--small", action="store_true", help="real: tiny shapes, to check that the code runs (saves nothing)")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("BLOCKTUNE_BENCH_DIR", "/tmp/blocktune-bench")))
@@ -241,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         group_stages(a.workdir, a.reps)
     if "disk" in groups:
         group_disk(a.workdir)
+    if "floor" in groups:
+        group_floor(a.workdir, a.reps)
     if "reliability" in groups:
         from .reliability import main as reliability
 
