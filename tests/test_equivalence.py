@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from blocktune import Engine, EngineConfig, LoraConfig, ModelArgs, OptimizerConfig
-from blocktune.model.llama import unit_prefix
+from blocktune.model.units import unit_prefix
 from blocktune.store.store import BlockStore
 from blocktune_bench.reference import ReferenceTrainer, trained_tensors
 from blocktune_bench.synthetic import make_store

@@ -173,9 +173,10 @@ def _closed_reader(*args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, proc.wait(), "", err)
 
 
-def test_a_closed_pipe_ends_quietly_and_help_and_version_need_no_torch(prepared, tmp_path):
+def test_a_closed_pipe_ends_quietly_and_help_version_and_info_need_no_torch(prepared, tmp_path):
     """`info | head` and `report --json | head` end as Unix tools do (no traceback, 128 + SIGPIPE);
-    --version; --help builds every command's parser without importing torch."""
+    --version; --help builds every command's parser, and `info` reads a store, without importing
+    torch (its seconds of import)."""
     for args in (("info", prepared / "store"), ("report", prepared / "nothing")):
         r = _closed_reader(*args)
         if args[0] == "report":  # no run there: the error goes to stderr, which is open
@@ -189,9 +190,10 @@ def test_a_closed_pipe_ends_quietly_and_help_and_version_need_no_torch(prepared,
 
     r = bt("--version", check=True)
     assert r.stdout.strip() == "blocktune 0.1.0"
-    probe = "import sys; from blocktune.cli import build_parser; build_parser(); print('torch' in sys.modules)"
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)  # every command's parser
-    assert r.stdout.strip() == "False", r.stderr[-2000:]
+    probe = ("import sys; from blocktune.cli import build_parser, main; build_parser(); parsers = 'torch' in sys.modules\n"
+             "code = main(['info', sys.argv[1]]); print(code, parsers, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", probe, prepared / "store"], capture_output=True, text=True)
+    assert r.stdout.splitlines()[-1] == "0 False False", r.stdout[-500:] + r.stderr[-2000:]  # parsers, info
 
 
 def test_nproc_names_one_run_folder_and_prints_one_result(prepared, tmp_path):

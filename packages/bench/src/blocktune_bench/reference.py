@@ -15,8 +15,9 @@ from blocktune.engine.optim import OptimizerConfig
 from blocktune.engine.rng import seed_micro_batch
 from blocktune.machine.devices import Device, resolve_device
 from blocktune.model.args import LoraConfig, ModelArgs
-from blocktune.model.llama import Transformer, unit_prefix
+from blocktune.model.llama import Transformer
 from blocktune.model.lora import add_lora, init_lora_
+from blocktune.model.units import unit_prefix
 from blocktune.store.store import BlockStore
 from torch.utils.checkpoint import checkpoint
 

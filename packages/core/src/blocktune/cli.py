@@ -202,13 +202,13 @@ def cmd_merge_stages(a: argparse.Namespace) -> int:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from blocktune.store.store import BlockStore
+    from blocktune.store.records import open_manifest  # the manifest alone: no torch to import
 
     t0 = time.perf_counter()
-    store = BlockStore.open(a.store)
+    store = open_manifest(a.store)
     opened = time.perf_counter() - t0
     args = store.args
-    info = {"store": str(store.path), "step": store.step, "dtype": str(store.dtype).replace("torch.", ""),
+    info = {"store": str(store.path), "step": store.step, "dtype": store.torch_dtype_name,
             "params": args.n_params(), "bytes": store.total_bytes(), "units": len(store.units),
             "largest_unit_bytes": max(store.unit_bytes(u) for u in store.units),
             "family": args.family, "model": {**args.to_params(), **{

@@ -22,7 +22,8 @@ import torch
 from blocktune.errors import ConfigError
 from blocktune.families import FAMILIES, HALVES
 from blocktune.formats.hfnames import hf_key, rotary_heads, to_hf
-from blocktune.model.llama import rope_frequencies, unit_name
+from blocktune.model.llama import rope_frequencies
+from blocktune.model.units import unit_name
 from blocktune.store.fileio import staging_dir
 from blocktune.store.records import unit_names
 from blocktune.store.store import BlockStore

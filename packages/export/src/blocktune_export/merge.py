@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from blocktune.formats.adapters import Adapter
-from blocktune.model.llama import layer_of
+from blocktune.model.units import layer_of
 from blocktune.store.store import BlockStore
 
 __all__ = ["merged_unit"]

@@ -19,7 +19,8 @@ from blocktune.errors import ConfigError, StoreError
 from blocktune.formats import meta as params_json
 from blocktune.formats.tokenizer import TiktokenTokenizer, Tokenizer, detect_kind
 from blocktune.model.args import ModelArgs
-from blocktune.model.llama import stored_shapes, unit_name, unit_prefix
+from blocktune.model.llama import stored_shapes
+from blocktune.model.units import unit_name, unit_prefix
 from blocktune.store.build import build_store
 from blocktune.store.fileio import RowPieces, staging_dir
 from blocktune.store.records import unit_names

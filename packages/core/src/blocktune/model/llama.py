@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blocktune.model.args import ModelArgs
+from blocktune.model.units import unit_name
 
 __all__ = [
     "RMSNorm",
@@ -305,16 +306,6 @@ class Transformer(nn.Module):
         return self.head(h)
 
 
-def unit_name(layer: int) -> str:
-    """The unit that holds transformer layer `layer` (the one place the name format is made)."""
-    return f"block_{layer:02d}"
-
-
-def layer_of(unit: str) -> int | None:
-    """The layer index of a block unit's name; None for embed and head (the one place it is read)."""
-    return int(unit[len("block_"):]) if unit.startswith("block_") else None
-
-
 def stored_shapes(args: ModelArgs, unit: str) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the tensors a unit's file holds, in the module's order (a tied head holds
     its norm only: its projection is the embedding matrix, stored with embed)."""
@@ -324,10 +315,3 @@ def stored_shapes(args: ModelArgs, unit: str) -> dict[str, tuple[int, ...]]:
     if unit == "head" and args.tie_embeddings:
         del shapes["output.weight"]
     return shapes
-
-
-def unit_prefix(unit: str) -> str:
-    """The prefix of a unit's keys in the whole model's (Meta) names: `layers.3.`, or '' for
-    embed and head, whose keys are already whole-model names."""
-    layer = layer_of(unit)
-    return "" if layer is None else f"layers.{layer}."

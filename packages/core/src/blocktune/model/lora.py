@@ -25,7 +25,8 @@ from blocktune.dist.groups import DistContext
 from blocktune.engine.optim import OptimizerConfig
 from blocktune.errors import StoreError
 from blocktune.model.args import LoraConfig, ModelArgs
-from blocktune.model.llama import Block, Linear, unit_prefix
+from blocktune.model.llama import Block, Linear
+from blocktune.model.units import unit_prefix
 
 __all__ = ["LoraLinear", "add_lora", "init_lora_", "LoraAdapters"]
 

@@ -43,40 +43,33 @@ from typing import Any
 import torch
 
 from blocktune.errors import ChecksumError, StoreError
-from blocktune.machine.devices import DTYPES, parse_dtype
-from blocktune.model.args import ModelArgs
+from blocktune.machine.dtypes import TORCH_NAMES, parse_dtype
 from blocktune.store.fileio import atomic_write, crc32, partial_dirs, readable_size
 from blocktune.store.lock import ReadPin, WriterLock, pin_notes, pinned_files
 from blocktune.store.records import (
-    FORMAT,
-    FORMAT_VERSION,
     MANIFEST,
-    MANIFEST_CRC,
     FileRecord,
+    StoreManifest,
     manifest_bytes,
-    manifest_crc,
     manifest_files,
+    manifest_path,
+    read_manifest,
     shape_mismatches,
-    unit_names,
 )
 from blocktune.store.unitfiles import UnitFiles
 
 __all__ = ["BlockStore"]
 
 
-class BlockStore(UnitFiles):
-    """A prepared model on disk. Opening reads only the manifest (milliseconds at any size)."""
+class BlockStore(UnitFiles, StoreManifest):
+    """A prepared model on disk: what its manifest says (`StoreManifest`), and its files, read and
+    written. Opening reads only the manifest (milliseconds at any size)."""
 
     def __init__(self, path: str | Path, manifest: dict[str, Any], *,
                  lock: WriterLock | None = None, pin: ReadPin | None = None):
-        self.path = Path(path)
-        self.manifest = manifest
+        super().__init__(path, manifest)
         self._lock, self._pin = lock, pin
-        self.args = ModelArgs(**manifest["model"])
         self.dtype = parse_dtype(manifest["dtype"])
-        self.units = unit_names(self.args)
-        self._records = {n: FileRecord.from_dict(manifest["units"][n]) for n in self.units}
-        self._state = {n: FileRecord.from_dict(r) for n, r in manifest.get("state", {}).items()}
         # fault-injection seam for tests of disk-full and IO errors
         self.opener: Callable = open
         self._verified: set[str] = set()  # files whose crc32 was checked in this process
@@ -104,40 +97,23 @@ class BlockStore(UnitFiles):
         another process holds it). Otherwise the files of the step opened are pinned until
         `close`, so a writer's garbage collection keeps them."""
         path = Path(path)
-        mpath = path / MANIFEST
-        if not mpath.is_file():
-            hint = " (it holds params.json: run `blocktune prepare` on it first)" if (
-                path / "params.json").exists() else ""
-            raise StoreError(f"{path}: not a blocktune store, no {MANIFEST}{hint}")
+        mpath = manifest_path(path)
         if writer:
             lock = WriterLock.acquire(path)
             try:
-                return cls(path, cls._read_manifest(mpath)[1], lock=lock)
+                return cls(path, read_manifest(mpath)[1], lock=lock)
             except BaseException:
                 lock.release()
                 raise
-        raw, manifest = cls._read_manifest(mpath)
+        raw, manifest = read_manifest(mpath)
         for _ in range(1000):
             pin = ReadPin.create(path, manifest_files(manifest), int(manifest["step"]))
             again = mpath.read_bytes()
             if pin is None or again == raw:
                 return cls(path, manifest, pin=pin)
             pin.release()  # a writer committed meanwhile: pin the step it committed
-            raw, manifest = cls._read_manifest(mpath)
+            raw, manifest = read_manifest(mpath)
         raise StoreError(f"{mpath}: the store changed on every one of 1000 tries to open it")
-
-    @classmethod
-    def _read_manifest(cls, mpath: Path) -> tuple[bytes, dict[str, Any]]:
-        try:
-            raw = mpath.read_bytes()
-            manifest = json.loads(raw)
-        except FileNotFoundError:
-            raise StoreError(f"{mpath.parent}: not a blocktune store, no {MANIFEST}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise StoreError(f"{mpath}: corrupt manifest ({exc})") from exc
-        cls._check_manifest(manifest, mpath)
-        manifest.pop(MANIFEST_CRC, None)  # checked: the in-memory manifest is its fields alone
-        return raw, manifest
 
     def acquire_writer(self) -> None:
         """Take the writer lock (if this store does not hold it yet), before anything is
@@ -146,7 +122,7 @@ class BlockStore(UnitFiles):
             return
         lock = WriterLock.acquire(self.path)
         try:
-            _, on_disk = self._read_manifest(self.path / MANIFEST)
+            _, on_disk = read_manifest(self.path / MANIFEST)
         except BaseException:
             lock.release()
             raise
@@ -177,38 +153,7 @@ class BlockStore(UnitFiles):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @staticmethod
-    def _check_manifest(m: Any, mpath: Path) -> None:
-        if not isinstance(m, dict) or m.get("format") != FORMAT:
-            raise StoreError(f"{mpath}: not a blocktune manifest (format={m.get('format') if isinstance(m, dict) else None!r})")
-        version = m.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise StoreError(
-                f"{mpath}: store format version {version!r} is newer than this blocktune "
-                f"understands ({FORMAT_VERSION}); upgrade blocktune"
-            )
-        if MANIFEST_CRC in m and m[MANIFEST_CRC] != manifest_crc(m):
-            raise ChecksumError(
-                f"{mpath}: checksum mismatch (its fields give crc32 {manifest_crc(m)}, it says "
-                f"{m[MANIFEST_CRC]!r}); the manifest is damaged. It alone records which file versions "
-                "make the model and its settings: restore manifest.json (or the whole store) from a "
-                "copy, or prepare the store again")
-        try:
-            args = ModelArgs(**m["model"])
-            parse_dtype(m["dtype"])
-            int(m["step"])
-            for n in unit_names(args):
-                FileRecord.from_dict(m["units"][n])
-            for r in m.get("state", {}).values():
-                FileRecord.from_dict(r)
-        except Exception as exc:  # any malformed field: one clear error
-            raise StoreError(f"{mpath}: malformed manifest ({type(exc).__name__}: {exc})") from exc
-
     # ---- reading ----
-    @property
-    def step(self) -> int:
-        return int(self.manifest["step"])
-
     @property
     def tokenizer_path(self) -> Path | None:
         """The tokenizer file, checked against the crc32 the store recorded for it (stores
@@ -237,44 +182,17 @@ class BlockStore(UnitFiles):
                                 "damaged: copy it again from the checkpoint the store was prepared from")
         self._verified.add(name)
 
-    def record(self, name: str) -> FileRecord:
-        return self._records[name]
-
-    def state_record(self, name: str) -> FileRecord | None:
-        return self._state.get(name)
-
-    @property
-    def tied(self) -> bool:
-        return self.args.tie_embeddings
-
-    def unit_files(self, name: str) -> list[FileRecord]:
-        """The files a unit is read from: its own, and for a tied head the embeddings' too."""
-        recs = [self._records[name]]
-        if name == "head" and self.tied:
-            recs.append(self._records["embed"])
-        return recs
-
     def unit_tensors(self, name: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """A unit's tensors as `read_unit` returns them, from the manifest: key -> (dtype, shape)."""
         def spec(meta):
             kind = meta["dtype"]
-            dtype = DTYPES.get(kind) or getattr(torch, kind.removeprefix("torch."))
+            dtype = getattr(torch, TORCH_NAMES.get(kind) or kind.removeprefix("torch."))
             return dtype, tuple(meta["shape"])
 
         out = {k: spec(m) for k, m in self._records[name].tensors.items()}
         if name == "head" and self.tied:
             out["output.weight"] = spec(self._records["embed"].tensors["tok_embeddings.weight"])
         return out
-
-    def unit_version(self, name: str) -> str:
-        """A key that changes whenever any file the unit is read from does."""
-        return "+".join(r.file for r in self.unit_files(name))
-
-    def unit_bytes(self, name: str) -> int:
-        return sum(r.nbytes for r in self.unit_files(name))
-
-    def total_bytes(self) -> int:
-        return sum(r.nbytes for r in self._records.values())
 
     def commit(self, step: int, units: dict[str, FileRecord], state: dict[str, FileRecord] | None = None,
                collect: bool = True, keep_previous: bool = False, drop: tuple[str, ...] = (),
@@ -309,29 +227,11 @@ class BlockStore(UnitFiles):
         except OSError as exc:
             raise StoreError(f"{self.path / MANIFEST}: write failed ({exc.strerror or exc}); the store "
                              f"still holds step {self.step}, intact; free space or fix the disk, then resume") from exc
-        self.manifest = manifest
-        self._records = {n: FileRecord.from_dict(manifest["units"][n]) for n in self.units}
-        self._state = merged_state
+        self.use_manifest(manifest)
         if collect:
             self.collect_garbage()
 
     # ---- a full fine-tune's bookkeeping ----
-    @property
-    def keeps_base(self) -> bool:
-        """Whether the weights before the store's first full fine-tune are kept (`open_base`)."""
-        return "base" in self.manifest
-
-    def base_is_current(self) -> bool:
-        """Whether the units are the base model's files: no base is kept, or no step has
-        changed a unit since it was."""
-        units = self.manifest["units"]
-        return self.manifest.get("base", {}).get("units", units) == units
-
-    def holds_tuned(self) -> bool:
-        """Whether the units are weights a full fine-tune changed: they differ from the kept base,
-        or, with no base kept, a training step was committed to them (`last_step`)."""
-        return not self.base_is_current() if self.keeps_base else "last_step" in self.manifest
-
     def start_run(self, keep_base: bool, run_id: str = "", out: str = "", from_base: bool = False) -> None:
         """Record, in one commit and before the run writes anything else, that the full fine-tune
         `run_id` (run folder `out`) owns the tuned state from the committed step on (`run_start`).
@@ -351,26 +251,6 @@ class BlockStore(UnitFiles):
             extra["base"] = {"step": self.step, "units": self.manifest["units"]}
         self.commit(self.step, units, drop=tuple(drop), fresh_state=from_base, **extra)
 
-    def run_record(self) -> dict | None:
-        """The full fine-tune that owns the tuned state (`start_run`): its id, run folder and first
-        step; None: no run was ever started on the store. Stores tuned before runs had ids
-        record the first step alone."""
-        run = self.manifest.get("run")
-        return dict(run) if isinstance(run, dict) and "first_step" in run else None
-
-    def run_start(self) -> int | None:
-        """The step the current full fine-tune started from (`start_run`); None: none recorded."""
-        run = self.run_record()
-        return None if run is None else int(run["first_step"])
-
-    def last_step(self) -> dict | None:
-        """What the commit of the last training step recorded of it (step, loss, tokens, lr)."""
-        return self.manifest.get("last_step") or None
-
-    def previous_step(self) -> int | None:
-        """The step `roll_back` returns to (kept by a commit with `keep_previous`); None: none."""
-        return (self.manifest.get("previous") or {}).get("step")
-
     def roll_back(self) -> None:
         """Return the store to the step before its last commit (kept by `keep_previous`), in
         one atomic manifest replace; the newer step's files go at the next collection."""
@@ -381,12 +261,7 @@ class BlockStore(UnitFiles):
         manifest = {k: v for k, v in self.manifest.items() if k not in ("previous", "last_step")}
         manifest.update(step=prev["step"], units=prev["units"], state=prev["state"])
         atomic_write(self.path / MANIFEST, manifest_bytes(manifest), opener=self.opener)
-        self.manifest = manifest
-        self._records = {n: FileRecord.from_dict(manifest["units"][n]) for n in self.units}
-        self._state = {n: FileRecord.from_dict(r) for n, r in manifest["state"].items()}
-
-    def referenced_files(self) -> set[str]:
-        return manifest_files(self.manifest)
+        self.use_manifest(manifest)
 
     def collect_garbage(self) -> list[str]:
         """Delete files that nothing can need: not named by the committed manifest on disk

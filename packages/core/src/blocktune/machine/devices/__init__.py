@@ -18,10 +18,10 @@ from blocktune.machine.devices.cpu import CpuDevice
 from blocktune.machine.devices.cuda import CudaDevice
 from blocktune.machine.devices.emu import EmuDevice, EmuEvent, EmuMpsDevice, EmuStream, emu_registered_bytes
 from blocktune.machine.devices.mps import MpsDevice
-from blocktune.machine.dtypes import DTYPES, dtype_name, parse_dtype
+from blocktune.machine.dtypes import TORCH_NAMES, dtype_name, parse_dtype
 
 __all__ = ["Device", "CpuDevice", "CudaDevice", "MpsDevice", "EmuDevice", "EmuMpsDevice", "EmuStream", "EmuEvent",
-           "NAMED", "resolve_device", "fused_adamw", "emu_registered_bytes", "DTYPES", "parse_dtype", "dtype_name"]
+           "NAMED", "resolve_device", "fused_adamw", "emu_registered_bytes", "TORCH_NAMES", "parse_dtype", "dtype_name"]
 
 #: `--device` names and their classes
 NAMED: dict[str, type[Device]] = {"cpu": CpuDevice, "cuda": CudaDevice, "mps": MpsDevice,
