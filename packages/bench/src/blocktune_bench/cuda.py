@@ -30,6 +30,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import weakref
@@ -37,12 +38,14 @@ from pathlib import Path
 
 import torch
 from blocktune import Engine, EngineConfig, LoraConfig, ModelArgs, OptimizerConfig
-from blocktune.machine.devices import parse_dtype, resolve_device
+from blocktune.machine.devices import EmuStream, parse_dtype, resolve_device
 from blocktune.paging.budgets import working_set
 from blocktune.paging.pager import resident_sizes
 from blocktune.store.build import build_store
 from blocktune.store.records import unit_names
 from blocktune.store.store import BlockStore
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .reference import ReferenceTrainer
 from .synthetic import SHAPES, make_store, random_batch
@@ -82,10 +85,15 @@ class AliveSlots:
             raise RuntimeError("AliveSlots must watch an accelerator engine's slots before its first load")
         self.alive: dict[int, int] = {}
         self.peak = 0
+        self.making = False  # a slot buffer is being made now (`StepBytes` leaves it out)
         make = type(slots)._make
 
         def tracked(nbytes: int, slots=slots):
-            slot = make(slots, nbytes)
+            self.making = True
+            try:
+                slot = make(slots, nbytes)
+            finally:
+                self.making = False
             storage = slot.buf.untyped_storage()
             key = storage.data_ptr()
             self.alive[key] = nbytes
@@ -94,6 +102,66 @@ class AliveSlots:
             return slot
 
         slots._make = tracked  # this engine's slots only
+
+
+class StepBytes(TorchDispatchMode):
+    """The device working set of steps on `emu` (whose "device" tensors are CPU tensors, so no
+    allocator can count them): the bytes of the storages that the computing thread's ops make,
+    alive at once (followed by weak references), less the unit slots' buffers (`AliveSlots`).
+    That is the stash, a block's recompute and its backward, the loss chunk, the adapters'
+    gradients and the optimizer's temporaries; `held` adds what was there before (the adapters
+    and their moments), so that `peak` is what a GPU would hold beside the slots."""
+
+    def __init__(self, watch: AliveSlots | None = None, held: tuple[torch.Tensor, ...] = ()):
+        super().__init__()
+        self.slots = watch.alive if watch is not None else {}
+        self.making = (lambda: watch.making) if watch is not None else (lambda: False)
+        self.alive: dict[int, int] = {}  # storage -> bytes
+        self.now = self.peak = 0
+        self.paused, self._land = False, EmuStream.run_until
+        for t in held:
+            self._note(t)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not (self.paused or self.making()):
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self._note(t)
+        return out
+
+    def _note(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in self.alive or key in self.slots:
+            return
+        self.alive[key] = storage.nbytes()
+        self.now += self.alive[key]
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(storage, self._gone, key)
+
+    def _gone(self, key: int) -> None:
+        self.now -= self.alive.pop(key)
+
+    def __enter__(self):
+        # emu lands a copy by way of a buffer of its raw bytes, on the thread that waits for it
+        # (here, the compute): the copy engine's, not the step's (a GPU's same-dtype copy has none)
+        me = threading.get_ident()
+
+        def landing(stream, number, land=self._land):
+            mine = threading.get_ident() == me
+            self.paused |= mine
+            try:
+                land(stream, number)
+            finally:
+                self.paused &= not mine
+
+        EmuStream.run_until = landing
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        EmuStream.run_until = self._land
+        return super().__exit__(*exc)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
