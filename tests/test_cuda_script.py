@@ -4,6 +4,7 @@ its checks can fail: a wrong step or unit slots past the budget make it exit 1."
 
 import json
 
+from blocktune.paging.budgets import working_set
 from blocktune.paging.hosttier import HostTier
 from blocktune.paging.slots import DeviceSlots
 from blocktune_bench.cuda import main
@@ -20,8 +21,32 @@ def test_the_gpu_script_runs_through_on_the_emulated_device(tmp_path):
     print({k: (v["slot_bytes_peak"], v["budget"]) for k, v in c["cases"].items()})
     assert all(0 < v["slot_bytes_peak"] <= v["budget"] for v in c["cases"].values())  # alive, within
     p = data["paged_lora_7b"]
-    assert p["slot_overflows"] == 0 and p["reserved_within_allowed"] and p["slots_within_budget"]
+    assert p["slot_overflows"] == 0 and p["within_allowance"] and p["slots_within_budget"]
     assert "Device slots" in (out / "cuda.md").read_text()
+
+
+def _paged_step_only(tmp_path) -> tuple[int, dict]:
+    out = tmp_path / "results"
+    code = main([*DRY, "--sections", "7b", "--out", str(out), "--workdir", str(tmp_path)])
+    p = json.loads((out / "cuda.json").read_text())["sections"]["paged_lora_7b"]
+    print(f"beside the slots {p['beside_slots_GB'] * 1e9:,.0f} B of {p['allowance_bytes']}")
+    return code, p
+
+
+def test_the_step_holds_no_more_than_its_allowance_beside_the_slots(tmp_path, monkeypatch):
+    """The device memory a paged step holds beside its units' slots (on emu: the storages its
+    ops make, alive at once, and the adapters' state) is within what the budgets reckon with
+    and the adapters, with no slack; a working set that forgets the loss chunk fails the run."""
+    code, p = _paged_step_only(tmp_path)
+    allowed = sum(p["allowance_bytes"].values())
+    assert code == 0 and p["within_allowance"] and 0.5 * allowed < p["beside_slots_GB"] * 1e9 <= allowed
+
+    def no_loss_chunk(*args, **kw):
+        return {**working_set(*args, **kw), "loss": 0}
+
+    monkeypatch.setattr("blocktune_bench.cuda.working_set", no_loss_chunk)
+    code, p = _paged_step_only(tmp_path)
+    assert code == 1 and not p["within_allowance"] and "within: **False**" in (tmp_path / "results" / "cuda.md").read_text()
 
 
 def _correctness_only(tmp_path) -> tuple[int, dict]:

@@ -10,18 +10,25 @@
 2. host->device bandwidth, pinned and pageable.
 3. a 7B-shaped model (dim 4096, 32 layers, random weights made on the spot, bf16): store open
    time, and a LoRA step at batch 2 x 2048 with units streamed from pinned host RAM under a
-   4 GiB device budget, against the copy floor (bytes copied / pinned bandwidth), against the
-   in-memory reference (plain autograd and per-block checkpointing) and, where transformers
-   and peft are installed, against HF transformers + peft with the model whole on the GPU.
+   4 GiB device budget (a smaller model: two units or a third of it, so that it pages), against
+   the copy floor (bytes copied / pinned bandwidth), against the in-memory reference (plain
+   autograd and per-block checkpointing) and, where transformers and peft are installed,
+   against HF transformers + peft with the model whole on the GPU.
+   Its device memory, with no slack: CUDA's peak allocated (PYTORCH_CUDA_ALLOC_CONF
+   expandable_segments, so that reserved stays near it; reserved past it is reported) less the
+   slot buffers' peak, against `allowance`: the working set the budgets reckon with and the
+   adapters' state. On emu that is measured from the step's own storages (`StepBytes`).
 
 Writes cuda.json and cuda.md into --out as it goes, each replaced whole (a killed run keeps
 what it measured), within --seconds in all (default 4 minutes: a lent GPU allows one call 6).
-Exits 1 when the correctness section fails (a wrong step, or unit slots past the budget).
+Exits 1 when the correctness section fails (a wrong step, or unit slots past the budget), or
+the 7B-shaped step held more device memory than its slots and `allowance` (no slack).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -30,6 +37,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import weakref
@@ -37,12 +45,15 @@ from pathlib import Path
 
 import torch
 from blocktune import Engine, EngineConfig, LoraConfig, ModelArgs, OptimizerConfig
-from blocktune.machine.devices import parse_dtype, resolve_device
+from blocktune.machine.devices import EmuStream, parse_dtype, resolve_device
 from blocktune.paging.budgets import working_set
 from blocktune.paging.pager import resident_sizes
 from blocktune.store.build import build_store
+from blocktune.store.fileio import readable_size
 from blocktune.store.records import unit_names
 from blocktune.store.store import BlockStore
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .reference import ReferenceTrainer
 from .synthetic import SHAPES, make_store, random_batch
@@ -82,10 +93,15 @@ class AliveSlots:
             raise RuntimeError("AliveSlots must watch an accelerator engine's slots before its first load")
         self.alive: dict[int, int] = {}
         self.peak = 0
+        self.making = False  # a slot buffer is being made now (`StepBytes` leaves it out)
         make = type(slots)._make
 
         def tracked(nbytes: int, slots=slots):
-            slot = make(slots, nbytes)
+            self.making = True
+            try:
+                slot = make(slots, nbytes)
+            finally:
+                self.making = False
             storage = slot.buf.untyped_storage()
             key = storage.data_ptr()
             self.alive[key] = nbytes
@@ -94,6 +110,66 @@ class AliveSlots:
             return slot
 
         slots._make = tracked  # this engine's slots only
+
+
+class StepBytes(TorchDispatchMode):
+    """The device working set of steps on `emu` (whose "device" tensors are CPU tensors, so no
+    allocator can count them): the bytes of the storages that the computing thread's ops make,
+    alive at once (followed by weak references), less the unit slots' buffers (`AliveSlots`).
+    That is the stash, a block's recompute and its backward, the loss chunk, the adapters'
+    gradients and the optimizer's temporaries; `held` adds what was there before (the adapters
+    and their moments), so that `peak` is what a GPU would hold beside the slots."""
+
+    def __init__(self, watch: AliveSlots | None = None, held: tuple[torch.Tensor, ...] = ()):
+        super().__init__()
+        self.slots = watch.alive if watch is not None else {}
+        self.making = (lambda: watch.making) if watch is not None else (lambda: False)
+        self.alive: dict[int, int] = {}  # storage -> bytes
+        self.now = self.peak = 0
+        self.paused, self._land = False, EmuStream.run_until
+        for t in held:
+            self._note(t)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not (self.paused or self.making()):
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self._note(t)
+        return out
+
+    def _note(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in self.alive or key in self.slots:
+            return
+        self.alive[key] = storage.nbytes()
+        self.now += self.alive[key]
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(storage, self._gone, key)
+
+    def _gone(self, key: int) -> None:
+        self.now -= self.alive.pop(key)
+
+    def __enter__(self):
+        # emu lands a copy by way of a buffer of its raw bytes, on the thread that waits for it
+        # (here, the compute): the copy engine's, not the step's (a GPU's same-dtype copy has none)
+        me = threading.get_ident()
+
+        def landing(stream, number, land=self._land):
+            mine = threading.get_ident() == me
+            self.paused |= mine
+            try:
+                land(stream, number)
+            finally:
+                self.paused &= not mine
+
+        EmuStream.run_until = landing
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        EmuStream.run_until = self._land
+        return super().__exit__(*exc)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -232,7 +308,9 @@ def _free(dev) -> None:
 
 
 def bench_7b(rec: Recorder, dev, pinned_bw: float, workdir: Path, deadline: float, layers: int,
-             seq: int, preset: str = "shape-7b") -> None:
+             seq: int, preset: str = "shape-7b", compare: bool = True) -> None:
+    """The 7B-shaped store, the paged LoRA step on it and (with `compare`) the runs it is
+    compared with: the in-memory reference, plain and checkpointed, and transformers + peft."""
     args = SHAPES[preset].replace(n_layers=layers)
     lora = LoraConfig(rank=16, alpha=32, dropout=0.0, targets=("wq", "wk", "wv", "wo"))
     t0 = time.perf_counter()
@@ -249,36 +327,9 @@ def bench_7b(rec: Recorder, dev, pinned_bw: float, workdir: Path, deadline: floa
     tok = torch.randint(0, args.vocab_size, (2, seq + 1), generator=torch.Generator().manual_seed(0))
     batch = [(tok[:, :-1], tok[:, 1:])]
     ocfg = OptimizerConfig("adamw", lr=1e-4)
-    eng = Engine(store, EngineConfig(method="lora", lora=lora, optimizer=ocfg, device=str(dev),
-                                     compute_dtype="bf16", device_budget=4 * GiB, host_budget=None))
-    watch = AliveSlots(eng)
-    eng.train_step(batch)  # fills the pinned host tier from disk
-    before = eng.pager.stats.snapshot()
-    times, peak, reserved = _timed(dev, lambda e=eng: e.train_step(batch), warmup=1, reps=3)
-    after = eng.pager.stats.snapshot()
-    steps = 4
-    h2d = (after["bytes_to_device"] - before["bytes_to_device"]) / steps
-    floor = max(h2d / (pinned_bw * 1e9), 1e-9)
-    paged = statistics.median(times)
-    # CUDA's own count against what the run may hold: the units' slots (the budget) and the
-    # working set the budgets reckon with (stash, one block's recompute, the loss chunk), plus
-    # the adapters, their AdamW state and 1 GiB for the allocator
-    work = working_set(args, torch.bfloat16, 2, seq, 1, eng.cfg.loss_chunk)
-    adapters = sum(p.numel() * 4 * 4 for p in eng.adapter_params())  # weights, grads, 2 moments (fp32)
-    allowed = 4 * GiB + sum(work.values()) + adapters + GiB
-    slots = eng.pager.slots
-    res = {"batch": f"2x{seq}", "device_slots_GB": watch.peak / 1e9, "slots_within_budget": watch.peak <= 4 * GiB,
-           "slot_overflows": slots.overflows,
-           "slot_waits": slots.waits, "reserved_allowed_GB": allowed / 1e9,
-           "reserved_within_allowed": reserved * 1e9 <= allowed, "step_seconds": times, "step_median": paged, "peak_gpu_GB": peak,
-           "peak_reserved_GB": reserved,
-           "h2d_bytes_per_step": h2d, "copy_floor_seconds": floor, "ratio_to_copy_floor": paged / floor,
-           "tokens_per_s": 2 * seq / paged, "device_budget_GiB": 4,
-           "disk_bytes_read_after_warmup": after["bytes_read"] - before["bytes_read"]}
-    rec.put("paged_lora_7b", res)
-    eng.close()
-    eng = None
-    _free(dev)
+    paged = paged_7b(rec, dev, store, lora, ocfg, batch, pinned_bw)
+    if not compare:
+        return
     for ckpt in (False, True):
         if time.perf_counter() > deadline:
             rec.put(f"reference_{'ckpt' if ckpt else 'plain'}", {"skipped": "out of time"})
@@ -297,6 +348,64 @@ def bench_7b(rec: Recorder, dev, pinned_bw: float, workdir: Path, deadline: floa
         _free(dev)
     if time.perf_counter() < deadline:
         hf_peft(rec, dev, args, lora, batch, paged)
+
+
+def allowance(eng: Engine, batch: int, seq: int) -> dict[str, int]:
+    """What a step may hold on the device beside the units' slots, by kind, in bytes: the
+    working set the budgets reckon with (`working_set`: the stash of block inputs, one block's
+    recompute and its backward, the loss chunk, and activations kept up to the keep budget) and
+    the adapters with their gradients and AdamW moments (fp32: 16 bytes a parameter)."""
+    work = working_set(eng.args, eng.dtype, batch, seq, 1, eng.cfg.loss_chunk)
+    keep = eng.budgets.keep
+    return {"stash": work["stash"], "block": work["block"], "loss": work["loss"],
+            "kept": work["kept"] if keep is None else min(keep, work["kept"]),
+            "adapters": sum(p.numel() for p in eng.adapter_params()) * 4 * 4}
+
+
+def adapter_tensors(eng: Engine) -> tuple[torch.Tensor, ...]:
+    """The adapters and their optimizer state: the device memory a LoRA step finds there."""
+    state = eng.lora_optimizer.state.values()
+    return (*eng.adapter_params(), *(v for st in state for v in st.values() if isinstance(v, torch.Tensor)))
+
+
+def paged_7b(rec: Recorder, dev, store: BlockStore, lora: LoraConfig, ocfg: OptimizerConfig, batch,
+             pinned_bw: float) -> float:
+    """The paged LoRA step under a 4 GiB device budget (where the model is not three times that:
+    two units or a third of the model, so that it pages), units from the pinned host tier: its
+    time against the copy floor, and the device memory it held against what it may hold (the
+    units' slots alive at once, then `allowance` beside them, with no slack); the median step."""
+    one = max(resident_sizes(store, torch.bfloat16, device=dev).values())
+    budget, (b, seq) = min(4 * GiB, max(2 * one, store.total_bytes() // 3)), batch[0][0].shape
+    base = torch.cuda.memory_allocated(dev.torch) if dev.type == "cuda" else 0
+    eng = Engine(store, EngineConfig(method="lora", lora=lora, optimizer=ocfg, device=str(dev),
+                                     compute_dtype="bf16", device_budget=budget, host_budget=None))
+    watch = AliveSlots(eng)
+    eng.train_step(batch)  # fills the pinned host tier from disk
+    before = eng.pager.stats.snapshot()
+    # on emu the device's tensors are the CPU's: counted from the step's own storages
+    made = StepBytes(watch, adapter_tensors(eng)) if dev.type == "emu" else contextlib.nullcontext()
+    with made:
+        times, peak, reserved = _timed(dev, lambda e=eng: e.train_step(batch), warmup=1, reps=3)
+    after = eng.pager.stats.snapshot()
+    h2d = (after["bytes_to_device"] - before["bytes_to_device"]) / 4
+    floor = max(h2d / (pinned_bw * 1e9), 1e-9)
+    paged = statistics.median(times)
+    allowed = allowance(eng, b, seq)
+    # beside the slots: CUDA's count of our tensors past the slots' peak; on emu, measured
+    beside = made.peak if dev.type == "emu" else dev.peak_memory_bytes() - base - watch.peak
+    res = {"batch": f"{b}x{seq}", "device_slots_GB": watch.peak / 1e9, "slots_within_budget": watch.peak <= budget,
+           "slot_overflows": eng.pager.slots.overflows, "slot_waits": eng.pager.slots.waits,
+           "allowance_bytes": allowed, "allowed_beside_slots_GB": sum(allowed.values()) / 1e9,
+           "beside_slots_GB": beside / 1e9, "within_allowance": beside <= sum(allowed.values()),
+           "step_seconds": times, "step_median": paged, "peak_gpu_GB": peak, "peak_reserved_GB": reserved,
+           "allocator_overhead_GB": reserved - peak,  # reserved past allocated: the allocator's cache
+           "h2d_bytes_per_step": h2d, "copy_floor_seconds": floor, "ratio_to_copy_floor": paged / floor,
+           "tokens_per_s": b * seq / paged, "device_budget_bytes": budget,
+           "disk_bytes_read_after_warmup": after["bytes_read"] - before["bytes_read"]}
+    rec.put("paged_lora_7b", res)
+    eng.close()
+    _free(dev)
+    return paged
 
 
 def hf_peft(rec: Recorder, dev, args: ModelArgs, lora: LoraConfig, batch, paged: float) -> None:
@@ -347,6 +456,12 @@ def hf_peft(rec: Recorder, dev, args: ModelArgs, lora: LoraConfig, batch, paged:
         _free(dev)
 
 
+def _parts(allowed: dict[str, int]) -> str:
+    """`allowance`'s parts, summed: "2.10 GB (stash 1.1 GB + ...)"."""
+    parts = " + ".join(f"{k} {readable_size(v)}" for k, v in allowed.items() if v)
+    return f"{readable_size(sum(allowed.values()))} ({parts})"
+
+
 def markdown(data: dict) -> str:
     m, s = data["meta"], data["sections"]
     lines = [f"# CUDA benchmark — {m['device']}", "",
@@ -370,15 +485,19 @@ def markdown(data: dict) -> str:
                   f"{st['bytes'] / 1e9:.1f} GB store (open {st['open_seconds_median'] * 1e3:.1f} ms)", "",
                   "| run | s/step (median) | peak GPU GB allocated / reserved | paged / this |",
                   "| --- | ---: | ---: | ---: |",
-                  f"| blocktune paged, 4 GiB device budget, pinned host tier | {p['step_median']:.3f} | "
+                  f"| blocktune paged, {readable_size(p['device_budget_bytes'])} device budget, pinned host tier | "
+                  f"{p['step_median']:.3f} | "
                   f"{p['peak_gpu_GB']:.1f} / {p.get('peak_reserved_GB', 0):.1f} | 1.00 |",
                   f"| copy floor ({p['h2d_bytes_per_step'] / 1e9:.1f} GB / pinned bandwidth) | "
                   f"{p['copy_floor_seconds']:.3f} | | {p['ratio_to_copy_floor']:.2f} |"]
         if "device_slots_GB" in p:
-            tail = [f"Device slots (the units' memory) peaked at {p['device_slots_GB']:.2f} GB of the 4 GiB budget, "
-                    f"{p['slot_overflows']} overflows, {p['slot_waits']} waits; peak reserved "
-                    f"{p['peak_reserved_GB']:.2f} GB against {p['reserved_allowed_GB']:.2f} GB allowed "
-                    f"(budget + working set + adapters + 1 GiB): within: **{p['reserved_within_allowed']}**", ""]
+            tail = [f"Device slots (the units' memory) peaked at {readable_size(p['device_slots_GB'] * 1e9)} of the "
+                    f"{readable_size(p['device_budget_bytes'])} budget, "
+                    f"{p['slot_overflows']} overflows, {p['slot_waits']} waits; beside them the step held "
+                    f"{readable_size(p['beside_slots_GB'] * 1e9)} against {_parts(p['allowance_bytes'])} allowed "
+                    f"(the working set and the adapters' state, no slack): within: **{p['within_allowance']}**; "
+                    f"the allocator reserved {readable_size(p['allocator_overhead_GB'] * 1e9)} past its peak "
+                    f"allocated", ""]
         else:
             tail = []
         for key, label in (("reference_plain", "in-memory reference, plain autograd"),
@@ -404,8 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--seconds", type=float, default=240,
                    help="the whole run's time: sections past it are skipped (default 4 minutes)")
-    p.add_argument("--sections", default="correctness,bandwidth,7b",
-                   help="which sections to run, comma-separated (correctness, bandwidth, 7b)")
+    p.add_argument("--sections", default="correctness,bandwidth,7b,compare",
+                   help="which sections to run, comma-separated (correctness, bandwidth, 7b: the paged step, "
+                        "compare: the runs the 7b step is compared with)")
     p.add_argument("--commit", default="?")
     p.add_argument("--device", default="cuda", help="emu only for a dry run of the script itself")
     p.add_argument("--preset", default="shape-7b", help="the benchmark's model shape (tiny-7b for a dry run)")
@@ -413,11 +533,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     deadline = start + a.seconds
     sections = set(a.sections.split(","))
+    if a.device.startswith("cuda"):  # before the allocator starts: it grows segments in place, so
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # reserved ≈ allocated
     dev = resolve_device(a.device)
     name = torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor() or dev.type
     meta = {"device": name, "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "host": platform.node(), "commit": a.commit,
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
             "command": "python -m blocktune_bench.cuda " + " ".join(sys.argv[1:] if argv is None else argv)}
     rec = Recorder(a.out, meta, start)
     ok = True
@@ -427,7 +550,9 @@ def main(argv: list[str] | None = None) -> int:
         bw = bandwidth(rec) if dev.type == "cuda" and "bandwidth" in sections else float("inf")
         if "7b" in sections and time.perf_counter() < deadline:
             with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
-                bench_7b(rec, dev, bw, Path(tmp), deadline, a.layers, a.seq, a.preset)
+                bench_7b(rec, dev, bw, Path(tmp), deadline, a.layers, a.seq, a.preset, "compare" in sections)
+            p7 = rec.data["sections"]["paged_lora_7b"]
+            ok = ok and p7["within_allowance"] and p7["slots_within_budget"]
         elif "7b" in sections:
             rec.put("store_7b", {"skipped": "out of time"})
     finally:

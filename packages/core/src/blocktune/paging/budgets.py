@@ -86,8 +86,9 @@ def working_set(args: ModelArgs, dtype: torch.dtype, batch: int, seq: int, micro
         # one block recomputed with a graph, and its backward: q/k/v/o, norms and residuals, the
         # FFN's three hidden-size tensors, attention scores and their gradient
         "block": 2 * tokens * (8 * args.dim + 4 * hidden) * item + 3 * batch * args.n_heads * seq * seq * 4,
-        # one chunk of logits in fp32, its softmax and its gradient
-        "loss": 3 * min(loss_chunk, tokens) * args.vocab_size * 4,
+        # one chunk of logits in fp32, its log-softmax and the gradients of both, the final norm's
+        # fp32 input; the head input's gradient and one chunk's part of it (whole-size, then added)
+        "loss": min(loss_chunk, tokens) * (4 * args.vocab_size + args.dim) * 4 + 2 * tokens * args.dim * item,
         # every block's activations kept with their graph (the weights as handles): the inputs of its
         # linears, the FFN's hidden tensors, the norms' fp32 statistics, the attention's probabilities
         "kept": args.n_layers * micro * (tokens * ((10 * args.dim + 4 * hidden) * item + 4 * args.dim * 4)
