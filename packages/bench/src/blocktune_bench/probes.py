@@ -88,11 +88,12 @@ def finetune(*argv: str) -> int:
 
 
 def hf_step(gguf_file: str, text_file: str, method: str, batch: str, seq: str, steps: str,
-            dtype: str = "fp32") -> None:
+            dtype: str = "fp32", lr: str = "") -> None:
     """transformers (+ peft for LoRA) in memory on the same GGUF file and text: seconds per step
     (AdamW, blocktune's LoRA defaults) and the peak anonymous memory, as JSON. In bf16 as each is
     usually run and as blocktune computes: LoRA on bf16 weights with peft's fp32 adapters; a full
-    fine-tune with fp32 weights and moments under torch.autocast (bf16 matmuls, fp32 masters)."""
+    fine-tune with fp32 weights and moments under torch.autocast (bf16 matmuls, fp32 masters).
+    `lr`: the learning rate (blocktune's default if not given); every step's loss is printed too."""
     from pathlib import Path
 
     import peft
@@ -117,11 +118,11 @@ def hf_step(gguf_file: str, text_file: str, method: str, batch: str, seq: str, s
                                                            target_modules=[names[t] for t in lora.targets]))
     model.train()
     cfg = RunConfig()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(lr) if lr else cfg.lr,
                             weight_decay=cfg.weight_decay)
     b, s = int(batch), int(seq)
     ids = torch.tensor(tok(Path(text_file).read_text(), add_special_tokens=False)["input_ids"])
-    times = []
+    times, losses = [], []
     for i in range(int(steps)):
         chunk = ids[i * b * (s + 1):(i + 1) * b * (s + 1)].reshape(b, s + 1)
         t = time.perf_counter()
@@ -133,7 +134,8 @@ def hf_step(gguf_file: str, text_file: str, method: str, batch: str, seq: str, s
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
-    print(json.dumps({"seconds": times, "anon_peak": peak(), "anon_start": start, "loss": loss.item(),
+        losses.append(loss.item())
+    print(json.dumps({"seconds": times, "anon_peak": peak(), "anon_start": start, "loss": loss.item(), "losses": losses,
                       "adapter_dtypes": sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})}))
 
 
