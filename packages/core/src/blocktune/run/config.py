@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from blocktune.paging.budgets import Budgets
 
 __all__ = ["RunConfig", "SECTIONS", "MACHINE", "FIELDS", "typed", "toml_value", "with_checksum", "config_line",
-           "lr_at", "check_out", "with_adapter_lora", "schedule_notes", "steps_of_epochs", "default_out"]
+           "lr_at", "check_out", "with_adapter_lora", "schedule_notes", "recorded_config", "steps_of_epochs", "default_out"]
 
 Budget: TypeAlias = "int | str | None"  # bytes, None (no limit) or AUTO (worked out at the start)
 
@@ -425,16 +425,18 @@ def with_adapter_lora(cfg: RunConfig, lora: LoraConfig, adapter: str) -> tuple[R
                  f"{list(lora.targets)} (the adapter's own)")
 
 
-def schedule_notes(cfg: RunConfig, start: int) -> list[str]:
-    """What a resume at step `start` changes in the run's schedule: settings of the learning rate
-    that differ from those the run folder's config.toml recorded (--steps reshapes the cosine)."""
-    path = Path(cfg.out) / "config.toml"
-    if not path.is_file():
-        return []
+def recorded_config(out: str | Path) -> dict[str, Any]:
+    """The settings the run folder's config.toml recorded ({} where it has none it can read)."""
     try:
-        saved = tomllib.loads(path.read_text())
+        return tomllib.loads((Path(out) / "config.toml").read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return []
+        return {}
+
+
+def schedule_notes(cfg: RunConfig, start: int, saved: dict[str, Any]) -> list[str]:
+    """What a resume at step `start` changes in the run's schedule: settings of the learning rate
+    that differ from those the run folder's config.toml recorded before the resume (`saved`, from
+    `recorded_config`: --steps reshapes the cosine)."""
     keys = ("steps", "lr", "warmup_steps", "min_lr_ratio")
     changed = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in keys if k in saved and saved[k] != getattr(cfg, k)]
     if not changed:
