@@ -218,3 +218,23 @@ def test_export_gguf_without_gguf_names_the_extra(prepared, tmp_path):
                             "--format", fmt, *map(str, extra)], capture_output=True, text=True)
         assert r.returncode == 2 and "pip install 'blocktune-export[gguf]'" in r.stderr, r.stderr[-2000:]
         assert f"export --format {fmt} needs the gguf package" in r.stderr and not (tmp_path / fmt).exists()
+
+
+def test_files_where_folders_or_gguf_go_are_exit_2(prepared, tmp_path):
+    """export into a file, for every format (before the fix: NotADirectoryError's traceback, exit
+    1), refused as prepare refuses it; prepare of an empty or non-GGUF .gguf says so (before: "no
+    such folder") and leaves nothing."""
+    from blocktune_export.exports import EXPORTS
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for fmt in EXPORTS:
+        r = bt("export", prepared / "store", afile, "--format", fmt)
+        assert r.returncode == 2 and f"{afile} is a file; an export ({fmt}) is a folder" in r.stderr, (fmt, r.stderr)
+        assert afile.read_text() == "x" and "Traceback" not in r.stderr
+    (tmp_path / "empty.gguf").touch()
+    (tmp_path / "text.gguf").write_text("not a model")
+    for name, said in (("empty.gguf", "it is empty"), ("text.gguf", "it starts with b'not ', not GGUF's magic b'GGUF'")):
+        r = bt("prepare", tmp_path / name, tmp_path / "st")
+        assert r.returncode == 2 and f"{tmp_path / name} is not a GGUF file ({said})" in r.stderr, r.stderr
+        assert "no such folder" not in r.stderr and not (tmp_path / "st").exists()
