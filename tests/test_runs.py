@@ -239,3 +239,32 @@ def test_a_refused_run_leaves_no_run_folder_behind(prepared, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     assert r.returncode == 2 and "run folder: runs/" in r.stderr, r.stderr[-500:]
     assert _tree(cwd) == []
+
+
+def test_lora_on_a_tuned_store_says_which_weights_and_honours_start_from(prepared, tmp_path):
+    """On a store holding a full run's tuned weights (base kept), a LoRA run says which weights it
+    adapts; --start-from base adapts the kept base (before the fix: ignored, the tuned weights, in
+    silence). --start-from tuned where no run tuned the store is refused, for both methods (the
+    likely cause is the wrong --store: stopping costs less than a run on weights not meant)."""
+    store = _store(prepared, tmp_path / "s")
+    fresh = _store(prepared, tmp_path / "fresh")
+    _run(_ft(prepared, store, tmp_path / "full", 1))
+    base_loss = _rows(tmp_path / "full")[0]["loss"]  # the first step's loss is the base model's
+
+    def lora(out, on=store, *extra, code=0):
+        return _run(_ft(prepared, on, tmp_path / out, 1, "--method", "lora", *extra), code=code)
+
+    tuned = lora("tuned")
+    said = [line for line in tuned.stderr.splitlines() if line.startswith("LoRA adapts")]
+    print(said)
+    assert said == [f"LoRA adapts the tuned weights of run {_run_id(tmp_path / 'full')} ({(tmp_path / 'full').resolve()}) "
+                    "(store step 1); --start-from base adapts the kept base model instead"]
+    assert _rows(tmp_path / "tuned")[0]["loss"] < base_loss
+    based = lora("based", store, "--start-from", "base")
+    assert "LoRA adapts the base model kept at step 0 (--start-from base)" in based.stderr
+    assert _rows(tmp_path / "based")[0]["loss"] == pytest.approx(base_loss, rel=1e-5)
+    assert "LoRA adapts" not in lora("plain", fresh).stderr  # one set of weights: nothing to say
+    for method in ("lora", "full"):
+        r = _run(_ft(prepared, fresh, tmp_path / f"t-{method}", 1, "--method", method, "--start-from", "tuned"), code=2)
+        assert "--start-from tuned, but no full fine-tune has tuned this store" in r.stderr, r.stderr[-500:]
+        assert not (tmp_path / f"t-{method}").exists()

@@ -126,9 +126,9 @@ class RunConfig:
     in_place: bool = _setting(False, METHOD, "full: the fine-tuned weights replace the base model's files "
                               "(default: the base is kept beside them, `--base` reads it; this needs a second "
                               "copy's disk space)")
-    start_from: str = _setting("", METHOD, "full, on a store another run tuned: from its kept base model (the "
-                               "tuned weights are dropped), or from the tuned weights on purpose (default: refuse, "
-                               "and say so)", choices=("", "base", "tuned"))
+    start_from: str = _setting("", METHOD, "on a store a full run tuned: from its kept base model (full: the "
+                               "tuned weights are dropped), or from the tuned weights on purpose (default: full "
+                               "refuses, lora adapts the tuned weights; each says so)", choices=("", "base", "tuned"))
     # full: set at the start; the store's manifest names the run that owns it so
     run_id: str = _setting("", RUN, flag=False)
     adapter: str = _setting("", LORA, "continue from this adapter (blocktune's adapter.safetensors or a PEFT "

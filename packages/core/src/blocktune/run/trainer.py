@@ -39,6 +39,7 @@ from blocktune.run.config import (
 from blocktune.run.data import load_dataset
 from blocktune.run.folder import RunFolder
 from blocktune.run.generate import SamplingConfig, generate_tokens
+from blocktune.run.ownership import lora_weights
 from blocktune.run.record import RunRecord
 from blocktune.run.report import read_metrics
 from blocktune.store.fileio import readable_size
@@ -63,6 +64,8 @@ class Trainer:
         # a full fine-tune writes the store: the writer lock first (a clear error if another
         # process has it); anything else reads the step it opened, pinned against collection
         self.store = BlockStore.open(_rank_store(cfg, self.dist), writer=cfg.method == "full")
+        if cfg.method == "lora":  # on a store a full run tuned: those weights, or the base kept beside them
+            self.store = self._adapted(self.store, cfg.start_from)
         # then one live run per run folder (its writer, rank 0, holds the lock): a second run, a
         # --resume beside a live one say, stops here with the holder's name
         self.folder = RunFolder.claim(self.out) if self.dist.is_main else None
@@ -101,6 +104,20 @@ class Trainer:
             LoraCheckpoint(self.out, self.engine, self.dist, cfg.lora(), self.store.args, cfg.to_toml(absolute=True),
                            cfg.keep_adapters)
             if cfg.method == "lora" else StoreCheckpoint(self.out, self.store, self.dist, self.device, cfg))
+
+    def _adapted(self, store: BlockStore, start_from: str) -> BlockStore:
+        """The weights a LoRA run adapts (`lora_weights`): `store`'s, or its kept base."""
+        try:
+            from_base, said = lora_weights(store, start_from)
+        except ConfigError:
+            store.close()
+            raise
+        if said:
+            self.log(said)
+        if not from_base:
+            return store
+        store.close()
+        return BlockStore.open_base(store.path)
 
     def _refused(self) -> None:
         """A run stopped before its first step leaves no run folder it made (`RunFolder.refused`)."""
