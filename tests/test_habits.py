@@ -65,7 +65,13 @@ def test_epochs_instead_of_steps(prepared, tmp_path):
     steps = -(-2 * examples // 2)  # batch 2, grad_accum 1, one rank
     assert f"epochs 2: {steps} steps ({examples} training examples, 2 per step" in r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["step"] == steps
-    assert tomllib.loads((tmp_path / "run" / "config.toml").read_text())["steps"] == steps
+    recorded = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
+    assert (recorded["steps"], recorded["epochs"]) == (steps, 2)  # what was asked too (before #28: epochs = 0.0)
+    r = bt("finetune", "--out", tmp_path / "run", "--resume")  # config.toml's settings: the same run
+    assert r.returncode == 0 and f"resuming at step {steps} of {steps}" in r.stderr, r.stderr[-2000:]
+    assert "note: resuming" not in r.stderr
+    r = bt("finetune", "--store", "s", "--data", "d", "--steps", "0", "--print-config")
+    assert r.returncode == 2 and "--steps: steps=0 must be positive" in r.stderr, r.stderr  # the flag named
 
     r = bt("finetune", "--store", "s", "--data", "d", "--set", "epochs=1", "--steps", "5", "--print-config")
     assert r.returncode == 2 and "both steps=5 and epochs=1" in r.stderr

@@ -336,10 +336,12 @@ def config_line(cfg: RunConfig, budgets: Budgets, arithmetic: Path) -> str:
 
 def _steps_or_epochs(file: dict[str, Any], line: dict[str, Any], path: str | Path | None) -> None:
     """A run's length is steps or epochs: both in one place (the command line, or the file) is
-    refused; the command line's steps win over the file's epochs (its epochs over the file's
+    refused (but in a run folder's config.toml, which records the epochs asked and the steps they
+    came to); the command line's steps win over the file's epochs (its epochs over the file's
     steps need nothing: epochs, where set, decide)."""
+    recorded = path is not None and CHECKSUM in Path(path).read_text()  # read already: it exists
     for layer, where in ((line, "the command line"), (file, str(path))):
-        if layer.get("epochs") and "steps" in layer:
+        if layer.get("epochs") and "steps" in layer and not (layer is file and recorded):
             raise ConfigError(f"{where} gives both steps={layer['steps']!r} and epochs={layer['epochs']!r}: "
                               "give one (with epochs the steps follow from the data)")
     if "steps" in line:
@@ -354,7 +356,7 @@ def steps_of_epochs(cfg: RunConfig, examples: int, ranks: int) -> tuple[RunConfi
         return cfg, None
     per_step = cfg.batch_size * cfg.grad_accum * ranks
     steps = max(1, math.ceil(cfg.epochs * examples / per_step))
-    return dataclasses.replace(cfg, steps=steps, epochs=0.0), (
+    return dataclasses.replace(cfg, steps=steps), (  # config.toml records both: a resume reads the epochs
         f"epochs {cfg.epochs:g}: {steps} steps ({examples} training examples, {per_step} per step: batch_size "
         f"{cfg.batch_size} x grad_accum {cfg.grad_accum} x {ranks} rank(s))")
 
