@@ -208,7 +208,7 @@ class Trainer:
     # ---- the loop ----
     def run(self, resume: bool = False) -> list[dict]:
         cfg = self.cfg
-        saved = recorded_config(self.out) if resume else None  # before a resume writes it again
+        saved = recorded_config(self.out) if resume else {}  # read before a resume writes it again
         try:
             self._announce(resume)
             if cfg.method == "full":
