@@ -180,6 +180,7 @@ def test_chats_without_a_template_are_refused_with_the_fix(models, tmp_path):
     chats = _write_rows(tmp_path / "chats.jsonl", [{"messages": CHAT}] * 4)
     r = bt("finetune", "--store", store.path, "--data", chats, "--out", tmp_path / "run", "--steps", "1", "--seq-len", "200")
     assert r.returncode == 2 and "chats.jsonl:1" in r.stderr and "--chat-template" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()  # refused before the first step: no run folder left (#28)
     r = bt("generate", "--store", store.path, "--chat", "--prompt", "Hi")
     assert r.returncode == 2 and "--chat-template" in r.stderr and "chatml" in r.stderr, r.stderr
     # text still trains without a template
@@ -271,7 +272,7 @@ def test_runs_say_what_they_did(tiny, tmp_path):
     r = _finetune(store, text, tmp_path / "b", "--steps", "1", "--adapter", adapter,
                   "--set", "lora_rank=32", "--set", 'lora_targets=["wq"]')
     assert r.returncode == 2 and "lora_rank=32" in r.stderr and "lora_targets=['wq']" in r.stderr, r.stderr
-    assert not (tmp_path / "b" / "adapter.safetensors").exists()
+    assert not (tmp_path / "b").exists()  # refused before the first step: no run folder left (#28)
     r = _finetune(store, text, tmp_path / "c", "--steps", "1", "--adapter", adapter)
     assert r.returncode == 0 and "rank 4" in r.stderr and "the adapter's own" in r.stderr, r.stderr
     r = _finetune(store, text, tmp_path / "a", "--steps", "3", "--resume")
@@ -301,7 +302,8 @@ def test_tool_turns_where_the_template_has_them(models, tmp_path):
     # a template that drops the tool turn: refused, not trained without it
     (tmp_path / "no-tool.jinja").write_text(CHATML_TEMPLATE.replace("{% for m in messages %}",
                                                                     "{% for m in messages if m['role'] != 'tool' %}"))
-    with pytest.raises(DataError, match="no tool role"):
+    with pytest.raises(DataError, match=r"tool.jsonl:1: a tool turn, and the chat template .* no tool role"):
         load_dataset(path, ours, 200, 256, val_ratio=0.0, chat_template=str(tmp_path / "no-tool.jinja"))
-    with pytest.raises(DataError, match="no tool turns"):  # Meta's Llama 2 format has none
+    # Meta's Llama 2 format has none; the row named, as other data errors name theirs (before the fix: no row)
+    with pytest.raises(DataError, match=r"tool.jsonl:1: the Llama-2 chat format .* no tool turns"):
         load_dataset(path, ours, 200, 256, val_ratio=0.0, chat_template="llama2")

@@ -132,6 +132,9 @@ def test_adapter_for_another_model_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="different model") as err:  # a wrong --adapter: exit 2
         load_adapter(tmp_path / "a.safetensors", PRESETS["tiny-70b"])
     assert "hidden size: the adapter's 64, the store's" in str(err.value) and "multiple_of" not in str(err.value)
+    # a field the adapter's model left unset: the value that model uses (before #28: "none")
+    assert "key/value heads: the adapter's 4, the store's 2" in str(err.value), str(err.value)
+    assert "head size: the adapter's 16, the store's 8" in str(err.value)
 
 
 # ---- bad input: a clear error naming the file, and nothing written to DST ----

@@ -65,7 +65,13 @@ def test_epochs_instead_of_steps(prepared, tmp_path):
     steps = -(-2 * examples // 2)  # batch 2, grad_accum 1, one rank
     assert f"epochs 2: {steps} steps ({examples} training examples, 2 per step" in r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["step"] == steps
-    assert tomllib.loads((tmp_path / "run" / "config.toml").read_text())["steps"] == steps
+    recorded = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
+    assert (recorded["steps"], recorded["epochs"]) == (steps, 2)  # what was asked too (before #28: epochs = 0.0)
+    r = bt("finetune", "--out", tmp_path / "run", "--resume")  # config.toml's settings: the same run
+    assert r.returncode == 0 and f"resuming at step {steps} of {steps}" in r.stderr, r.stderr[-2000:]
+    assert "note: resuming" not in r.stderr
+    r = bt("finetune", "--store", "s", "--data", "d", "--steps", "0", "--print-config")
+    assert r.returncode == 2 and "--steps: steps=0 must be positive" in r.stderr, r.stderr  # the flag named
 
     r = bt("finetune", "--store", "s", "--data", "d", "--set", "epochs=1", "--steps", "5", "--print-config")
     assert r.returncode == 2 and "both steps=5 and epochs=1" in r.stderr
@@ -218,3 +224,23 @@ def test_export_gguf_without_gguf_names_the_extra(prepared, tmp_path):
                             "--format", fmt, *map(str, extra)], capture_output=True, text=True)
         assert r.returncode == 2 and "pip install 'blocktune-export[gguf]'" in r.stderr, r.stderr[-2000:]
         assert f"export --format {fmt} needs the gguf package" in r.stderr and not (tmp_path / fmt).exists()
+
+
+def test_files_where_folders_or_gguf_go_are_exit_2(prepared, tmp_path):
+    """export into a file, for every format (before the fix: NotADirectoryError's traceback, exit
+    1), refused as prepare refuses it; prepare of an empty or non-GGUF .gguf says so (before: "no
+    such folder") and leaves nothing."""
+    from blocktune_export.exports import EXPORTS
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for fmt in EXPORTS:
+        r = bt("export", prepared / "store", afile, "--format", fmt)
+        assert r.returncode == 2 and f"{afile} is a file; an export ({fmt}) is a folder" in r.stderr, (fmt, r.stderr)
+        assert afile.read_text() == "x" and "Traceback" not in r.stderr
+    (tmp_path / "empty.gguf").touch()
+    (tmp_path / "text.gguf").write_text("not a model")
+    for name, said in (("empty.gguf", "it is empty"), ("text.gguf", "it starts with b'not ', not GGUF's magic b'GGUF'")):
+        r = bt("prepare", tmp_path / name, tmp_path / "st")
+        assert r.returncode == 2 and f"{tmp_path / name} is not a GGUF file ({said})" in r.stderr, r.stderr
+        assert "no such folder" not in r.stderr and not (tmp_path / "st").exists()

@@ -180,3 +180,91 @@ def test_a_kill_between_the_store_claim_and_the_run_folder(prepared, tmp_path):
     _run(_ft(prepared, tmp_path / "s2", tmp_path / "new", 1))
     with BlockStore.open(tmp_path / "s2") as s:
         assert s.run_record()["id"] == _run_id(tmp_path / "new") and s.step == 1
+
+
+def test_a_full_resume_with_other_steps_says_the_schedule_changed(prepared, tmp_path):
+    """As a LoRA resume does (#28 item 1): before the fix the store's resume rewrote config.toml
+    before the note read it, and a full run said nothing."""
+    store, out = _store(prepared, tmp_path / "s"), tmp_path / "run"
+    _run(_ft(prepared, store, out, 2))
+    r = _run(_ft(prepared, store, out, 4, "--resume"))
+    note = [line for line in r.stderr.splitlines() if line.startswith("note: resuming")]
+    print(note)
+    assert len(note) == 1 and "steps 2 -> 4" in note[0] and "schedule" in note[0]
+    assert tomllib.loads((out / "config.toml").read_text())["steps"] == 4
+    assert [row["step"] for row in _rows(out)] == [1, 2, 3, 4]
+
+
+def _tree(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_a_refused_run_leaves_no_run_folder_behind(prepared, tmp_path):
+    """A run refused before its first step leaves nothing that was not there (#28): before the fix
+    each case left its run folder holding .lock/ (runs/<date-time>/ without --out). A folder that
+    was there stays, as it was."""
+    store = _store(prepared, tmp_path / "s")
+    _run(_ft(prepared, store, tmp_path / "owner", 1))  # the store now holds that run's tuned weights
+    (tmp_path / "rows.csv").write_text("prompt,response\nhi,there\n")
+    (tmp_path / "obj.json").write_text('{"prompt": "hi", "response": "there"}')
+    (tmp_path / "keys.jsonl").write_text('{"question": "hi", "answer": "there"}\n')
+    text = str(prepared / "text.txt")
+    cases = {  # what refuses it: (the command's extra arguments, what the message names)
+        "a resume on another run's store": ((text, "--resume"), "Nothing was written to"),
+        "a store another run tuned": ((text,), "--start-from base"),
+        "a .csv": ((tmp_path / "rows.csv",), "rows.csv"),
+        "a JSON object": ((tmp_path / "obj.json",), "obj.json"),
+        "unknown keys": ((tmp_path / "keys.jsonl",), "keys.jsonl"),
+        "a missing file": ((tmp_path / "nothing.txt",), "nothing.txt"),
+        "--adapter on a full run": ((text, "--adapter", tmp_path / "a.safetensors"), "--method lora"),
+    }
+    for i, (case, ((data, *extra), said)) in enumerate(cases.items()):
+        out = tmp_path / "new" / f"run{i}"
+        cmd = _ft(prepared, store, out, 2, *map(str, extra))
+        cmd[cmd.index("--data") + 1] = str(data)
+        r = _run(cmd, code=2)
+        assert said in r.stderr, (case, r.stderr[-500:])
+        assert not (tmp_path / "new").exists(), (case, _tree(tmp_path / "new"))
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    cmd = _ft(prepared, store, kept, 2, "--resume")
+    _run(cmd, code=2)
+    assert _tree(kept) == ["notes.txt"]  # the folder stays, and no .lock/ in it
+    # without --out: runs/<date-time>/ under the working directory, and runs/ itself
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    cmd = _ft(prepared, store, "x", 2)
+    del cmd[cmd.index("--out"):cmd.index("--out") + 2]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    assert r.returncode == 2 and "run folder: runs/" in r.stderr, r.stderr[-500:]
+    assert _tree(cwd) == []
+
+
+def test_lora_on_a_tuned_store_says_which_weights_and_honours_start_from(prepared, tmp_path):
+    """On a store holding a full run's tuned weights (base kept), a LoRA run says which weights it
+    adapts; --start-from base adapts the kept base (before the fix: ignored, the tuned weights, in
+    silence). --start-from tuned where no run tuned the store is refused, for both methods (the
+    likely cause is the wrong --store: stopping costs less than a run on weights not meant)."""
+    store = _store(prepared, tmp_path / "s")
+    fresh = _store(prepared, tmp_path / "fresh")
+    _run(_ft(prepared, store, tmp_path / "full", 1))
+    base_loss = _rows(tmp_path / "full")[0]["loss"]  # the first step's loss is the base model's
+
+    def lora(out, on=store, *extra, code=0):
+        return _run(_ft(prepared, on, tmp_path / out, 1, "--method", "lora", *extra), code=code)
+
+    tuned = lora("tuned")
+    said = [line for line in tuned.stderr.splitlines() if line.startswith("LoRA adapts")]
+    print(said)
+    assert said == [f"LoRA adapts the tuned weights of run {_run_id(tmp_path / 'full')} ({(tmp_path / 'full').resolve()}) "
+                    "(store step 1); --start-from base adapts the kept base model instead"]
+    assert _rows(tmp_path / "tuned")[0]["loss"] < base_loss
+    based = lora("based", store, "--start-from", "base")
+    assert "LoRA adapts the base model kept at step 0 (--start-from base)" in based.stderr
+    assert _rows(tmp_path / "based")[0]["loss"] == pytest.approx(base_loss, rel=1e-5)
+    assert "LoRA adapts" not in lora("plain", fresh).stderr  # one set of weights: nothing to say
+    for method in ("lora", "full"):
+        r = _run(_ft(prepared, fresh, tmp_path / f"t-{method}", 1, "--method", method, "--start-from", "tuned"), code=2)
+        assert "--start-from tuned, but no full fine-tune has tuned this store" in r.stderr, r.stderr[-500:]
+        assert not (tmp_path / f"t-{method}").exists()

@@ -23,13 +23,12 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     from .meta import import_meta, open_tokenizer_model, read_params
 
     src = Path(a.src)
-    if Path(a.dst).exists() and not Path(a.dst).is_dir():
-        raise ConfigError(f"prepare: {a.dst} is a file; a store is a folder: give the path of a new (or empty) "
-                          "folder for it")
+    _new_folder(a.dst, "a store")
     dtype = parse_dtype(a.dtype) if a.dtype else None
     is_hf = (src / "config.json").is_file() and not (src / "params.json").is_file()
     t0 = time.perf_counter()
-    if src.is_file() and _is_gguf(src):
+    if src.is_file():  # a GGUF file, or nothing prepare reads
+        _check_gguf(src)
         from .gguf_read import import_gguf, read_gguf
 
         model = read_gguf(src)
@@ -62,9 +61,22 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     return 0
 
 
-def _is_gguf(path: Path) -> bool:
+def _new_folder(dst: str, what: str) -> None:
+    """Refuse a destination that is a file: `what` is written as a folder there."""
+    if Path(dst).exists() and not Path(dst).is_dir():
+        raise ConfigError(f"{dst} is a file; {what} is a folder: give the path of a new (or empty) "
+                          "folder for it")
+
+
+def _check_gguf(path: Path) -> None:
+    """Refuse a file that is not GGUF (the only file prepare reads), saying what it starts with."""
     with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+        magic = f.read(4)
+    if magic != b"GGUF":
+        what = "it is empty" if not magic else f"it starts with {magic!r}, not GGUF's magic b'GGUF'"
+        raise ConfigError(f"{path} is not a GGUF file ({what}); prepare reads a .gguf file (llama.cpp, "
+                          "Ollama) or a folder in Meta's (params.json) or Hugging Face's (config.json) layout: "
+                          "download the file again, or give the model's folder")
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -72,6 +84,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     from blocktune.machine.devices import parse_dtype
     from blocktune.store.store import BlockStore
 
+    _new_folder(a.out, f"an export{' (' + a.format + ')' if a.format else ''}")
     store = BlockStore.open_base(a.store) if a.base else BlockStore.open(a.store)
     adapter = load_adapter(a.adapter, store.args) if a.adapter else None
     dtype = parse_dtype(a.dtype)

@@ -110,11 +110,26 @@ _WORDS = {"dim": "hidden size", "n_layers": "layers", "n_heads": "attention head
           "tie_embeddings": "embeddings tied to the output"}
 
 
+def _in_use(model: dict) -> dict:
+    """A fingerprint with the values the model uses where a field is unset: as many key/value
+    heads as attention heads, a head size of dim / n_heads."""
+    out = dict(model)
+    if out.get("n_kv_heads") is None:
+        out["n_kv_heads"] = out.get("n_heads")
+    if out.get("explicit_head_dim") is None and out.get("dim") and out.get("n_heads"):
+        out["explicit_head_dim"] = out["dim"] // out["n_heads"]
+    return out
+
+
 def _differences(adapter: dict, store: dict) -> str:
-    """'hidden size: the adapter's 64, the store's 128; ...' (None: not set, which the words say)."""
+    """'hidden size: the adapter's 64, the store's 128; ...', in the values the models use (None
+    where a field left unset has no value to use: which the words say)."""
     def word(v):
         return "none" if v is None else "no" if v is False else "yes" if v is True else v
 
+    used = _in_use(adapter), _in_use(store)
+    if any(used[0].get(k) != used[1].get(k) for k in _WORDS):  # else only how the fields were written differs
+        adapter, store = used
     keys = [k for k in _WORDS if adapter.get(k) != store.get(k)]
     return "; ".join(f"{_WORDS[k]}: the adapter's {word(adapter.get(k))}, the store's {word(store.get(k))}"
                      for k in keys)

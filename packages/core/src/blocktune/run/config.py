@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from blocktune.paging.budgets import Budgets
 
 __all__ = ["RunConfig", "SECTIONS", "MACHINE", "FIELDS", "typed", "toml_value", "with_checksum", "config_line",
-           "lr_at", "check_out", "with_adapter_lora", "schedule_notes", "steps_of_epochs", "default_out"]
+           "lr_at", "check_out", "with_adapter_lora", "schedule_notes", "recorded_config", "steps_of_epochs", "default_out"]
 
 Budget: TypeAlias = "int | str | None"  # bytes, None (no limit) or AUTO (worked out at the start)
 
@@ -126,9 +126,9 @@ class RunConfig:
     in_place: bool = _setting(False, METHOD, "full: the fine-tuned weights replace the base model's files "
                               "(default: the base is kept beside them, `--base` reads it; this needs a second "
                               "copy's disk space)")
-    start_from: str = _setting("", METHOD, "full, on a store another run tuned: from its kept base model (the "
-                               "tuned weights are dropped), or from the tuned weights on purpose (default: refuse, "
-                               "and say so)", choices=("", "base", "tuned"))
+    start_from: str = _setting("", METHOD, "on a store a full run tuned: from its kept base model (full: the "
+                               "tuned weights are dropped), or from the tuned weights on purpose (default: full "
+                               "refuses, lora adapts the tuned weights; each says so)", choices=("", "base", "tuned"))
     # full: set at the start; the store's manifest names the run that owns it so
     run_id: str = _setting("", RUN, flag=False)
     adapter: str = _setting("", LORA, "continue from this adapter (blocktune's adapter.safetensors or a PEFT "
@@ -336,10 +336,12 @@ def config_line(cfg: RunConfig, budgets: Budgets, arithmetic: Path) -> str:
 
 def _steps_or_epochs(file: dict[str, Any], line: dict[str, Any], path: str | Path | None) -> None:
     """A run's length is steps or epochs: both in one place (the command line, or the file) is
-    refused; the command line's steps win over the file's epochs (its epochs over the file's
+    refused (but in a run folder's config.toml, which records the epochs asked and the steps they
+    came to); the command line's steps win over the file's epochs (its epochs over the file's
     steps need nothing: epochs, where set, decide)."""
+    recorded = path is not None and CHECKSUM in Path(path).read_text()  # read already: it exists
     for layer, where in ((line, "the command line"), (file, str(path))):
-        if layer.get("epochs") and "steps" in layer:
+        if layer.get("epochs") and "steps" in layer and not (layer is file and recorded):
             raise ConfigError(f"{where} gives both steps={layer['steps']!r} and epochs={layer['epochs']!r}: "
                               "give one (with epochs the steps follow from the data)")
     if "steps" in line:
@@ -354,7 +356,7 @@ def steps_of_epochs(cfg: RunConfig, examples: int, ranks: int) -> tuple[RunConfi
         return cfg, None
     per_step = cfg.batch_size * cfg.grad_accum * ranks
     steps = max(1, math.ceil(cfg.epochs * examples / per_step))
-    return dataclasses.replace(cfg, steps=steps, epochs=0.0), (
+    return dataclasses.replace(cfg, steps=steps), (  # config.toml records both: a resume reads the epochs
         f"epochs {cfg.epochs:g}: {steps} steps ({examples} training examples, {per_step} per step: batch_size "
         f"{cfg.batch_size} x grad_accum {cfg.grad_accum} x {ranks} rank(s))")
 
@@ -425,16 +427,18 @@ def with_adapter_lora(cfg: RunConfig, lora: LoraConfig, adapter: str) -> tuple[R
                  f"{list(lora.targets)} (the adapter's own)")
 
 
-def schedule_notes(cfg: RunConfig, start: int) -> list[str]:
-    """What a resume at step `start` changes in the run's schedule: settings of the learning rate
-    that differ from those the run folder's config.toml recorded (--steps reshapes the cosine)."""
-    path = Path(cfg.out) / "config.toml"
-    if not path.is_file():
-        return []
+def recorded_config(out: str | Path) -> dict[str, Any]:
+    """The settings the run folder's config.toml recorded ({} where it has none it can read)."""
     try:
-        saved = tomllib.loads(path.read_text())
+        return tomllib.loads((Path(out) / "config.toml").read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return []
+        return {}
+
+
+def schedule_notes(cfg: RunConfig, start: int, saved: dict[str, Any]) -> list[str]:
+    """What a resume at step `start` changes in the run's schedule: settings of the learning rate
+    that differ from those the run folder's config.toml recorded before the resume (`saved`, from
+    `recorded_config`: --steps reshapes the cosine)."""
     keys = ("steps", "lr", "warmup_steps", "min_lr_ratio")
     changed = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in keys if k in saved and saved[k] != getattr(cfg, k)]
     if not changed:

@@ -101,7 +101,10 @@ class RowEncoder:
         self.shapes[row.shape] += 1
         row = self._bounded(row)
         if row.messages is not None:
-            ids, trained = self.chat(row.where).tokens(row.messages)
+            try:
+                ids, trained = self.chat(row.where).tokens(row.messages)
+            except DataError as exc:  # the format's refusal of this conversation: which row
+                raise DataError(f"{row.where}: {exc}") from None
             if not any(trained):
                 raise DataError(f"{row.where}: the conversation has no assistant turn to train on")
         elif row.prompt is not None:

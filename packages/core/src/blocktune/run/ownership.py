@@ -11,9 +11,10 @@ import time
 import tomllib
 from pathlib import Path
 
+from blocktune.errors import ConfigError
 from blocktune.store.store import BlockStore
 
-__all__ = ["new_run_id", "recorded_run_id", "describe", "start_refusal", "resume_verdict"]
+__all__ = ["new_run_id", "recorded_run_id", "describe", "start_refusal", "resume_verdict", "lora_weights"]
 
 
 def new_run_id() -> str:
@@ -44,6 +45,10 @@ def start_refusal(store: BlockStore, start_from: str) -> str | None:
     """Why a new full run may not start on `store` as asked, or None. A store whose weights
     another run tuned is not trained on silently: --start-from says how."""
     tuned = store.holds_tuned()
+    if start_from == "tuned" and not tuned:  # most likely the wrong --store (a fresh copy, say)
+        return (f"{store.path}: --start-from tuned, but no full fine-tune has tuned this store (its weights "
+                f"are the model as prepared, step {store.step}); give the store a full run tuned, or leave "
+                "--start-from out to train these weights")
     if start_from == "base" and tuned and not store.keeps_base:
         return (f"{store.path}: --start-from base, but no base model is kept (it was tuned with "
                 "--in-place); --start-from tuned continues its weights, or prepare the store again")
@@ -81,3 +86,21 @@ def resume_verdict(store: BlockStore, out: Path, mine: str | None) -> tuple[str,
         f"({'run ' + mine if mine else 'no run id recorded there'}); resume that run with --out "
         f"{run.get('out')}, or start a new run in a new --out (--start-from says from which weights). "
         f"Nothing was written to {out} or the store")
+
+
+def lora_weights(store: BlockStore, start_from: str) -> tuple[bool, str | None]:
+    """Which weights a LoRA run on `store` adapts: (whether the kept base model, the line that says
+    so where a full run tuned the store). A LoRA run never changes the store, so it needs no claim:
+    by default it adapts the tuned weights; --start-from base, the kept base (`BlockStore.open_base`).
+    --start-from that asks for weights the store does not hold is refused (`start_refusal`)."""
+    refusal = start_refusal(store, start_from) if start_from else None
+    if refusal:
+        raise ConfigError(refusal)
+    if not store.holds_tuned():
+        return False, None  # the store's weights are its base: there is one choice
+    tuned = f"the tuned weights of {describe(store.run_record())} (store step {store.step})"
+    if start_from == "base":
+        return True, (f"LoRA adapts the base model kept at step {store.manifest['base']['step']} "
+                      f"(--start-from base), not {tuned}")
+    other = "; --start-from base adapts the kept base model instead" if store.keeps_base and not start_from else ""
+    return False, f"LoRA adapts {tuned}{other}"

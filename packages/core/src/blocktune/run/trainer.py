@@ -31,16 +31,18 @@ from blocktune.run.config import (
     config_line,
     default_out,
     lr_at,
+    recorded_config,
     schedule_notes,
     steps_of_epochs,
     with_adapter_lora,
 )
 from blocktune.run.data import load_dataset
+from blocktune.run.folder import RunFolder
 from blocktune.run.generate import SamplingConfig, generate_tokens
+from blocktune.run.ownership import lora_weights
 from blocktune.run.record import RunRecord
 from blocktune.run.report import read_metrics
 from blocktune.store.fileio import readable_size
-from blocktune.store.lock import WriterLock
 from blocktune.store.store import BlockStore
 
 __all__ = ["Trainer"]
@@ -62,9 +64,19 @@ class Trainer:
         # a full fine-tune writes the store: the writer lock first (a clear error if another
         # process has it); anything else reads the step it opened, pinned against collection
         self.store = BlockStore.open(_rank_store(cfg, self.dist), writer=cfg.method == "full")
+        if cfg.method == "lora":  # on a store a full run tuned: those weights, or the base kept beside them
+            self.store = self._adapted(self.store, cfg.start_from)
         # then one live run per run folder (its writer, rank 0, holds the lock): a second run, a
         # --resume beside a live one say, stops here with the holder's name
-        self.run_lock = WriterLock.acquire_run(self.out) if self.dist.is_main else None
+        self.folder = RunFolder.claim(self.out) if self.dist.is_main else None
+        try:
+            self._prepare(cfg)
+        except BaseException:
+            self._refused()
+            raise
+
+    def _prepare(self, cfg: RunConfig) -> None:
+        """The tokenizer, the data, the engine and the checkpoint of the run `cfg` describes."""
         # dropout is a training setting, not a property of the stored weights
         self.args = self.store.args.with_dropout(cfg.dropout) if cfg.dropout else self.store.args
         self.tok = load_tokenizer(self.store)
@@ -86,12 +98,32 @@ class Trainer:
         if said:  # from here on the run is its steps (config.toml records them)
             self.log(said)
             self.cfg = cfg
-        ecfg = dataclasses.replace(cfg.engine_config(), device=str(device))
+        ecfg = dataclasses.replace(cfg.engine_config(), device=str(self.device))
         self.engine = Engine(self.store, ecfg, adapters=start_adapters, dist=self.dist, args=self.args)
         self.checkpoint: LoraCheckpoint | StoreCheckpoint = (
             LoraCheckpoint(self.out, self.engine, self.dist, cfg.lora(), self.store.args, cfg.to_toml(absolute=True),
                            cfg.keep_adapters)
-            if cfg.method == "lora" else StoreCheckpoint(self.out, self.store, self.dist, device, cfg))
+            if cfg.method == "lora" else StoreCheckpoint(self.out, self.store, self.dist, self.device, cfg))
+
+    def _adapted(self, store: BlockStore, start_from: str) -> BlockStore:
+        """The weights a LoRA run adapts (`lora_weights`): `store`'s, or its kept base."""
+        try:
+            from_base, said = lora_weights(store, start_from)
+        except ConfigError:
+            store.close()
+            raise
+        if said:
+            self.log(said)
+        if not from_base:
+            return store
+        store.close()
+        return BlockStore.open_base(store.path)
+
+    def _refused(self) -> None:
+        """A run stopped before its first step leaves no run folder it made (`RunFolder.refused`)."""
+        if self.folder is not None:
+            self.folder.refused()
+            self.folder = None
 
     # ---- evaluation ----
     def validate(self) -> float | None:
@@ -176,12 +208,17 @@ class Trainer:
     # ---- the loop ----
     def run(self, resume: bool = False) -> list[dict]:
         cfg = self.cfg
-        self._announce(resume)
-        if cfg.method == "full":
-            start = self._start_full(resume)
-        else:
-            start = self.checkpoint.resume() if resume else 0
-        for note in schedule_notes(cfg, start) if resume else []:
+        saved = recorded_config(self.out) if resume else {}  # read before a resume writes it again
+        try:
+            self._announce(resume)
+            if cfg.method == "full":
+                start = self._start_full(resume)
+            else:
+                start = self.checkpoint.resume() if resume else 0
+        except BaseException:
+            self._refused()
+            raise
+        for note in schedule_notes(cfg, start, saved) if resume else []:
             self.log(note)
         self._keep_arithmetic()
         self._announce_stage()
@@ -309,8 +346,8 @@ class Trainer:
         self.engine.close()
         self.store.close()
         self.dist.close()
-        if self.run_lock is not None:
-            self.run_lock.release()
+        if self.folder is not None:
+            self.folder.release()
 
 
 def _rank_store(cfg: RunConfig, dist: DistContext) -> str:
