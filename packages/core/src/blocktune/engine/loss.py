@@ -32,8 +32,9 @@ def chunked_cross_entropy(
         t = flat_t[s:s + chunk]
         if not bool((t != IGNORE_INDEX).any()):  # note: a host sync; skips masked chunks
             continue
-        logits = head(flat_h[s:s + chunk]).float()
-        loss = F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum") / denom
+        # the logits are not named: nothing saves them, so they go once their log-softmax is made
+        loss = F.cross_entropy(head(flat_h[s:s + chunk]).float(), t, ignore_index=IGNORE_INDEX,
+                               reduction="sum") / denom
         if backward:
             loss.backward()
         total += loss.detach()

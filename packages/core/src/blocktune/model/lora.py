@@ -48,10 +48,50 @@ class LoraLinear(Linear):
         a, b = self.lora_a, self.lora_b
         if a.dtype != x.dtype:
             return y + (F.linear(F.linear(self.lora_dropout(x).to(a.dtype), a), b) * self.scale).to(y.dtype)
+        if x.device.type == "cpu" and torch.is_grad_enabled():
+            p = self.lora_dropout.p if self.lora_dropout.training else 0.0
+            return y + _LoraTerm.apply(x, a, b, self.scale, p)
         return y + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.add_delta(x, super().forward(x))
+
+
+class _LoraTerm(torch.autograd.Function):
+    """s·(drop(x)Aᵀ)Bᵀ on the CPU, with autograd's arithmetic (bit for bit) but less kept for
+    the backward. torch's CPU dropout multiplies by an fp32 noise tensor and autograd keeps it
+    and the dropped input (2 x 4 bytes per element of x, per adapter); this keeps x, which the
+    adapters of wq, wk and wv share, and the mask as bools, and remakes the rest in the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, p: float) -> torch.Tensor:
+        mask = None
+        xd = x
+        if p > 0:  # torch's CPU dropout: x * (bernoulli(1 - p) / (1 - p)), the same draws
+            noise = torch.empty_like(x).bernoulli_(1 - p)
+            mask = noise.to(torch.bool)
+            xd = x * noise.div_(1 - p)
+        h = F.linear(xd, a)
+        ctx.save_for_backward(x, mask, a, b, h)
+        ctx.scale, ctx.p = scale, p
+        return F.linear(h, b) * scale
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, mask, a, b, h = ctx.saved_tensors
+        noise = None if mask is None else mask.to(x.dtype).div_(1 - ctx.p)
+        xd = x if noise is None else x * noise
+        g = (g * ctx.scale).reshape(-1, g.shape[-1])  # the same products as the graph's MmBackwards
+        h2 = h.reshape(-1, h.shape[-1])
+        gh = g.mm(b)
+        gb = g.t().mm(h2) if ctx.needs_input_grad[2] else None
+        ga = gh.t().mm(xd.reshape(-1, xd.shape[-1])) if ctx.needs_input_grad[1] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = gh.mm(a).view(x.shape)
+            if noise is not None:
+                gx = gx * noise
+        return gx, ga, gb, None, None
 
 
 def add_lora(module: nn.Module, lora: LoraConfig) -> nn.Module:
