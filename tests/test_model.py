@@ -169,3 +169,59 @@ def test_top_k_and_top_p_sampling():
     # temperature: 0.5 sharpens towards the top token
     hot = draws(SamplingConfig(temperature=0.5))
     assert abs(hot[3] - torch.softmax(logits / 0.5, -1)[0, 3]) < 0.03
+
+
+def _plain_swiglu(self, x):  # autograd's own graph of the SwiGLU, as the spec once wrote it
+    import torch.nn.functional as F
+
+    return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def _plain_lora(self, x, y):  # autograd's own graph of the LoRA term, as peft writes it
+    import torch.nn.functional as F
+
+    return y + F.linear(F.linear(self.lora_dropout(x), self.lora_a), self.lora_b) * self.scale
+
+
+@pytest.mark.parametrize("lora", [None, LoraConfig(rank=4, dropout=0.1)])
+def test_a_kept_block_saves_less_with_the_same_gradients(lora, tiny_args, monkeypatch):
+    """The SwiGLU and the LoRA term keep less for the backward than autograd's graph of the same
+    arithmetic (silu's output; dropout's fp32 noise and the dropped inputs), and give its output
+    and every gradient bit for bit, summed in the same order."""
+    import dataclasses
+
+    from blocktune.model.llama import FeedForward
+    from blocktune.model.lora import LoraLinear, add_lora
+
+    args = dataclasses.replace(tiny_args, resid_dropout=0.1, attn_dropout=0.1)
+    torch.manual_seed(0)
+    block = Block(args) if lora is None else add_lora(Block(args), lora)
+    block.train()
+    for name, p in block.named_parameters():
+        torch.nn.init.normal_(p, std=0.05)  # LoRA B starts at zero: give the adapters a real gradient path
+        p.requires_grad_(lora is None or ".lora_" in name)
+    x, g = torch.randn(2, 9, args.dim), torch.randn(2, 9, args.dim)
+
+    def run():
+        block.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        saved = []
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = block(xi)
+        out.backward(g)
+        weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+        acts = {t.untyped_storage().data_ptr(): t for t in saved if t.untyped_storage().data_ptr() not in weights}
+        return ([out.detach(), xi.grad] + [p.grad for p in block.parameters() if p.grad is not None],
+                sum(t.untyped_storage().nbytes() for t in acts.values()))
+
+    mine, kept = run()
+    monkeypatch.setattr(FeedForward, "forward", _plain_swiglu)
+    monkeypatch.setattr(LoraLinear, "add_delta", _plain_lora)
+    plain, plain_kept = run()
+    assert len(mine) == len(plain) > 2
+    assert all(torch.equal(a, b) for a, b in zip(mine, plain))
+    silu_out = x.shape[0] * x.shape[1] * args.hidden_dim * 4  # fp32
+    assert plain_kept - kept >= silu_out, (kept, plain_kept)
+    if lora is not None:  # the noise and dropped inputs of 4 adapters, less a bool mask each
+        assert kept < 0.75 * plain_kept, (kept, plain_kept)

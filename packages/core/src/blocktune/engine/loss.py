@@ -33,11 +33,36 @@ def chunked_cross_entropy(
         if not bool((t != IGNORE_INDEX).any()):  # note: a host sync; skips masked chunks
             continue
         logits = head(flat_h[s:s + chunk]).float()
+        if logits.device.type == "cpu":
+            total += _chunk_loss_in_place(logits, t, denom, backward)
+            continue
         loss = F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum") / denom
+        del logits  # nothing saves them: they go once their log-softmax is made
         if backward:
             loss.backward()
         total += loss.detach()
     return total
+
+
+def _chunk_loss_in_place(logits: torch.Tensor, t: torch.Tensor, denom: int, backward: bool) -> torch.Tensor:
+    """F.cross_entropy(logits, t, reduction="sum") / denom and, with `backward`, its backward
+    from `logits` on: the kernels autograd runs, bit for bit, but the log-softmax is written over
+    the logits and its gradient over the loss's, so a chunk holds two (chunk x vocab) buffers,
+    not four (0.4 GB of SmolLM2's 49k vocabulary at 1,024 positions). On the CPU, whose kernels
+    finish reading a row before writing it."""
+    with torch.no_grad():
+        lsm = logits.detach()  # nothing saves the logits (a linear saves its input): free to overwrite
+        torch._log_softmax(lsm, -1, False, out=lsm)
+        loss, total_weight = torch.ops.aten.nll_loss_forward(lsm, t, None, 2, IGNORE_INDEX)  # 2: sum
+        loss = loss / denom
+        if not backward:
+            return loss
+        grad = torch.ops.aten.nll_loss_backward(torch.ones((), device=lsm.device) / denom, lsm, t, None, 2,
+                                                IGNORE_INDEX, total_weight)
+        torch._log_softmax_backward_data(grad, lsm, -1, lsm.dtype, out=grad)
+        del lsm
+    logits.backward(grad)
+    return loss
 
 
 def check_window(args: ModelArgs, length: int) -> None:

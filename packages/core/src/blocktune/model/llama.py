@@ -207,7 +207,25 @@ class FeedForward(nn.Module):
         self.w3 = Linear(args.dim, h, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+        return self.w2(_SwiGLU.apply(self.w1(x), self.w3(x)))
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(a)·b with autograd's arithmetic (bit for bit), keeping a and b for the backward but
+    not silu(a), which the backward remakes: autograd's silu and product would keep all three
+    (a third of a kept block's activations)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        a, b = ctx.saved_tensors
+        gb = g * F.silu(a) if ctx.needs_input_grad[1] else None
+        ga = torch.ops.aten.silu_backward(g * b, a) if ctx.needs_input_grad[0] else None
+        return ga, gb
 
 
 class Block(nn.Module):

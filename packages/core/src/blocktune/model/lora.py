@@ -49,10 +49,59 @@ class LoraLinear(Linear):
         a, b = self.lora_a, self.lora_b
         if a.dtype != x.dtype:
             return y + (F.linear(F.linear(self.lora_dropout(x).to(a.dtype), a), b) * self.scale).to(y.dtype)
+        if x.device.type == "cpu" and torch.is_grad_enabled():
+            p = self.lora_dropout.p if self.lora_dropout.training else 0.0
+            return y + _LoraTerm.apply(x, a, b, self.scale, p)
         return y + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.add_delta(x, super().forward(x))
+
+
+class _LoraTerm(torch.autograd.Function):
+    """s·(drop(x)Aᵀ)Bᵀ on the CPU, with autograd's arithmetic (bit for bit) but less kept for
+    the backward. torch's CPU dropout multiplies by an fp32 noise tensor and autograd keeps it
+    and the dropped input (2 x 4 bytes per element of x, per adapter); this keeps x, which the
+    adapters of wq, wk and wv share, and the generator's state the noise was drawn from, and
+    draws it again in the backward (its temporaries allocated between kept tensors had also
+    left the heap a hole per adapter that the next block could not reuse)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, p: float) -> torch.Tensor:
+        ctx.scale, ctx.p, ctx.rng = scale, p, None
+        xd = x
+        if p > 0:  # torch's CPU dropout: x * (bernoulli(1 - p) / (1 - p)), the same draws
+            ctx.rng = torch.default_generator.get_state()
+            xd = _noise(x, p, None).mul_(x)
+        h = F.linear(xd, a)
+        del xd
+        ctx.save_for_backward(x, a, b, h)
+        return F.linear(h, b).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, a, b, h = ctx.saved_tensors
+        noise = None
+        if ctx.rng is not None:
+            noise = _noise(x, ctx.p, torch.Generator().set_state(ctx.rng))
+        g = (g * ctx.scale).reshape(-1, g.shape[-1])  # the same products as the graph's MmBackwards
+        gh = g.mm(b)
+        gb = g.t().mm(h.reshape(-1, h.shape[-1])) if ctx.needs_input_grad[2] else None
+        ga = None
+        if ctx.needs_input_grad[1]:
+            xd = x if noise is None else x * noise
+            ga = gh.t().mm(xd.reshape(-1, xd.shape[-1]))
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = gh.mm(a).view(x.shape)
+            if noise is not None:
+                gx = gx.mul_(noise)
+        return gx, ga, gb, None, None
+
+
+def _noise(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """torch's CPU dropout noise for x: bernoulli(1 - p) / (1 - p), from `generator` (the default one if None)."""
+    return torch.empty_like(x).bernoulli_(1 - p, generator=generator).div_(1 - p)
 
 
 def add_lora(module: nn.Module, lora: LoraConfig) -> nn.Module:
