@@ -147,19 +147,40 @@ def _profiles(work: Path, store: Path, sh: Shape) -> list[dict]:
     return out
 
 
-def _tracking(work: Path, store: Path, train: Path, sh: Shape) -> list[dict]:
+def tracking_rows(tracking: list[dict]) -> list[str]:
+    """The tracking table: blocktune's bf16-against-fp32 deviation beside transformers'."""
+    return ["| method | lr | worst step | last ten's mean | transformers: worst step | last ten's mean | within |",
+            "| --- | --- | ---: | ---: | ---: | ---: | --- |"] + [
+        f"| {t['method']} | {t['lr']} | {t['worst_rel']:.2e} | {t['last_mean_rel']:.2e} | "
+        f"{t['transformers']['worst_rel']:.2e} | {t['transformers']['last_mean_rel']:.2e} | "
+        f"{'yes' if t['within'] else 'NO'} |" for t in tracking]
+
+
+def _deviation(losses: dict[str, list[float]]) -> dict:
+    """bf16's losses against fp32's: the worst step's relative difference, the last ten's mean's."""
+    a, b = losses["fp32"], losses["bf16"]
+    last = min(10, len(a))
+    return {"worst_rel": max(abs(y - x) / x for x, y in zip(a, b)),
+            "last_mean_rel": abs(statistics.mean(b[-last:]) - statistics.mean(a[-last:])) / statistics.mean(a[-last:])}
+
+
+def _tracking(work: Path, gguf: Path, store: Path, train: Path, sh: Shape) -> list[dict]:
     """A LoRA and a full run of `sh.track` steps in bf16 and in fp32 from the same start on the
-    same batches: bf16's losses against fp32's."""
+    same batches: bf16's losses against fp32's; beside them transformers' own pair (its batches,
+    the same learning rate; LoRA on bf16 weights, full under autocast), what bf16 does there.
+    Within: blocktune's bf16 inside TRACK_TOL / TRACK_TOL_LAST, or no further from its fp32 than
+    transformers' bf16 is from its own."""
     out = []
     for method in ("lora", "full"):
         losses = {dt: _finetune(work, store, train, f"track-{method}-{dt}", method, sh.track, sh, "--compute-dtype",
                                 dt, "--lr", TRACK_LR[method])["losses"] for dt in DTYPES}
-        a, b = losses["fp32"], losses["bf16"]
-        rel = [abs(y - x) / x for x, y in zip(a, b)]
-        last = min(10, len(a))
-        last_rel = abs(statistics.mean(b[-last:]) - statistics.mean(a[-last:])) / statistics.mean(a[-last:])
-        out.append({"method": method, "lr": TRACK_LR[method], "losses": losses, "worst_rel": max(rel),
-                    "last_mean_rel": last_rel, "within": max(rel) <= TRACK_TOL and last_rel <= TRACK_TOL_LAST})
+        hf = {dt: json.loads(_probe("hf_step", str(gguf), str(train), method, str(sh.batch), str(sh.seq), str(sh.track),
+                                    dt, TRACK_LR[method]).stdout.strip().splitlines()[-1])["losses"] for dt in DTYPES}
+        mine, theirs = _deviation(losses), _deviation(hf)
+        within = ((mine["worst_rel"] <= TRACK_TOL and mine["last_mean_rel"] <= TRACK_TOL_LAST)
+                  or all(mine[k] <= theirs[k] for k in mine))
+        out.append({"method": method, "lr": TRACK_LR[method], "losses": losses, **mine, "transformers_losses": hf,
+                    "transformers": theirs, "within": within})
         print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -213,7 +234,7 @@ def group_real(work: Path, reps: int, small: bool = False) -> None:
     prep = _prepare(work, gguf, reps)
     runs = _steps(work, gguf, store, train, reps, sh)
     profiles = _profiles(work, store, sh)
-    tracking = _tracking(work, store, train, sh)
+    tracking = _tracking(work, gguf, store, train, sh)
     loss = _heldout(work, gguf, store, train, held, sh)
     data = {"machine": machine(), "shape": sh.__dict__, "matmul": ratio, "runs": runs, "profiles": profiles,
             "tracking": tracking, "prepare": prep, "heldout": loss}
@@ -257,10 +278,8 @@ def _table(gguf: Path, reps: int, sh: Shape, data: dict) -> list[str]:
                      f"{p['rusage']['system_s']:.2f} |")
     table += ["", f"bf16 against fp32, {sh.track} steps from the same start on the same batches (`--compute-dtype "
               f"bf16` / `fp32`, warm-up 0); tolerance: every step's loss within {TRACK_TOL:.0%} of fp32's and the "
-              f"last ten's mean within {TRACK_TOL_LAST:.0%}:", "",
-              "| method | lr | worst step | last ten's mean | within |", "| --- | --- | ---: | ---: | --- |"]
-    table += [f"| {t['method']} | {t['lr']} | {t['worst_rel']:.2e} | {t['last_mean_rel']:.2e} | "
-              f"{'yes' if t['within'] else 'NO'} |" for t in data["tracking"]]
+              f"last ten's mean within {TRACK_TOL_LAST:.0%}, or no further than transformers' own bf16 run from its "
+              "fp32 run (same learning rate; LoRA on bf16 weights, full under autocast):", "", *tracking_rows(data["tracking"])]
     loss, prep = data["heldout"], data["prepare"]
     table += ["", "`blocktune prepare` of the GGUF file (cold page cache), against gguf's own reader dequantizing "
               "every tensor (no writing: the floor) and cp of the file:", "",
