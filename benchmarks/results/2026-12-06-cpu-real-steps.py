@@ -6,20 +6,11 @@ from pathlib import Path
 
 import blocktune_bench.run_real as rr
 from blocktune_bench.common import machine, save
-from blocktune_bench.corpus import corpus_text
-from blocktune_bench.realmodel import smollm2_gguf
 
 rr.DTYPES = ("fp32",)
 work, reps = Path(sys.argv[1]), int(sys.argv[2])
-work.mkdir(parents=True, exist_ok=True)
-gguf = smollm2_gguf()
 sh = rr.Shape()
-text = corpus_text(300_000)
-train = work / "train.txt"
-train.write_text(text[:int(len(text) * 0.9)])
-store = work / "store"
-if not (store / "manifest.json").exists():
-    rr._blocktune("prepare", str(gguf), str(store))
+gguf, store, train, _ = rr.real_inputs(work)
 runs = rr._steps(work, gguf, store, train, reps, sh)
 m = machine()
 m["command"] = f"python real_steps.py (blocktune_bench.run_real._steps, fp32 only) {work} {reps}"

@@ -164,6 +164,22 @@ def _deviation(losses: dict[str, list[float]]) -> dict:
             "last_mean_rel": abs(statistics.mean(b[-last:]) - statistics.mean(a[-last:])) / statistics.mean(a[-last:])}
 
 
+def hf_losses(gguf: Path, train: Path, method: str, sh: Shape, dtype: str) -> list[float]:
+    """transformers' (+ peft's) losses over `sh.track` steps in `dtype`, at the tracking's learning rate."""
+    r = _probe("hf_step", str(gguf), str(train), method, str(sh.batch), str(sh.seq), str(sh.track), dtype,
+               TRACK_LR[method])
+    return json.loads(r.stdout.strip().splitlines()[-1])["losses"]
+
+
+def compared(method: str, losses: dict[str, list[float]], hf: dict[str, list[float]]) -> dict:
+    """One method's tracking: blocktune's deviation, transformers', and whether blocktune's is within."""
+    mine, theirs = _deviation(losses), _deviation(hf)
+    within = ((mine["worst_rel"] <= TRACK_TOL and mine["last_mean_rel"] <= TRACK_TOL_LAST)
+              or all(mine[k] <= theirs[k] for k in mine))
+    return {"method": method, "lr": TRACK_LR[method], "losses": losses, **mine, "transformers_losses": hf,
+            "transformers": theirs, "within": within}
+
+
 def _tracking(work: Path, gguf: Path, store: Path, train: Path, sh: Shape) -> list[dict]:
     """A LoRA and a full run of `sh.track` steps in bf16 and in fp32 from the same start on the
     same batches: bf16's losses against fp32's; beside them transformers' own pair (its batches,
@@ -174,13 +190,7 @@ def _tracking(work: Path, gguf: Path, store: Path, train: Path, sh: Shape) -> li
     for method in ("lora", "full"):
         losses = {dt: _finetune(work, store, train, f"track-{method}-{dt}", method, sh.track, sh, "--compute-dtype",
                                 dt, "--lr", TRACK_LR[method])["losses"] for dt in DTYPES}
-        hf = {dt: json.loads(_probe("hf_step", str(gguf), str(train), method, str(sh.batch), str(sh.seq), str(sh.track),
-                                    dt, TRACK_LR[method]).stdout.strip().splitlines()[-1])["losses"] for dt in DTYPES}
-        mine, theirs = _deviation(losses), _deviation(hf)
-        within = ((mine["worst_rel"] <= TRACK_TOL and mine["last_mean_rel"] <= TRACK_TOL_LAST)
-                  or all(mine[k] <= theirs[k] for k in mine))
-        out.append({"method": method, "lr": TRACK_LR[method], "losses": losses, **mine, "transformers_losses": hf,
-                    "transformers": theirs, "within": within})
+        out.append(compared(method, losses, {dt: hf_losses(gguf, train, method, sh, dt) for dt in DTYPES}))
         print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -215,11 +225,12 @@ def _heldout(work: Path, gguf: Path, store: Path, train: Path, held: Path, sh: S
     return {"before": before["loss"], "after": after["loss"], "windows": before["windows"]}
 
 
-def group_real(work: Path, reps: int, small: bool = False) -> None:
+def real_inputs(work: Path, small: bool = False) -> tuple[Path, Path, Path, Path]:
+    """The GGUF file, its prepared store in `work` (made once), the training text (90% of the
+    project's corpus) and the held-out text (from the other 10%)."""
     gguf = smollm2_gguf()
     if gguf is None:
         raise SystemExit(f"the real model is not in the cache: {HOW_TO_FETCH}")
-    sh = SMALL if small else Shape()
     work.mkdir(parents=True, exist_ok=True)
     text = corpus_text(300_000)
     cut = int(len(text) * 0.9)
@@ -229,6 +240,12 @@ def group_real(work: Path, reps: int, small: bool = False) -> None:
     store = work / "store"
     if not (store / "manifest.json").exists():
         _blocktune("prepare", str(gguf), str(store))
+    return gguf, store, train, held
+
+
+def group_real(work: Path, reps: int, small: bool = False) -> None:
+    sh = SMALL if small else Shape()
+    gguf, store, train, held = real_inputs(work, small)
     ratio = matmul_ratio()
     print(json.dumps(ratio), flush=True)
     prep = _prepare(work, gguf, reps)
