@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from blocktune import ModelArgs
+from blocktune.engine import loss as loss_module
 from blocktune.engine.loss import chunked_cross_entropy
 from blocktune.machine.devices import resolve_device
 from blocktune.model.llama import Head
@@ -37,7 +38,7 @@ def test_explicit_budgets_are_kept(monkeypatch):
 
 
 def test_auto_fits_the_room_and_says_why(monkeypatch):
-    work = working_set(ARGS, torch.float32, 1, 64, 8, 2048)
+    work = working_set(ARGS, torch.float32, 1, 64, 8, 2048, device_type="cpu")  # as _resolve's device
     for free in (842 * MiB, 2 << 30, 16 << 30):
         b = _resolve(monkeypatch, free)
         room = int(free * 0.9) - 192 * MiB
@@ -139,7 +140,7 @@ def test_auto_keeps_activations_where_memory_allows(monkeypatch):
     """`keep_activations auto` (the run's default): with room for every unit and every block's
     activations, all units resident and activations kept (no recompute); short of room, none kept
     and the log says the backward recomputes."""
-    work = working_set(ARGS, torch.float32, 1, 64, 8, 2048)
+    work = working_set(ARGS, torch.float32, 1, 64, 8, 2048, device_type="cpu")  # as _resolve's device
     units = (262 + 206 + 262) * MiB
     roomy = _resolve(monkeypatch, 16 << 30, keep_budget=AUTO)
     print("\n".join(roomy.notes))
@@ -168,12 +169,16 @@ def test_a_full_fine_tune_counts_its_fp32_state(monkeypatch):
 
 @pytest.mark.parametrize("dim,vocab,batch,seq,chunk", [(256, 8000, 2, 256, 128), (128, 32000, 1, 512, 512),
                                                        (512, 4000, 4, 128, 100)])
-def test_the_loss_term_holds_what_the_chunked_loss_makes(dim, vocab, batch, seq, chunk):
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_the_loss_term_holds_what_the_chunked_loss_makes(dim, vocab, batch, seq, chunk, device_type, monkeypatch):
     """working_set's "loss" against the bytes the chunked cross-entropy and its backward make,
-    alive at once (followed by their storages' lifetimes): four fp32 tensors of a chunk's logits
-    (logits, log-softmax, the gradients of both) and the head input's gradient, whole-size, with
-    one chunk's part of it. Counting three of a chunk's logits and nothing else fell short by
-    a third to a half."""
+    alive at once (followed by their storages' lifetimes): three fp32 tensors of a chunk's logits
+    (log-softmax and the gradients; two on the CPU, which writes them in place) with the head's
+    bf16 output, and the head input's gradient, whole-size, with one chunk's part of it. Counting
+    three of a chunk's logits and nothing else fell short by a third to a half. The GPU's path
+    (autograd's) runs here on the CPU's tensors, chosen as the GPU chooses it."""
+    if device_type != "cpu":
+        monkeypatch.setattr(loss_module, "writes_in_place", lambda _type: False)
     args = ModelArgs(dim=dim, n_layers=1, n_heads=4, vocab_size=vocab, multiple_of=32)
     head = Head(args).to(torch.bfloat16).requires_grad_(False)  # frozen, as under LoRA
     h = torch.randn(batch, seq, dim, dtype=torch.bfloat16).requires_grad_(True)
@@ -181,6 +186,6 @@ def test_the_loss_term_holds_what_the_chunked_loss_makes(dim, vocab, batch, seq,
     with StepBytes(held=before) as made:
         chunked_cross_entropy(head, h, torch.randint(0, vocab, (batch, seq)), batch * seq, chunk, True)
     measured = made.peak - sum(t.untyped_storage().nbytes() for t in before)
-    formula = working_set(args, torch.bfloat16, batch, seq, 1, chunk)["loss"]
-    print(f"dim {dim} vocab {vocab} {batch}x{seq} chunk {chunk}: measured {measured:,} B, formula {formula:,} B")
+    formula = working_set(args, torch.bfloat16, batch, seq, 1, chunk, device_type=device_type)["loss"]
+    print(f"{device_type}: dim {dim} vocab {vocab} {batch}x{seq} chunk {chunk}: measured {measured:,} B, formula {formula:,} B")
     assert 0.8 * formula <= measured <= formula

@@ -98,6 +98,9 @@ def test_every_setting_is_a_flag_of_its_type():
         argv, want = _sample(f)
         cfg = RunConfig.load(None, **given_settings(parser.parse_args(["finetune", *argv])))
         assert getattr(cfg, f.name) == want, (argv, getattr(cfg, f.name))
+        if f.type == "Budget":  # `inf` is a value (no limit), not a flag left out: the default is auto
+            cfg = RunConfig.load(None, **given_settings(parser.parse_args(["finetune", flag_of(f), "inf"])))
+            assert getattr(cfg, f.name) is None, (f.name, getattr(cfg, f.name))
     # the spellings users have been writing, all still there
     text = bt("finetune", "--help").stdout
     for flag in ("--no-progress", "--overwrite", "--in-place", "--start-from", "--keep-activations", "--device-budget",

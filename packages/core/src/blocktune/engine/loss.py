@@ -11,9 +11,23 @@ from torch import nn
 from blocktune.errors import ConfigError
 from blocktune.model.args import ModelArgs
 
-__all__ = ["IGNORE_INDEX", "chunked_cross_entropy", "count_targets", "check_window", "check_batches"]
+__all__ = ["IGNORE_INDEX", "chunked_cross_entropy", "logit_buffers", "count_targets", "check_window", "check_batches"]
 
 IGNORE_INDEX = -100
+
+
+def writes_in_place(device_type: str) -> bool:
+    """Whether the loss writes a chunk's log-softmax and its gradient over the buffers they come
+    from (`_chunk_loss_in_place`): on the CPU, whose kernels finish reading a row before writing it."""
+    return device_type == "cpu"
+
+
+def logit_buffers(device_type: str) -> int:
+    """How many fp32 tensors of one chunk's logits (chunk x vocab) the loss holds at once, beyond
+    the head's own output in the compute dtype: two where it writes in place, three elsewhere (the
+    log-softmax, its gradient and the logits' gradient; the logits go once their log-softmax is
+    made). What `working_set` counts."""
+    return 2 if writes_in_place(device_type) else 3
 
 
 def chunked_cross_entropy(
@@ -33,7 +47,7 @@ def chunked_cross_entropy(
         if not bool((t != IGNORE_INDEX).any()):  # note: a host sync; skips masked chunks
             continue
         logits = head(flat_h[s:s + chunk]).float()
-        if logits.device.type == "cpu":
+        if writes_in_place(logits.device.type):
             total += _chunk_loss_in_place(logits, t, denom, backward)
             continue
         loss = F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum") / denom

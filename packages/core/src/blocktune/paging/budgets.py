@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from blocktune.engine.loss import logit_buffers
 from blocktune.engine.optim import STATE_PIECE
 from blocktune.errors import ConfigError
 from blocktune.machine.devices import Device
@@ -75,8 +76,9 @@ def _mib(n: int) -> str:
 
 
 def working_set(args: ModelArgs, dtype: torch.dtype, batch: int, seq: int, micro: int,
-                loss_chunk: int, kv_cache: bool = False) -> dict[str, int]:
-    """Bytes of activations a step holds besides the units, by kind (estimates, on the high side)."""
+                loss_chunk: int, kv_cache: bool = False, device_type: str = "cuda") -> dict[str, int]:
+    """Bytes of activations a step holds besides the units, by kind (estimates, on the high side),
+    on a device of `device_type` as torch names it (the emulated device computes on "cpu")."""
     item = dtype.itemsize
     tokens = batch * seq
     hidden = args.hidden_dim
@@ -86,9 +88,12 @@ def working_set(args: ModelArgs, dtype: torch.dtype, batch: int, seq: int, micro
         # one block recomputed with a graph, and its backward: q/k/v/o, norms and residuals, the
         # FFN's three hidden-size tensors, attention scores and their gradient
         "block": 2 * tokens * (8 * args.dim + 4 * hidden) * item + 3 * batch * args.n_heads * seq * seq * 4,
-        # one chunk of logits in fp32, its log-softmax and the gradients of both, the final norm's
-        # fp32 input; the head input's gradient and one chunk's part of it (whole-size, then added)
-        "loss": min(loss_chunk, tokens) * (4 * args.vocab_size + args.dim) * 4 + 2 * tokens * args.dim * item,
+        # one chunk's logits in fp32 (`logit_buffers`: with their log-softmax and gradients), the
+        # head's own output in a narrower compute dtype, the final norm's fp32 input; the head
+        # input's gradient and one chunk's part of it (whole-size, then added)
+        "loss": (min(loss_chunk, tokens) * ((logit_buffers(device_type) * 4 + (item if item < 4 else 0))
+                                            * args.vocab_size + args.dim * 4)
+                 + 2 * tokens * args.dim * item),
         # every block's activations kept with their graph (the weights as handles): the inputs of its
         # linears, the FFN's hidden tensors, the norms' fp32 statistics, the attention's probabilities
         "kept": args.n_layers * micro * (tokens * ((10 * args.dim + 4 * hidden) * item + 4 * args.dim * 4)
@@ -179,7 +184,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
     if AUTO not in (device_budget, host_budget, activation_budget, keep_budget):
         return Budgets(device_budget, host_budget, activation_budget, keep=keep_budget)
     largest, largest_file = max(unit_sizes.values()), max(unit_files.values())
-    work = working_set(args, compute_dtype, batch, seq, micro, loss_chunk, kv_cache)
+    work = working_set(args, compute_dtype, batch, seq, micro, loss_chunk, kv_cache, device.torch.type)
     extra = _full_step_bytes(largest // compute_dtype.itemsize, state_kinds) if method == "full" else 0
     notes: list[str] = []
     host_free, host_room = _host_room(device, ranks, notes)

@@ -58,10 +58,13 @@ def add_setting_flags(parser: argparse.ArgumentParser,
 
 
 def given_settings(a: argparse.Namespace, names: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """The settings given as flags (those left out are None), typed here so that a bad value's
-    message names its flag."""
-    return {n: typed(FIELDS[n], getattr(a, n), where=f"{flag_of(FIELDS[n])}: ")
-            for n in (names or FIELDS) if getattr(a, n, None) is not None}
+    """The settings given as flags (those left out are None), as given: each is typed here first
+    so that a bad value's message names its flag, but passed on unconverted, because a converted
+    value can be None (`--device-budget inf`: no limit), which `RunConfig.load` reads as not given."""
+    given = {n: getattr(a, n) for n in (names or FIELDS) if getattr(a, n, None) is not None}
+    for n, value in given.items():
+        typed(FIELDS[n], value, where=f"{flag_of(FIELDS[n])}: ")
+    return given
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
