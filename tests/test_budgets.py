@@ -55,6 +55,23 @@ def test_auto_fits_the_room_and_says_why(monkeypatch):
     assert roomy.activation == work["stash"] and not roomy.tight
 
 
+def test_one_unit_resident_warns_only_where_it_does_not_fit(monkeypatch):
+    """With room for one unit, the next raw file is read once this one is converted into its
+    slot: one file in flight beside it, not two. A room that holds that gets no warning; one
+    that does not is told it may be killed."""
+    work = working_set(ARGS, torch.float32, 1, 64, 8, 2048, device_type="cpu")
+    one_beside = work["block"] + work["loss"] + 131 * MiB  # one raw file (the largest, 131 MiB)
+
+    def free_for(room: int) -> int:
+        return int((room + 192 * MiB) / 0.9) + 1
+
+    fits = _resolve(monkeypatch, free_for(one_beside + 262 * MiB + 4 * MiB))
+    assert fits.device == 262 * MiB and fits.tight
+    assert not any(n.startswith("warning:") for n in fits.notes), fits.notes
+    short = _resolve(monkeypatch, free_for(one_beside + 262 * MiB - 4 * MiB))
+    assert any("may be killed" in n for n in short.notes), short.notes
+
+
 def _cgroup_ok() -> bool:
     v1 = Path("/sys/fs/cgroup/memory")
     return os.access(v1 if v1.is_dir() else Path("/sys/fs/cgroup"), os.W_OK)

@@ -123,19 +123,21 @@ def local_ranks(device: Device) -> int:
 
 def _device_room(device: Device, host_free: int | None, host_room: int | None,
                  unit_sizes: dict[str, int], unit_files: dict[str, int],
-                 ranks: int = 1) -> tuple[int | None, int, str]:
+                 ranks: int = 1) -> tuple[int | None, int, int, str]:
     """The compute device's memory for the resident units, the stash and the working set
-    (None: unknown), the bytes of units in flight beside them, and where the room was found.
+    (None: unknown), the bytes of units in flight beside them (and beside one unit, where the
+    budget holds no more), and where the room was found.
     `host_free` is already this rank's share; a device whose memory all `ranks` draw on (not
     one GPU each) is shared the same way."""
     if device.is_cpu:
         free, room = host_free, host_room
         # raw unit files on their way in: one in flight and one idle for reuse where they are
-        # converted to the compute dtype; otherwise (units kept as stored: frozen embeddings and
-        # head) the resident units are the read buffers
+        # converted to the compute dtype (with room for one unit only one: the next file is read
+        # once this one is converted into its slot, and none is kept idle); otherwise (units kept
+        # as stored: frozen embeddings and head) the resident units are the read buffers
         converted = [unit_files[n] for n in unit_files if unit_sizes[n] > unit_files[n]]
         in_flight = 2 * max(converted) if converted else max(unit_files.values())
-        return room, in_flight, f"{_mib(free)} free" if free is not None else ""
+        return room, in_flight, in_flight // 2 if converted else in_flight, f"{_mib(free)} free" if free is not None else ""
     free = device.memory_free()
     if free is not None and device.local_devices() is None:
         free //= ranks  # one memory for every rank on the machine
@@ -143,7 +145,7 @@ def _device_room(device: Device, host_free: int | None, host_room: int | None,
     if device.splits_host_ram and room is not None and host_room is not None:
         room = min(room, host_room // 2)  # its "device" memory is host RAM, shared with the tier
     in_flight = max(unit_sizes.values())  # the ring: one unit on its way to the device beside the resident ones
-    return room, in_flight, f"{_mib(free)} free on {device}" if free is not None else ""
+    return room, in_flight, in_flight, f"{_mib(free)} free on {device}" if free is not None else ""
 
 
 def _host_budget(device: Device, host, host_free: int | None, host_room: int | None, largest_file: int,
@@ -188,7 +190,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
     extra = _full_step_bytes(largest // compute_dtype.itemsize, state_kinds) if method == "full" else 0
     notes: list[str] = []
     host_free, host_room = _host_room(device, ranks, notes)
-    room, in_flight, where = _device_room(device, host_free, host_room, unit_sizes, unit_files, ranks)
+    room, in_flight, in_flight_one, where = _device_room(device, host_free, host_room, unit_sizes, unit_files, ranks)
     fixed = work["block"] + work["loss"] + work["kv"] + extra + in_flight
     dev, act, keep = device_budget, activation_budget, keep_budget
     if room is None:  # nothing to go by: unlimited units, no activations kept beyond the stash
@@ -206,8 +208,9 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
             keep, dev = _kept(room - fixed - (work["stash"] if act is None else act), dev, device_budget == AUTO,
                               unit_sizes, work["kept"], args.n_layers, notes)
     host = _host_budget(device, host_budget, host_free, host_room, largest_file, notes)
-    if device_budget == AUTO and room is not None and room - fixed < largest:
-        _warn_short(fixed, largest, room, extra, notes)
+    fixed_one = fixed - in_flight + in_flight_one  # what one unit resident has beside it
+    if device_budget == AUTO and room is not None and room - fixed_one < largest:
+        _warn_short(fixed_one, largest, room, extra, notes)
     tight = device_budget == AUTO and not holds_two_units(dev, largest)
     if tight:
         notes.append("memory is tight (room for under two units): freed heap memory goes back to the "

@@ -18,7 +18,7 @@ from blocktune.paging.hosttier import HostTier
 from blocktune.paging.slots import DeviceSlots, slot_layout
 from blocktune.store.store import BlockStore
 
-__all__ = ["LoadedUnit", "UnitLoader", "resident_sizes", "resident_specs"]
+__all__ = ["LoadedUnit", "UnitLoader", "converted_on_cpu", "resident_sizes", "resident_specs"]
 
 DEMAND_WAIT_S = 1.0  # a load the computing thread waits for: how long it waits for a slot's holder
 
@@ -33,15 +33,25 @@ def resident_specs(store: BlockStore, name: str, compute_dtype: torch.dtype,
     return {k: (compute_dtype if dt.is_floating_point else dt, shape) for k, (dt, shape) in tensors.items()}
 
 
+def converted_on_cpu(store: BlockStore, compute_dtype: torch.dtype, as_stored: frozenset[str]) -> frozenset[str]:
+    """The units a CPU pager converts to the compute dtype on the way in (the rest are used as
+    read: views of their read buffers or of the mapped file)."""
+    if compute_dtype == store.dtype:
+        return frozenset()
+    return frozenset(n for n in store.units if n not in as_stored)
+
+
 def resident_sizes(store: BlockStore, compute_dtype: torch.dtype,
                    as_stored: frozenset[str] = frozenset(), device: Device | None = None) -> dict[str, int]:
-    """Bytes of each unit as it is held resident. On the CPU: its files, scaled to the compute
-    dtype where that is wider (units in `as_stored` stay in the stored dtype). On an
-    accelerator: the device slot it is copied into (`slots`)."""
+    """Bytes of each unit as it is held resident: the slot it is copied into (`slots`) where it
+    is copied (on an accelerator, and on the CPU where it is converted to the compute dtype);
+    otherwise its files (units in `as_stored` stay in the stored dtype)."""
     if device is not None and not device.is_cpu:
-        return {n: slot_layout(resident_specs(store, n, compute_dtype, as_stored))[1] for n in store.units}
-    scale = max(compute_dtype.itemsize / store.dtype.itemsize, 1.0)
-    return {n: int(store.unit_bytes(n) * (1.0 if n in as_stored else scale)) for n in store.units}
+        copied = frozenset(store.units)
+    else:
+        copied = converted_on_cpu(store, compute_dtype, as_stored)
+    return {n: slot_layout(resident_specs(store, n, compute_dtype, as_stored))[1] if n in copied
+            else store.unit_bytes(n) for n in store.units}
 
 
 @dataclass
@@ -91,8 +101,13 @@ class UnitLoader:
         self._tier, self._slots, self._pool = tier, slots, pool
         self._copy_stream = device.copy_stream()
         self._maps: dict[str, dict[str, torch.Tensor]] = {}  # file -> its mapped tensors (reader thread)
-        self._layouts = {} if slots is None else {
-            n: slot_layout(resident_specs(store, n, compute_dtype, as_stored))[0] for n in store.units}
+        copied = store.units if not device.is_cpu else converted_on_cpu(store, compute_dtype, as_stored)
+        self._layouts = {} if slots is None else {  # the units copied into slots, and where each tensor goes
+            n: slot_layout(resident_specs(store, n, compute_dtype, as_stored))[0] for n in copied}
+
+    def slotted(self, name: str) -> bool:
+        """Whether the unit is copied into a slot (else held as read, or converted fresh)."""
+        return name in self._layouts
 
     def read(self, name: str) -> tuple[dict[str, torch.Tensor], object]:
         """The unit's tensors in host memory, and the host slot they are in (accelerators), its
@@ -163,7 +178,7 @@ class UnitLoader:
         t0 = time.perf_counter()
         tensors, dslot = {}, None
         with self.device.stream(self._copy_stream):
-            if self._slots is not None:  # into a device slot, once the compute is done with its last unit
+            if name in self._layouts:  # into a slot, once the compute is done with its last unit
                 dslot = self._slots.take(self._size[name], DEMAND_WAIT_S if demand else None)
                 self.device.wait_event(dslot.released)
                 tensors = dslot.views(self._layouts[name])

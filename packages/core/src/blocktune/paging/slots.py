@@ -107,11 +107,8 @@ class DeviceSlots:
                     self._idle.remove(slot)
                     self.device.scribble(slot.buf)  # what it held is gone (emu: NaN, so a stale view shows)
                     return slot
-                # room for a new one, letting idle slots of other layouts go (largest first)
-                free.sort(key=lambda s: -s.nbytes)
-                while free and self.bytes + nbytes > self.cap:
-                    self._let_go(free.pop(0))
-                del free, same  # the last references to slots let go: their memory is free now
+                del free, same
+                self._let_idle_go(nbytes)  # room for a new one: idle slots of other layouts go
                 if self.bytes + nbytes <= self.cap:
                     slot = self._make(nbytes)
                     self.bytes += nbytes
@@ -128,6 +125,19 @@ class DeviceSlots:
                     slot.counted = False
                     return slot
                 self._cond.wait(min(0.005, deadline - now))  # views going away tell no one: look again
+
+    def make_room(self, nbytes: int) -> None:
+        """Let idle slots go until `nbytes` held outside the slots fit beside them under the cap
+        (a unit the pager holds as read, not copied into a slot)."""
+        with self._cond:
+            self._let_idle_go(nbytes)
+
+    def _let_idle_go(self, nbytes: int) -> None:
+        """Idle slots nothing views go, largest first, until `nbytes` more fit under the cap."""
+        free = sorted((s for s in self._idle if s.unviewed()), key=lambda s: -s.nbytes)
+        while free and self.bytes + nbytes > self.cap:
+            self._let_go(free.pop(0))
+        del free  # the last references to the slots let go: their memory is free now
 
     def _let_go(self, slot: DeviceSlot) -> None:
         if slot.released is not None:
