@@ -161,6 +161,52 @@ def test_a_converted_unit_goes_into_the_memory_the_last_one_left(tmp_path, tiny_
         pager.close()
 
 
+def test_converting_a_file_read_ahead_waits_for_a_held_slot_as_a_demand_load(tmp_path, tiny_args):
+    """The computing thread converts the file read ahead into a slot and waits for it: where the
+    caller still views the last unit, the slot is waited for briefly (DEMAND_WAIT_S), then a
+    buffer outside the slots is taken, not the slots' own wait (here 120 s)."""
+    import threading
+
+    from blocktune_bench.synthetic import make_store
+
+    store = make_store(tmp_path / "s", tiny_args, seed=1, dtype=torch.bfloat16)
+    one = max(resident_sizes(store, torch.float32).values())
+    pager = Pager(store, resolve_device("cpu"), budget=one, mutable=False, frozen_reads="direct")
+    pager.slots.wait_s = 120.0
+    try:
+        pager.plan([B0, B1])
+        held = pager.get(B0)  # still viewed here
+        got = threading.Thread(target=pager.get, args=(B1,), daemon=True)
+        got.start()
+        got.join(30)
+        assert not got.is_alive(), "the get waited the slots' own wait, not a demand load's"
+        assert pager.stats.staged_reads == 1 and pager.slots.overflows == 1
+        del held
+    finally:
+        pager.close()
+
+
+def test_without_a_view_count_converted_units_take_fresh_memory(tmp_path, tiny_args, monkeypatch):
+    """A torch that does not count a storage's views (CPU builds before 2.8) could never see a
+    slot come free: converted units then take fresh memory, as before slots, and never wait."""
+    from blocktune_bench.synthetic import make_store
+
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    store = make_store(tmp_path / "s", tiny_args, seed=1, dtype=torch.bfloat16)
+    one = max(resident_sizes(store, torch.float32).values())
+    pager = Pager(store, resolve_device("cpu"), budget=one, mutable=False, frozen_reads="direct")
+    try:
+        assert pager.slots is None
+        pager.plan([B0, B1, B2])
+        for name in (B0, B1, B2):
+            got = pager.get(name)
+            assert torch.equal(got["attention.wq.weight"], store.read_unit(name)["attention.wq.weight"].float())
+            del got
+        assert pager.stats.staged_reads == 2
+    finally:
+        pager.close()
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_reading_ahead_changes_no_number(tmp_path, tiny_args, method):
     """A one-unit budget on a bf16 store computed in fp32 (the file read ahead, converted at

@@ -8,13 +8,18 @@ import torch
 
 from blocktune.store.fileio import aligned_empty
 
-__all__ = ["BufferPool"]
+__all__ = ["BufferPool", "counts_views"]
 
 
 def _storage_users(t: torch.Tensor) -> int | None:
     """How many tensors (and storage objects) share `t`'s memory; None where torch cannot say."""
     count = getattr(torch._C, "_storage_Use_Count", None)
     return None if count is None else count(t.untyped_storage()._cdata)
+
+
+def counts_views() -> bool:
+    """Whether this torch says how many tensors view a storage (CPU builds before 2.8 may not)."""
+    return _storage_users(torch.empty(1)) is not None
 
 
 class BufferPool:

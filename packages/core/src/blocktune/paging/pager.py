@@ -32,7 +32,7 @@ from blocktune.errors import BudgetError
 from blocktune.machine.devices import Device, dtype_name
 from blocktune.machine.hostmem import advise_cold, host_memory_available
 from blocktune.paging.budgets import holds_two_units, limit
-from blocktune.paging.buffers import BufferPool
+from blocktune.paging.buffers import BufferPool, counts_views
 from blocktune.paging.hosttier import BOUNCE_SLOTS, HostTier
 from blocktune.paging.loader import LoadedUnit, UnitLoader, converted_on_cpu, resident_sizes
 from blocktune.paging.slots import DeviceSlots
@@ -113,10 +113,11 @@ class Pager:
             self._slots = DeviceSlots(device, self.budget)
             slot = max(sum(round_up(r.nbytes) for r in store.unit_files(n)) for n in store.units)
             self._tier = HostTier(device, self.host_budget, slot)
-        elif converted_on_cpu(store, compute_dtype, as_stored):
+        elif converted_on_cpu(store, compute_dtype, as_stored) and counts_views():
             # units converted on the way in (a bf16 store computed in fp32) are converted into
             # slots too: into memory the last unit of their layout left, not a fresh allocation
-            # (a page fault per 4 KiB: 0.27 s against 0.06 s for a 7B block here, on every get)
+            # (a page fault per 4 KiB: 0.27 s against 0.06 s for a 7B block here, on every get);
+            # only where torch counts a storage's views, or no slot could be seen to come free
             self._slots = DeviceSlots(device, self.budget)
         # CPU, units not mapped (a full fine-tune, or direct reads of frozen units): files are
         # read with direct IO into reused buffers
@@ -362,7 +363,9 @@ class Pager:
                 try:
                     if raw is not None:  # read ahead: convert it now that there is room
                         host = raw.result()
-                        entry = self.loader.to_device(name, *host)  # into its slot: a copy, no page faults
+                        del raw  # (the future holds the raw buffer too)
+                        # into its slot: a copy, no page faults; this thread waits for it
+                        entry = self.loader.to_device(name, *host, demand=True)
                         del host
                         self._start_raw_ahead()  # the next raw file once this one's memory is free
                         self.stats.staged_reads += 1

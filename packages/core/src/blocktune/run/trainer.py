@@ -311,6 +311,9 @@ class Trainer:
     def _memory(self) -> dict:
         """Peak memory so far: the process's, and the device's with the units' share of it."""
         row = {"peak_rss_gb": peak_rss_bytes() / 1e9}
+        slots = self.engine.pager.slots
+        if self.device.is_cpu and slots is not None and slots.overflows:  # converted units past the budget
+            row["device_slot_overflows"] = slots.overflows
         if not self.device.is_cpu:
             row["peak_device_gb"] = self.device.peak_memory_bytes() / 1e9
             row["peak_device_reserved_gb"] = self.device.peak_reserved_bytes() / 1e9
