@@ -153,9 +153,19 @@ def test_two_ranks_on_one_gpu_are_refused(monkeypatch):
                    host_budget=0, activation_budget=None).device == 1 << 30
 
 
+def units_first(monkeypatch, free: int) -> int:
+    """The keep budget left beside every unit resident (what `auto` kept before activations came
+    first): the room less the working set, the stash and the units."""
+    work = working_set(ARGS, torch.float32, 1, 64, 8, 2048, device_type="cpu")
+    room = int(free * 0.9) - 192 * MiB
+    return room - (work["block"] + work["loss"] + 2 * 131 * MiB) - work["stash"] - (262 + 206 + 262) * MiB
+
+
 def test_auto_keeps_activations_where_memory_allows(monkeypatch):
     """`keep_activations auto` (the run's default): with room for every unit and every block's
-    activations, all units resident and activations kept (no recompute); short of room, none kept
+    activations, all units resident and activations kept (no recompute); short of room for both,
+    activations before units past the two a pass needs (the one computing, the one read ahead);
+    short of room for one block's activations beside those, none kept, the units lose nothing,
     and the log says the backward recomputes."""
     work = working_set(ARGS, torch.float32, 1, 64, 8, 2048, device_type="cpu")  # as _resolve's device
     units = (262 + 206 + 262) * MiB
@@ -165,7 +175,9 @@ def test_auto_keeps_activations_where_memory_allows(monkeypatch):
     assert "every block's activations" in " ".join(roomy.notes) and not roomy.tight
     some = _resolve(monkeypatch, 2 << 30, keep_budget=AUTO)
     print("\n".join(some.notes))
-    assert some.device == units and 0 < some.keep < work["kept"] and "the rest recomputed" in " ".join(some.notes)
+    assert some.device == 2 * 262 * MiB and 0 < some.keep < work["kept"] and "the rest recomputed" in " ".join(some.notes)
+    assert some.keep - units_first(monkeypatch, 2 << 30) == units - some.device  # what the units gave
+    assert "to kept activations" in " ".join(some.notes)
     short = _resolve(monkeypatch, 1200 * MiB, keep_budget=AUTO)
     print("\n".join(short.notes))
     assert short.keep == 0 and "each block is recomputed in the backward" in " ".join(short.notes)
