@@ -1,5 +1,6 @@
 """Device slots: where an accelerator's resident units live, in device memory bounded by
-construction.
+construction (and, on the CPU, units converted on the way in: a bf16 store computed in fp32
+is converted into the memory the last unit of its layout left, not a fresh allocation).
 
 Each unit is copied into a slot, one device buffer laid out for that unit's tensors (every
 block has the same layout, so blocks share slots; the embeddings and the head have their
