@@ -18,7 +18,7 @@ from blocktune.paging.hosttier import HostTier
 from blocktune.paging.slots import DeviceSlots, slot_layout
 from blocktune.store.store import BlockStore
 
-__all__ = ["LoadedUnit", "UnitLoader", "converted_on_cpu", "resident_sizes", "resident_specs"]
+__all__ = ["LoadedUnit", "UnitLoader", "copied_units", "resident_sizes", "resident_specs"]
 
 DEMAND_WAIT_S = 1.0  # a load the computing thread waits for: how long it waits for a slot's holder
 
@@ -33,9 +33,13 @@ def resident_specs(store: BlockStore, name: str, compute_dtype: torch.dtype,
     return {k: (compute_dtype if dt.is_floating_point else dt, shape) for k, (dt, shape) in tensors.items()}
 
 
-def converted_on_cpu(store: BlockStore, compute_dtype: torch.dtype, as_stored: frozenset[str]) -> frozenset[str]:
-    """The units a CPU pager converts to the compute dtype on the way in (the rest are used as
-    read: views of their read buffers or of the mapped file)."""
+def copied_units(store: BlockStore, compute_dtype: torch.dtype, as_stored: frozenset[str],
+                 device: Device | None = None) -> frozenset[str]:
+    """The units copied into slots (`slots`): every unit on an accelerator; on the CPU (`device`
+    None) those converted to the compute dtype on the way in (the rest are used as read: views of
+    their read buffers or of the mapped file)."""
+    if device is not None and not device.is_cpu:
+        return frozenset(store.units)
     if compute_dtype == store.dtype:
         return frozenset()
     return frozenset(n for n in store.units if n not in as_stored)
@@ -46,10 +50,7 @@ def resident_sizes(store: BlockStore, compute_dtype: torch.dtype,
     """Bytes of each unit as it is held resident: the slot it is copied into (`slots`) where it
     is copied (on an accelerator, and on the CPU where it is converted to the compute dtype);
     otherwise its files (units in `as_stored` stay in the stored dtype)."""
-    if device is not None and not device.is_cpu:
-        copied = frozenset(store.units)
-    else:
-        copied = converted_on_cpu(store, compute_dtype, as_stored)
+    copied = copied_units(store, compute_dtype, as_stored, device)
     return {n: slot_layout(resident_specs(store, n, compute_dtype, as_stored))[1] if n in copied
             else store.unit_bytes(n) for n in store.units}
 
@@ -101,7 +102,7 @@ class UnitLoader:
         self._tier, self._slots, self._pool = tier, slots, pool
         self._copy_stream = device.copy_stream()
         self._maps: dict[str, dict[str, torch.Tensor]] = {}  # file -> its mapped tensors (reader thread)
-        copied = store.units if not device.is_cpu else converted_on_cpu(store, compute_dtype, as_stored)
+        copied = copied_units(store, compute_dtype, as_stored, device)
         self._layouts = {} if slots is None else {  # the units copied into slots, and where each tensor goes
             n: slot_layout(resident_specs(store, n, compute_dtype, as_stored))[0] for n in copied}
 

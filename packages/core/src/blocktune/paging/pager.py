@@ -34,7 +34,7 @@ from blocktune.machine.hostmem import advise_cold, host_memory_available
 from blocktune.paging.budgets import holds_two_units, limit
 from blocktune.paging.buffers import BufferPool, counts_views
 from blocktune.paging.hosttier import BOUNCE_SLOTS, HostTier
-from blocktune.paging.loader import LoadedUnit, UnitLoader, converted_on_cpu, resident_sizes
+from blocktune.paging.loader import LoadedUnit, UnitLoader, copied_units, resident_sizes
 from blocktune.paging.slots import DeviceSlots
 from blocktune.paging.writeback import WriteBack
 from blocktune.store.fileio import round_up
@@ -113,7 +113,7 @@ class Pager:
             self._slots = DeviceSlots(device, self.budget)
             slot = max(sum(round_up(r.nbytes) for r in store.unit_files(n)) for n in store.units)
             self._tier = HostTier(device, self.host_budget, slot)
-        elif converted_on_cpu(store, compute_dtype, as_stored) and counts_views():
+        elif copied_units(store, compute_dtype, as_stored, device) and counts_views():
             # units converted on the way in (a bf16 store computed in fp32) are converted into
             # slots too: into memory the last unit of their layout left, not a fresh allocation
             # (a page fault per 4 KiB: 0.27 s against 0.06 s for a 7B block here, on every get);
