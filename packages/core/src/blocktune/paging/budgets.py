@@ -95,8 +95,9 @@ def working_set(args: ModelArgs, dtype: torch.dtype, batch: int, seq: int, micro
                                             * args.vocab_size + args.dim * 4)
                  + 2 * tokens * args.dim * item),
         # every block's activations kept with their graph (the weights as handles): the inputs of its
-        # linears, the FFN's hidden tensors, the norms' fp32 statistics, the attention's probabilities
-        "kept": args.n_layers * micro * (tokens * ((10 * args.dim + 4 * hidden) * item + 4 * args.dim * 4)
+        # linears, the FFN's hidden tensors, the norms' fp32 statistics, LoRA's dropout masks on
+        # q/k/v/o's inputs (a byte an element), the attention's probabilities
+        "kept": args.n_layers * micro * (tokens * ((10 * args.dim + 4 * hidden) * item + 4 * args.dim * 4 + 4 * args.dim)
                                          + batch * args.n_heads * seq * seq * 4),
         # generation: keys and values of every layer for every position
         "kv": 2 * args.n_layers * tokens * (args.n_kv_heads or args.n_heads) * args.head_dim * item if kv_cache else 0,
