@@ -231,9 +231,8 @@ def test_the_lora_backward_draws_no_dropout_noise(tiny_args):
     """The backward makes each adapter's dropout noise from the forward's mask: the CPU's generator
     is slow (about 170 M elements a second), and drawing every mask again in the backward had
     cost a real model's LoRA step (SmolLM2, 4 x 256) a tenth of its time."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from blocktune.model.lora import add_lora
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
         def __init__(self):
