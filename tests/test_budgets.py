@@ -196,6 +196,44 @@ def test_a_full_fine_tune_counts_its_fp32_state(monkeypatch):
     assert "optimizer step (fp32 state)" in " ".join(adam.notes)
 
 
+def test_a_full_fine_tune_keeps_its_state_in_ram_after_units_and_activations(monkeypatch):
+    """`auto` keeps a full fine-tune's optimizer state in RAM between steps from the room that
+    every unit resident and every block's activations leave (they save compute, it saves reading
+    the state back): all of it where it fits, part where part does, none (and the log says it is
+    read back) where a unit's does not fit; the kept activations' budget gives up what it takes."""
+    units = (262 + 206 + 262) * MiB
+    whole = units // 4 * 3 * 4 + 3 * 4  # fp32 masters and two moments, and each unit's step count
+    work = working_set(ARGS, torch.float32, 1, 64, 8, 2048, device_type="cpu")
+
+    def full(free):
+        return _resolve(monkeypatch, free, method="full", state_kinds=3, keep_budget=AUTO)
+
+    roomy = full(32 << 30)
+    print("\n".join(roomy.notes))
+    assert roomy.state == whole and roomy.device == units and roomy.keep >= work["kept"]
+    assert "(all of it: stepped there" in " ".join(roomy.notes)
+
+
+    def past_units_and_activations(room):  # free RAM that leaves `room` past them
+        return int((units_first_full() + units + work["kept"] + room + 192 * MiB) / 0.9) + 1
+
+    part = full(past_units_and_activations(1536 * MiB))  # 1.5 GiB of the 2.1 GiB
+    print("\n".join(part.notes))
+    assert 1500 * MiB < part.state < whole and part.keep >= work["kept"]
+    short = full(past_units_and_activations(700 * MiB))  # a unit's (the largest, 786 MiB) does not fit
+    print("\n".join(short.notes))
+    assert short.state == 0 and "read back from the store each step" in " ".join(short.notes)
+    assert _resolve(monkeypatch, 32 << 30, method="lora", keep_budget=AUTO).state == 0  # no state to keep
+    assert _resolve(monkeypatch, 32 << 30, method="full", state_kinds=3).state == 0  # the library's keep 0
+
+
+def units_first_full() -> int:
+    """What a full fine-tune's fixed working set and stash take, as `resolve` counts them here."""
+    work = working_set(ARGS, torch.float32, 1, 64, 8, 2048, device_type="cpu")
+    from blocktune.paging.budgets import _full_step_bytes
+    return work["block"] + work["loss"] + 2 * 131 * MiB + _full_step_bytes(262 * MiB // 4, 3) + work["stash"]
+
+
 @pytest.mark.parametrize("dim,vocab,batch,seq,chunk", [(256, 8000, 2, 256, 128), (128, 32000, 1, 512, 512),
                                                        (512, 4000, 4, 128, 100)])
 @pytest.mark.parametrize("device_type", ["cpu", "cuda"])

@@ -302,3 +302,63 @@ def test_state_in_pieces_equals_reference(tmp_path, tiny_args, monkeypatch):
     pieces = stored.read_file(rec)
     wq = stored.read_unit("block_00")["attention.wq.weight"].numel()
     assert sum(k.startswith("exp_avg.attention.wq.weight#") for k in pieces) == -(-wq // 64) > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_kept_in_ram_equals_state_read_back(tmp_path, tiny_args, dtype):
+    """Where `auto` leaves room, a full fine-tune keeps each unit's optimizer state in RAM between
+    steps and steps it there in place, instead of reading its file back: after four AdamW steps
+    the store's weights and state files are bit for bit those of the same run reading the state
+    back, and no state file is read after the first step. (A bf16 store keeps fp32 masters in its
+    state, made from the stored weights on the first step.)"""
+
+    def run(name, in_ram):
+        store = make_store(tmp_path / name, tiny_args.with_dropout(0.1), seed=3, dtype=dtype)
+        engine = Engine(store, EngineConfig(method="full", device="cpu", device_budget="auto", keep_budget="auto",
+                                            compute_dtype="fp32", optimizer=OptimizerConfig("adamw", lr=1e-2, weight_decay=0.01)))
+        assert engine.budgets.state > 0  # the tiny model's state fits anywhere
+        if not in_ram:
+            engine.pager.writes.in_ram.budget = 0
+        mapped: list[list[str]] = []
+        map_state = engine.store.map_state
+        engine.store.map_state = lambda unit, **kw: mapped[-1].append(unit) or map_state(unit, **kw)
+        losses = []
+        for s in range(4):
+            mapped.append([])
+            losses.append(engine.train_step([random_batch(tiny_args, 2, 12, seed=s)]).loss)
+        kept = engine.pager.writes.in_ram.nbytes
+        engine.close()
+        return BlockStore.open(store.path), losses, mapped, kept
+
+    ram, ram_losses, ram_mapped, kept = run("ram", True)
+    disk, disk_losses, disk_mapped, _ = run("disk", False)
+    assert ram_losses == disk_losses
+    units = ram.units
+    assert ram_mapped[1:] == [[], [], []] and all(sorted(m) == sorted(units) for m in disk_mapped[1:])
+    # what RAM held at the end: every unit's last state, as its file holds it
+    assert kept == sum(t.numel() * t.element_size() for u in units for t in ram.read_file(ram.state_record(u)).values())
+    for u in units:
+        assert all(torch.equal(a, b) for a, b in zip(ram.read_unit(u).values(), disk.read_unit(u).values())), u
+        mine, theirs = ram.read_file(ram.state_record(u)), disk.read_file(disk.state_record(u))
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), u
+
+
+def test_state_in_ram_is_used_only_for_the_file_the_store_records():
+    """The state kept in RAM is keyed by the file it was written to: asked for with another
+    record (the store rolled back, or a step aborted), it is not handed out, and its memory is
+    let go; a unit's entry is out while its step updates it in place."""
+    from blocktune.paging.writeback import StateInRam
+    from blocktune.store.records import FileRecord
+
+    rec = FileRecord("block_00-000002.state.safetensors", 100, 7, {})
+    older = FileRecord("block_00-000001.state.safetensors", 100, 5, {})
+    ram = StateInRam(budget=1 << 20)
+    pieces = {"step": torch.tensor(2.0), "exp_avg.w#0": torch.ones(8)}
+    ram.put("block_00", rec, pieces)
+    assert ram.nbytes == 36 and ram.room(1 << 19) and not ram.room(1 << 20)
+    assert ram.take("block_00", rec) is pieces and ram.nbytes == 0
+    assert ram.take("block_00", rec) is None  # taken: being stepped
+    ram.put("block_00", rec, pieces)
+    assert ram.take("block_00", older) is None and ram.nbytes == 0
+    assert ram.take("block_00", rec) is None  # dropped with the mismatch
+    assert not StateInRam(0).room(1)

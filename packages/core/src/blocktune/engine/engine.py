@@ -157,7 +157,7 @@ class Engine:
                      verify=cfg.verify, host_budget=self.budgets.host,
                      mutable=cfg.method == "full" and not cfg.read_only,
                      max_dirty=cfg.max_dirty, frozen_reads=cfg.frozen_reads,
-                     as_stored=as_stored)
+                     as_stored=as_stored, state_budget=self.budgets.state)
 
     # ---- adapters ----
     def adapter_state(self) -> dict[str, torch.Tensor]:

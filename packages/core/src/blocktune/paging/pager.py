@@ -85,6 +85,7 @@ class Pager:
         max_dirty: int | None = 512 << 20,
         frozen_reads: str = "auto",
         as_stored: frozenset[str] = frozenset(),
+        state_budget: int = 0,
     ):
         self.store, self.device, self.dtype = store, device, compute_dtype
         self.as_stored = as_stored  # units kept in the stored dtype (the engine widens at use)
@@ -126,7 +127,7 @@ class Pager:
         self.loader = UnitLoader(store, device, self._size, self.stats, self._lock, compute_dtype=compute_dtype,
                                  as_stored=as_stored, verify=verify, mapped=self.mapped, direct=self._direct,
                                  tier=self._tier, slots=self._slots, pool=self._pool)
-        self.writes = WriteBack(store, device, self.stats, self._lock, verify, max_dirty)
+        self.writes = WriteBack(store, device, self.stats, self._lock, verify, max_dirty, state_budget)
 
     def _check_budget(self) -> None:
         """A budget below the largest unit is an error that names the budget to use."""

@@ -330,7 +330,8 @@ def config_line(cfg: RunConfig, budgets: Budgets, arithmetic: Path) -> str:
     budgets it resolved (`Budgets`), and where the arithmetic behind them is."""
     return (f"config: {cfg.changed()}; budgets: device {short_size(budgets.device)}, host "
             f"{short_size(budgets.host)}, activations {short_size(budgets.activation)}, kept activations "
-            f"{short_size(budgets.keep)} (how: {arithmetic}; "
+            f"{short_size(budgets.keep)}" + (f", optimizer state in RAM {short_size(budgets.state)}" if budgets.state
+                                             else "") + f" (how: {arithmetic}; "
             "every setting: --print-config)")
 
 
