@@ -256,3 +256,32 @@ def test_the_loss_term_holds_what_the_chunked_loss_makes(dim, vocab, batch, seq,
     formula = working_set(args, torch.bfloat16, batch, seq, 1, chunk, device_type=device_type)["loss"]
     print(f"{device_type}: dim {dim} vocab {vocab} {batch}x{seq} chunk {chunk}: measured {measured:,} B, formula {formula:,} B")
     assert 0.8 * formula <= measured <= formula
+
+
+def test_the_loss_chunk_keeps_a_chunks_logits_within_64_mib(tmp_path, monkeypatch):
+    """By default the loss takes as many positions at a time as keep one chunk's fp32 logits
+    within 64 MiB (128 to 2048): its buffers are held beside every kept block's activations, so
+    they add to the step's peak (SmolLM2's LoRA step at 4 x 256 peaked at 2.38 GB with the old
+    2048 positions, 2.08 GB with 256). The engine's step uses that chunk, and its budgets count it."""
+    import blocktune.engine.engine as engine_module
+    from blocktune import Engine, EngineConfig
+    from blocktune.engine.loss import loss_chunk
+    from conftest import random_batch
+
+    assert [loss_chunk(v) for v in (49152, 32000, 128256, 262144, 1000)] == [341, 524, 130, 128, 2048]
+    assert loss_chunk(128256, 4096) == 4096  # asked for
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=262144, multiple_of=32)
+    store = make_store(tmp_path / "s", args, seed=0)
+    chunks, counted = [], []
+    real, real_set = engine_module.chunked_cross_entropy, engine_module.resolve_budgets
+
+    def spy(head, h, targets, denom, chunk, backward):
+        chunks.append(chunk)
+        return real(head, h, targets, denom, chunk, backward)
+
+    monkeypatch.setattr(engine_module, "chunked_cross_entropy", spy)
+    monkeypatch.setattr(engine_module, "resolve_budgets", lambda *a, **kw: counted.append(kw["loss_chunk"]) or real_set(*a, **kw))
+    engine = Engine(store, EngineConfig(method="full", device="cpu"))
+    engine.train_step([random_batch(args, 2, 100, seed=0)])
+    engine.close()
+    assert engine.loss_chunk == 128 and chunks == [128] and counted == [128]

@@ -355,7 +355,7 @@ def allowance(eng: Engine, batch: int, seq: int) -> dict[str, int]:
     working set the budgets reckon with (`working_set`: the stash of block inputs, one block's
     recompute and its backward, the loss chunk, and activations kept up to the keep budget) and
     the adapters with their gradients and AdamW moments (fp32: 16 bytes a parameter)."""
-    work = working_set(eng.args, eng.dtype, batch, seq, 1, eng.cfg.loss_chunk, device_type=eng.device.torch.type)
+    work = working_set(eng.args, eng.dtype, batch, seq, 1, eng.loss_chunk, device_type=eng.device.torch.type)
     keep = eng.budgets.keep
     return {"stash": work["stash"], "block": work["block"], "loss": work["loss"],
             "kept": work["kept"] if keep is None else min(keep, work["kept"]),

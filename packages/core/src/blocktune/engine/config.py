@@ -69,7 +69,7 @@ class EngineConfig:
     activation_budget: int | str | None = AUTO  # stashed block inputs in RAM before spilling
     # the batch `auto` plans for: (micro-batch size, tokens per sequence, micro-batches per step)
     batch_hint: tuple[int, int, int] = (1, 512, 1)
-    loss_chunk: int = 2048  # positions per chunk of the cross-entropy
+    loss_chunk: int | None = None  # positions per chunk of the cross-entropy (None: `loss.loss_chunk`'s)
     seed: int = 0
     replay_rng: bool = True  # off only to prove the replay test can fail
     prefetch: bool = True
@@ -99,5 +99,5 @@ class EngineConfig:
                     or isinstance(value, int) and not isinstance(value, bool) and value >= 0):
                 raise ConfigError(f"{name}={value!r}: give bytes (an int: blocktune.settings.parse_bytes reads "
                                   "'2GiB'), None for no limit, or 'auto'")
-        if self.loss_chunk <= 0:
+        if self.loss_chunk is not None and self.loss_chunk <= 0:
             raise ConfigError(f"loss_chunk={self.loss_chunk} must be positive")

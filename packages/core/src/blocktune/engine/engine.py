@@ -32,7 +32,7 @@ from blocktune.engine.config import EngineConfig
 from blocktune.engine.fullstep import FullStep
 from blocktune.engine.handles import WeightHandles
 from blocktune.engine.inference import Inference
-from blocktune.engine.loss import check_batches, chunked_cross_entropy, count_targets
+from blocktune.engine.loss import check_batches, chunked_cross_entropy, count_targets, loss_chunk
 from blocktune.engine.modules import UnitModules
 from blocktune.engine.optim import state_kinds
 from blocktune.engine.order import UnitOrder
@@ -90,6 +90,7 @@ class Engine:
                  args: ModelArgs | None = None):  # args: the store's, or a run's copy (dropout)
         self.store, self.cfg, self.dist = store, cfg or EngineConfig(), dist
         self.args: ModelArgs = args or store.args
+        self.loss_chunk = loss_chunk(self.args.vocab_size, self.cfg.loss_chunk)  # positions per chunk of the loss
         if problems := store.shape_problems():  # a damaged model field: named, not a state-dict error
             raise StoreError(problems[0])
         self.device: Device = resolve_device(self.cfg.device)
@@ -128,7 +129,7 @@ class Engine:
         self.full_step = (FullStep(self.modules, self.pager, self.cfg.optimizer, dist, store.tied)
                           if full else None)
         self.inference = Inference(self.args, self.units, self.modules, self.pager, self.stage, dist,
-                                   self.dtype, self.device.torch, self.cfg.loss_chunk)
+                                   self.dtype, self.device.torch, self.loss_chunk)
         self.step_count = store.step if full else 0
 
     def _resolve_budgets(self, sizes: dict[str, int], own: list[str]) -> Budgets:
@@ -144,7 +145,7 @@ class Engine:
             {n: store.unit_bytes(n) for n in own}, self.dtype,
             method=cfg.method, device_budget=cfg.device_budget, host_budget=cfg.host_budget,
             activation_budget=cfg.activation_budget, keep_budget=keep, batch=batch, seq=seq,
-            micro=micro, loss_chunk=cfg.loss_chunk, kv_cache=cfg.read_only,
+            micro=micro, loss_chunk=self.loss_chunk, kv_cache=cfg.read_only,
             state_kinds=len(state_kinds(cfg.optimizer, store.dtype, self.dtype)))
 
     def _open_pager(self, as_stored: frozenset[str]) -> Pager:
@@ -331,7 +332,7 @@ class Engine:
             if self.lo == last:
                 self.stage.arrive(xs, cursors, m)
             h = xs[m].detach().requires_grad_(True)
-            loss += chunked_cross_entropy(head, h, targets[m], n_tok, self.cfg.loss_chunk, True)
+            loss += chunked_cross_entropy(head, h, targets[m], n_tok, self.loss_chunk, True)
             grads.append(h.grad)
             if self.lo == last:
                 self.stage.pass_back(grads, m)
