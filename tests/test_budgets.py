@@ -1,5 +1,6 @@
 """`auto` budgets: from the machine's free memory, and a run they choose fits (a real cgroup)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from blocktune import ModelArgs
+from blocktune import LoraConfig, ModelArgs
 from blocktune.engine import loss as loss_module
 from blocktune.engine.loss import chunked_cross_entropy
 from blocktune.machine.devices import resolve_device
@@ -23,13 +24,13 @@ MiB = 1 << 20
 ARGS = ModelArgs(dim=2048, n_layers=8, n_heads=16, vocab_size=32000, multiple_of=256)
 
 
-def _resolve(monkeypatch, free, **kw):
+def _resolve(monkeypatch, free, args=ARGS, **kw):
     monkeypatch.setattr("blocktune.paging.budgets.host_memory_free", lambda: free)
     sizes = {"embed": 262 * MiB, "block_00": 206 * MiB, "head": 262 * MiB}
     files = {k: v // 2 for k, v in sizes.items()}
     base = dict(method="lora", device_budget=AUTO, host_budget=AUTO, activation_budget=AUTO, batch=1, seq=64, micro=8)
     base.update(kw)
-    return resolve(resolve_device("cpu"), ARGS, sizes, files, torch.float32, **base)
+    return resolve(resolve_device("cpu"), args, sizes, files, torch.float32, **base)
 
 
 def test_explicit_budgets_are_kept(monkeypatch):
@@ -223,6 +224,9 @@ def test_a_full_fine_tune_keeps_its_state_in_ram_after_units_and_activations(mon
     short = full(past_units_and_activations(700 * MiB))  # a unit's (the largest, 786 MiB) does not fit
     print("\n".join(short.notes))
     assert short.state == 0 and "read back from the store each step" in " ".join(short.notes)
+    tied = _resolve(monkeypatch, 32 << 30, args=dataclasses.replace(ARGS, tie_embeddings=True), method="full",
+                    state_kinds=3, keep_budget=AUTO)  # the head's matrix is embed's: stepped, and kept, once
+    assert tied.state == whole - ARGS.vocab_size * ARGS.dim * 4 * 3
     assert _resolve(monkeypatch, 32 << 30, method="lora", keep_budget=AUTO).state == 0  # no state to keep
     assert _resolve(monkeypatch, 32 << 30, method="full", state_kinds=3).state == 0  # the library's keep 0
 
@@ -259,17 +263,19 @@ def test_the_loss_term_holds_what_the_chunked_loss_makes(dim, vocab, batch, seq,
 
 
 def test_the_loss_chunk_keeps_a_chunks_logits_within_64_mib(tmp_path, monkeypatch):
-    """By default the loss takes as many positions at a time as keep one chunk's fp32 logits
-    within 64 MiB (128 to 2048): its buffers are held beside every kept block's activations, so
+    """By default a frozen head's loss takes as many positions at a time as keep one chunk's fp32
+    logits within 64 MiB (128 to 2048, in 64s): its buffers are held beside every kept block's activations, so
     they add to the step's peak (SmolLM2's LoRA step at 4 x 256 peaked at 2.38 GB with the old
-    2048 positions, 2.08 GB with 256). The engine's step uses that chunk, and its budgets count it."""
+    2048 positions, 2.08 GB with 256). The engine's step uses that chunk, and its budgets count it.
+    A full fine-tune's head keeps 2048: its weight's gradient is summed over the chunks."""
     import blocktune.engine.engine as engine_module
     from blocktune import Engine, EngineConfig
     from blocktune.engine.loss import loss_chunk
     from conftest import random_batch
 
-    assert [loss_chunk(v) for v in (49152, 32000, 128256, 262144, 1000)] == [341, 524, 130, 128, 2048]
+    assert [loss_chunk(v) for v in (49152, 32000, 128256, 262144, 1000)] == [320, 512, 128, 128, 2048]
     assert loss_chunk(128256, 4096) == 4096  # asked for
+    assert loss_chunk(128256, head_trains=True) == 2048  # a trained head sums its gradient over the chunks
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=262144, multiple_of=32)
     store = make_store(tmp_path / "s", args, seed=0)
     chunks, counted = [], []
@@ -281,7 +287,8 @@ def test_the_loss_chunk_keeps_a_chunks_logits_within_64_mib(tmp_path, monkeypatc
 
     monkeypatch.setattr(engine_module, "chunked_cross_entropy", spy)
     monkeypatch.setattr(engine_module, "resolve_budgets", lambda *a, **kw: counted.append(kw["loss_chunk"]) or real_set(*a, **kw))
-    engine = Engine(store, EngineConfig(method="full", device="cpu"))
+    engine = Engine(store, EngineConfig(method="lora", lora=LoraConfig(), device="cpu"))
     engine.train_step([random_batch(args, 2, 100, seed=0)])
     engine.close()
     assert engine.loss_chunk == 128 and chunks == [128] and counted == [128]
+    assert Engine(store, EngineConfig(method="full", device="cpu")).loss_chunk == 2048

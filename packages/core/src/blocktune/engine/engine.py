@@ -90,7 +90,8 @@ class Engine:
                  args: ModelArgs | None = None):  # args: the store's, or a run's copy (dropout)
         self.store, self.cfg, self.dist = store, cfg or EngineConfig(), dist
         self.args: ModelArgs = args or store.args
-        self.loss_chunk = loss_chunk(self.args.vocab_size, self.cfg.loss_chunk)  # positions per chunk of the loss
+        self.loss_chunk = loss_chunk(self.args.vocab_size, self.cfg.loss_chunk,  # positions per chunk of the loss
+                                     head_trains=self.cfg.method == "full" and not self.cfg.read_only)
         if problems := store.shape_problems():  # a damaged model field: named, not a state-dict error
             raise StoreError(problems[0])
         self.device: Device = resolve_device(self.cfg.device)

@@ -18,16 +18,20 @@ IGNORE_INDEX = -100
 CHUNK_LOGITS = 64 << 20  # bytes of one chunk's fp32 logits, by default
 
 
-def loss_chunk(vocab_size: int, asked: int | None = None) -> int:
-    """Positions per chunk of the loss: `asked`, or as many as keep one chunk's fp32 logits
-    within 64 MiB (128 to 2048): SmolLM2's 49,152 words 341 positions, Llama 2's 32,000 524,
-    Llama 3's 128,256 130. The loss's buffers are held while every kept block's activations
-    are (the forward is over, its backward not begun), so they add to the step's peak: at 2048
-    positions SmolLM2's came to 0.3 GB more (a LoRA step at 4 x 256: peak 2.38 GB against 2.08 GB
-    at 256 positions) for no speed (a chunk of 256 rows keeps the head's matmul efficient)."""
+def loss_chunk(vocab_size: int, asked: int | None = None, head_trains: bool = False) -> int:
+    """Positions per chunk of the loss: `asked`, or where the head is frozen (LoRA, inference) as
+    many as keep one chunk's fp32 logits within 64 MiB, in multiples of 64 from 128 to 2048
+    (SmolLM2's 49,152 words 320 positions, Llama 2's 32,000 512, Llama 3's 128,256 128). The
+    loss's buffers are held while every kept block's activations are (the forward is over, its
+    backward not begun), so they add to the step's peak: SmolLM2's LoRA step at 4 x 256 peaked at
+    2.38 GB with 2048 positions against 2.08 GB with 256, at the same speed. A head that trains
+    (a full fine-tune) keeps 2048: its weight's gradient is summed over the chunks, a vocab x dim
+    product and add each (Llama 3's head: 2.1 GB in fp32)."""
     if asked is not None:
         return asked
-    return max(128, min(2048, CHUNK_LOGITS // (4 * vocab_size)))
+    if head_trains:
+        return 2048
+    return max(128, min(2048, CHUNK_LOGITS // (4 * vocab_size) // 64 * 64))
 
 
 def writes_in_place(device_type: str) -> bool:

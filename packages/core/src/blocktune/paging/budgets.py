@@ -210,7 +210,8 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
             keep, dev = _kept(room - fixed - (work["stash"] if act is None else act), dev, device_budget == AUTO,
                               unit_sizes, work["kept"], args.n_layers, notes)
             if method == "full" and device.host_is_device:
-                state, keep = _state_in_ram(keep, work["kept"], unit_sizes, compute_dtype, state_kinds, notes)
+                state, keep = _state_in_ram(keep, work["kept"], _stepped_sizes(args, unit_sizes, compute_dtype),
+                                            compute_dtype, state_kinds, notes)
     host = _host_budget(device, host_budget, host_free, host_room, largest_file, notes)
     fixed_one = fixed - in_flight + in_flight_one  # what one unit resident has beside it
     if device_budget == AUTO and room is not None and room - fixed_one < largest:
@@ -290,6 +291,14 @@ def _kept(spare: int, dev, dev_auto: bool, unit_sizes: dict[str, int], every: in
     return spare, (held if dev_auto else dev)
 
 
+def _stepped_sizes(args: ModelArgs, unit_sizes: dict[str, int], dtype: torch.dtype) -> dict[str, int]:
+    """Each unit's bytes that its optimizer step steps: a tied head's resident matrix is the
+    embeddings', stepped (and its state kept) with embed."""
+    if not args.tie_embeddings or "head" not in unit_sizes:
+        return unit_sizes
+    return {**unit_sizes, "head": max(0, unit_sizes["head"] - args.vocab_size * args.dim * dtype.itemsize)}
+
+
 def _state_in_ram(keep: int, every: int, unit_sizes: dict[str, int], dtype: torch.dtype, kinds: int,
                   notes: list[str]) -> tuple[int, int]:
     """A full fine-tune's optimizer state kept in RAM between steps, from what `keep_activations
@@ -299,12 +308,13 @@ def _state_in_ram(keep: int, every: int, unit_sizes: dict[str, int], dtype: torc
     budget, the keep budget less it)."""
     if not kinds:  # plain SGD keeps no state
         return 0, keep
-    def state(size: int) -> int:  # fp32 masters and moments, and the step count
+
+    def of(size: int) -> int:  # fp32 masters and moments, and the step count
         return size // dtype.itemsize * kinds * 4 + 4
 
-    whole = sum(state(n) for n in unit_sizes.values())
+    whole = sum(of(n) for n in unit_sizes.values())
     room = max(0, keep - every)
-    one = state(max(unit_sizes.values()))
+    one = of(max(unit_sizes.values()))
     if room < one:
         notes.append(f"optimizer_state auto: read back from the store each step (no room beside the units and "
                      f"activations for a unit's, ≈{_mib(one)})")
