@@ -16,6 +16,7 @@ at about 0.5 GB/s, and the last unit's (the embeddings') was most of the wait at
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -102,13 +103,6 @@ def _as_it_is(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _kept(spec, data, keep: dict[str, torch.Tensor]):
     """The new state's pieces as they go to the file, also kept (by name) for the next step."""
     for (name, _, _), piece in zip(spec, data, strict=True):
@@ -158,7 +152,7 @@ class WriteBack:
             spec, data = streamed_step(optimizer, params, grads, old, lr, self.store.dtype, to_device, stored)
             if not dev.is_cpu:
                 data = (dev.to_host(piece) for piece in data)
-            keep = {} if self.in_ram.room(sum(_numel(shape) * dtype.itemsize for _, dtype, shape in spec)) else None
+            keep = {} if self.in_ram.room(sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in spec)) else None
             if keep is not None:
                 data = _kept(spec, data, keep)
             # fsync'd at commit; direct IO: every unit is rewritten every step, caching it helps nothing
