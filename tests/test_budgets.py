@@ -214,7 +214,6 @@ def test_a_full_fine_tune_keeps_its_state_in_ram_after_units_and_activations(mon
     assert roomy.state == whole and roomy.device == units and roomy.keep >= work["kept"]
     assert "(all of it: stepped there" in " ".join(roomy.notes)
 
-
     def past_units_and_activations(room):  # free RAM that leaves `room` past them
         return int((units_first_full() + units + work["kept"] + room + 192 * MiB) / 0.9) + 1
 
