@@ -82,6 +82,10 @@ class EngineConfig:
     # 0: always recompute; None: keep every unit's; "auto": what RAM holds beside every unit
     # resident (blocktune.paging.budgets). Units past the budget are recomputed.
     keep_budget: int | str | None = 0
+    # Disk for the activations of units past keep_budget (CPU): written in the forward and read
+    # back for the backward instead of recomputed (blocktune.paging.spill). 0: recompute them;
+    # None: no limit but the disk's; "auto": what they need (at most half the disk's free space).
+    spill_budget: int | str | None = 0
     # CPU, frozen units (LoRA, inference): "mapped" reads them through the page cache, "direct"
     # with O_DIRECT into reused buffers (for a store bigger than RAM); "auto" picks direct when
     # the store is more than 80% of the memory available (MemAvailable, or a cgroup's limit).
@@ -93,7 +97,7 @@ class EngineConfig:
         if self.method == "lora" and self.lora is None:
             raise ConfigError("method 'lora' needs a LoRA configuration")
         check_frozen_reads(self.frozen_reads)
-        for name in ("device_budget", "host_budget", "activation_budget", "keep_budget"):
+        for name in ("device_budget", "host_budget", "activation_budget", "keep_budget", "spill_budget"):
             value = getattr(self, name)
             if not (value is None or value == AUTO
                     or isinstance(value, int) and not isinstance(value, bool) and value >= 0):

@@ -21,8 +21,10 @@ only its own range of units: its inputs come from the stage before, its gradient
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,6 +50,7 @@ from blocktune.model.lora import LoraAdapters
 from blocktune.paging.budgets import AUTO, Budgets
 from blocktune.paging.budgets import resolve as resolve_budgets
 from blocktune.paging.pager import Pager, resident_sizes
+from blocktune.paging.spill import ActivationSpill, SpillHandles
 from blocktune.paging.stash import ActivationStash
 from blocktune.store.store import BlockStore
 
@@ -65,6 +68,7 @@ class StepResult:
     units_read: list = field(default_factory=list)  # the units read from the store, in model order
     load_wait_seconds: float = 0.0  # the compute waiting for units to load (what reading ahead did not hide)
     demand_reads: int = 0  # units read only when asked for (not read ahead)
+    spilled_units: int = 0  # of those, units whose activations went to disk and back (`paging.spill`)
 
 
 @dataclass
@@ -74,6 +78,8 @@ class _StepRun:
     replay: dict  # (unit, micro-batch) -> RNG state before the unit's forward
     kept: dict  # (unit, micro-batch) -> (input, output) of a graph kept from the forward
     kept_mods: dict  # full fine-tune: unit -> the module its kept graphs use
+    spilled: dict = field(default_factory=dict)  # unit -> its SpillHandles: kept graphs whose activations are on disk
+    spilled_units: int = 0
     kept_at_start: dict = field(default_factory=dict)  # kept's keys after the forward (the count)
     shapes: list = field(default_factory=list)  # each micro-batch's (batch, seq)
     head: nn.Module | None = None  # the head module between the loss and its step
@@ -132,6 +138,10 @@ class Engine:
         self.inference = Inference(self.args, self.units, self.modules, self.pager, self.stage, dist,
                                    self.dtype, self.device.torch, self.loss_chunk)
         self.step_count = store.step if full else 0
+        # blocks past the RAM's keep budget: activations to disk and back where the budgets allow
+        self.spill = (ActivationSpill(self.budgets.spill, [store.path, Path(tempfile.gettempdir())],
+                                      self.budgets.spill_overlap) if self.budgets.spill else None)
+        self._spill_estimate: dict[int, int] = {}  # unit -> its activations' bytes on disk last step
 
     def _resolve_budgets(self, sizes: dict[str, int], own: list[str]) -> Budgets:
         """The byte budgets (`blocktune.paging.budgets`) for this rank's units `own`, resident
@@ -146,6 +156,7 @@ class Engine:
             {n: store.unit_bytes(n) for n in own}, self.dtype,
             method=cfg.method, device_budget=cfg.device_budget, host_budget=cfg.host_budget,
             activation_budget=cfg.activation_budget, keep_budget=keep, batch=batch, seq=seq,
+            spill_budget=cfg.spill_budget if self.dist.stages == 1 else 0,
             micro=micro, loss_chunk=self.loss_chunk, kv_cache=cfg.read_only,
             state_kinds=len(state_kinds(cfg.optimizer, store.dtype, self.dtype)))
 
@@ -276,7 +287,8 @@ class Engine:
                           after.bytes_read - before["bytes_read"],
                           after.bytes_written - before["bytes_written"], len({i for i, _ in run.kept_at_start}),
                           [u for u in self.units if after.reads_by_unit.get(u, 0) > before["reads_by_unit"].get(u, 0)],
-                          after.wait_seconds - before["wait_seconds"], after.demand_reads - before["demand_reads"])
+                          after.wait_seconds - before["wait_seconds"], after.demand_reads - before["demand_reads"],
+                          run.spilled_units)
 
     def _forward(self, run: _StepRun, xs: list[torch.Tensor], cursors: list) -> None:
         """Embeddings and blocks (this stage's), in the order's visits. Without a graph (the input
@@ -284,12 +296,18 @@ class Engine:
         saved weights are handles, so the backward needs no recompute. xs becomes the head's
         inputs (or, on a stage without the head, goes on to the next stage)."""
         dev, kept_bytes, M, keep_budget = self.device, 0, len(xs), self.budgets.keep
+        spill = self.spill if self.spill is not None and self.spill.open() else None
+        if spill is not None:
+            spill.new_step()
         mods, hooks = {}, {}
         for i, m in self.order.visits(self.order.forward, M):
             if m == 0:  # the unit's first visit
                 mods[i] = self.modules.get(self.units[i], training=True)
-                keep = i > 0 and keep_budget != 0 and (keep_budget is None or kept_bytes < keep_budget)
-                hooks[i] = WeightHandles(self.pager, self.units[i]) if keep else None
+                hooks[i] = None
+                if i > 0 and keep_budget != 0 and (keep_budget is None or kept_bytes < keep_budget):
+                    hooks[i] = WeightHandles(self.pager, self.units[i])
+                elif i > 0 and spill is not None and spill.room(self._spill_estimate.get(i, 0)):
+                    hooks[i] = run.spilled[i] = SpillHandles(self.pager, self.units[i], spill)
             mod, hook = mods[i], hooks[i]
             if i == self.lo:
                 self.stage.arrive(xs, cursors, m)
@@ -301,6 +319,10 @@ class Engine:
                     out = mod(x)
                 run.kept[(i, m)] = (x, out)
                 xs[m] = out.detach()
+                if i in run.spilled:  # its graph holds nothing in RAM: the values it saved are on disk
+                    hook.end()
+                    _hollow(x)
+                    _hollow(out)
             else:
                 run.stash.put((i, m), xs[m])
                 with torch.no_grad():
@@ -309,13 +331,16 @@ class Engine:
             if i == self.hi - 1:  # the stage's last unit: on to the next stage
                 self.stage.send_on(xs[m], cursors[m])
             if m == M - 1:  # the unit's last visit
-                if hook is not None:
+                if i in run.spilled:
+                    self._spill_estimate[i] = hook.activation_bytes
+                elif hook is not None:
                     kept_bytes += hook.activation_bytes
-                    if self.full_step is not None:  # the graph holds the parameters (for their gradients)
-                        run.kept_mods[i] = self.full_step.detach_weights(self.units[i], mod)
+                if hook is not None and self.full_step is not None:  # the graph holds the parameters
+                    run.kept_mods[i] = self.full_step.detach_weights(self.units[i], mod)
                 del mods[i], hooks[i]
             del mod
         run.kept_at_start = dict.fromkeys(run.kept)
+        run.spilled_units = len(run.spilled)
 
     def _loss(self, run: _StepRun, xs: list[torch.Tensor], targets: list[torch.Tensor], n_tok: int,
               cursors: list):
@@ -375,6 +400,11 @@ class Engine:
         """(unit i's module, m -> (input, output) of micro-batch m's graph through it)."""
         unit = self.units[i]
         if (i, 0) in run.kept:  # the graph is there: make the weights it names resident
+            spilled = run.spilled.pop(i, None)
+            if spilled is not None:  # its activations on their way back from disk, and the next's
+                spilled.fetch()
+                if run.spilled and self.budgets.spill_overlap:
+                    run.spilled[max(run.spilled)].fetch()
             tensors = self.pager.get(unit)
             mod = run.kept_mods.pop(i, None)
             if mod is not None:
@@ -398,3 +428,11 @@ class Engine:
     def close(self) -> None:
         self.modules.close()
         self.pager.close()
+        if self.spill is not None:
+            self.spill.close()
+
+
+def _hollow(t: torch.Tensor) -> None:
+    """A kept graph's input or output, whose value the backward does not read (what it saved is
+    on disk): its memory is given back, its shape (which the gradient must have) kept."""
+    t.data = torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)

@@ -70,6 +70,8 @@ class Budgets:
     tight: bool = False  # `auto` found room for under two units (`holds_two_units`): spend time to save memory
     keep: int | None = 0  # activations kept to skip the backward's recompute (None: every block's)
     state: int = 0  # a full fine-tune's optimizer state kept in RAM between steps (CPU; `auto` only)
+    spill: int = 0  # disk for the activations of blocks past `keep` (`blocktune.paging.spill`; CPU)
+    spill_overlap: bool = False  # room for a block's activations more: written and read beside the compute
 
 
 def _mib(n: int) -> str:
@@ -175,18 +177,21 @@ def _host_budget(device: Device, host, host_free: int | None, host_room: int | N
 
 def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_files: dict[str, int],
             compute_dtype: torch.dtype, *, method: str,
-            device_budget, host_budget, activation_budget, keep_budget=0, batch: int = 1, seq: int = 512,
+            device_budget, host_budget, activation_budget, keep_budget=0, spill_budget=0, batch: int = 1, seq: int = 512,
             micro: int = 1, loss_chunk: int = 2048, kv_cache: bool = False, state_kinds: int = 3) -> Budgets:
     """Budgets in bytes (None: unlimited) for budgets given as bytes, None, or "auto".
 
     `unit_sizes`: each unit as held resident (compute dtype); `unit_files`: as stored.
     `keep_budget`: activations kept to skip the recompute ("auto": what is left beside every
-    unit resident). `state_kinds`: a full fine-tune's fp32 tensors of optimizer state per
+    unit resident). `spill_budget`: disk for the activations of the blocks past it, which are
+    then written and read back instead of recomputed ("auto": as much as they need). `state_kinds`: a full fine-tune's fp32 tensors of optimizer state per
     weight (master, exp_avg, exp_avg_sq: `blocktune.engine.optim.state_kinds`).
     """
     ranks = local_ranks(device)
-    if AUTO not in (device_budget, host_budget, activation_budget, keep_budget):
-        return Budgets(device_budget, host_budget, activation_budget, keep=keep_budget)
+    if AUTO not in (device_budget, host_budget, activation_budget, keep_budget, spill_budget):
+        spill = spill_budget if device.host_is_device and keep_budget is not None else 0
+        return Budgets(device_budget, host_budget, activation_budget, keep=keep_budget,
+                       spill=limit(spill) if spill != 0 else 0, spill_overlap=bool(spill))
     largest, largest_file = max(unit_sizes.values()), max(unit_files.values())
     work = working_set(args, compute_dtype, batch, seq, micro, loss_chunk, kv_cache, device.torch.type)
     extra = _full_step_bytes(largest // compute_dtype.itemsize, state_kinds) if method == "full" else 0
@@ -208,7 +213,8 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
         dev, act = _units_and_stash(device, room - fixed, largest, fixed, where, dev, act, work, extra, notes)
         if keep == AUTO:
             keep, dev = _kept(room - fixed - (work["stash"] if act is None else act), dev, device_budget == AUTO,
-                              unit_sizes, work["kept"], args.n_layers, notes)
+                              unit_sizes, work["kept"], args.n_layers, notes,
+                              spills=spill_budget != 0 and device.host_is_device)
             if method == "full" and device.host_is_device:
                 state, keep = _state_in_ram(keep, work["kept"], _stepped_sizes(args, unit_sizes, compute_dtype),
                                             compute_dtype, state_kinds, notes)
@@ -217,10 +223,14 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
     if device_budget == AUTO and room is not None and room - fixed_one < largest:
         _warn_short(fixed_one, largest, room, extra, notes)
     tight = device_budget == AUTO and not holds_two_units(dev, largest)
+    units = sum(unit_sizes.values())  # what the units hold: their budget, or less
+    left = None if room is None else room - (fixed_one if tight else fixed) - sum(
+        b or 0 for b in (units if dev is None else min(dev, units), act, keep, state))
+    spill, overlap = _spill(spill_budget, keep, work["kept"], args.n_layers, left, device, notes)
     if tight:
         notes.append("memory is tight (room for under two units): freed heap memory goes back to the "
                      "OS after every unit")
-    return Budgets(dev, host, act, tuple(notes), tight, keep, state)
+    return Budgets(dev, host, act, tuple(notes), tight, keep, state, spill, overlap)
 
 
 def _full_step_bytes(params: int, state_kinds: int) -> int:
@@ -261,7 +271,7 @@ def _units_and_stash(device: Device, avail: int, largest: int, fixed: int, where
 
 
 def _kept(spare: int, dev, dev_auto: bool, unit_sizes: dict[str, int], every: int, blocks: int,
-          notes: list[str]) -> tuple[int, int | None]:
+          notes: list[str], spills: bool = False) -> tuple[int, int | None]:
     """`keep_activations auto`: the RAM left beside every unit resident (or the device budget,
     where it holds fewer) and the stash keeps blocks' activations so that the backward does not
     recompute them (the fast mode); under one block's, none (each block recomputed, slower).
@@ -269,7 +279,7 @@ def _kept(spare: int, dev, dev_auto: bool, unit_sizes: dict[str, int], every: in
     needs (the one computing, the one read ahead): a unit more resident saves a reload the read
     ahead hides anyway, a block's activations kept save its recompute, a third of its compute
     (7B shape in RAM: 19.7-22.2 s a step keeping 2 GiB against 26-31 s with 25 units resident).
-    Returns (the keep budget, the device budget less what was given to it where `auto` chose it)."""
+    `spills`: the blocks left out go to disk (`_spill`), not to a recompute. Returns (the keep budget, the device budget less what was given to it where `auto` chose it)."""
     units = sum(unit_sizes.values())
     held = units if dev is None else min(dev, units)
     one = every // blocks  # `every`: all `blocks` blocks' activations (working_set's "kept")
@@ -281,13 +291,15 @@ def _kept(spare: int, dev, dev_auto: bool, unit_sizes: dict[str, int], every: in
             notes.append(f"device_budget auto: {_mib(held)} after giving {_mib(give)} to kept activations "
                          "(they save the backward's recompute; a unit more resident saves only a reload)")
     spare -= held
+    rest = "kept on disk (spill_activations)" if spills else "recomputed"
     if spare < one:
         notes.append(f"keep_activations auto: 0 (no room beside the units for one block's activations, ≈{_mib(one)}):"
-                     " each block is recomputed in the backward (slower)")
+                     + (" each block's are kept on disk (spill_activations)" if spills
+                        else " each block is recomputed in the backward (slower)"))
         return 0, dev
     notes.append(f"keep_activations auto: up to {_mib(spare)} beside the units resident: "
                  + (f"every block's activations (≈{_mib(every)}) are kept, no recompute in the backward"
-                    if spare >= every else f"≈{spare * 100 // every}% of the blocks' ≈{_mib(every)} kept, the rest recomputed"))
+                    if spare >= every else f"≈{spare * 100 // every}% of the blocks' ≈{_mib(every)} kept, the rest {rest}"))
     return spare, (held if dev_auto else dev)
 
 
@@ -324,6 +336,28 @@ def _state_in_ram(keep: int, every: int, unit_sizes: dict[str, int], dtype: torc
                  + ("(all of it" if state == whole else f"(of ≈{_mib(whole)}") + ": stepped there, written to the "
                  "store, not read back)")
     return state, keep - state
+
+
+def _spill(asked, keep, every: int, blocks: int, left: int | None, device: Device,
+           notes: list[str]) -> tuple[int, bool]:
+    """The disk for the activations of the blocks that `keep` leaves out (`asked`: bytes, None
+    for no limit, "auto" for what they need, 0 for none: they are recomputed) and whether RAM
+    (`left`: what the other budgets leave) holds a block's activations more, so that each block's
+    are written while the next computes and read back while the one after it in the backward
+    does; without it, each write and read is waited for (still well under a recompute)."""
+    if asked == 0 or keep is None or keep == AUTO or keep >= every or not device.host_is_device:
+        return 0, False
+    rest = every - keep
+    spill = rest if asked == AUTO else limit(asked)
+    one = every // blocks
+    overlap = left is None or left >= one
+    notes.append(f"spill_activations {'auto' if asked == AUTO else 'set'}: the blocks' activations past the RAM's "
+                 f"(≈{_mib(rest)}) go to disk in the forward and come back for the backward instead of being "
+                 "recomputed" + ("" if asked == AUTO else ", up to the disk's room" if asked is None
+                                 else f", up to {_mib(spill)}")
+                 + ("" if overlap else f" (no room for a block's more, ≈{_mib(one)}: each write and read is waited for)")
+                 + "; spill_activations = 0 recomputes them")
+    return spill, overlap
 
 
 def _warn_short(fixed: int, largest: int, room: int, extra: int, notes: list[str]) -> None:

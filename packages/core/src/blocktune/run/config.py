@@ -111,6 +111,9 @@ class RunConfig:
     keep_activations: Budget = _setting(AUTO, MACHINE_SECTION, "RAM for activations kept to skip the backward's "
                                         "recompute, e.g. 6GiB, inf or 0; auto: what is left beside every unit "
                                         "resident")
+    spill_activations: Budget = _setting(AUTO, MACHINE_SECTION, "disk for the activations that keep_activations "
+                                         "leaves out (CPU): written in the forward, read back instead of "
+                                         "recomputed, e.g. 20GiB; 0: recompute them; auto: what they need")
     verify: str = _setting("once", MACHINE_SECTION, "crc32 of each file: once per file version per process, "
                            "always, never", choices=("once", "always", "never"))
     frozen_reads: str = _setting("auto", MACHINE_SECTION, "CPU, frozen weights: through the page cache (mapped), "
@@ -183,7 +186,7 @@ class RunConfig:
             device_budget=self.device_budget, host_budget=self.host_budget,
             activation_budget=self.activation_budget, seed=self.seed,
             batch_hint=(self.batch_size, self.seq_len, self.grad_accum),
-            keep_budget=self.keep_activations, verify=self.verify,
+            keep_budget=self.keep_activations, spill_budget=self.spill_activations, verify=self.verify,
             frozen_reads=self.frozen_reads,
         )
 
@@ -330,8 +333,8 @@ def config_line(cfg: RunConfig, budgets: Budgets, arithmetic: Path) -> str:
     budgets it resolved (`Budgets`), and where the arithmetic behind them is."""
     return (f"config: {cfg.changed()}; budgets: device {short_size(budgets.device)}, host "
             f"{short_size(budgets.host)}, activations {short_size(budgets.activation)}, kept activations "
-            f"{short_size(budgets.keep)}" + (f", optimizer state in RAM {short_size(budgets.state)}" if budgets.state
-                                             else "") + f" (how: {arithmetic}; "
+            f"{short_size(budgets.keep)}" + (f", on disk {short_size(budgets.spill)}" if budgets.spill else "")
+            + (f", optimizer state in RAM {short_size(budgets.state)}" if budgets.state else "") + f" (how: {arithmetic}; "
             "every setting: --print-config)")
 
 

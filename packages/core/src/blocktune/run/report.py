@@ -93,7 +93,7 @@ def summarize(run: str | Path) -> dict[str, Any]:
         "peak_device_reserved_gb": max((r["peak_device_reserved_gb"] for r in rows
                                         if "peak_device_reserved_gb" in r), default=None),
         "budgets": {k: cfg[k] for k in ("device_budget", "host_budget", "activation_budget",
-                                        "keep_activations") if k in cfg},
+                                        "keep_activations", "spill_activations") if k in cfg},
     }
     kept = kept_adapters(run)  # a LoRA run's adapter-step-N files and the best validated one
     out["adapters"] = {"steps": sorted(kept["steps"]), "best_step": kept["best"],

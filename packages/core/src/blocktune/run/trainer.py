@@ -254,7 +254,7 @@ class Trainer:
         self.log(config_line(self.cfg, budgets, self.out / BUDGETS))
         self.log(self.engine.dtype_note)
         for note in budgets.notes:
-            if note.startswith(("warning", "keep_activations")):
+            if note.startswith(("warning", "keep_activations", "spill_activations")):
                 self.log(note)
 
     def _keep_arithmetic(self) -> None:

@@ -1,0 +1,311 @@
+"""Kept activations on disk: a block's saved tensors written as its forward ends and read back for
+its backward, where RAM cannot keep them, instead of recomputing the block.
+
+Recomputing a block costs its forward again (a 7B-shaped block: about 0.4 s of a CPU's compute
+for 128 tokens); its activations are about 54 MB, which the disk writes and reads back in a
+fraction of that, and off the computing thread: each block's are written while the next block
+computes, and read back while the block after it in the backward computes. They go to one file
+with no name (O_TMPFILE, where the file system has it), in the store's folder or the system's
+temporary folder: nothing is left behind, however the process ends, and no other process can
+see it. Where the spill cannot be opened, or runs out of room, the blocks are recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from blocktune.engine.handles import WeightHandles
+from blocktune.paging.pager import Pager
+from blocktune.store.fileio import ALIGN, aligned_empty, round_up
+
+__all__ = ["ActivationSpill", "SpillHandles"]
+
+log = logging.getLogger("blocktune")
+
+_PIECE = 64  # each tensor's bytes start on a 64-byte boundary in its region
+_BOUNCE = 16 << 20  # the aligned buffer the bytes go to the file through
+
+
+class _Region:
+    """One (unit, micro-batch)'s saved tensors: held while they are written, then on disk at
+    `offset`, then read back into one aligned buffer for the backward."""
+
+    def __init__(self) -> None:
+        # (as stored: a view or copy of it, the tensor saved), until written
+        self.held: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # (byte offset in the region, dtype, shape as stored, the permutation back to the saved layout)
+        self.layout: list[tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]] = []
+        self.index: dict[tuple, int] = {}
+        self.packs = 0  # tensors saved (some more than once)
+        self.nbytes = 0
+        self.offset = -1
+        self.written: Future | None = None
+        self.read: Future | None = None
+
+    def add(self, t: torch.Tensor) -> int:
+        """`t` stored as its bytes in memory order: a transposed view is stored as the contiguous
+        tensor it is a view of, and comes back with the strides it had."""
+        self.packs += 1
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        found = self.index.get(key)
+        if found is not None:  # one tensor saved by several ops (q, k and v's input)
+            return found
+        perm = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+        stored = t.permute(perm)
+        if not stored.is_contiguous():
+            stored = stored.contiguous()
+        back = tuple(sorted(range(len(perm)), key=lambda d: perm[d]))
+        self.layout.append((self.nbytes, t.dtype, tuple(stored.shape), back))
+        self.held.append((stored, t))  # t too: no other tensor may take its address while its key is here
+        self.nbytes += round_up_to(stored.numel() * stored.element_size(), _PIECE)
+        self.index[key] = len(self.layout) - 1
+        return self.index[key]
+
+    def tensor(self, buf: torch.Tensor, i: int) -> torch.Tensor:
+        start, dtype, shape, back = self.layout[i]
+        n = dtype.itemsize
+        for s in shape:
+            n *= s
+        return buf[start:start + n].view(dtype).view(shape).permute(back)
+
+
+def round_up_to(n: int, k: int) -> int:
+    return n + (-n % k)
+
+
+class _Ref:
+    """What the graph holds for a spilled tensor."""
+
+    __slots__ = ("region", "i")
+
+    def __init__(self, region: _Region, i: int):
+        self.region, self.i = region, i
+
+
+class ActivationSpill:
+    """The spill file and its IO thread, for one engine: regions are laid out one after another
+    each step (`new_step` starts again at 0), written in the order the forward ends them and
+    read back in the order the backward asks. Within `budget` bytes of disk (checked against
+    the file system's free space when the file is opened: at most half of it). `overlap`: a
+    region is written while the next is made (else the forward waits for each write)."""
+
+    def __init__(self, budget: int, folders: list[Path], overlap: bool = True):
+        self.budget, self.folders, self.overlap = budget, folders, overlap
+        self._fd: int | None = None
+        self._opened = False
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="blocktune-spill")
+        self._end = 0
+        self.where: Path | None = None
+        self.bytes_written = self.bytes_read = 0
+        self._lock = threading.Lock()
+        self._bounce: torch.Tensor | None = None
+        self._last: Future | None = None
+        self.broken: OSError | None = None  # a write failed: nothing more is spilled
+
+    def open(self) -> bool:
+        """Whether the spill is there (opened on first use; a folder that will not take it is
+        passed over, with a log line, for the next; none: the blocks are recomputed)."""
+        if self._opened:
+            return self._fd is not None
+        self._opened = True
+        for folder in self.folders:
+            try:
+                free = shutil.disk_usage(folder).free
+                if free // 2 < min(self.budget, 1 << 30):
+                    log.info("kept activations: %s has %.1f GB free, too little to spill to", folder, free / 1e9)
+                    continue
+                self._fd = _open_nameless(folder)
+            except OSError as exc:
+                log.info("kept activations: cannot spill to %s (%s)", folder, exc)
+                continue
+            self.budget = min(self.budget, free // 2)
+            self.where = folder
+            return True
+        log.info("kept activations: no folder to spill to; blocks past the RAM budget are recomputed")
+        return False
+
+    def new_step(self) -> None:
+        self._end = 0
+
+    def room(self, nbytes: int) -> bool:
+        return self.broken is None and self._end + nbytes <= self.budget
+
+    def write(self, region: _Region) -> None:
+        """`region`'s tensors to the file (on the IO thread), after the region before it. The
+        write before it must be done first: at most two regions' tensors are held."""
+        if self._last is not None:
+            self._last.result()
+        region.offset = self._end
+        self._end += round_up(region.nbytes)
+        region.written = self._last = self._io.submit(self._write, region)
+        if not self.overlap:  # no room for the next block's beside these: wait for the disk
+            region.written.result()
+
+    def _write(self, region: _Region) -> None:
+        try:
+            self._write_out(region)
+        except OSError as exc:  # a full or failing disk: this region stays in RAM, no other is spilled
+            if self.broken is None:
+                log.warning("kept activations: writing to the spill in %s failed (%s); the blocks after it are "
+                            "recomputed (free space there, or set spill_activations = 0)", self.where, exc)
+            self.broken = exc
+            return
+        region.held, region.index = [], {}
+        with self._lock:
+            self.bytes_written += region.nbytes
+
+    def _write_out(self, region: _Region) -> None:
+        if self._bounce is None:
+            self._bounce = aligned_empty(_BOUNCE)
+        out = _Out(self._fd, self._bounce, region.offset)
+        at = 0  # bytes of the region given so far
+        for (start, _, _, _), (stored, _) in zip(region.layout, region.held, strict=True):
+            out.zeros(start - at)
+            src = stored.reshape(-1).view(torch.uint8)
+            out.put(src)
+            at = start + src.numel()
+        out.finish()
+
+    def read(self, region: _Region) -> None:
+        """Start reading `region` back (on the IO thread, after any write before it)."""
+        if region.read is None:
+            region.read = self._io.submit(self._read, region)
+
+    def _read(self, region: _Region) -> torch.Tensor | None:
+        region.written.result()
+        if region.held:  # its write failed: its tensors are still here
+            return None
+        buf = aligned_empty(round_up(region.nbytes))
+        mv = memoryview(buf.numpy())
+        pos = 0
+        while pos < len(mv):
+            n = os.preadv(self._fd, [mv[pos:]], region.offset + pos)
+            if n <= 0:
+                raise OSError(f"kept activations: the spill file ended at {region.offset + pos}")
+            pos += n
+        with self._lock:
+            self.bytes_read += region.nbytes
+        return buf
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _Out:
+    """Bytes to the file at `pos` on, through an aligned buffer (direct IO writes whole blocks
+    from aligned memory); `finish` pads the last block with zeros."""
+
+    def __init__(self, fd: int, bounce: torch.Tensor, pos: int):
+        self.fd, self.bounce, self.mv, self.pos, self.fill = fd, bounce, memoryview(bounce.numpy()), pos, 0
+
+    def zeros(self, n: int) -> None:
+        self._copy(n, None)
+
+    def put(self, src: torch.Tensor) -> None:
+        self._copy(src.numel(), src)
+
+    def _copy(self, n: int, src: torch.Tensor | None) -> None:
+        done = 0
+        while done < n:
+            k = min(n - done, len(self.mv) - self.fill)
+            if src is None:
+                self.bounce[self.fill:self.fill + k].zero_()
+            else:
+                self.bounce[self.fill:self.fill + k].copy_(src[done:done + k])
+            self.fill += k
+            done += k
+            if self.fill == len(self.mv):
+                self._flush(self.fill)
+
+    def _flush(self, n: int) -> None:
+        _pwrite_all(self.fd, self.mv[:n], self.pos)
+        self.pos += n
+        self.fill = 0
+
+    def finish(self) -> None:
+        pad = -self.fill % ALIGN
+        self.bounce[self.fill:self.fill + pad].zero_()
+        if self.fill + pad:
+            self._flush(self.fill + pad)
+
+
+def _pwrite_all(fd: int, mv: memoryview, pos: int) -> None:
+    while len(mv):
+        n = os.pwritev(fd, [mv], pos)
+        mv, pos = mv[n:], pos + n
+
+
+def _open_nameless(folder: Path) -> int:
+    """A file in `folder` that no other process can see and that goes when it is closed: O_TMPFILE
+    where the file system has it, else a temporary name unlinked at once; O_DIRECT where it is
+    allowed (the page cache would only hold bytes read once, in the memory the run is short of)."""
+    direct = getattr(os, "O_DIRECT", 0)
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    for flags in ((tmpfile | direct, tmpfile, 0) if tmpfile else (0,)):
+        if flags:
+            try:
+                return os.open(folder, flags | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            except OSError:
+                continue
+        fd, path = tempfile.mkstemp(prefix=".blocktune-activations-", dir=folder)
+        os.unlink(path)
+        return fd
+    raise OSError(f"cannot create a file in {folder}")
+
+
+class SpillHandles(WeightHandles):
+    """saved_tensors_hooks for one unit whose activations go to the spill: weights become handles
+    (as `WeightHandles`), everything else is gathered in the micro-batch's region, written when
+    `end` is called (the micro-batch's forward through the unit is over) and read back when the
+    backward first unpacks one of them (or earlier, by `fetch`)."""
+
+    def __init__(self, pager: Pager, unit: str, spill: ActivationSpill):
+        super().__init__(pager, unit)
+        self.spill = spill
+        self.regions: list[_Region] = []
+        self._open: _Region | None = None
+
+    def pack(self, t: torch.Tensor):
+        packed = super().pack(t)
+        if packed is not t or t.device.type != "cpu":  # a weight's handle; or not in host memory
+            return packed
+        self.activation_bytes -= t.numel() * t.element_size()  # counted as written, in `end`
+        if self._open is None:
+            self._open = _Region()
+        return _Ref(self._open, self._open.add(t))
+
+    def unpack(self, packed):
+        if not isinstance(packed, _Ref):
+            return super().unpack(packed)
+        region = packed.region
+        if region.read is None:
+            self.spill.read(region)
+        buf = region.read.result()
+        if buf is None:  # never written: the view taken when it was saved (the tensor itself may be hollowed since)
+            return region.held[packed.i][0].permute(region.layout[packed.i][3])
+        return region.tensor(buf, packed.i)
+
+    def end(self) -> None:
+        """The micro-batch's forward through the unit is over: its region goes to the disk."""
+        region, self._open = self._open, None
+        if region is None:
+            return
+        self.activation_bytes += region.nbytes
+        self.spill.write(region)
+        self.regions.append(region)
+
+    def fetch(self) -> None:
+        """Start reading this unit's regions back, in order."""
+        for region in self.regions:
+            self.spill.read(region)
