@@ -187,6 +187,43 @@ def test_auto_keeps_activations_where_memory_allows(monkeypatch):
     assert explicit.keep == 0 and explicit.device > units  # the library's default: always recompute
 
 
+def test_auto_keeps_on_disk_the_activations_ram_cannot(monkeypatch):
+    """`spill_activations auto` (the run's default) on the CPU: the blocks' activations that the
+    RAM's keep budget leaves out go to disk (all of them where none fit, the rest where some do,
+    none where all fit), and the log says so instead of "recomputed"; with room for a block's
+    more the writes and reads overlap the compute (the RAM's keep budget gives a block's room to
+    it), without, each is waited for; 0 recomputes; the emulated accelerator spills nothing (its
+    host RAM is not the device)."""
+    work = working_set(ARGS, torch.float32, 1, 64, 8, 2048, device_type="cpu")
+
+    def spill(free, **kw):
+        b = _resolve(monkeypatch, free, keep_budget=AUTO, spill_budget=AUTO, **kw)
+        print("\n".join(b.notes))
+        return b
+
+    roomy = spill(16 << 30)
+    assert roomy.spill == 0 and "spill_activations" not in " ".join(roomy.notes)
+    some = spill(2 << 30)
+    assert 0 < some.keep < work["kept"] and some.spill == work["kept"] - some.keep and some.spill_overlap
+    assert "after giving a block's (106 MiB) to the spill's overlap" in " ".join(some.notes)
+    assert "the rest kept on disk (spill_activations)" in " ".join(some.notes)
+    short = spill(1200 * MiB)
+    assert short.keep == 0 and short.spill == work["kept"]
+    assert "each block's are kept on disk" in " ".join(short.notes)
+    assert "spill_activations auto: the blocks' activations past the RAM's" in " ".join(short.notes)
+    assert not short.spill_overlap and "each write and read is waited for" in " ".join(short.notes)  # no room for more
+    off = _resolve(monkeypatch, 1200 * MiB, keep_budget=AUTO, spill_budget=0)
+    assert off.spill == 0 and "each block is recomputed in the backward" in " ".join(off.notes)
+    assert _resolve(monkeypatch, 1200 * MiB, keep_budget=AUTO, spill_budget=5 << 30).spill == 5 << 30
+    from blocktune.machine.devices import EmuDevice
+
+    monkeypatch.setattr("blocktune.paging.budgets.host_memory_free", lambda: 1200 * MiB)
+    sizes = {"embed": 262 * MiB, "block_00": 206 * MiB, "head": 262 * MiB}
+    emu = resolve(EmuDevice(), ARGS, sizes, sizes, torch.float32, method="lora", device_budget=AUTO,
+                  host_budget=AUTO, activation_budget=AUTO, keep_budget=AUTO, spill_budget=AUTO, batch=1, seq=64, micro=8)
+    assert emu.spill == 0
+
+
 def test_a_full_fine_tune_counts_its_fp32_state(monkeypatch):
     """The fp32 masters and moments a full fine-tune's step holds (pieces of each, old and new) are
     taken from the units' room: more kinds of state, a smaller device budget."""

@@ -226,7 +226,8 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
     units = sum(unit_sizes.values())  # what the units hold: their budget, or less
     left = None if room is None else room - (fixed_one if tight else fixed) - sum(
         b or 0 for b in (units if dev is None else min(dev, units), act, keep, state))
-    spill, overlap = _spill(spill_budget, keep, work["kept"], args.n_layers, left, device, notes)
+    spill, overlap, keep = _spill(spill_budget, keep, keep_budget == AUTO, work["kept"], args.n_layers, left,
+                                  device, notes)
     if tight:
         notes.append("memory is tight (room for under two units): freed heap memory goes back to the "
                      "OS after every unit")
@@ -338,26 +339,31 @@ def _state_in_ram(keep: int, every: int, unit_sizes: dict[str, int], dtype: torc
     return state, keep - state
 
 
-def _spill(asked, keep, every: int, blocks: int, left: int | None, device: Device,
-           notes: list[str]) -> tuple[int, bool]:
+def _spill(asked, keep, keep_auto: bool, every: int, blocks: int, left: int | None, device: Device,
+           notes: list[str]) -> tuple[int, bool, int | None]:
     """The disk for the activations of the blocks that `keep` leaves out (`asked`: bytes, None
     for no limit, "auto" for what they need, 0 for none: they are recomputed) and whether RAM
     (`left`: what the other budgets leave) holds a block's activations more, so that each block's
     are written while the next computes and read back while the one after it in the backward
-    does; without it, each write and read is waited for (still well under a recompute)."""
+    does; without it, each write and read is waited for (still well under a recompute). Where
+    `auto` chose the keep budget, it gives a block's room to that. Returns (the spill's budget,
+    the overlap, the keep budget)."""
     if asked == 0 or keep is None or keep == AUTO or keep >= every or not device.host_is_device:
-        return 0, False
-    rest = every - keep
-    spill = rest if asked == AUTO else limit(asked)
+        return 0, False, keep
     one = every // blocks
     overlap = left is None or left >= one
+    if not overlap and keep_auto and keep >= one:  # a block more on disk, and every write overlapped
+        keep, overlap = keep - one, True
+        notes.append(f"keep_activations auto: {_mib(keep)} after giving a block's ({_mib(one)}) to the spill's overlap")
+    rest = every - keep
+    spill = rest if asked == AUTO else limit(asked)
     notes.append(f"spill_activations {'auto' if asked == AUTO else 'set'}: the blocks' activations past the RAM's "
                  f"(≈{_mib(rest)}) go to disk in the forward and come back for the backward instead of being "
                  "recomputed" + ("" if asked == AUTO else ", up to the disk's room" if asked is None
                                  else f", up to {_mib(spill)}")
                  + ("" if overlap else f" (no room for a block's more, ≈{_mib(one)}: each write and read is waited for)")
                  + "; spill_activations = 0 recomputes them")
-    return spill, overlap
+    return spill, overlap, keep
 
 
 def _warn_short(fixed: int, largest: int, room: int, extra: int, notes: list[str]) -> None:
