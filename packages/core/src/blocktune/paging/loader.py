@@ -86,7 +86,8 @@ class UnitLoader:
     """Brings units in for a pager: host copies (`read`), then device copies (`to_device`).
 
     The pager hands it the read paths it chose (`mapped`: frozen units mapped read-only from
-    the page cache; `direct`: read with direct IO, into `pool`'s buffers if any), its host tier
+    the page cache; `direct`: read with direct IO, into `pool`'s buffers if any, for the units
+    in `pooled` or all), its host tier
     and device slots (accelerators), each unit's resident bytes (`sizes`), and the counters and
     their lock it shares with the write-back. The loader owns the files it keeps mapped, each
     unit's slot layout and the copy stream.
@@ -95,11 +96,12 @@ class UnitLoader:
     def __init__(self, store: BlockStore, device: Device, sizes: dict[str, int], stats, lock: threading.Lock, *,
                  compute_dtype: torch.dtype, as_stored: frozenset[str], verify: bool | str,
                  mapped: bool, direct: bool, tier: HostTier | None, slots: DeviceSlots | None,
-                 pool: BufferPool | None):
+                 pool: BufferPool | None, pooled: frozenset[str] | None = None):
         self.store, self.device, self.dtype, self.as_stored = store, device, compute_dtype, as_stored
         self.verify, self.mapped, self.direct = verify, mapped, direct
         self._size, self.stats, self._lock = sizes, stats, lock
         self._tier, self._slots, self._pool = tier, slots, pool
+        self._pooled = pooled  # the units whose direct reads take `pool`'s buffers (None: all)
         self._copy_stream = device.copy_stream()
         self._maps: dict[str, dict[str, torch.Tensor]] = {}  # file -> its mapped tensors (reader thread)
         copied = copied_units(store, compute_dtype, as_stored, device)
@@ -136,7 +138,8 @@ class UnitLoader:
         elif self.mapped:
             host = self._mapped(name)
         else:  # on the CPU, past the page cache: a unit is read once a pass, and RAM is short
-            alloc = self._pool.take if self._pool is not None else None
+            pooled = self._pool is not None and (self._pooled is None or name in self._pooled)
+            alloc = self._pool.take if pooled else None
             host = self.store.read_unit(name, alloc=alloc, verify=self.verify, direct=self.direct)
         with self._lock:
             self.stats.bytes_read += self.store.unit_bytes(name)
