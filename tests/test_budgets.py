@@ -212,6 +212,13 @@ def test_auto_keeps_on_disk_the_activations_ram_cannot(monkeypatch):
     assert "each block's are kept on disk" in " ".join(short.notes)
     assert "spill_activations auto: the blocks' activations past the RAM's" in " ".join(short.notes)
     assert not short.spill_overlap and "each write and read is waited for" in " ".join(short.notes)  # no room for more
+    # SmolLM2-135M's shape: a block's recompute, ≈113 FLOPs a byte of its activations, beats the disk
+    small = ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, ffn_dim=1536)
+    cheap = _resolve(monkeypatch, 1200 * MiB, args=small, batch=4, seq=256, micro=1, keep_budget=AUTO, spill_budget=AUTO)
+    assert cheap.spill == 0 and "recomputing is quicker than the disk" in " ".join(cheap.notes)
+    assert "recomputed in the backward" in " ".join(cheap.notes) and "kept on disk" not in " ".join(cheap.notes)
+    assert _resolve(monkeypatch, 1200 * MiB, args=small, batch=4, seq=256, micro=1, keep_budget=AUTO,
+                    spill_budget=1 << 30).spill == 1 << 30  # asked for: spilled
     off = _resolve(monkeypatch, 1200 * MiB, keep_budget=AUTO, spill_budget=0)
     assert off.spill == 0 and "each block is recomputed in the backward" in " ".join(off.notes)
     assert _resolve(monkeypatch, 1200 * MiB, keep_budget=AUTO, spill_budget=5 << 30).spill == 5 << 30
