@@ -293,7 +293,8 @@ class Engine:
     def _forward(self, run: _StepRun, xs: list[torch.Tensor], cursors: list) -> None:
         """Embeddings and blocks (this stage's), in the order's visits. Without a graph (the input
         stashed, the RNG state noted for the replay), or, within keep_budget, with one whose
-        saved weights are handles, so the backward needs no recompute. xs becomes the head's
+        saved weights are handles, so the backward needs no recompute; past it, where the spill
+        has room, with one whose saved values go to disk (`paging.spill`). xs becomes the head's
         inputs (or, on a stage without the head, goes on to the next stage)."""
         dev, kept_bytes, M, keep_budget = self.device, 0, len(xs), self.budgets.keep
         spill = self.spill if self.spill is not None and self.spill.open() else None
