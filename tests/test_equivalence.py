@@ -265,7 +265,7 @@ def test_kept_activations_equal_recompute(tmp_path, tiny_args, keep_budget, meth
         results.append((losses, trained))
     (l0, a0), (l1, a1) = results
     print(f"recompute {l0}\nkept      {l1}\nread buffers held at once {held}")
-    assert held[1] <= held[0] + 3  # full: were the kept graphs pinning units, that would be 8 more
+    assert (method == "lora" or 0 < held[0]) and held[1] <= held[0] + 3  # full: were the kept graphs pinning units, that would be 8 more
     assert all(abs(x - y) <= TOL * abs(x) for x, y in zip(l0, l1))
     assert max(rel_err(a1[k], a0[k]) for k in a0) <= TOL
 
@@ -440,7 +440,7 @@ def test_a_spilled_graph_gets_back_its_views_masks_and_shared_tensors(tmp_path, 
         out = graph(*leaves, (handles.pack, handles.unpack) if spilled else None)
         if spilled:
             region = handles._open
-            handles.end()
+            handles.end(0)
             assert region.layout and len(region.layout) < region.packs  # y's twice, written once
         out.backward()
         grads.append([t.grad for t in leaves])
@@ -483,3 +483,38 @@ def test_a_spill_whose_disk_fills_keeps_the_step(tmp_path, tiny_args, monkeypatc
     assert "No space left on device" in caplog.text and "spill_activations = 0" in caplog.text
     assert all(abs(x - y) <= TOL * abs(x) for x, y in zip(l0, l1))
     assert max(rel_err(a1[k], a0[k]) for k in a0) <= TOL
+
+
+def test_a_spilled_unit_holds_two_micro_batches_read_back_at_most(tmp_path, tiny_args, monkeypatch):
+    """Four micro-batches a step: in the backward, what was read back for a micro-batch goes once
+    its backward is through, and only the next one (or the next unit's first) is read ahead, so
+    at most two micro-batches' activations are in memory, not all of a unit's (and the next's);
+    the spill is never in a folder that lives in RAM (tmpfs)."""
+    import weakref
+
+    from blocktune.paging import spill as spill_mod
+
+    args = tiny_args.replace(n_layers=4)
+    live, most = [], []
+    read = spill_mod.ActivationSpill._read
+
+    def counted(self, region):
+        buf = read(self, region)
+        live.append(weakref.ref(buf))
+        return buf
+
+    def fetch(self, m, fetch=spill_mod.SpillHandles.fetch):
+        most.append(sum(r() is not None for r in live))
+        return fetch(self, m)
+
+    monkeypatch.setattr(spill_mod.ActivationSpill, "_read", counted)
+    monkeypatch.setattr(spill_mod.SpillHandles, "fetch", fetch)
+    store = make_store(tmp_path / "s", args.with_dropout(0.1), seed=3)
+    engine = Engine(store, EngineConfig(method="lora", lora=LORA, device="cpu", keep_budget=0, spill_budget=None,
+                                        optimizer=OptimizerConfig("adamw", 1e-2)))
+    engine.spill.folders.insert(0, Path("/dev/shm"))  # in RAM: passed over
+    result = engine.train_step([random_batch(args, 2, 12, seed=m) for m in range(4)])
+    assert engine.spill.where == store.path
+    assert result.spilled_units == args.n_layers and len(live) == 4 * args.n_layers
+    assert max(most) <= 2, most
+    engine.close()

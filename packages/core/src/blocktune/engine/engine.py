@@ -321,7 +321,7 @@ class Engine:
                 run.kept[(i, m)] = (x, out)
                 xs[m] = out.detach()
                 if i in run.spilled:  # its graph holds nothing in RAM: the values it saved are on disk
-                    hook.end()
+                    hook.end(m)
                     _hollow(x)
                     _hollow(out)
             else:
@@ -402,16 +402,26 @@ class Engine:
         unit = self.units[i]
         if (i, 0) in run.kept:  # the graph is there: make the weights it names resident
             spilled = run.spilled.pop(i, None)
-            if spilled is not None:  # its activations on their way back from disk, and the next's
-                spilled.fetch()
-                if run.spilled and self.budgets.spill_overlap:
-                    run.spilled[max(run.spilled)].fetch()
             tensors = self.pager.get(unit)
             mod = run.kept_mods.pop(i, None)
             if mod is not None:
                 for name, p in mod.named_parameters():
                     p.data = tensors[name]
-            return mod, lambda m: run.kept.pop((i, m))
+            if spilled is None:
+                return mod, lambda m: run.kept.pop((i, m))
+            ahead = run.spilled[max(run.spilled)] if run.spilled and self.budgets.spill_overlap else None
+            M = len(run.shapes)
+
+            def from_disk(m: int):
+                """Micro-batch m's activations back from disk, the next ones on their way (the
+                next micro-batch's, or the next unit's first), the last ones let go."""
+                spilled.release(m - 1)
+                spilled.fetch(m)
+                if self.budgets.spill_overlap:
+                    spilled.fetch(m + 1) if m + 1 < M else (ahead.fetch(0) if ahead is not None else None)
+                return run.kept.pop((i, m))
+
+            return mod, from_disk
         mod = self.modules.get(unit, training=True)
 
         def recompute(m: int):

@@ -191,7 +191,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
     if AUTO not in (device_budget, host_budget, activation_budget, keep_budget, spill_budget):
         spill = spill_budget if device.host_is_device and keep_budget is not None else 0
         return Budgets(device_budget, host_budget, activation_budget, keep=keep_budget,
-                       spill=limit(spill) if spill != 0 else 0, spill_overlap=bool(spill))
+                       spill=limit(spill) if spill != 0 else 0, spill_overlap=spill != 0)
     largest, largest_file = max(unit_sizes.values()), max(unit_files.values())
     work = working_set(args, compute_dtype, batch, seq, micro, loss_chunk, kv_cache, device.torch.type)
     extra = _full_step_bytes(largest // compute_dtype.itemsize, state_kinds) if method == "full" else 0

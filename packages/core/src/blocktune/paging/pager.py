@@ -127,8 +127,8 @@ class Pager:
         self.loader = UnitLoader(store, device, self._size, self.stats, self._lock, compute_dtype=compute_dtype,
                                  as_stored=as_stored, verify=verify, mapped=self.mapped, direct=self._direct,
                                  tier=self._tier, slots=self._slots, pool=self._pool,
-                                 pooled=None if self.holds_two_units else copied_units(
-                                     store, compute_dtype, as_stored, device))
+                                 pooled=None if self.holds_two_units or compute_dtype == store.dtype
+                                 else copied_units(store, compute_dtype, as_stored, device))
         self.writes = WriteBack(store, device, self.stats, self._lock, verify, max_dirty, state_budget)
 
     def _check_budget(self) -> None:

@@ -112,7 +112,7 @@ class ActivationSpill:
         self._lock = threading.Lock()
         self._bounce: torch.Tensor | None = None
         self._last: Future | None = None
-        self.broken: OSError | None = None  # a write failed: nothing more is spilled
+        self.broken: Exception | None = None  # a write failed: nothing more is spilled
 
     def open(self) -> bool:
         """Whether the spill is there (opened on first use; a folder that will not take it is
@@ -121,6 +121,9 @@ class ActivationSpill:
             return self._fd is not None
         self._opened = True
         for folder in self.folders:
+            if _in_memory(folder):
+                log.info("kept activations: %s is in memory (tmpfs), not a disk: not spilled to", folder)
+                continue
             try:
                 free = shutil.disk_usage(folder).free
                 if free // 2 < min(self.budget, 1 << 30):
@@ -156,7 +159,7 @@ class ActivationSpill:
     def _write(self, region: _Region) -> None:
         try:
             self._write_out(region)
-        except OSError as exc:  # a full or failing disk: this region stays in RAM, no other is spilled
+        except Exception as exc:  # a full or failing disk (or no memory for the buffer): this region stays in RAM, no other is spilled
             if self.broken is None:
                 log.warning("kept activations: writing to the spill in %s failed (%s); the blocks after it are "
                             "recomputed (free space there, or set spill_activations = 0)", self.where, exc)
@@ -250,6 +253,19 @@ def _pwrite_all(fd: int, mv: memoryview, pos: int) -> None:
         mv, pos = mv[n:], pos + n
 
 
+def _in_memory(folder: Path) -> bool:
+    """Whether `folder` is on a file system in RAM (tmpfs, ramfs; Linux's /proc/mounts): a spill
+    there would take the memory it is meant to save."""
+    try:
+        mounts = [line.split()[1:3] for line in open("/proc/mounts").read().splitlines()]
+    except OSError:
+        return False
+    path = os.path.realpath(folder)
+    best = max((m for m in mounts if len(m) == 2 and (path == m[0] or path.startswith(m[0].rstrip("/") + "/"))),
+               key=lambda m: len(m[0]), default=None)
+    return best is not None and best[1] in ("tmpfs", "ramfs")
+
+
 def _open_nameless(folder: Path) -> int:
     """A file in `folder` that no other process can see and that goes when it is closed: O_TMPFILE
     where the file system has it, else a temporary name unlinked at once; O_DIRECT where it is
@@ -272,12 +288,13 @@ class SpillHandles(WeightHandles):
     """saved_tensors_hooks for one unit whose activations go to the spill: weights become handles
     (as `WeightHandles`), everything else is gathered in the micro-batch's region, written when
     `end` is called (the micro-batch's forward through the unit is over) and read back when the
-    backward first unpacks one of them (or earlier, by `fetch`)."""
+    backward first unpacks one of them (or earlier, by `fetch`), held until `release`: at most
+    the micro-batch being differentiated and the one read ahead are in memory."""
 
     def __init__(self, pager: Pager, unit: str, spill: ActivationSpill):
         super().__init__(pager, unit)
         self.spill = spill
-        self.regions: list[_Region] = []
+        self.regions: dict[int, _Region] = {}  # micro-batch -> its region, until its backward is through
         self._open: _Region | None = None
 
     def pack(self, t: torch.Tensor):
@@ -300,16 +317,21 @@ class SpillHandles(WeightHandles):
             return region.held[packed.i][0].permute(region.layout[packed.i][3])
         return region.tensor(buf, packed.i)
 
-    def end(self) -> None:
-        """The micro-batch's forward through the unit is over: its region goes to the disk."""
+    def end(self, m: int) -> None:
+        """Micro-batch m's forward through the unit is over: its region goes to the disk."""
         region, self._open = self._open, None
         if region is None:
             return
         self.activation_bytes += region.nbytes
         self.spill.write(region)
-        self.regions.append(region)
+        self.regions[m] = region
 
-    def fetch(self) -> None:
-        """Start reading this unit's regions back, in order."""
-        for region in self.regions:
+    def fetch(self, m: int) -> None:
+        """Start reading micro-batch m's region back."""
+        region = self.regions.get(m)
+        if region is not None:
             self.spill.read(region)
+
+    def release(self, m: int) -> None:
+        """Micro-batch m's backward through the unit is done: what was read back for it goes."""
+        self.regions.pop(m, None)
