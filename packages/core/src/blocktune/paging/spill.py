@@ -17,6 +17,7 @@ spills only from `budgets.SPILL_MIN_FLOPS_PER_BYTE` up.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -69,20 +70,15 @@ class _Region:
         back = tuple(sorted(range(len(perm)), key=lambda d: perm[d]))
         self.layout.append((self.nbytes, t.dtype, tuple(stored.shape), back))
         self.held.append((stored, t))  # t too: no other tensor may take its address while its key is here
-        self.nbytes += round_up_to(stored.numel() * stored.element_size(), _PIECE)
+        n = stored.numel() * stored.element_size()
+        self.nbytes += n + (-n % _PIECE)
         self.index[key] = len(self.layout) - 1
         return self.index[key]
 
     def tensor(self, buf: torch.Tensor, i: int) -> torch.Tensor:
         start, dtype, shape, back = self.layout[i]
-        n = dtype.itemsize
-        for s in shape:
-            n *= s
+        n = math.prod(shape) * dtype.itemsize
         return buf[start:start + n].view(dtype).view(shape).permute(back)
-
-
-def round_up_to(n: int, k: int) -> int:
-    return n + (-n % k)
 
 
 class _Ref:
