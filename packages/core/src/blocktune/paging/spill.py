@@ -29,14 +29,13 @@ import torch
 
 from blocktune.engine.handles import WeightHandles
 from blocktune.paging.pager import Pager
-from blocktune.store.fileio import ALIGN, aligned_empty, round_up
+from blocktune.store.fileio import AlignedWriter, aligned_empty, round_up
 
 __all__ = ["ActivationSpill", "SpillHandles"]
 
 log = logging.getLogger("blocktune")
 
 _PIECE = 64  # each tensor's bytes start on a 64-byte boundary in its region
-_BOUNCE = 16 << 20  # the aligned buffer the bytes go to the file through
 
 
 class _Region:
@@ -106,7 +105,6 @@ class ActivationSpill:
         self.where: Path | None = None
         self.bytes_written = self.bytes_read = 0
         self._lock = threading.Lock()
-        self._bounce: torch.Tensor | None = None
         self._last: Future | None = None
         self.broken: Exception | None = None  # a write failed: nothing more is spilled
 
@@ -166,16 +164,15 @@ class ActivationSpill:
             self.bytes_written += region.nbytes
 
     def _write_out(self, region: _Region) -> None:
-        if self._bounce is None:
-            self._bounce = aligned_empty(_BOUNCE)
-        out = _Out(self._fd, self._bounce, region.offset)
+        out = AlignedWriter(_At(self._fd, region.offset))
         at = 0  # bytes of the region given so far
         for (start, _, _, _), (stored, _) in zip(region.layout, region.held, strict=True):
-            out.zeros(start - at)
+            if start > at:
+                out.write(bytes(start - at))
             src = stored.reshape(-1).view(torch.uint8)
-            out.put(src)
+            out.write(src.numpy())
             at = start + src.numel()
-        out.finish()
+        out.finish(0)
 
     def read(self, region: _Region) -> None:
         """Start reading `region` back (on the IO thread, after any write before it)."""
@@ -205,48 +202,19 @@ class ActivationSpill:
             self._fd = None
 
 
-class _Out:
-    """Bytes to the file at `pos` on, through an aligned buffer (direct IO writes whole blocks
-    from aligned memory); `finish` pads the last block with zeros."""
+class _At:
+    """The spill file from `pos` on, as `AlignedWriter` writes a file: in order, each block once."""
 
-    def __init__(self, fd: int, bounce: torch.Tensor, pos: int):
-        self.fd, self.bounce, self.mv, self.pos, self.fill = fd, bounce, memoryview(bounce.numpy()), pos, 0
+    def __init__(self, fd: int, pos: int):
+        self.fd, self.pos = fd, pos
 
-    def zeros(self, n: int) -> None:
-        self._copy(n, None)
-
-    def put(self, src: torch.Tensor) -> None:
-        self._copy(src.numel(), src)
-
-    def _copy(self, n: int, src: torch.Tensor | None) -> None:
-        done = 0
-        while done < n:
-            k = min(n - done, len(self.mv) - self.fill)
-            if src is None:
-                self.bounce[self.fill:self.fill + k].zero_()
-            else:
-                self.bounce[self.fill:self.fill + k].copy_(src[done:done + k])
-            self.fill += k
-            done += k
-            if self.fill == len(self.mv):
-                self._flush(self.fill)
-
-    def _flush(self, n: int) -> None:
-        _pwrite_all(self.fd, self.mv[:n], self.pos)
+    def write(self, mv: memoryview) -> int:
+        n = os.pwritev(self.fd, [mv], self.pos)
         self.pos += n
-        self.fill = 0
+        return n
 
-    def finish(self) -> None:
-        pad = -self.fill % ALIGN
-        self.bounce[self.fill:self.fill + pad].zero_()
-        if self.fill + pad:
-            self._flush(self.fill + pad)
-
-
-def _pwrite_all(fd: int, mv: memoryview, pos: int) -> None:
-    while len(mv):
-        n = os.pwritev(fd, [mv], pos)
-        mv, pos = mv[n:], pos + n
+    def truncate(self, size: int) -> None:  # a region ends padded to a block: the file keeps its length
+        pass
 
 
 def _in_memory(folder: Path) -> bool:
