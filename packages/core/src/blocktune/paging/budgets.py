@@ -200,6 +200,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
     room, in_flight, in_flight_one, where = _device_room(device, host_free, host_room, unit_sizes, unit_files, ranks)
     fixed = work["block"] + work["loss"] + work["kv"] + extra + in_flight
     dev, act, keep, state = device_budget, activation_budget, keep_budget, 0
+    spills = _spills(spill_budget, device, _intensity(args, batch * seq * micro, work["kept"]))
     if room is None:  # nothing to go by: unlimited units, no activations kept beyond the stash
         if dev == AUTO:
             dev = None
@@ -213,10 +214,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
         dev, act = _units_and_stash(device, room - fixed, largest, fixed, where, dev, act, work, extra, notes)
         if keep == AUTO:
             keep, dev = _kept(room - fixed - (work["stash"] if act is None else act), dev, device_budget == AUTO,
-                              unit_sizes, work["kept"], args.n_layers, notes,
-                              spills=spill_budget != 0 and device.host_is_device and (
-                                  spill_budget != AUTO or _intensity(args, batch * seq * micro, work["kept"])
-                                  >= SPILL_MIN_FLOPS_PER_BYTE))
+                              unit_sizes, work["kept"], args.n_layers, notes, spills=spills)
             if method == "full" and device.host_is_device:
                 state, keep = _state_in_ram(keep, work["kept"], _stepped_sizes(args, unit_sizes, compute_dtype),
                                             compute_dtype, state_kinds, notes)
@@ -228,8 +226,8 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
     units = sum(unit_sizes.values())  # what the units hold: their budget, or less
     left = None if room is None else room - (fixed_one if tight else fixed) - sum(
         b or 0 for b in (units if dev is None else min(dev, units), act, keep, state))
-    spill, overlap, keep = _spill(spill_budget, keep, keep_budget == AUTO, work["kept"], args, batch * seq * micro,
-                                  left, device, notes)
+    spill, overlap, keep = _spill(spill_budget, spills, keep, keep_budget == AUTO, work["kept"], args,
+                                  batch * seq * micro, left, device, notes)
     if tight:
         notes.append("memory is tight (room for under two units): freed heap memory goes back to the "
                      "OS after every unit")
@@ -360,8 +358,18 @@ def _intensity(args: ModelArgs, tokens: int, every: int) -> float:
     return block_flops_per_token(args) * tokens / max(every // args.n_layers, 1)
 
 
-def _spill(asked, keep, keep_auto: bool, every: int, args: ModelArgs, tokens: int, left: int | None,
-           device: Device, notes: list[str]) -> tuple[int, bool, int | None]:
+def _spills(asked, device: Device, intensity: float) -> bool:
+    """Whether the blocks' activations that RAM does not keep go to disk rather than to a
+    recompute: where host RAM is the device, the spill is not off (`asked` 0), and under `auto`
+    a block's recompute costs at least `SPILL_MIN_FLOPS_PER_BYTE` per byte of them (`intensity`).
+    `resolve` decides it once: `_kept` words its note by it, `_spill` sizes the spill by it."""
+    if asked == 0 or not device.host_is_device:
+        return False
+    return asked != AUTO or intensity >= SPILL_MIN_FLOPS_PER_BYTE
+
+
+def _spill(asked, spills: bool, keep, keep_auto: bool, every: int, args: ModelArgs, tokens: int,
+           left: int | None, device: Device, notes: list[str]) -> tuple[int, bool, int | None]:
     """The disk for the activations of the blocks that `keep` leaves out (`asked`: bytes, None
     for no limit, "auto" for what they need, 0 for none: they are recomputed) and whether RAM
     (`left`: what the other budgets leave) holds a block's activations more, so that each block's
@@ -372,10 +380,10 @@ def _spill(asked, keep, keep_auto: bool, every: int, args: ModelArgs, tokens: in
     if asked == 0 or keep is None or keep == AUTO or keep >= every or not device.host_is_device:
         return 0, False, keep
     one = every // args.n_layers
-    intensity = _intensity(args, tokens, every)
-    if asked == AUTO and intensity < SPILL_MIN_FLOPS_PER_BYTE:
-        notes.append(f"spill_activations auto: 0 (a block's recompute costs ≈{intensity:.0f} FLOPs per byte of its "
-                     f"activations, under {SPILL_MIN_FLOPS_PER_BYTE}: recomputing is quicker than the disk)")
+    if not spills:  # `auto`, and the recompute is cheap beside the disk
+        notes.append(f"spill_activations auto: 0 (a block's recompute costs ≈{_intensity(args, tokens, every):.0f} "
+                     f"FLOPs per byte of its activations, under {SPILL_MIN_FLOPS_PER_BYTE}: recomputing is quicker "
+                     "than the disk)")
         return 0, False, keep
     overlap = left is None or left >= one
     if not overlap and keep_auto and keep >= one:  # a block more on disk, and every write overlapped
