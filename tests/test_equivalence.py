@@ -449,6 +449,31 @@ def test_a_spilled_graph_gets_back_its_views_masks_and_shared_tensors(tmp_path, 
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+def test_the_spills_disk_budget_holds_from_the_first_block(tmp_path, tiny_args):
+    """Before any block has been written, the room a block needs on disk is the budgets'
+    estimate (on the high side), not nothing: a disk budget of under one block's activations
+    spills no block, the first step's first one included; one of two blocks' spills two in
+    every step. The estimate covers what a block writes."""
+    from blocktune.paging.budgets import working_set
+
+    args = tiny_args.replace(n_layers=4)
+    store = make_store(tmp_path / "s", args, seed=3)
+    batches = [random_batch(args, 2, 12, seed=m) for m in range(2)]
+    every = working_set(args, torch.float32, 2, 12, 2, 2048, False, "cpu")["kept"]
+    spilled = {}
+    for blocks in (0.5, 2):
+        cfg = EngineConfig(method="lora", lora=LORA, device="cpu", device_budget=one_unit_budget(store),
+                           keep_budget=0, spill_budget=int(blocks * every // args.n_layers))
+        engine = Engine(store, cfg)
+        try:
+            spilled[blocks] = [engine.train_step(batches).spilled_units for _ in range(2)]
+            written = max(engine._spill_estimate.values(), default=0)
+        finally:
+            engine.close()
+        assert written <= every // args.n_layers
+    assert spilled == {0.5: [0, 0], 2: [2, 2]}
+
+
 def test_a_spill_whose_disk_fills_keeps_the_step(tmp_path, tiny_args, monkeypatch, caplog):
     """The disk fills while a block's activations are written (ENOSPC on the third write): that
     block's stay in RAM, the blocks after it are recomputed, a warning says so, and the step is

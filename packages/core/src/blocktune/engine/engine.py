@@ -47,7 +47,7 @@ from blocktune.machine.hostmem import fix_mmap_threshold
 from blocktune.model.args import ModelArgs
 from blocktune.model.llama import KVCache
 from blocktune.model.lora import LoraAdapters
-from blocktune.paging.budgets import AUTO, Budgets
+from blocktune.paging.budgets import AUTO, Budgets, working_set
 from blocktune.paging.budgets import resolve as resolve_budgets
 from blocktune.paging.pager import Pager, resident_sizes
 from blocktune.paging.spill import ActivationSpill, SpillHandles
@@ -290,6 +290,20 @@ class Engine:
                           after.wait_seconds - before["wait_seconds"], after.demand_reads - before["demand_reads"],
                           run.spilled_units)
 
+    def _spill_need(self, i: int, shapes: list) -> int:
+        """Bytes unit i's activations will take on disk: as it wrote them last step; before it
+        wrote any, as another block did (the blocks are alike); before any block did, the
+        budgets' estimate for this step's shapes, on the high side (so the first block of the
+        first step keeps to the disk budget too)."""
+        if i in self._spill_estimate:
+            return self._spill_estimate[i]
+        if self._spill_estimate:
+            return max(self._spill_estimate.values())
+        args = self.store.args
+        every = working_set(args, self.dtype, max(b for b, _ in shapes), max(t for _, t in shapes), len(shapes),
+                            self.loss_chunk, False, self.device.torch.type)["kept"]
+        return every // args.n_layers
+
     def _forward(self, run: _StepRun, xs: list[torch.Tensor], cursors: list) -> None:
         """Embeddings and blocks (this stage's), in the order's visits. Without a graph (the input
         stashed, the RNG state noted for the replay), or, within keep_budget, with one whose
@@ -307,7 +321,7 @@ class Engine:
                 hooks[i] = None
                 if i > 0 and keep_budget != 0 and (keep_budget is None or kept_bytes < keep_budget):
                     hooks[i] = WeightHandles(self.pager, self.units[i])
-                elif i > 0 and spill is not None and spill.room(self._spill_estimate.get(i, 0)):
+                elif i > 0 and spill is not None and spill.room(self._spill_need(i, run.shapes)):
                     hooks[i] = run.spilled[i] = SpillHandles(self.pager, self.units[i], spill)
             mod, hook = mods[i], hooks[i]
             if i == self.lo:
