@@ -56,6 +56,25 @@ def test_auto_fits_the_room_and_says_why(monkeypatch):
     assert roomy.activation == work["stash"] and not roomy.tight
 
 
+def test_units_paged_through_ram_keep_the_heap_lean(monkeypatch):
+    """Where `auto` pages the units through RAM (they do not all fit) the run keeps the heap from
+    growing (`Budgets.lean`: big allocations mapped fresh, freed heap given back after every unit),
+    with room for two units as with one: a 7B bf16 LoRA step under 2 GiB held two units, and
+    glibc's heap kept 0.66 GB of freed activations in holes until the cgroup killed the run. Where
+    every unit fits, or the budget was given, the heap is left alone."""
+    units = (262 + 206 + 262) * MiB
+    seen = {"tight": 0, "lean, two units or more": 0, "every unit resident": 0}
+    for free in range(800 * MiB, 3 << 30, 64 * MiB):
+        b = _resolve(monkeypatch, free)
+        assert b.lean == (b.device < units), (free, b.device)
+        assert b.lean or not b.tight  # tight is lean
+        seen["tight" if b.tight else "lean, two units or more" if b.lean else "every unit resident"] += 1
+        if b.lean and not b.tight:
+            assert any("paged through RAM" in n for n in b.notes), b.notes
+    assert all(seen.values()), seen  # each case was met
+    assert not _resolve(monkeypatch, 1 << 30, device_budget=300 * MiB, host_budget=None, activation_budget=10 * MiB).lean
+
+
 def test_one_unit_resident_warns_only_where_it_does_not_fit(monkeypatch):
     """With room for one unit, the next raw file is read once this one is converted into its
     slot: one file in flight beside it, not two. A room that holds that gets no warning; one

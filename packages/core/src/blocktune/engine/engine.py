@@ -118,8 +118,9 @@ class Engine:
                  if n in own}
         self.budgets: Budgets = self._resolve_budgets(sizes, own)
         # lean: hand freed heap back to the OS after every unit (slower, less RSS: the heap of
-        # many small activations fragments); asked for, or chosen where `auto` found memory tight
-        lean = (self.cfg.lean_memory or self.budgets.tight) and self.device.is_cpu
+        # many small activations fragments); asked for, or chosen where `auto` pages the units
+        # through RAM (`Budgets.lean`)
+        lean = (self.cfg.lean_memory or self.budgets.lean) and self.device.is_cpu
         if lean:
             fix_mmap_threshold()
         self.pager = self._open_pager(as_stored)

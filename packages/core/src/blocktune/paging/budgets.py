@@ -72,6 +72,9 @@ class Budgets:
     state: int = 0  # a full fine-tune's optimizer state kept in RAM between steps (CPU; `auto` only)
     spill: int = 0  # disk for the activations of blocks past `keep` (`blocktune.paging.spill`; CPU)
     spill_overlap: bool = False  # room for a block's activations more: written and read beside the compute
+    # `auto` pages the units through host RAM (they do not all fit): the heap is kept from growing
+    # (`blocktune.machine.hostmem`'s lean mode), tight or not
+    lean: bool = False
 
 
 def _mib(n: int) -> str:
@@ -228,10 +231,17 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
         b or 0 for b in (units if dev is None else min(dev, units), act, keep, state))
     spill, overlap, keep = _spill(spill_budget, spills, keep, keep_budget == AUTO, work["kept"], args,
                                   batch * seq * micro, left, device, notes)
+    # glibc's heap keeps what freed activations leave in it, in holes it does not reuse (a 7B bf16
+    # LoRA step under 2 GiB with two units resident: 0.66 GB of free heap after one step, and the
+    # cgroup's kill in the next): where the units are paged through RAM, big allocations are
+    # mapped fresh and freed heap goes back to the OS, at some page faults' cost
+    lean = device.host_is_device and device_budget == AUTO and dev is not None and dev < units
     if tight:
         notes.append("memory is tight (room for under two units): freed heap memory goes back to the "
                      "OS after every unit")
-    return Budgets(dev, host, act, tuple(notes), tight, keep, state, spill, overlap)
+    elif lean:
+        notes.append("the units are paged through RAM: freed heap memory goes back to the OS after every unit")
+    return Budgets(dev, host, act, tuple(notes), tight, keep, state, spill, overlap, tight or lean)
 
 
 def _full_step_bytes(params: int, state_kinds: int) -> int:
