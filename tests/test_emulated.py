@@ -314,6 +314,7 @@ def test_fp32_store_under_bf16_compute_keeps_fp32_masters(tmp_path, tiny_args):
     got, state = moved("emu", "bf16")
     err = (got - want).norm() / want.norm()
     print(f"bf16 compute vs fp32 compute: weight movement differs by {err:.3e} (relative)")
-    assert state["master.attention.wq.weight"].dtype == torch.float32
+    # the masters are the stored fp32 weights: the state file holds the moments alone
+    assert not any(k.startswith("master.") for k in state) and state
     assert want.abs().max() < 2 ** -9 * start.abs().max()  # the updates are below a bf16 ulp
     assert err < 0.05

@@ -305,18 +305,20 @@ def test_state_in_pieces_equals_reference(tmp_path, tiny_args, monkeypatch):
     assert sum(k.startswith("exp_avg.attention.wq.weight#") for k in pieces) == -(-wq // 64) > 1
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_state_kept_in_ram_equals_state_read_back(tmp_path, tiny_args, dtype):
+@pytest.mark.parametrize("dtype,compute", [(torch.float32, "fp32"), (torch.bfloat16, "fp32"), (torch.float32, "bf16")])
+def test_state_kept_in_ram_equals_state_read_back(tmp_path, tiny_args, dtype, compute):
     """Where `auto` leaves room, a full fine-tune keeps each unit's optimizer state in RAM between
     steps and steps it there in place, instead of reading its file back: after four AdamW steps
     the store's weights and state files are bit for bit those of the same run reading the state
-    back, and no state file is read after the first step. (A bf16 store keeps fp32 masters in its
-    state, made from the stored weights on the first step.)"""
+    back, and no state file is read after the first step. A bf16 store keeps fp32 masters in its
+    state, made from the stored weights on the first step; an fp32 store computed in bf16 keeps
+    its masters in RAM, and on disk only as the unit file (which is them): its state files hold
+    the moments alone, and a step that reads its state back reads the masters from the unit file."""
 
     def run(name, in_ram):
         store = make_store(tmp_path / name, tiny_args.with_dropout(0.1), seed=3, dtype=dtype)
         engine = Engine(store, EngineConfig(method="full", device="cpu", device_budget="auto", keep_budget="auto",
-                                            compute_dtype="fp32", optimizer=OptimizerConfig("adamw", lr=1e-2, weight_decay=0.01)))
+                                            compute_dtype=compute, optimizer=OptimizerConfig("adamw", lr=1e-2, weight_decay=0.01)))
         assert engine.budgets.state > 0  # the tiny model's state fits anywhere
         if not in_ram:
             engine.pager.writes.in_ram.budget = 0
@@ -336,8 +338,14 @@ def test_state_kept_in_ram_equals_state_read_back(tmp_path, tiny_args, dtype):
     assert ram_losses == disk_losses
     units = ram.units
     assert ram_mapped[1:] == [[], [], []] and all(sorted(m) == sorted(units) for m in disk_mapped[1:])
-    # what RAM held at the end: every unit's last state, as its file holds it
-    assert kept == sum(t.numel() * t.element_size() for u in units for t in ram.read_file(ram.state_record(u)).values())
+    # what RAM held at the end: every unit's last state, as its file holds it, and the masters
+    # where the unit file holds those
+    masters_in_unit = dtype == torch.float32 and compute == "bf16"
+    files = [ram.read_file(ram.state_record(u)) for u in units]
+    assert any(k.startswith("master.") for f in files for k in f) == (dtype == torch.bfloat16)
+    unit_bytes = sum(t.numel() * 4 for u in units for t in ram.read_unit(u).values() if t.is_floating_point())
+    assert kept == sum(t.numel() * t.element_size() for f in files for t in f.values()) + (
+        unit_bytes if masters_in_unit else 0)
     for u in units:
         assert all(torch.equal(a, b) for a, b in zip(ram.read_unit(u).values(), disk.read_unit(u).values())), u
         mine, theirs = ram.read_file(ram.state_record(u)), disk.read_file(disk.state_record(u))

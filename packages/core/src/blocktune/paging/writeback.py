@@ -69,8 +69,11 @@ def _bytes(pieces: dict[str, torch.Tensor]) -> int:
 
 class _MasterTee:
     """Where weights are stored wider than they compute in (an fp32 store under bf16 compute),
-    the fp32 masters are the stored weights: their pieces are kept on the host as the state
-    file is written, and the unit file is written from them, not from the rounded parameters."""
+    the fp32 masters are the stored weights: their pieces are taken out of the stream that goes
+    to the state file and kept on the host, and the unit file is written from them, not from the
+    rounded parameters. The state file holds no masters then (the unit file is them, bit for bit:
+    a third less written a step, an AdamW state of two moments); a step with no masters in its
+    old state makes them from the unit file (`first`), which a resume reads anyway."""
 
     def __init__(self, store_dtype: torch.dtype, params: dict[str, torch.Tensor], optimizer: OptimizerConfig):
         compute = next((p.dtype for p in params.values() if p.is_floating_point()), store_dtype)
@@ -81,16 +84,23 @@ class _MasterTee:
         self.kept = False
 
     def first(self, old: dict | None) -> bool:
-        """Whether masters are made now (none in the old state) from weights stored wider than the
-        parameters: they start from the stored weights, not from the parameters' rounding."""
+        """Whether the masters come from the unit file now (weights stored wider than the
+        parameters, and no masters in the old state: the first step, or any step whose state is
+        read back from its file): the stored weights, not the parameters' rounding of them."""
         return self.keep and not (old is not None and any(k.startswith("master.") for k in old))
 
+    def file_spec(self, spec):
+        """The state file's tensors: `spec` less the masters where the unit file holds them."""
+        return [s for s in spec if not (self.keep and s[0].startswith("master."))]
+
     def tee(self, spec, data):
+        """The state file's pieces of `data` (in `spec`'s order), the masters kept aside."""
         for (name, _, _), piece in zip(spec, data, strict=True):
             kind, _, rest = name.partition(".")
             if self.keep and kind == "master":
                 self._pieces.setdefault(rest.rpartition("#")[0], []).append(piece)
                 self.kept = True
+                continue
             yield piece
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -156,8 +166,8 @@ class WriteBack:
             if keep is not None:
                 data = _kept(spec, data, keep)
             # fsync'd at commit; direct IO: every unit is rewritten every step, caching it helps nothing
-            srec = self.store.write_state_stream(name, spec, masters.tee(spec, data), step, sync=False,
-                                                 direct=True)
+            srec = self.store.write_state_stream(name, masters.file_spec(spec), masters.tee(spec, data), step,
+                                                 sync=False, direct=True)
             del old, data, stored
             if keep is not None:
                 self.in_ram.put(name, srec, keep)
