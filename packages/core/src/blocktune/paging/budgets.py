@@ -55,8 +55,9 @@ def holds_two_units(budget: int | None, largest: int) -> bool:
     overlaps the compute: a full fine-tune's write-back runs behind the backward, a data-parallel
     gradient is summed during the next unit's backward, and idle read buffers are kept for
     reuse. Under two, memory is tight and time is spent to save it: each of those finishes
-    before the compute goes on, no idle buffer is kept, and (where `auto` chose the budget,
-    `Budgets.tight`) freed heap memory goes back to the OS after every unit.
+    before the compute goes on and no idle buffer is kept. (Freed heap memory goes back to the
+    OS after every unit wherever `auto` pages the units through RAM, two of them or one:
+    `Budgets.lean`.)
     """
     return budget is None or budget >= 2 * largest
 
