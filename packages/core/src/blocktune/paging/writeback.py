@@ -155,7 +155,8 @@ class WriteBack:
             dev = self.device
             to_device = None if dev.is_cpu else (lambda t: dev.to_device(t, torch.float32))
             masters = _MasterTee(self.store.dtype, params, optimizer)
-            stored = self.store.read_unit(name, verify=self.verify, map_file=True) if (
+            # the masters as stored, read a piece at a time as the step goes (as a state file is)
+            stored = self.store.read_unit(name, verify=self.verify, map_file=True, populate=False) if (
                 masters.first(old)) else None
             if in_ram and stored is None:
                 to_device = _as_it_is

@@ -116,10 +116,11 @@ class UnitFiles:
             return torch.frombuffer(mm, dtype=torch.uint8), size, False
 
     def read_unit(self, name: str, alloc=None, verify: bool | str = True,
-                  map_file: bool = False, direct: bool = False) -> dict[str, torch.Tensor]:
-        tensors = self.read_file(self._records[name], alloc, verify, map_file, direct)
+                  map_file: bool = False, direct: bool = False, populate: bool = True) -> dict[str, torch.Tensor]:
+        """A unit's tensors (`read_file`; `populate=False`: mapped and read as they are touched)."""
+        tensors = self.read_file(self._records[name], alloc, verify, map_file, direct, populate)
         if name == "head" and self.tied:
-            embed = self.read_file(self._records["embed"], alloc, verify, map_file, direct)
+            embed = self.read_file(self._records["embed"], alloc, verify, map_file, direct, populate)
             tensors["output.weight"] = embed["tok_embeddings.weight"]
         return tensors
 
