@@ -13,6 +13,7 @@ from blocktune import BlockStore, ChecksumError, Engine, EngineConfig, Optimizer
 from blocktune_bench.reliability import SCRIPT, STEPS  # the campaign's own training process
 from blocktune_bench.synthetic import SHAPES as PRESETS
 from blocktune_bench.synthetic import make_store
+from conftest import random_batch
 from safetensors import safe_open
 
 
@@ -94,3 +95,41 @@ def test_verify_once_and_always(tiny_store):
 def test_manifest_is_json_with_versions(tiny_store):
     m = json.loads((tiny_store.path / "manifest.json").read_text())
     assert m["format"] == "blocktune-store" and all("crc32" in r for r in m["units"].values())
+
+
+def test_a_damaged_state_file_stops_the_step_and_loses_nothing(tiny_store):
+    """A full fine-tune reads each unit's optimizer state back (streamed, its crc32 checked as the
+    last piece arrives). A state file damaged on disk since the last step: the next step raises a
+    ChecksumError that names it, and the store keeps its last step, weights and state as they
+    were. The same step from the undamaged store goes through."""
+    def engine():
+        e = Engine(BlockStore.open(tiny_store.path), EngineConfig(
+            method="full", device="cpu", optimizer=OptimizerConfig("adamw", lr=1e-2)))
+        e.pager.writes.in_ram.budget = 0  # every state file read back, as past the RAM's budget
+        return e
+
+    batch = [random_batch(tiny_store.args, 2, 12, seed=0)]
+    first = engine()
+    first.train_step(batch)
+    first.close()
+    first.store.close()
+    store = BlockStore.open(tiny_store.path)
+    before = (_fingerprint(store), tuple(store.state_record(u).crc32 for u in store.units), store.step)
+    path = store.path / store.state_record("block_01").file
+    good = path.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    second = engine()  # a new process's first read of the file
+    with pytest.raises(ChecksumError, match=path.name):
+        second.train_step(batch)
+    second.close()
+    second.store.close()
+    store = BlockStore.open(tiny_store.path)
+    assert (_fingerprint(store), tuple(store.state_record(u).crc32 for u in store.units), store.step) == before
+    path.write_bytes(good)
+    third = engine()
+    third.train_step(batch)
+    third.close()
+    third.store.close()
+    assert BlockStore.open(tiny_store.path).step == before[2] + 1

@@ -322,9 +322,10 @@ def test_state_kept_in_ram_equals_state_read_back(tmp_path, tiny_args, dtype, co
         assert engine.budgets.state > 0  # the tiny model's state fits anywhere
         if not in_ram:
             engine.pager.writes.in_ram.budget = 0
-        mapped: list[list[str]] = []
-        map_state = engine.store.map_state
-        engine.store.map_state = lambda unit, **kw: mapped[-1].append(unit) or map_state(unit, **kw)
+        mapped: list[list[str]] = []  # the units whose state file each step read back
+        for how in ("map_state", "stream_state"):
+            read = getattr(engine.store, how)
+            setattr(engine.store, how, lambda unit, _read=read, **kw: mapped[-1].append(unit) or _read(unit, **kw))
         losses = []
         for s in range(4):
             mapped.append([])

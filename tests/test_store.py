@@ -2,6 +2,7 @@
 
 import errno
 import json
+import struct
 import sys
 import time
 
@@ -457,3 +458,79 @@ def test_reader_time_counts_the_disk_read(tiny_store, monkeypatch):
     stats = engine.pager.stats
     assert stats.unit_reads > 0 and stats.read_seconds >= 0.02 * stats.unit_reads
     engine.close()
+
+
+def _safetensors_file(tmp_path):
+    """A file the safetensors library wrote (not ours), its tensors of three dtypes and sizes
+    that do not end on a block, and its crc32 as zlib computes it."""
+    import zlib
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3000, generator=g), "b.w": torch.randn(77, 129, generator=g).bfloat16(),
+               "c": torch.arange(5, dtype=torch.int64), "d#0": torch.randn(1 << 20, generator=g)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    return path, tensors, zlib.crc32(path.read_bytes())
+
+
+def test_streamed_tensors_match_the_safetensors_library(tmp_path):
+    """`StreamedTensors` reads a file the safetensors library wrote, in file order with its crc32
+    checked, or in any order without: every tensor equal to the library's own reading, each the
+    reader's own to write; the last one taken can be taken again, an earlier one cannot."""
+    from blocktune.store.fileio import StreamedTensors
+    from safetensors.torch import load_file
+
+    path, _, crc = _safetensors_file(tmp_path)
+    want = load_file(str(path))
+    size = path.stat().st_size
+    for order, check in [(None, True), (["d#0", "c", "a", "b.w"], False)]:
+        got = StreamedTensors(path, size, crc, order, check=check, ahead=1)  # one tensor ahead at most
+        try:
+            assert sorted(got) == sorted(want) and "a" in got and len(got) == 4
+            for k in order or list(got):
+                t = got[k]
+                assert t.dtype == want[k].dtype and torch.equal(t, want[k])
+                assert got[k] is t  # the last one taken, again
+                t.zero_()  # its own memory, not a read-only mapping
+            with pytest.raises(KeyError, match="already taken"):
+                got[(order or list(got))[0]]
+        finally:
+            got.close()
+    with pytest.raises(ValueError):
+        StreamedTensors(path, size, crc, ["d#0", "c", "a", "b.w"], check=True)
+
+
+def test_streamed_tensors_raise_a_damaged_file_instead_of_its_last_tensor(tmp_path):
+    """A flipped byte (or a cut file) is found when the last tensor is read: taking that
+    tensor raises a ChecksumError that names the file, so a step that streams a damaged state
+    file never finishes writing the next one."""
+    from blocktune.store.fileio import StreamedTensors
+
+    path, _, crc = _safetensors_file(tmp_path)
+    size = path.stat().st_size
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    in_file = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    data[8 + n + header["d#0"]["data_offsets"][0] + 5] ^= 1  # a byte of "d#0", not the last tensor
+    path.write_bytes(bytes(data))
+    assert in_file[-1] != "d#0"
+    got = StreamedTensors(path, size, crc, check=True)
+    try:
+        for k in in_file[:-1]:  # read before the whole file is: handed over (and checked after)
+            got[k]
+        with pytest.raises(ChecksumError, match="t.safetensors"):
+            got[in_file[-1]]
+    finally:
+        got.close()
+    StreamedTensors(path, size, crc, check=False).close()  # unchecked: no complaint
+    path.write_bytes(bytes(data[:-100]))
+    got = StreamedTensors(path, size, crc, check=False)
+    try:
+        with pytest.raises(ChecksumError, match="shorter"):
+            for k in list(got):
+                got[k]
+    finally:
+        got.close()

@@ -166,6 +166,7 @@ def streamed_step(
     storage_dtype: torch.dtype = torch.float32,
     to_device=None,
     stored: dict[str, torch.Tensor] | None = None,
+    owned: bool = False,
 ):
     """`unit_step` a piece at a time: returns (the new state file's tensors as
     [(key, dtype, shape)] in file order, an iterator over their data in that order).
@@ -176,7 +177,9 @@ def streamed_step(
     The pieces are computed on the parameters' device; `old`'s are copied there as needed
     (by `to_device`, a writable fp32 copy; default: `Tensor.to`). `stored`: the unit's weights
     as stored (mapped), where a master is first made: it starts from them, not from the
-    parameters (which may be them rounded to the compute dtype).
+    parameters (which may be them rounded to the compute dtype). `owned`: the tensors of
+    `old` and `stored` are the step's own (the last step's pieces kept in RAM, or read for it
+    alone): those already fp32 on the parameters' device are stepped in place, not copied.
     """
     step = int(old["step"].item()) + 1 if old is not None and "step" in old else 1
     kinds = state_kinds(cfg, storage_dtype, _compute_dtype(params))
@@ -193,6 +196,8 @@ def streamed_step(
             t = stored[key].reshape(-1)[s:e]  # the first master: the weights as stored
         if t is None:
             return None
+        if owned and t.device == device and t.dtype == torch.float32:
+            return t
         return to_device(t) if to_device is not None else t.to(device, torch.float32, copy=True)
 
     def data():

@@ -26,6 +26,7 @@ import torch
 from blocktune.engine.optim import OptimizerConfig, state_kinds, streamed_step
 from blocktune.machine.devices import Device
 from blocktune.paging.budgets import limit
+from blocktune.store.fileio import StreamedTensors
 from blocktune.store.records import FileRecord
 from blocktune.store.store import BlockStore
 
@@ -108,9 +109,9 @@ class _MasterTee:
         return {k: (p[0] if len(p) == 1 else torch.cat(p)).view(self.shapes[k]) for k, p in out.items()}
 
 
-def _as_it_is(t: torch.Tensor) -> torch.Tensor:
-    """The old state's pieces held in RAM are stepped in place: no copy."""
-    return t
+def _pieced(rec: FileRecord) -> bool:
+    """Whether a state file holds its tensors in pieces, each read once (`optim.streamed_step`)."""
+    return all("#" in k for k in rec.tensors if k != "step")
 
 
 def _kept(spec, data, keep: dict[str, torch.Tensor]):
@@ -150,26 +151,40 @@ class WriteBack:
             old_rec = self.store.state_record(name)
             old = self.in_ram.take(name, old_rec)  # the last step's, in RAM: updated in place
             in_ram = old is not None
-            if old is None:
+            streamed = None
+            if old is None and old_rec is not None and _pieced(old_rec):
+                # read once, in file order, as the step takes its pieces: direct reads ahead
+                old = streamed = self.store.stream_state(name, verify=self.verify)
+            elif old is None:  # a file of whole tensors (written before pieces were): mapped
                 old = self.store.map_state(name, verify=self.verify)
             dev = self.device
             to_device = None if dev.is_cpu else (lambda t: dev.to_device(t, torch.float32))
             masters = _MasterTee(self.store.dtype, params, optimizer)
-            # the masters as stored, read a piece at a time as the step goes (as a state file is)
-            stored = self.store.read_unit(name, verify=self.verify, map_file=True, populate=False) if (
-                masters.first(old)) else None
-            if in_ram and stored is None:
-                to_device = _as_it_is
-            spec, data = streamed_step(optimizer, params, grads, old, lr, self.store.dtype, to_device, stored)
-            if not dev.is_cpu:
-                data = (dev.to_host(piece) for piece in data)
-            keep = {} if self.in_ram.room(sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in spec)) else None
-            if keep is not None:
-                data = _kept(spec, data, keep)
-            # fsync'd at commit; direct IO: every unit is rewritten every step, caching it helps nothing
-            srec = self.store.write_state_stream(name, masters.file_spec(spec), masters.tee(spec, data), step,
-                                                 sync=False, direct=True)
-            del old, data, stored
+            # the masters as stored, read a piece at a time as the step goes (as a state file is):
+            # read once, in the step's order, or else mapped
+            stored = None
+            if masters.first(old):
+                stored = self.store.stream_unit(name, list(params), verify=self.verify) or self.store.read_unit(
+                    name, verify=self.verify, map_file=True, populate=False)
+            streams = [f for f in (streamed, stored) if isinstance(f, StreamedTensors)]
+            try:
+                # the pieces kept in RAM, or read for this step alone, are stepped in place
+                owned = (old is None or in_ram or streamed is not None) and (
+                    stored is None or isinstance(stored, StreamedTensors))
+                spec, data = streamed_step(optimizer, params, grads, old, lr, self.store.dtype, to_device, stored,
+                                           owned=owned)
+                if not dev.is_cpu:
+                    data = (dev.to_host(piece) for piece in data)
+                keep = {} if self.in_ram.room(sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in spec)) else None
+                if keep is not None:
+                    data = _kept(spec, data, keep)
+                # fsync'd at commit; direct IO: every unit is rewritten every step, caching it helps nothing
+                srec = self.store.write_state_stream(name, masters.file_spec(spec), masters.tee(spec, data), step,
+                                                     sync=False, direct=True)
+            finally:
+                for f in streams:
+                    f.close()
+            del old, data, stored, streamed, streams
             if keep is not None:
                 self.in_ram.put(name, srec, keep)
             if masters.kept:  # a store wider than the compute: its new weights are the masters

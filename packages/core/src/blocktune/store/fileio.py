@@ -25,7 +25,7 @@ import stat
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,11 +37,11 @@ try:  # ISA-L's crc32: the same checksum as zlib's, about 5x faster (35 vs 7 GB/
 except ImportError:  # no wheel for this platform
     from zlib import crc32
 
-from blocktune.errors import StoreError
+from blocktune.errors import ChecksumError, StoreError
 from blocktune.machine.devices import dtype_name
 from blocktune.machine.hostmem import advise_huge
 
-__all__ = ["atomic_write", "staging_dir", "ALIGN", "HUGE_PAGE", "AlignedWriter", "RowPieces", "write_stream", "aligned_empty", "crc32", "decode_tensors",
+__all__ = ["atomic_write", "staging_dir", "ALIGN", "HUGE_PAGE", "AlignedWriter", "RowPieces", "write_stream", "aligned_empty", "crc32", "decode_tensors", "StreamedTensors",
            "file_image", "is_write_failure", "open_direct", "readable_size", "write_failed", "partial_dirs", "remove_dead_partials", "open_new", "open_new_direct", "read_header", "usual_mode",
            "read_into", "round_up", "write_image", "write_tensors"]
 
@@ -525,3 +525,159 @@ def staging_dir(dst: Path) -> Iterator[Path]:
         os.close(held)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class StreamedTensors(Mapping):
+    """A safetensors file's tensors, each read once, in the order they will be taken: a thread
+    reads each one with direct IO (where the file system allows) into memory of its own, at
+    most `ahead` bytes before the one the consumer takes, while the consumer works on those
+    before it. Nothing goes through the page cache: a mapped file read in order runs at what
+    the page cache gives (1.7-2.0 GB/s here), direct reads at the disk's (7.6-8.0 GB/s).
+
+    A tensor taken is the consumer's own (it may write it); the last one taken can be taken
+    again, an earlier one cannot (a KeyError that says so). With `check` (in file order only),
+    the crc32 of the whole file is compared with `crc` when the last tensor has been read, and
+    a mismatch or a short file is raised to the consumer (a ChecksumError naming the file)
+    instead of that tensor. `close` stops the thread and closes the file."""
+
+    def __init__(self, path: str | Path, nbytes: int, crc: int, order: list[str] | None = None,
+                 check: bool = False, ahead: int = 64 << 20):
+        self.path, self._nbytes, self._crc, self._ahead = Path(path), nbytes, crc, ahead
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._fd = os.open(self.path, os.O_RDONLY)  # no direct IO here: through the page cache
+        try:
+            head = self._head()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._start, self._meta = head
+        file_order = sorted(self._meta, key=lambda k: self._meta[k][2])
+        self._order = file_order if order is None else [k for k in order if k in self._meta]
+        if check and self._order != file_order:
+            os.close(self._fd)
+            raise ValueError("a streamed file's checksum is computed in file order only")
+        self._check = check
+        self._ready: dict[str, torch.Tensor] = {}
+        self._queued = 0  # bytes read and not yet taken
+        self._wanted: str | None = None  # a tensor the consumer waits for: read it past `ahead`
+        self._taken: set[str] = set()
+        self._last: tuple[str, torch.Tensor] | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="blocktune-stream", daemon=True)
+        self._thread.start()
+
+    def _head(self) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]]]:
+        """(where the data starts, key -> (dtype, shape, first byte, end) in the data)."""
+        first = self._pread(0, min(round_up(max(self._nbytes, 8)), 1 << 16))
+        if len(first) < 8:
+            raise StoreError(f"{self.path}: not a readable safetensors file (shorter than its header)")
+        (n,) = struct.unpack("<Q", bytes(first[:8].numpy()))
+        if n > min(self._nbytes - 8, _MAX_HEADER):
+            raise StoreError(f"{self.path}: not a readable safetensors file (header length {n})")
+        raw = first if 8 + n <= len(first) else self._pread(0, round_up(8 + n))
+        self._headbytes = raw[:8 + n].clone()
+        try:
+            header = json.loads(bytes(raw[8:8 + n].numpy()))
+            meta = {k: (_ST_DTYPES[m["dtype"]], list(m["shape"]), *m["data_offsets"])
+                    for k, m in header.items() if k != "__metadata__"}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"{self.path}: not a readable safetensors file ({exc})") from exc
+        return 8 + n, meta
+
+    def _pread(self, offset: int, nbytes: int) -> torch.Tensor:
+        """Bytes [offset, offset + nbytes) of the file (offset and nbytes whole blocks), fewer
+        at its end, in an aligned buffer of their own."""
+        buf = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+        at = -buf.data_ptr() % ALIGN
+        view, got = memoryview(buf[at:at + nbytes].numpy()), 0
+        while got < nbytes:
+            n = os.preadv(self._fd, [view[got:]], offset + got)
+            if not n:
+                break
+            got += n
+        return buf[at:at + got]
+
+    def _run(self) -> None:
+        try:
+            crc, pos = (crc32(memoryview(self._headbytes.numpy())), self._start) if self._check else (0, 0)
+            for key in self._order:
+                dtype, shape, lo, hi = self._meta[key]
+                with self._cv:
+                    while not self._closed and self._queued and self._queued + hi - lo > self._ahead and (
+                            self._wanted is None or self._wanted in self._ready):
+                        self._cv.wait()
+                    if self._closed:
+                        return
+                a, b = self._start + lo, self._start + hi
+                from_ = min(a, pos) if self._check else a  # checked: every byte, gaps included
+                first = from_ - from_ % ALIGN
+                raw = self._pread(first, round_up(b) - first)
+                if len(raw) < b - first:
+                    raise ChecksumError(f"{self.path}: shorter than its header says ({first + len(raw)} bytes, "
+                                        f"{key} ends at {b}); the file is damaged")
+                data = raw[a - first:b - first]
+                if self._check:
+                    crc = crc32(memoryview(raw[from_ - first:b - first].numpy()), crc)
+                    pos = b
+                    if key == self._order[-1] and (pos != self._nbytes or crc != self._crc):
+                        raise ChecksumError(f"{self.path}: checksum mismatch (crc32 {crc:08x} over {pos} bytes, "
+                                            f"manifest says {self._crc:08x} over {self._nbytes}); the file is damaged")
+                if (a - first) % dtype.itemsize:
+                    data = data.clone()
+                tensor = data.view(dtype).view(shape)
+                with self._cv:
+                    self._ready[key] = tensor
+                    self._queued += hi - lo
+                    self._cv.notify_all()
+        except BaseException as exc:  # the consumer's next take raises it
+            with self._cv:
+                self._error = exc
+                self._cv.notify_all()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        if key not in self._meta:
+            raise KeyError(key)
+        if key in self._taken:
+            raise KeyError(f"{key}: already taken from {self.path}, which is read once, in order")
+        with self._cv:
+            self._wanted = key
+            self._cv.notify_all()
+            while key not in self._ready and self._error is None and self._thread.is_alive():
+                self._cv.wait(1.0)
+            if key not in self._ready:
+                raise self._error or StoreError(f"{self.path}: stopped before {key} was read")
+            tensor = self._ready.pop(key)
+            self._queued -= tensor.numel() * tensor.element_size()
+            self._wanted = None
+            self._cv.notify_all()
+        self._taken.add(key)
+        self._last = (key, tensor)
+        return tensor
+
+    def __contains__(self, key) -> bool:
+        return key in self._meta
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
+        self._ready.clear()
+        self._last = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

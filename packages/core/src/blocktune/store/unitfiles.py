@@ -16,6 +16,7 @@ from blocktune.errors import ChecksumError, StoreError
 from blocktune.store.fileio import (
     ALIGN,
     AlignedWriter,
+    StreamedTensors,
     aligned_empty,
     crc32,
     decode_tensors,
@@ -142,6 +143,37 @@ class UnitFiles:
         (page cache the kernel can take back). None before the unit's first step."""
         rec = self._state.get(name)
         return None if rec is None else self.read_file(rec, verify=verify, map_file=True, populate=False)
+
+    def stream_state(self, name: str, verify: bool | str = True) -> StreamedTensors | None:
+        """A unit's optimizer state file read once, in file order, with direct IO, a thread
+        reading ahead of the step that takes its pieces (`fileio.StreamedTensors`; its crc32
+        checked as `verify` says, when the last piece is read). None before the unit's first
+        step. `close` it when done."""
+        rec = self._state.get(name)
+        if rec is None:
+            return None
+        check = verify in (True, "always") or (verify == "once" and rec.file not in self._verified)
+        try:
+            return StreamedTensors(self.path / rec.file, rec.nbytes, rec.crc32, check=check)
+        except FileNotFoundError:
+            raise StoreError(f"{self.path / rec.file}: missing from the store (named in {MANIFEST}); "
+                             "the store is damaged, prepare it again") from None
+
+    def stream_unit(self, name: str, order: list[str], verify: bool | str = True) -> StreamedTensors | None:
+        """A unit's tensors read once, in `order`, with direct IO (`stream_state`); None where
+        that cannot be: the head tied to the embedding, or a check due on a file whose order is
+        not `order` (the crc32 runs in file order)."""
+        rec = self._records[name]
+        if name == "head" and self.tied:
+            return None
+        check = verify in (True, "always") or (verify == "once" and rec.file not in self._verified)
+        try:
+            return StreamedTensors(self.path / rec.file, rec.nbytes, rec.crc32, order, check=check)
+        except ValueError:
+            return None
+        except FileNotFoundError:
+            raise StoreError(f"{self.path / rec.file}: missing from the store (named in {MANIFEST}); "
+                             "the store is damaged, prepare it again") from None
 
     # ---- writing (new versions; invisible until commit) ----
     def write_file(self, filename: str, tensors: dict[str, torch.Tensor],
