@@ -54,7 +54,7 @@ class UnitFiles:
         in this process, False or "never" not at all.
         """
         path = self.path / record.file
-        check = verify in (True, "always") or (verify == "once" and record.file not in self._verified)
+        check = self._check_due(record, verify)
         try:
             if map_file and alloc is None:
                 buf, got, extra = self._map(path, record.nbytes, populate)
@@ -81,6 +81,10 @@ class UnitFiles:
                                     f"{record.crc32:08x}); the file is damaged")
             self._verified.add(record.file)
         return decode_tensors(buf, str(path))
+
+    def _check_due(self, record: FileRecord, verify: bool | str) -> bool:
+        """Whether a read of `record` checks its crc32 (`verify` as `read_file` takes it)."""
+        return verify in (True, "always") or (verify == "once" and record.file not in self._verified)
 
     def _read_direct(self, path: Path, nbytes: int, alloc) -> tuple[torch.Tensor, int, bool] | None:
         """Whole aligned blocks straight into the buffer, no page-cache copy; None where the
@@ -152,7 +156,7 @@ class UnitFiles:
         rec = self._state.get(name)
         if rec is None:
             return None
-        check = verify in (True, "always") or (verify == "once" and rec.file not in self._verified)
+        check = self._check_due(rec, verify)
         try:
             return StreamedTensors(self.path / rec.file, rec.nbytes, rec.crc32, check=check)
         except FileNotFoundError:
@@ -166,7 +170,7 @@ class UnitFiles:
         rec = self._records[name]
         if name == "head" and self.tied:
             return None
-        check = verify in (True, "always") or (verify == "once" and rec.file not in self._verified)
+        check = self._check_due(rec, verify)
         try:
             return StreamedTensors(self.path / rec.file, rec.nbytes, rec.crc32, order, check=check)
         except ValueError:
