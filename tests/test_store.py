@@ -534,3 +534,43 @@ def test_streamed_tensors_raise_a_damaged_file_instead_of_its_last_tensor(tmp_pa
                 got[k]
     finally:
         got.close()
+
+
+def test_direct_writes_behind_the_caller_give_the_library_its_file(tiny_store):
+    """A direct-IO write of more than the bounce buffer (the disk writing one half while the
+    caller fills the other): the safetensors library reads back every byte."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {"big": torch.randn(5 << 20, generator=g), "odd": torch.randn(12345, generator=g).bfloat16()}
+    spec = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    rec = tiny_store.write_stream("behind.safetensors", spec, iter(tensors.values()), direct=True)
+    back = load_file(str(tiny_store.path / rec.file))
+    assert rec.nbytes > 16 << 20 and all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_a_failed_write_behind_surfaces_and_leaves_nothing_in_flight():
+    """The disk failing on the half written behind the caller (a full disk): the error comes
+    out of the writer's next call, and `settle` leaves no write in flight."""
+    from blocktune.store.fileio import AlignedWriter
+
+    class FullDisk:
+        def __init__(self):
+            self.written = 0
+
+        def write(self, mv):
+            time.sleep(0.01)
+            if self.written >= 8 << 20:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(mv)
+            return len(mv)
+
+    disk = FullDisk()
+    out = AlignedWriter(disk, behind=True)
+    with pytest.raises(OSError, match="No space"):
+        for _ in range(8):
+            out.write(bytes(4 << 20))
+        out.finish(32 << 20)
+    out.settle()
+    time.sleep(0.05)
+    assert disk.written == 8 << 20  # the half before the failure, and nothing since

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import glob
 import json
 import math
@@ -26,6 +27,7 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -121,13 +123,22 @@ def open_new_direct(path: str | Path, flags: int = 0) -> int:
 class AlignedWriter:
     """Stands in for the file in `write_tensors` when the file was opened with O_DIRECT:
     bytes are gathered in an aligned bounce buffer (one per thread, reused) and written in
-    whole blocks; `finish` pads the last block and truncates the file to its true size."""
+    whole blocks; `finish` pads the last block and truncates the file to its true size.
 
-    def __init__(self, f):
+    With `behind`, the buffer's two halves take turns: one is written to the disk on a thread
+    while the caller fills the other, so the caller's work (a step's arithmetic, a checksum)
+    and the disk's overlap. `settle` then must follow, whatever happened: it waits for the
+    write in flight, so that nothing is written after the file is closed."""
+
+    def __init__(self, f, behind: bool = False):
         buf = getattr(_local, "bounce", None)
         if buf is None:
             buf = _local.bounce = aligned_empty(_BOUNCE)
-        self.f, self.mv, self.fill = f, memoryview(buf.numpy()), 0
+        mv = memoryview(buf.numpy())
+        self.f, self.fill = f, 0
+        self._halves = (mv[:len(mv) // 2], mv[len(mv) // 2:]) if behind else (mv,)
+        self.mv = self._halves[0]
+        self._flight: Future | None = None  # the other half's write, under way
 
     def write(self, data) -> None:
         data = memoryview(data).cast("B")
@@ -137,19 +148,43 @@ class AlignedWriter:
             self.fill += n
             data = data[n:]
             if self.fill == len(self.mv):
-                self._drain(self.fill)
+                if len(self._halves) == 1:
+                    self._drain(self.fill)
+                    continue
+                self.settle(raising=True)
+                self._flight = _drainer().submit(_write_all, self.f, self.mv)
+                self.mv = self._halves[self.mv is self._halves[0]]
+                self.fill = 0
 
     def _drain(self, n: int) -> None:
-        out = self.mv[:n]
-        while len(out):
-            out = out[self.f.write(out):]
+        self.settle(raising=True)
+        _write_all(self.f, self.mv[:n])
         self.fill = 0
+
+    def settle(self, raising: bool = False) -> None:
+        """Wait for the write in flight (`behind`); its error is raised where `raising`."""
+        flight, self._flight = self._flight, None
+        if flight is not None:
+            exc = flight.exception()
+            if exc is not None and raising:
+                raise exc
 
     def finish(self, size: int) -> None:
         pad = -self.fill % ALIGN
         self.mv[self.fill:self.fill + pad] = bytes(pad)
         self._drain(self.fill + pad)
         self.f.truncate(size)
+
+
+def _write_all(f, out: memoryview) -> None:
+    while len(out):
+        out = out[f.write(out):]
+
+
+@functools.cache
+def _drainer() -> ThreadPoolExecutor:
+    """The thread that writes `AlignedWriter`s' full halves (one write in flight per writer)."""
+    return ThreadPoolExecutor(2, thread_name_prefix="blocktune-drain")
 
 
 class RowPieces:

@@ -206,10 +206,15 @@ class UnitFiles:
             raise self._write_failed(path, exc) from exc
         try:
             with f:
-                out = AlignedWriter(f) if direct else f
-                nbytes, crc, layout = body(out, f if direct else None)
-                if direct:
-                    out.finish(nbytes)
+                # direct: the disk writes one half of the bounce buffer while the body fills the other
+                out = AlignedWriter(f, behind=True) if direct else f
+                try:
+                    nbytes, crc, layout = body(out, f if direct else None)
+                    if direct:
+                        out.finish(nbytes)
+                finally:
+                    if direct:
+                        out.settle()  # nothing in flight once the file closes
                 if sync:
                     f.flush()
                     os.fsync(f.fileno())
