@@ -627,16 +627,17 @@ class StreamedTensors(Mapping):
 
     def _pread(self, offset: int, nbytes: int) -> torch.Tensor:
         """Bytes [offset, offset + nbytes) of the file (offset and nbytes whole blocks), fewer
-        at its end, in an aligned buffer of their own."""
-        buf = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-        at = -buf.data_ptr() % ALIGN
-        view, got = memoryview(buf[at:at + nbytes].numpy()), 0
+        at its end, in an aligned buffer of their own: huge pages from 2 MiB up (`aligned_empty`).
+        Where the heap maps every big buffer fresh (`Budgets.lean`), 4 KiB pages cost a fault
+        each: 12 state files of 227 MB streamed at 1.0-1.3 GB/s that way, 2.8-3.6 with huge pages."""
+        buf = aligned_empty(nbytes)
+        view, got = memoryview(buf.numpy()), 0
         while got < nbytes:
             n = os.preadv(self._fd, [view[got:]], offset + got)
             if not n:
                 break
             got += n
-        return buf[at:at + got]
+        return buf[:got]
 
     def _run(self) -> None:
         try:
