@@ -150,12 +150,16 @@ def test_manifest_with_a_broken_tensor_layout_is_refused(tiny_store):
         BlockStore.open(tiny_store.path)
 
 
-def test_write_fault_at_every_call_leaves_nothing_behind(tmp_path, tiny_args):
+@pytest.mark.parametrize("compute", [None, "bf16"])
+def test_write_fault_at_every_call_leaves_nothing_behind(tmp_path, tiny_args, compute):
     """Found by the reliability campaign: writes still in flight when an earlier one failed
-    landed after the clean-up. Fail each write call of a step in turn."""
+    landed after the clean-up. Fail each write call of a step in turn. In bf16 the fp32 store's
+    weights are the masters, and each unit file is written beside its state file, on a thread
+    of its own: a fault in either stops both, and neither file stays."""
     def engine_after_one_step(path):
         store = make_store(path, tiny_args, seed=1)
-        engine = Engine(store, EngineConfig(method="full", device="cpu", optimizer=OptimizerConfig("adamw", 1e-3)))
+        engine = Engine(store, EngineConfig(method="full", device="cpu", compute_dtype=compute,
+                                            optimizer=OptimizerConfig("adamw", 1e-3)))
         engine.train_step([random_batch(tiny_args, seed=0)])
         return store, engine
 

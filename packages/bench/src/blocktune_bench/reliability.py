@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -136,6 +137,7 @@ class FaultyOpener:
                  fail_reads: bool = False):
         self.err, self.left, self.fail_at, self.fail_reads = err, write_budget, fail_at, fail_reads
         self.calls = self.faults = 0
+        self._lock = threading.Lock()  # files are written on several threads (the masters beside the state)
 
     def _fail(self, path) -> OSError:
         self.faults += 1
@@ -149,12 +151,13 @@ class FaultyOpener:
             real = f.write
 
             def write(data):
-                self.calls += 1
                 n = len(memoryview(data).cast("B"))
-                if self.calls == self.fail_at or (self.left is not None and self.left - n < 0):
-                    raise self._fail(path)
-                if self.left is not None:
-                    self.left -= n
+                with self._lock:
+                    self.calls += 1
+                    if self.calls == self.fail_at or (self.left is not None and self.left - n < 0):
+                        raise self._fail(path)
+                    if self.left is not None:
+                        self.left -= n
                 return real(data)
 
             f.write = write

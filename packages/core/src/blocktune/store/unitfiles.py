@@ -268,9 +268,6 @@ class UnitFiles:
         at a time: no converted copy of the whole unit (`to_host` brings a piece off the device)."""
         if name == "head" and self.tied:
             tensors = {k: v for k, v in tensors.items() if k != "output.weight"}
-        old = self._records[name].tensors
-        if set(old) != set(tensors):
-            raise StoreError(f"{name}: tensor keys changed on write-back ({sorted(set(old) ^ set(tensors))})")
         dtypes = {k: self.dtype if t.is_floating_point() else t.dtype for k, t in tensors.items()}
         order = sorted(tensors, key=lambda k: (-dtypes[k].itemsize, k))  # as write_tensors lays them out
         spec = [(k, dtypes[k], tuple(tensors[k].shape)) for k in order]
@@ -283,7 +280,18 @@ class UnitFiles:
                     out = flat[s:s + piece].to(dtypes[k])
                     yield to_host(out) if to_host is not None else out
 
-        return self.write_stream(f"{name}-{step:06d}.safetensors", spec, data(), sync, direct)
+        return self.write_unit_pieces(name, spec, data(), step, sync, direct)
+
+    def write_unit_pieces(self, name: str, spec: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                          data: Iterable[torch.Tensor], step: int, sync: bool = True,
+                          direct: bool = False) -> FileRecord:
+        """A unit's new version from pieces made as they are written, its tensors `spec`
+        (key, dtype, shape) in that order (`fileio.write_stream`): the same keys as the unit's."""
+        old = self._records[name].tensors
+        if set(old) != {k for k, _, _ in spec}:
+            raise StoreError(f"{name}: tensor keys changed on write-back "
+                             f"({sorted(set(old) ^ {k for k, _, _ in spec})})")
+        return self.write_stream(f"{name}-{step:06d}.safetensors", spec, data, sync, direct)
 
     @staticmethod
     def _state_file(name: str, step: int) -> str:
