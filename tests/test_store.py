@@ -554,9 +554,8 @@ def test_pieces_read_and_stepped_in_place_are_written_from_where_they_lie(tiny_s
     the next file of the same layout: each piece lies in memory as it will in the file, so it
     goes to the disk from its own memory (no copy through the bounce buffer); the safetensors
     library reads back every byte, the odd-sized tensors' too."""
-    from safetensors.torch import load_file
-
     from blocktune.store.fileio import AlignedWriter, StreamedTensors, open_new_direct, write_stream
+    from safetensors.torch import load_file
 
     g = torch.Generator().manual_seed(2)
     tensors = {"step": torch.tensor(3.0), "a#0": torch.randn(3 << 20, generator=g),

@@ -148,10 +148,11 @@ class AlignedWriter:
         self._halves = (mv[:len(mv) // 2], mv[len(mv) // 2:]) if behind else (mv,)
         self._half = 0  # the half being filled
         self.mv = self._halves[0]
+        self._sent = 0  # bytes of it queued already (before bytes written from where they lie)
         self._cv = threading.Condition()
         self._queue: deque[tuple[memoryview, int | None]] = deque()  # (bytes, the half they are or None)
         self._queued = 0  # bytes waiting or being written
-        self._busy: set[int] = set()  # halves waiting or being written
+        self._busy = [0, 0]  # writes waiting or under way from each half
         self._running = False  # a drain of the queue is under way
         self._error: BaseException | None = None
 
@@ -160,9 +161,9 @@ class AlignedWriter:
         if len(self._halves) == 2 and len(data) >= 2 * ALIGN and (_address(data) - self.pos) % ALIGN == 0:
             head = -self.pos % ALIGN
             self._copy(data[:head])  # the block the bytes start in, completed
-            if self.fill:
-                self._submit(self.mv[:self.fill], self._half)
-                self._next_half()
+            if self.fill > self._sent:  # what the bounce buffer holds goes first
+                self._submit(self.mv[self._sent:self.fill], self._half)
+                self._sent = self.fill
             body = (len(data) - head) // ALIGN * ALIGN
             self._submit(data[head:head + body], None)
             self.pos += body
@@ -181,15 +182,15 @@ class AlignedWriter:
                 if len(self._halves) == 1:
                     self._drain(self.fill)
                     continue
-                self._submit(self.mv, self._half)
+                self._submit(self.mv[self._sent:], self._half)
                 self._next_half()
 
     def _next_half(self) -> None:
         """Fill the other half, once what it held is on the disk."""
         self._half ^= 1
-        self.mv, self.fill = self._halves[self._half], 0
+        self.mv, self.fill, self._sent = self._halves[self._half], 0, 0
         with self._cv:
-            while self._half in self._busy and self._error is None:
+            while self._busy[self._half] and self._error is None:
                 self._cv.wait()
             if self._error is not None:
                 raise self._error
@@ -203,7 +204,7 @@ class AlignedWriter:
             self._queue.append((out, half))
             self._queued += len(out)
             if half is not None:
-                self._busy.add(half)
+                self._busy[half] += 1
             if not self._running:
                 self._running = True
                 _drainer().submit(self._write_queue)
@@ -224,20 +225,21 @@ class AlignedWriter:
                     self._error, self._running = exc, False
                     self._queue.clear()
                     self._queued = 0
-                    self._busy.clear()
+                    self._busy = [0, 0]
                     self._cv.notify_all()
                 return
             with self._cv:
                 self._queue.popleft()
                 self._queued -= len(out)
-                self._busy.discard(half)
+                if half is not None:
+                    self._busy[half] -= 1
                 self._cv.notify_all()
             del out
 
     def _drain(self, n: int) -> None:
         self.settle(raising=True)
-        _write_all(self.f, self.mv[:n])
-        self.fill = 0
+        _write_all(self.f, self.mv[self._sent:n])
+        self.fill = self._sent = 0
 
     def settle(self, raising: bool = False) -> None:
         """Wait for the writes in flight (`behind`); their error is raised where `raising`."""
