@@ -268,7 +268,8 @@ def _write_all(f, out: memoryview) -> None:
 
 @functools.cache
 def _drainer() -> ThreadPoolExecutor:
-    """The thread that writes `AlignedWriter`s' full halves (one write in flight per writer)."""
+    """The threads that write `AlignedWriter`s' queues behind them (one drain at a time per
+    writer: the write-back's state file and its masters' unit file, side by side)."""
     return ThreadPoolExecutor(2, thread_name_prefix="blocktune-drain")
 
 
