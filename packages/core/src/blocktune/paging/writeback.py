@@ -2,9 +2,10 @@
 
 `step_and_write` runs a unit's optimizer step a piece of state at a time and writes the new
 weights and state as new files (invisible until commit) on the writer thread — the only
-thread that creates or deletes store files (a unit file of masters is written beside the state
-file on a thread of its own, within the writer thread's job, which waits for it); `commit` waits for every write of the step and
-switches the manifest atomically, then deletes the last step's files in the background. At
+thread that creates or deletes store files (a unit file of masters is written beside the
+state file on a thread of its own, within the writer thread's job, which waits for it);
+`commit` waits for every write of the step and switches the manifest atomically, then
+deletes the last step's files in the background. At
 most one step waits behind the one being written (each holds its unit and gradients), and
 written-but-unsynced bytes are bounded (`max_dirty`): a memory cgroup v1 does not throttle
 dirty pages, and they are memory the kernel cannot reclaim until they reach the disk.
