@@ -203,14 +203,15 @@ def streamed_step(
     # a narrower gradient's piece is widened to fp32 for the masters' step into one buffer, not
     # into a fresh one a piece (under the lean heap, a mapping faulted in 4 KiB at a time: 3.4 GB
     # a step for the laptop store's bf16 gradients)
-    wide: list[torch.Tensor] = []
+    wide: torch.Tensor | None = None
 
     def widened(g: torch.Tensor) -> torch.Tensor:
+        nonlocal wide
         if "master" not in kinds or g.dtype == torch.float32 or not g.is_floating_point():
             return g
-        if not wide or wide[0].device != g.device:
-            wide[:] = [torch.empty(STATE_PIECE, dtype=torch.float32, device=g.device)]
-        return wide[0][:g.numel()].copy_(g)
+        if wide is None or wide.device != g.device:
+            wide = torch.empty(STATE_PIECE, dtype=torch.float32, device=g.device)
+        return wide[:g.numel()].copy_(g)
 
     def data():
         yield torch.tensor(float(step))

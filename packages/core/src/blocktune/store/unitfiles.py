@@ -206,7 +206,7 @@ class UnitFiles:
             raise self._write_failed(path, exc) from exc
         try:
             with f:
-                # direct: the disk writes one half of the bounce buffer while the body fills the other
+                # direct: the writes go to the disk behind the body, as it makes the bytes
                 out = AlignedWriter(f, behind=True) if direct else f
                 try:
                     nbytes, crc, layout = body(out, f if direct else None)
@@ -287,10 +287,9 @@ class UnitFiles:
                           direct: bool = False) -> FileRecord:
         """A unit's new version from pieces made as they are written, its tensors `spec`
         (key, dtype, shape) in that order (`fileio.write_stream`): the same keys as the unit's."""
-        old = self._records[name].tensors
-        if set(old) != {k for k, _, _ in spec}:
-            raise StoreError(f"{name}: tensor keys changed on write-back "
-                             f"({sorted(set(old) ^ {k for k, _, _ in spec})})")
+        old, new = set(self._records[name].tensors), {k for k, _, _ in spec}
+        if old != new:
+            raise StoreError(f"{name}: tensor keys changed on write-back ({sorted(old ^ new)})")
         return self.write_stream(f"{name}-{step:06d}.safetensors", spec, data, sync, direct)
 
     @staticmethod
