@@ -22,7 +22,7 @@ RUN_TOML = ("eval_every = 0\nsample_every = 0\nplot = false\nval_ratio = 0.0\nse
             "batch_size = 2\ngrad_accum = 1\nlr = 3e-3\ndevice = \"cpu\"\nprogress = false\n"
             "tensorboard = false\ncheckpoint_every = 1\n")
 # a process inside `staging_dir(argv[1])` that has written a file there, says so, and waits
-STAGER = ("import sys, time\nfrom pathlib import Path\nfrom blocktune.store.fileio import staging_dir\n"
+STAGER = ("import sys, time\nfrom pathlib import Path\nfrom blocktune.store.safefiles import staging_dir\n"
           "with staging_dir(Path(sys.argv[1])) as tmp:\n    (tmp / 'unit.safetensors').write_bytes(bytes(1 << 16))\n"
           "    print('in', flush=True)\n    time.sleep(600)\n")
 

@@ -280,7 +280,7 @@ def test_data_parallel_ranks_given_one_store_are_refused(base, tmp_path):
 def test_a_second_prepare_into_one_folder_loses_nothing(tmp_path):
     """Two writes of a new store into one folder: the one that lands second is refused with a
     clear error and its copy discarded; the first one's store stays as it was."""
-    from blocktune.store.fileio import staging_dir
+    from blocktune.store.safefiles import staging_dir
 
     dst = tmp_path / "dst"
     with pytest.raises(StoreError, match="another process filled this folder"):

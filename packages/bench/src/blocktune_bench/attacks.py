@@ -26,7 +26,7 @@ PY = sys.executable
 RUN_TOML = ("eval_every = 0\nsample_every = 0\nplot = false\nval_ratio = 0.0\nseq_len = 16\nbatch_size = 2\n"
             "grad_accum = 1\nlr = 3e-3\ndevice = \"cpu\"\nprogress = false\ntensorboard = false\ncheckpoint_every = 1\n")
 # a process inside `staging_dir(argv[1])` (what prepare and export write through), then waiting
-STAGER = ("import sys, time\nfrom pathlib import Path\nfrom blocktune.store.fileio import staging_dir\n"
+STAGER = ("import sys, time\nfrom pathlib import Path\nfrom blocktune.store.safefiles import staging_dir\n"
           "with staging_dir(Path(sys.argv[1])) as tmp:\n    (tmp / 'unit.safetensors').write_bytes(bytes(1 << 16))\n"
           "    print('in', flush=True)\n    time.sleep(600)\n")
 HOLD = "import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_SH)\nprint('in', flush=True)\ntime.sleep(600)"

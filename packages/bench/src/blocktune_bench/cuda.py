@@ -49,8 +49,8 @@ from blocktune.machine.devices import EmuStream, parse_dtype, resolve_device
 from blocktune.paging.budgets import working_set
 from blocktune.paging.pager import resident_sizes
 from blocktune.store.build import build_store
-from blocktune.store.fileio import readable_size
 from blocktune.store.records import unit_names
+from blocktune.store.safefiles import readable_size
 from blocktune.store.store import BlockStore
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves

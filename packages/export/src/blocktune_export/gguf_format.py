@@ -24,8 +24,8 @@ from blocktune.families import FAMILIES, HALVES
 from blocktune.formats.hfnames import hf_key, rotary_heads, to_hf
 from blocktune.model.llama import rope_frequencies
 from blocktune.model.units import unit_name
-from blocktune.store.fileio import staging_dir
 from blocktune.store.records import unit_names
+from blocktune.store.safefiles import staging_dir
 from blocktune.store.store import BlockStore
 
 from .meta import meta_key

@@ -33,8 +33,9 @@ from blocktune.formats.tokenizer import HF_TOKENIZER_FILES
 from blocktune.model.args import ROPE_TYPES, ModelArgs
 from blocktune.model.llama import stored_shapes
 from blocktune.store.build import build_store
-from blocktune.store.fileio import read_header, staging_dir, usual_mode
+from blocktune.store.fileio import read_header
 from blocktune.store.records import unit_names
+from blocktune.store.safefiles import staging_dir, usual_mode
 from blocktune.store.store import BlockStore
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file

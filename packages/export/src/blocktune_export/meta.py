@@ -22,8 +22,9 @@ from blocktune.model.args import ModelArgs
 from blocktune.model.llama import stored_shapes
 from blocktune.model.units import unit_name, unit_prefix
 from blocktune.store.build import build_store
-from blocktune.store.fileio import RowPieces, staging_dir
+from blocktune.store.fileio import RowPieces
 from blocktune.store.records import unit_names
+from blocktune.store.safefiles import staging_dir
 from blocktune.store.store import BlockStore
 
 __all__ = ["SPLIT_AXIS", "split_axis", "meta_key", "read_meta", "import_meta", "export_meta",

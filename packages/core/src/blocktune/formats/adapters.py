@@ -14,7 +14,7 @@ from safetensors.torch import save
 
 from blocktune.errors import ConfigError, StoreError
 from blocktune.model.args import LoraConfig, ModelArgs
-from blocktune.store.fileio import atomic_write
+from blocktune.store.safefiles import atomic_write
 
 __all__ = ["Adapter", "save_adapter", "load_adapter", "fingerprint"]
 

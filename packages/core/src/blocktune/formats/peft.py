@@ -21,7 +21,7 @@ from blocktune.families import FAMILIES
 from blocktune.formats.adapters import Adapter, fingerprint
 from blocktune.formats.hfnames import HF_MODULES, from_hf, rotary_heads, to_hf
 from blocktune.model.args import LORA_TARGETS, LoraConfig, ModelArgs
-from blocktune.store.fileio import staging_dir, usual_mode
+from blocktune.store.safefiles import staging_dir, usual_mode
 
 __all__ = ["load_peft", "save_peft"]
 

@@ -24,7 +24,8 @@ from blocktune.model.args import LoraConfig, ModelArgs
 from blocktune.run.config import RunConfig, with_checksum
 from blocktune.run.keptadapters import KeptAdapters
 from blocktune.run.ownership import describe, new_run_id, recorded_run_id, resume_verdict, start_refusal
-from blocktune.store.fileio import atomic_write, crc32, is_write_failure, write_failed
+from blocktune.store.fileio import crc32
+from blocktune.store.safefiles import atomic_write, is_write_failure, write_failed
 from blocktune.store.store import BlockStore
 
 __all__ = ["CHECKPOINT", "LoraCheckpoint", "StoreCheckpoint", "merge_stages", "stage_optimizer_state"]

@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from blocktune.store.safefiles import atomic_write
+
 __all__ = ["KeptAdapters", "INDEX", "BEST", "kept_adapters"]
 
 INDEX, BEST = "adapters.json", "adapter-best.safetensors"
@@ -42,8 +44,6 @@ class KeptAdapters:
 
     def add(self, step: int, val_loss: float | None) -> None:
         """Keep adapter.safetensors as step `step`'s, then drop those past the bound."""
-        from blocktune.store.fileio import atomic_write  # torch's: `report` reads this module without it
-
         _link(self.out / "adapter.safetensors", self.out / _name(step))
         self.steps[step] = val_loss
         best = self.best

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from blocktune.errors import StoreError
 from blocktune.run.report import Progress, ScalarLog, plot_run
-from blocktune.store.fileio import atomic_write
+from blocktune.store.safefiles import atomic_write
 
 __all__ = ["RunRecord"]
 

@@ -42,7 +42,7 @@ from blocktune.run.generate import SamplingConfig, generate_tokens
 from blocktune.run.ownership import lora_weights
 from blocktune.run.record import RunRecord
 from blocktune.run.report import read_metrics
-from blocktune.store.fileio import readable_size
+from blocktune.store.safefiles import readable_size
 from blocktune.store.store import BlockStore
 
 __all__ = ["Trainer"]

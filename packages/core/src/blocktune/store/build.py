@@ -14,8 +14,9 @@ from blocktune.errors import StoreError
 from blocktune.formats.tokenizer import HF_TOKENIZER_FILES, TOKENIZERS, detect_kind
 from blocktune.machine.devices import dtype_name
 from blocktune.model.args import ModelArgs
-from blocktune.store.fileio import atomic_write, crc32, open_new, staging_dir, write_tensors
+from blocktune.store.fileio import crc32, write_tensors
 from blocktune.store.records import FORMAT, FORMAT_VERSION, MANIFEST, FileRecord, manifest_bytes, unit_names
+from blocktune.store.safefiles import atomic_write, open_new, staging_dir
 from blocktune.store.store import BlockStore
 
 __all__ = ["build_store"]

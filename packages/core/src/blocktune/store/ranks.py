@@ -20,8 +20,8 @@ def merge_stage_stores(pattern: str, world: int, stages: int, out: str | Path) -
     where the disk allows (copied otherwise), tokenizer and extra files from rank 0's store.
     The result is the tuned model at the stores' common step, without optimizer state or a kept
     base (for export, eval and generate); nothing is written into the stores."""
-    from blocktune.store.fileio import atomic_write
     from blocktune.store.records import MANIFEST, manifest_bytes
+    from blocktune.store.safefiles import atomic_write
     from blocktune.store.store import BlockStore
 
     _check_layout(pattern, world, stages)

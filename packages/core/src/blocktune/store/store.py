@@ -44,7 +44,7 @@ import torch
 
 from blocktune.errors import ChecksumError, StoreError
 from blocktune.machine.dtypes import TORCH_NAMES, parse_dtype
-from blocktune.store.fileio import atomic_write, crc32, partial_dirs, readable_size
+from blocktune.store.fileio import crc32
 from blocktune.store.lock import ReadPin, WriterLock, pin_notes, pinned_files
 from blocktune.store.records import (
     MANIFEST,
@@ -56,6 +56,7 @@ from blocktune.store.records import (
     read_manifest,
     shape_mismatches,
 )
+from blocktune.store.safefiles import atomic_write, partial_dirs, readable_size
 from blocktune.store.unitfiles import UnitFiles
 
 __all__ = ["BlockStore"]

@@ -22,7 +22,6 @@ from blocktune.store.fileio import (
     decode_tensors,
     file_image,
     open_direct,
-    open_new,
     open_new_direct,
     read_into,
     round_up,
@@ -31,6 +30,7 @@ from blocktune.store.fileio import (
     write_tensors,
 )
 from blocktune.store.records import MANIFEST, FileRecord
+from blocktune.store.safefiles import open_new
 
 __all__ = ["UnitFiles"]
 
