@@ -23,6 +23,8 @@ disk      the headline's step on a disk a cgroup slows to BLOCKTUNE_READ_RATE (4
           against max(IO floor, compute floor), driver and CLI, beside BLOCKTUNE_BASELINE (a checkout).
 floor     the README's no-flag `blocktune finetune` LoRA step on the 7B shape under 2 GiB, this disk as it
           is, against max(IO floor, the same command in RAM).
+peer      blocktune beside slowllama (a checkout: --slowllama PATH or $SLOWLLAMA; skipped without one) on
+          slowllama's own LoRA settings: its conf_fp32 against blocktune's defaults.
 
 Results: benchmarks/results/<date>-cpu-<group>.json and .md (machine, date, commit, command).
 """
@@ -213,9 +215,11 @@ def group_headline(work: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default="step,limit,headline,auto,families,real,prepare,export,generate,dist,stages,disk,"
-                                        "reliability,floor")
+                                        "reliability,floor,peer")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--small", action="store_true", help="real: tiny shapes, to check that the code runs (saves nothing)")
+    p.add_argument("--slowllama", help="peer: a checkout of github.com/okuvshynov/slowllama (default: $SLOWLLAMA; "
+                                       "without one the group is skipped)")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("BLOCKTUNE_BENCH_DIR", "/tmp/blocktune-bench")))
     a = p.parse_args(argv)
     a.workdir.mkdir(parents=True, exist_ok=True)
@@ -246,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         group_disk(a.workdir)
     if "floor" in groups:
         group_floor(a.workdir, a.reps)
+    if "peer" in groups:
+        from .run_peer import group_peer
+
+        group_peer(a.workdir, a.reps, a.slowllama)
     if "reliability" in groups:
         from .reliability import main as reliability
 
