@@ -32,6 +32,7 @@ def build_store(
     extra: dict[str, Any] | None = None,
     files: dict[str, bytes] | None = None,
     tokenizer_kind: str | None = None,
+    cache: bool = True,
 ) -> BlockStore:
     """Write a new store from (unit name, tensors) pairs in order; all or nothing.
 
@@ -39,13 +40,14 @@ def build_store(
     one unit is in memory at a time. `files`: small extra files (name -> bytes) that belong to
     the store (named in the manifest's `extra_files`). `tokenizer`: a tokenizer.model
     (sentencepiece or tiktoken, told apart by content), or with `tokenizer_kind="hf"` the folder
-    that holds tokenizer.json and its companions.
+    that holds tokenizer.json and its companions. `cache=False`: each unit file leaves the page
+    cache once it is written (a copy made for a run under a memory limit).
     """
     expected = unit_names(args)
     named: dict[str, Any] = {}
     tok_files = _tokenizer_files(tokenizer, tokenizer_kind, named)  # read and checked before anything is written
     with staging_dir(Path(dst)) as tmp, ThreadPoolExecutor(1, thread_name_prefix="blocktune-build") as pool:
-        records = _write_units(tmp, pool, args, units, dtype, progress)
+        records = _write_units(tmp, pool, args, units, dtype, progress, cache)
         missing = [n for n in expected if n not in records]
         if missing:
             raise StoreError(f"store is missing units {missing}")
@@ -67,16 +69,18 @@ def build_store(
     return BlockStore.open(dst)
 
 
-def _write_unit(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> FileRecord:
+def _write_unit(folder: Path, name: str, tensors: dict[str, torch.Tensor], cache: bool = True) -> FileRecord:
     with open(folder / f"{name}.safetensors", "wb", opener=open_new) as f:
         nbytes, crc, layout = write_tensors(f, tensors)
         f.flush()
         os.fsync(f.fileno())
+        if not cache:  # written and synced: its pages leave the page cache (and a memory cgroup's count)
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return FileRecord(f"{name}.safetensors", nbytes, crc, layout)
 
 
 def _write_units(tmp: Path, pool: ThreadPoolExecutor, args: ModelArgs, units, dtype: torch.dtype,
-                 progress) -> dict[str, FileRecord]:
+                 progress, cache: bool = True) -> dict[str, FileRecord]:
     """Each unit cast and written on the pool while the next is assembled: two units in memory
     at most."""
     expected = unit_names(args)
@@ -97,7 +101,7 @@ def _write_units(tmp: Path, pool: ThreadPoolExecutor, args: ModelArgs, units, dt
         cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         if pending:
             landed()
-        pending = (name, pool.submit(_write_unit, tmp, name, cast))
+        pending = (name, pool.submit(_write_unit, tmp, name, cast, cache))
         del tensors, cast
     if pending:
         landed()

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from blocktune.errors import StoreError
 
-__all__ = ["atomic_write", "is_write_failure", "open_new", "partial_dirs", "readable_size", "remove_dead_partials",
-           "staging_dir", "usual_mode", "write_failed"]
+__all__ = ["ScratchDir", "atomic_write", "is_write_failure", "open_new", "partial_dirs", "readable_size",
+           "remove_dead_partials", "staging_dir", "usual_mode", "write_failed"]
 
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 
@@ -176,6 +176,25 @@ def remove_dead_partials(dst: Path) -> list[Path]:
     return dead
 
 
+class ScratchDir:
+    """A hidden folder beside `dst` for what a process needs only while it runs, removed by
+    `close`. It is named and locked as `staging_dir`'s partial folders are, so one that a killed
+    process left is removed by the next `ScratchDir` or `staging_dir` for `dst`."""
+
+    def __init__(self, dst: Path):
+        dst = Path(dst)
+        remove_dead_partials(dst)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{dst.name}{_PARTIAL}{os.getpid()}-", dir=dst.parent))
+        self._held: int | None = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(self._held, fcntl.LOCK_EX)  # released when the descriptor closes, or the process dies
+
+    def close(self) -> None:
+        if self._held is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            os.close(self._held)
+            self._held = None
+
+
 @contextmanager
 def staging_dir(dst: Path) -> Iterator[Path]:
     """A temp folder beside `dst` that becomes `dst` on success and vanishes on failure. While
@@ -187,9 +206,8 @@ def staging_dir(dst: Path) -> Iterator[Path]:
     if dst.exists() and any(dst.iterdir()):
         raise StoreError(f"{dst}: already exists and is not empty; choose a new folder or remove it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}{_PARTIAL}{os.getpid()}-", dir=dst.parent))
-    held = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    fcntl.flock(held, fcntl.LOCK_EX)  # released when the descriptor closes, or the process dies
+    scratch = ScratchDir(dst)
+    tmp = scratch.path
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: the result gets a folder's usual mode
     try:
         try:
@@ -208,6 +226,4 @@ def staging_dir(dst: Path) -> Iterator[Path]:
                              "discarded: choose a new folder") from None
         _fsync_dir(dst.parent)
     finally:
-        os.close(held)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        scratch.close()  # nothing is left of it once it has become `dst`
