@@ -161,7 +161,7 @@ def _on_small_disk(size: str, disk: Path, *args: str, first: str = "") -> tuple[
     hidden files included)."""
     disk.mkdir(exist_ok=True)
     cmd = " ".join(f"'{a}'" for a in [PY, "-m", "blocktune", *args])
-    script = (f"mount -t tmpfs -o size={size} tmpfs '{disk}' || exit 99\n{first}\n{cmd} 2>'{disk.parent}/err'\n"
+    script = (f"mount -t tmpfs -o size={size} tmpfs '{disk}' || exit 99\n{first}\n{cmd} >'{disk.parent}/out' 2>'{disk.parent}/err'\n"
               f"echo rc=$?; cd '{disk}' && find . -mindepth 1 -not -path './*/.lock*' | sort")
     r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
     if r.returncode == 99 or not r.stdout.startswith("rc="):
@@ -220,3 +220,26 @@ def test_the_disk_precheck_says_sizes_that_differ(root, tmp_path):
     need = float(re.search(r"about ([0-9.]+) MiB free", line)[1])
     free = float(re.search(r"([0-9.]+) MiB are free", line)[1])
     assert need > free > 0
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+@pytest.mark.parametrize("size", ["2000k", "6m"])
+def test_a_narrowed_copy_beside_a_store_on_a_small_disk(root, tmp_path, size):
+    """LoRA in bf16 on the fp32 store (1.7 MB), units paged: with room beside the store the run
+    reads a bf16 copy it makes there; on a disk with no room for it (2 MB in all) it reads the
+    store as it is and says why. Either way the run ends well and leaves nothing on that disk
+    but the store."""
+    disk = tmp_path / "disk"
+    code, err, left = _on_small_disk(size, disk, "finetune", "--config", str(root / "run.toml"), "--store",
+                                     str(disk / "st"), "--data", str(root / "text.txt"), "--out",
+                                     str(tmp_path / "run"), "--method", "lora", "--steps", "2",
+                                     "--compute-dtype", "bf16", "--device-budget", "300KiB",
+                                     first=f"cp -r '{root / 'store'}' '{disk / 'st'}'")
+    assert code == 0, err[-3000:]
+    if size == "6m":
+        assert "frozen units read as bf16: the fp32 store was narrowed once" in err, err[-3000:]
+    else:
+        assert "units of" in err and "are converted to bf16 at every read: a bf16 copy would take" in err, err[-3000:]
+    assert not [n for n in left if "narrowed" in n], left
+    assert sorted(n for n in left if n.startswith("./st/")) == sorted(
+        "./st/" + p.name for p in (root / "store").iterdir() if p.name != ".lock")

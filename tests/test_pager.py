@@ -283,3 +283,42 @@ def test_a_cpu_slot_is_a_huge_page_buffer():
     del views
     slots.give(slot, None)
     assert slots.take(5 << 20) is slot and slots.made == 1
+
+
+def _narrowed(path) -> list:
+    return [p.name for p in path.iterdir() if p.name.startswith(".narrowed")]
+
+
+def test_a_wider_store_computed_narrower_is_read_from_a_copy_narrowed_once(tmp_path, tiny_args):
+    """LoRA on the CPU, an fp32 store computed in bf16, its units paged: the engine reads a bf16
+    copy of the store made once beside it (half the bytes a pass, no conversion at each read),
+    and the steps are those of reading the fp32 files, bit for bit (dropout's RNG included).
+    The copy is gone after `close`, and one that a killed process left is removed."""
+    from blocktune.store.store import BlockStore
+    from blocktune_bench.synthetic import make_store
+
+    path = make_store(tmp_path / "s", tiny_args.with_dropout(0.1), seed=1).path  # fp32
+    (path / ".narrowed.partial-4194305-left").mkdir()  # a pid past Linux's largest: its maker is gone
+    with BlockStore.open(path) as store:
+        assert any("narrowed copy of this store that a killed LoRA run left" in n for n in store.leftovers())
+    out = {}
+    for narrow in (True, False):
+        store = BlockStore.open(path)
+        unit = max(resident_sizes(store, torch.bfloat16).values()) * 3 // 2  # one unit fits, two do not
+        engine = Engine(store, EngineConfig(method="lora", device="cpu", compute_dtype="bf16", device_budget=unit,
+                                            frozen_reads="direct", narrow_frozen=narrow))
+        try:
+            assert (engine.narrow_note is not None) == narrow
+            assert len(_narrowed(path)) == (1 if narrow else 0)  # the left one removed, its own made
+            losses = [engine.train_step([random_batch(tiny_args, 2, 16, seed=s)], lr=1e-3, step=s).loss
+                      for s in range(3)]
+            read, adapters = engine.pager.stats.bytes_read, engine.adapter_state()
+        finally:
+            engine.close()
+            store.close()
+        assert _narrowed(path) == []
+        out[narrow] = losses, adapters, read
+    (l1, a1, r1), (l0, a0, r0) = out[True], out[False]
+    assert l1 == l0
+    assert a1.keys() == a0.keys() and all(torch.equal(a1[k], a0[k]) for k in a1)
+    assert r1 == pytest.approx(r0 / 2, rel=0.05)  # the same reads, of half the bytes

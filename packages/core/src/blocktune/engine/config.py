@@ -90,6 +90,10 @@ class EngineConfig:
     # with O_DIRECT into reused buffers (for a store bigger than RAM); "auto" picks direct when
     # the store is more than 80% of the memory available (MemAvailable, or a cgroup's limit).
     frozen_reads: str = "auto"
+    # CPU, frozen units paged through RAM from a store wider than the compute dtype (an fp32 store
+    # computed in bf16): a copy narrowed to the compute dtype, made once beside the store and
+    # removed at `close`, is read instead (half the bytes, no conversion at every read)
+    narrow_frozen: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):

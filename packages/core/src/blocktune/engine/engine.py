@@ -21,6 +21,7 @@ only its own range of units: its inputs come from the stage before, its gradient
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,8 +43,8 @@ from blocktune.engine.recompute import skip_unread_product
 from blocktune.engine.rng import seed_micro_batch
 from blocktune.engine.stagelink import StageLink
 from blocktune.errors import ConfigError, StoreError, TrainingError
-from blocktune.machine.devices import Device, resolve_device
-from blocktune.machine.hostmem import fix_mmap_threshold
+from blocktune.machine.devices import Device, dtype_name, resolve_device
+from blocktune.machine.hostmem import fix_mmap_threshold, host_memory_free, trim_host_heap
 from blocktune.model.args import ModelArgs
 from blocktune.model.llama import KVCache
 from blocktune.model.lora import LoraAdapters
@@ -52,7 +53,9 @@ from blocktune.paging.budgets import resolve as resolve_budgets
 from blocktune.paging.pager import Pager, resident_sizes
 from blocktune.paging.spill import ActivationSpill, SpillHandles
 from blocktune.paging.stash import ActivationStash
-from blocktune.store.store import BlockStore
+from blocktune.store.build import build_store
+from blocktune.store.safefiles import ScratchDir, is_write_failure, readable_size
+from blocktune.store.store import NARROWED, BlockStore
 
 __all__ = ["EngineConfig", "Engine", "StepResult"]
 
@@ -117,6 +120,14 @@ class Engine:
         sizes = {n: b for n, b in resident_sizes(store, self.dtype, as_stored, self.device).items()
                  if n in own}
         self.budgets: Budgets = self._resolve_budgets(sizes, own)
+        self._scratch: ScratchDir | None = None  # the narrowed copy's folder (`_narrow`)
+        self.narrow_note: str | None = None
+        if self._narrows(frozen, sizes):
+            self.store = self._narrow(store)
+            if self._scratch is not None:  # its files are the ones read: the room for reads in flight shrinks
+                sizes = {n: b for n, b in resident_sizes(self.store, self.dtype, as_stored, self.device).items()
+                         if n in own}
+                self.budgets = self._resolve_budgets(sizes, own)
         # lean: hand freed heap back to the OS after every unit (slower, less RSS: the heap of
         # many small activations fragments); asked for, or chosen where `auto` pages the units
         # through RAM (`Budgets.lean`)
@@ -161,12 +172,78 @@ class Engine:
             micro=micro, loss_chunk=self.loss_chunk, kv_cache=cfg.read_only,
             state_kinds=len(state_kinds(cfg.optimizer, store.dtype, self.dtype)))
 
-    def _open_pager(self, as_stored: frozenset[str]) -> Pager:
-        """The pager within the device budget (on a CPU, host RAM is the device: the smaller of
-        the two budgets bounds residency)."""
-        cfg, budget = self.cfg, self.budgets.device
+    def _pager_budget(self) -> int | None:
+        """The bytes of units the pager keeps resident (on a CPU, host RAM is the device: the
+        smaller of the two budgets bounds residency)."""
+        budget = self.budgets.device
         if self.device.host_is_device and self.budgets.host is not None:
             budget = min(b for b in (budget, self.budgets.host) if b is not None)
+        return budget
+
+    def _narrows(self, frozen: bool, sizes: dict[str, int]) -> bool:
+        """Whether the frozen units are read from a copy in the compute dtype (`_narrow`): asked
+        for, on the CPU, one process, a store wider than the compute dtype, and units that do not
+        all stay resident (so each is read, and converted, every pass)."""
+        budget = self._pager_budget()
+        return (self.cfg.narrow_frozen and frozen and self.device.is_cpu and not self.dist.enabled
+                and self.store.dtype.itemsize > self.dtype.itemsize
+                and budget is not None and sum(sizes.values()) > budget)
+
+    def _narrow(self, store: BlockStore) -> BlockStore:
+        """The store's units narrowed to the compute dtype, once, into a scratch folder beside
+        the store (removed at `close`; one a killed run left goes with the next run's). The
+        values are those the pager's conversion gives at every read (the same rounding), so the
+        run is the same, bit for bit; each pass reads half the bytes and converts nothing. Where
+        the disk or the RAM has no room for it, the store is read as it is, and that is said."""
+        name, wide = dtype_name(self.dtype), dtype_name(store.dtype)
+        need = sum(store.unit_bytes(n) for n in store.units) * self.dtype.itemsize // store.dtype.itemsize
+        free = shutil.disk_usage(store.path).free
+        if free < need + need // 10:
+            return self._unnarrowed(store, f"a {name} copy would take {readable_size(need)} and its disk has "
+                                           f"{readable_size(free)} free")
+        # a unit read, its narrowed copy, and the one before it being written
+        ram, free_ram = 5 * max(store.unit_bytes(n) for n in store.units) // 2, host_memory_free()
+        if free_ram is not None and free_ram < ram:
+            return self._unnarrowed(store, f"making the copy takes {readable_size(ram)} of RAM, and "
+                                           f"{readable_size(free_ram)} is free")
+        t0 = time.perf_counter()
+        try:
+            scratch = ScratchDir(store.path / NARROWED)
+        except OSError as exc:  # a folder blocktune may read, not write
+            return self._unnarrowed(store, f"no folder could be made in it ({exc.strerror})")
+        try:
+            narrowed = BlockStore.open(build_store(scratch.path / "store", store.args, self._narrowed_units(store),
+                                                   self.dtype, cache=False).path)
+        except BaseException as exc:
+            scratch.close()
+            cause = exc.__cause__ if isinstance(exc, StoreError) and exc.__cause__ is not None else exc
+            if not (isinstance(cause, OSError) or is_write_failure(cause)):
+                raise
+            return self._unnarrowed(store, f"its {name} copy could not be written ({cause})")
+        self._scratch = scratch
+        trim_host_heap()  # the copy's pieces freed: the heap they grew goes back before the budgets are worked out
+        self.narrow_note = (f"frozen units read as {name}: the {wide} store was narrowed once ({readable_size(need)} "
+                            f"in {time.perf_counter() - t0:.1f} s, in {scratch.path}, removed at the end), so each "
+                            "pass reads half the bytes and converts none")
+        return narrowed
+
+    def _unnarrowed(self, store: BlockStore, why: str) -> BlockStore:
+        """`store` as it is, read and converted at every pass, and why (`narrow_note`)."""
+        self.narrow_note = (f"note: the {dtype_name(store.dtype)} units of {store.path} are converted to "
+                            f"{dtype_name(self.dtype)} at every read: {why}")
+        return store
+
+    def _narrowed_units(self, store: BlockStore):
+        """Each unit of `store` in the compute dtype, one at a time (a tied head: its norm only)."""
+        for n in store.units:
+            tensors = store.read_unit(n, verify=self.cfg.verify, direct=True)
+            if n == "head" and store.tied:
+                del tensors["output.weight"]  # the embedding's, which read_unit lends it
+            yield n, {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+    def _open_pager(self, as_stored: frozenset[str]) -> Pager:
+        """The pager within the device budget (`_pager_budget`)."""
+        cfg, budget = self.cfg, self._pager_budget()
         return Pager(self.store, self.device, budget, self.dtype, prefetch=cfg.prefetch,
                      verify=cfg.verify, host_budget=self.budgets.host,
                      mutable=cfg.method == "full" and not cfg.read_only,
@@ -456,6 +533,10 @@ class Engine:
         self.pager.close()
         if self.spill is not None:
             self.spill.close()
+        if self._scratch is not None:  # the narrowed copy (`_narrow`)
+            self.store.close()
+            self._scratch.close()
+            self._scratch = None
 
 
 def _hollow(t: torch.Tensor) -> None:

@@ -98,7 +98,7 @@ class Trainer:
         if said:  # from here on the run is its steps (config.toml records them)
             self.log(said)
             self.cfg = cfg
-        ecfg = dataclasses.replace(cfg.engine_config(), device=str(self.device))
+        ecfg = dataclasses.replace(cfg.engine_config(), device=str(self.device), narrow_frozen=cfg.method == "lora")
         self.engine = Engine(self.store, ecfg, adapters=start_adapters, dist=self.dist, args=self.args)
         self.checkpoint: LoraCheckpoint | StoreCheckpoint = (
             LoraCheckpoint(self.out, self.engine, self.dist, cfg.lora(), self.store.args, cfg.to_toml(absolute=True),
@@ -253,6 +253,8 @@ class Trainer:
         # run chose (the dtype, keeping activations or not) and warnings are said
         self.log(config_line(self.cfg, budgets, self.out / BUDGETS))
         self.log(self.engine.dtype_note)
+        if self.engine.narrow_note:
+            self.log(self.engine.narrow_note)
         for note in budgets.notes:
             if note.startswith(("warning", "keep_activations", "spill_activations")):
                 self.log(note)

@@ -59,7 +59,9 @@ from blocktune.store.records import (
 from blocktune.store.safefiles import atomic_write, partial_dirs, readable_size
 from blocktune.store.unitfiles import UnitFiles
 
-__all__ = ["BlockStore"]
+__all__ = ["BlockStore", "NARROWED"]
+
+NARROWED = "narrowed"  # a run's copy of the store in its compute dtype: `.narrowed.partial-PID-*` in the store
 
 
 class BlockStore(UnitFiles, StoreManifest):
@@ -301,8 +303,8 @@ class BlockStore(UnitFiles, StoreManifest):
     def leftovers(self) -> list[str]:
         """What killed or departed processes left, for `verify` (removing nothing): file versions
         no manifest needs (a reader open across commits keeps its step's until the next writer
-        commits), live readers' pins, oddities in .lock/readers, and partial folders of a killed
-        `prepare` beside the store."""
+        commits), live readers' pins, oddities in .lock/readers, partial folders of a killed
+        `prepare` beside the store, and narrowed copies killed runs left in it (`NARROWED`)."""
         kept, notes = pin_notes(self.path)
         need = manifest_files(self.manifest)
         orphans = sorted(p.name for p in self.path.iterdir() if p.is_file() and p.name not in need and (
@@ -320,6 +322,10 @@ class BlockStore(UnitFiles, StoreManifest):
             if not alive:
                 notes.append(f"{p}: left by a killed `prepare` of this folder; the next prepare to "
                              f"{self.path.name} removes it, or remove it yourself")
+        for p, alive in partial_dirs(self.path / NARROWED):
+            if not alive:
+                notes.append(f"{p}: a narrowed copy of this store that a killed LoRA run left; the next "
+                             "LoRA run that makes one removes it, or remove it yourself")
         return notes
 
     def verify(self) -> list[str]:
