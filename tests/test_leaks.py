@@ -243,3 +243,21 @@ def test_a_narrowed_copy_beside_a_store_on_a_small_disk(root, tmp_path, size):
     assert not [n for n in left if "narrowed" in n], left
     assert sorted(n for n in left if n.startswith("./st/")) == sorted(
         "./st/" + p.name for p in (root / "store").iterdir() if p.name != ".lock")
+
+
+def test_a_partial_left_under_this_processs_own_pid_is_removed(tmp_path):
+    """In a container a process often gets the pid the killed one had: a partial folder named
+    with this process's pid that no one holds locked is a dead process's, and goes."""
+    from blocktune.store.safefiles import ScratchDir, partial_dirs
+
+    dst = tmp_path / "st"
+    left = tmp_path / f".st.partial-{os.getpid()}-left"
+    left.mkdir()
+    assert partial_dirs(dst) == [(left, False)]
+    scratch = ScratchDir(dst)
+    try:
+        assert not left.exists()
+        assert partial_dirs(dst) == [(scratch.path, True)]  # its own, locked: alive
+    finally:
+        scratch.close()
+    assert partial_dirs(dst) == []

@@ -322,3 +322,26 @@ def test_a_wider_store_computed_narrower_is_read_from_a_copy_narrowed_once(tmp_p
     assert l1 == l0
     assert a1.keys() == a0.keys() and all(torch.equal(a1[k], a0[k]) for k in a1)
     assert r1 == pytest.approx(r0 / 2, rel=0.05)  # the same reads, of half the bytes
+
+
+def test_a_budget_that_holds_the_store_but_not_its_narrowed_copy_keeps_the_store(tmp_path, tiny_args):
+    """The narrowed copy's files carry their own headers, so its largest unit can be a few bytes
+    over the fp32 store's resident size: a device budget set to exactly the latter runs, from the
+    store as it is, says why, and leaves no copy behind."""
+    from blocktune.store.store import BlockStore
+    from blocktune_bench.synthetic import make_store
+
+    path = make_store(tmp_path / "s", tiny_args, seed=1).path  # fp32
+    copy = make_store(tmp_path / "b", tiny_args, seed=1, dtype=torch.bfloat16)  # what the narrowed copy will be
+    narrowed = max(resident_sizes(copy, torch.bfloat16).values())
+    with BlockStore.open(path) as store:
+        budget = max(resident_sizes(store, torch.bfloat16).values())
+        assert budget < narrowed  # the case this test is about
+        engine = Engine(store, EngineConfig(method="lora", device="cpu", compute_dtype="bf16", device_budget=budget,
+                                            frozen_reads="direct", narrow_frozen=True))
+        try:
+            assert "is over the device budget" in engine.narrow_note
+            assert engine.store is store and _narrowed(path) == []
+            engine.train_step([random_batch(tiny_args, 2, 16, seed=0)], lr=1e-3, step=0)
+        finally:
+            engine.close()

@@ -120,39 +120,39 @@ class Engine:
         sizes = {n: b for n, b in resident_sizes(store, self.dtype, as_stored, self.device).items()
                  if n in own}
         self.budgets: Budgets = self._resolve_budgets(sizes, own)
+        lora = self.cfg.lora if self.cfg.method == "lora" else None
+        self.adapters: LoraAdapters | None = None
+        if lora is not None:  # before any copy is made: a wrong adapter fails at once
+            self.adapters = LoraAdapters(self.args, lora, self.units[1:-1], self.device.torch, self.cfg.seed,
+                                         adapters, self.cfg.optimizer, keep=own)
         self._scratch: ScratchDir | None = None  # the narrowed copy's folder (`_narrow`)
         self.narrow_note: str | None = None
         if self._narrows(frozen, sizes):
-            self.store = self._narrow(store)
-            if self._scratch is not None:  # its files are the ones read: the room for reads in flight shrinks
-                sizes = {n: b for n, b in resident_sizes(self.store, self.dtype, as_stored, self.device).items()
-                         if n in own}
-                self.budgets = self._resolve_budgets(sizes, own)
-        # lean: hand freed heap back to the OS after every unit (slower, less RSS: the heap of
-        # many small activations fragments); asked for, or chosen where `auto` pages the units
-        # through RAM (`Budgets.lean`)
-        lean = (self.cfg.lean_memory or self.budgets.lean) and self.device.is_cpu
-        if lean:
-            fix_mmap_threshold()
-        self.pager = self._open_pager(as_stored)
-        # a stage whose units all stay resident takes each micro-batch through all of them
-        self.interleave = (self.dist.stages > 1 and self.budgets.keep == 0
-                           and sum(sizes.values()) <= self.pager.budget)
-        self.order = UnitOrder(self.units, self.lo, self.hi, full, self.interleave)
-        lora = self.cfg.lora if self.cfg.method == "lora" else None
-        self.adapters: LoraAdapters | None = None
-        if lora is not None:
-            self.adapters = LoraAdapters(self.args, lora, self.units[1:-1], self.device.torch, self.cfg.seed,
-                                         adapters, self.cfg.optimizer, keep=own)
-        self.modules = UnitModules(self.args, self.pager, self.adapters, lora, trim_heap=lean)
-        self.full_step = (FullStep(self.modules, self.pager, self.cfg.optimizer, dist, store.tied)
-                          if full else None)
-        self.inference = Inference(self.args, self.units, self.modules, self.pager, self.stage, dist,
-                                   self.dtype, self.device.torch, self.loss_chunk)
-        self.step_count = store.step if full else 0
-        # blocks past the RAM's keep budget: activations to disk and back where the budgets allow
-        self.spill = (ActivationSpill(self.budgets.spill, [store.path, Path(tempfile.gettempdir())],
-                                      self.budgets.spill_overlap) if self.budgets.spill else None)
+            sizes = self._use_narrowed(store, as_stored, sizes, own)
+        try:
+            # lean: hand freed heap back to the OS after every unit (slower, less RSS: the heap of
+            # many small activations fragments); asked for, or chosen where `auto` pages the units
+            # through RAM (`Budgets.lean`)
+            lean = (self.cfg.lean_memory or self.budgets.lean) and self.device.is_cpu
+            if lean:
+                fix_mmap_threshold()
+            self.pager = self._open_pager(as_stored)
+            # a stage whose units all stay resident takes each micro-batch through all of them
+            self.interleave = (self.dist.stages > 1 and self.budgets.keep == 0
+                               and sum(sizes.values()) <= self.pager.budget)
+            self.order = UnitOrder(self.units, self.lo, self.hi, full, self.interleave)
+            self.modules = UnitModules(self.args, self.pager, self.adapters, lora, trim_heap=lean)
+            self.full_step = (FullStep(self.modules, self.pager, self.cfg.optimizer, dist, store.tied)
+                              if full else None)
+            self.inference = Inference(self.args, self.units, self.modules, self.pager, self.stage, dist,
+                                       self.dtype, self.device.torch, self.loss_chunk)
+            self.step_count = store.step if full else 0
+            # blocks past the RAM's keep budget: activations to disk and back where the budgets allow
+            self.spill = (ActivationSpill(self.budgets.spill, [store.path, Path(tempfile.gettempdir())],
+                                          self.budgets.spill_overlap) if self.budgets.spill else None)
+        except BaseException:
+            self._drop_narrowed()  # no engine to close: the copy goes now
+            raise
         self._spill_estimate: dict[int, int] = {}  # unit -> its activations' bytes on disk last step
 
     def _resolve_budgets(self, sizes: dict[str, int], own: list[str]) -> Budgets:
@@ -198,10 +198,11 @@ class Engine:
         name, wide = dtype_name(self.dtype), dtype_name(store.dtype)
         need = sum(store.unit_bytes(n) for n in store.units) * self.dtype.itemsize // store.dtype.itemsize
         free = shutil.disk_usage(store.path).free
-        if free < need + need // 10:
+        if free < 2 * need:  # as much again left free: another run may be writing this store's next step
             return self._unnarrowed(store, f"a {name} copy would take {readable_size(need)} and its disk has "
-                                           f"{readable_size(free)} free")
-        # a unit read, its narrowed copy, and the one before it being written
+                                           f"{readable_size(free)} free (twice that is asked)")
+        # a unit read, its narrowed copy and the one before it being written (2x the largest),
+        # and a margin for the page cache a file takes before it is synced
         ram, free_ram = 5 * max(store.unit_bytes(n) for n in store.units) // 2, host_memory_free()
         if free_ram is not None and free_ram < ram:
             return self._unnarrowed(store, f"making the copy takes {readable_size(ram)} of RAM, and "
@@ -227,6 +228,35 @@ class Engine:
                             "pass reads half the bytes and converts none")
         return narrowed
 
+    def _use_narrowed(self, store: BlockStore, as_stored: frozenset[str], sizes: dict[str, int],
+                      own: list[str]) -> dict[str, int]:
+        """Make the narrowed copy (`_narrow`) the store the engine reads, with the budgets worked
+        out again for its files (the room for reads in flight shrinks); the resident sizes. A
+        copy whose largest unit the pager's budget cannot hold (a budget set by hand within a
+        header's bytes of the largest unit) is dropped again, and that is said."""
+        narrowed = self._narrow(store)
+        if narrowed is store:
+            return sizes
+        was = self.budgets
+        self.store = narrowed
+        new = {n: b for n, b in resident_sizes(narrowed, self.dtype, as_stored, self.device).items() if n in own}
+        self.budgets = self._resolve_budgets(new, own)
+        budget = self._pager_budget()
+        if budget is not None and budget < max(new.values()):
+            self._drop_narrowed()
+            self.store, self.budgets = store, was
+            self._unnarrowed(store, f"the copy's largest unit ({max(new.values()):,} bytes) is over the device "
+                                    f"budget ({budget:,} bytes)")
+            return sizes
+        return new
+
+    def _drop_narrowed(self) -> None:
+        """Close and remove the narrowed copy, if there is one."""
+        if self._scratch is not None:
+            self.store.close()
+            self._scratch.close()
+            self._scratch = None
+
     def _unnarrowed(self, store: BlockStore, why: str) -> BlockStore:
         """`store` as it is, read and converted at every pass, and why (`narrow_note`)."""
         self.narrow_note = (f"note: the {dtype_name(store.dtype)} units of {store.path} are converted to "
@@ -239,7 +269,9 @@ class Engine:
             tensors = store.read_unit(n, verify=self.cfg.verify, direct=True)
             if n == "head" and store.tied:
                 del tensors["output.weight"]  # the embedding's, which read_unit lends it
-            yield n, {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+            narrow = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+            del tensors  # not held while the next unit is read
+            yield n, narrow
 
     def _open_pager(self, as_stored: frozenset[str]) -> Pager:
         """The pager within the device budget (`_pager_budget`)."""
@@ -533,10 +565,7 @@ class Engine:
         self.pager.close()
         if self.spill is not None:
             self.spill.close()
-        if self._scratch is not None:  # the narrowed copy (`_narrow`)
-            self.store.close()
-            self._scratch.close()
-            self._scratch = None
+        self._drop_narrowed()
 
 
 def _hollow(t: torch.Tensor) -> None:

@@ -289,8 +289,9 @@ class WriteBack:
             for r in self._unsynced:
                 fd = os.open(self.store.path / r.file, os.O_RDONLY)
                 try:
-                    os.fdatasync(fd)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # written: not needed in RAM
+                    getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
+                    if hasattr(os, "posix_fadvise"):  # nor posix_fadvise
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # written: not needed in RAM
                 finally:
                     os.close(fd)
             self._unsynced = []

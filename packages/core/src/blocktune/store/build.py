@@ -74,8 +74,8 @@ def _write_unit(folder: Path, name: str, tensors: dict[str, torch.Tensor], cache
         nbytes, crc, layout = write_tensors(f, tensors)
         f.flush()
         os.fsync(f.fileno())
-        if not cache:  # written and synced: its pages leave the page cache (and a memory cgroup's count)
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        if not cache and hasattr(os, "posix_fadvise"):  # written and synced: its pages leave the page
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # cache (and a memory cgroup's count)
     return FileRecord(f"{name}.safetensors", nbytes, crc, layout)
 
 

@@ -135,7 +135,8 @@ def write_failed(path: Path, exc: BaseException, kept: str, again: str = "run th
 def partial_dirs(dst: Path) -> list[tuple[Path, bool]]:
     """The hidden `.NAME.partial-PID-XXXX` folders that `staging_dir` makes beside `dst`, each
     with whether a live process still writes it (it holds flock on the folder; a name whose pid
-    runs is taken as live, since the flock comes a moment after the folder)."""
+    runs is taken as live, since the flock comes a moment after the folder, unless the pid is
+    this process's own: a container's processes get the pids killed ones had)."""
     dst = Path(dst)
     out = []
     for p in dst.parent.glob(f".{glob.escape(dst.name)}{_PARTIAL}*"):
@@ -159,6 +160,8 @@ def _partial_alive(p: Path) -> bool:
     pid = p.name.rpartition(_PARTIAL)[2].split("-")[0]
     if not pid.isdigit():
         return False  # made before partial folders carried their maker's pid and lock
+    if int(pid) == os.getpid():
+        return False  # unlocked under this process's own pid: a killed process's that had it (a container's)
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
