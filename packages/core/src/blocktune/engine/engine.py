@@ -213,8 +213,8 @@ class Engine:
         except OSError as exc:  # a folder blocktune may read, not write
             return self._unnarrowed(store, f"no folder could be made in it ({exc.strerror})")
         try:
-            narrowed = BlockStore.open(build_store(scratch.path / "store", store.args, self._narrowed_units(store),
-                                                   self.dtype, cache=False).path)
+            narrowed = build_store(scratch.path / "store", store.args, self._narrowed_units(store), self.dtype,
+                                   cache=False)  # opened, its files pinned until `_drop_narrowed`
         except BaseException as exc:
             scratch.close()
             cause = exc.__cause__ if isinstance(exc, StoreError) and exc.__cause__ is not None else exc
