@@ -21,7 +21,6 @@ only its own range of units: its inputs come from the stage before, its gradient
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -43,8 +42,8 @@ from blocktune.engine.recompute import skip_unread_product
 from blocktune.engine.rng import seed_micro_batch
 from blocktune.engine.stagelink import StageLink
 from blocktune.errors import ConfigError, StoreError, TrainingError
-from blocktune.machine.devices import Device, dtype_name, resolve_device
-from blocktune.machine.hostmem import fix_mmap_threshold, host_memory_free, trim_host_heap
+from blocktune.machine.devices import Device, resolve_device
+from blocktune.machine.hostmem import fix_mmap_threshold
 from blocktune.model.args import ModelArgs
 from blocktune.model.llama import KVCache
 from blocktune.model.lora import LoraAdapters
@@ -53,9 +52,8 @@ from blocktune.paging.budgets import resolve as resolve_budgets
 from blocktune.paging.pager import Pager, resident_sizes
 from blocktune.paging.spill import ActivationSpill, SpillHandles
 from blocktune.paging.stash import ActivationStash
-from blocktune.store.build import build_store
-from blocktune.store.safefiles import ScratchDir, is_write_failure, readable_size
-from blocktune.store.store import NARROWED, BlockStore
+from blocktune.store.narrowed import NarrowedCopy
+from blocktune.store.store import BlockStore
 
 __all__ = ["EngineConfig", "Engine", "StepResult"]
 
@@ -125,7 +123,7 @@ class Engine:
         if lora is not None:  # before any copy is made: a wrong adapter fails at once
             self.adapters = LoraAdapters(self.args, lora, self.units[1:-1], self.device.torch, self.cfg.seed,
                                          adapters, self.cfg.optimizer, keep=own)
-        self._scratch: ScratchDir | None = None  # the narrowed copy's folder (`_narrow`)
+        self._narrowed: NarrowedCopy | None = None  # the copy read instead of the store (`_use_narrowed`)
         self.narrow_note: str | None = None
         if self._narrows(frozen, sizes):
             sizes = self._use_narrowed(store, as_stored, sizes, own)
@@ -151,7 +149,8 @@ class Engine:
             self.spill = (ActivationSpill(self.budgets.spill, [store.path, Path(tempfile.gettempdir())],
                                           self.budgets.spill_overlap) if self.budgets.spill else None)
         except BaseException:
-            self._drop_narrowed()  # no engine to close: the copy goes now
+            if self._narrowed is not None:  # no engine to close: the copy goes now
+                self._narrowed.close()
             raise
         self._spill_estimate: dict[int, int] = {}  # unit -> its activations' bytes on disk last step
 
@@ -181,7 +180,7 @@ class Engine:
         return budget
 
     def _narrows(self, frozen: bool, sizes: dict[str, int]) -> bool:
-        """Whether the frozen units are read from a copy in the compute dtype (`_narrow`): asked
+        """Whether the frozen units are read from a copy in the compute dtype (`_use_narrowed`): asked
         for, on the CPU, one process, a store wider than the compute dtype, and units that do not
         all stay resident (so each is read, and converted, every pass)."""
         budget = self._pager_budget()
@@ -189,89 +188,27 @@ class Engine:
                 and self.store.dtype.itemsize > self.dtype.itemsize
                 and budget is not None and sum(sizes.values()) > budget)
 
-    def _narrow(self, store: BlockStore) -> BlockStore:
-        """The store's units narrowed to the compute dtype, once, into a scratch folder beside
-        the store (removed at `close`; one a killed run left goes with the next run's). The
-        values are those the pager's conversion gives at every read (the same rounding), so the
-        run is the same, bit for bit; each pass reads half the bytes and converts nothing. Where
-        the disk or the RAM has no room for it, the store is read as it is, and that is said."""
-        name, wide = dtype_name(self.dtype), dtype_name(store.dtype)
-        need = sum(store.unit_bytes(n) for n in store.units) * self.dtype.itemsize // store.dtype.itemsize
-        free = shutil.disk_usage(store.path).free
-        if free < 2 * need:  # as much again left free: another run may be writing this store's next step
-            return self._unnarrowed(store, f"a {name} copy would take {readable_size(need)} and its disk has "
-                                           f"{readable_size(free)} free (twice that is asked)")
-        # a unit read, its narrowed copy and the one before it being written (2x the largest),
-        # and a margin for the page cache a file takes before it is synced
-        ram, free_ram = 5 * max(store.unit_bytes(n) for n in store.units) // 2, host_memory_free()
-        if free_ram is not None and free_ram < ram:
-            return self._unnarrowed(store, f"making the copy takes {readable_size(ram)} of RAM, and "
-                                           f"{readable_size(free_ram)} is free")
-        t0 = time.perf_counter()
-        try:
-            scratch = ScratchDir(store.path / NARROWED)
-        except OSError as exc:  # a folder blocktune may read, not write
-            return self._unnarrowed(store, f"no folder could be made in it ({exc.strerror})")
-        try:
-            narrowed = build_store(scratch.path / "store", store.args, self._narrowed_units(store), self.dtype,
-                                   cache=False)  # opened, its files pinned until `_drop_narrowed`
-        except BaseException as exc:
-            scratch.close()
-            cause = exc.__cause__ if isinstance(exc, StoreError) and exc.__cause__ is not None else exc
-            if not (isinstance(cause, OSError) or is_write_failure(cause)):
-                raise
-            return self._unnarrowed(store, f"its {name} copy could not be written ({cause})")
-        self._scratch = scratch
-        trim_host_heap()  # the copy's pieces freed: the heap they grew goes back before the budgets are worked out
-        self.narrow_note = (f"frozen units read as {name}: the {wide} store was narrowed once ({readable_size(need)} "
-                            f"in {time.perf_counter() - t0:.1f} s, in {scratch.path}, removed at the end), so each "
-                            "pass reads half the bytes and converts none")
-        return narrowed
-
     def _use_narrowed(self, store: BlockStore, as_stored: frozenset[str], sizes: dict[str, int],
                       own: list[str]) -> dict[str, int]:
-        """Make the narrowed copy (`_narrow`) the store the engine reads, with the budgets worked
-        out again for its files (the room for reads in flight shrinks); the resident sizes. A
-        copy whose largest unit the pager's budget cannot hold (a budget set by hand within a
-        header's bytes of the largest unit) is dropped again, and that is said."""
-        narrowed = self._narrow(store)
-        if narrowed is store:
+        """Make a narrowed copy (`NarrowedCopy`) the store the engine reads, with the budgets
+        worked out again for its files (the room for reads in flight shrinks); the resident
+        sizes. A copy whose largest unit the pager's budget cannot hold (a budget set by hand
+        within a header's bytes of the largest unit) is dropped again, and that is said."""
+        copy = NarrowedCopy(store, self.dtype, self.cfg.verify)
+        self.narrow_note = copy.note
+        if copy.store is None:
             return sizes
         was = self.budgets
-        self.store = narrowed
-        new = {n: b for n, b in resident_sizes(narrowed, self.dtype, as_stored, self.device).items() if n in own}
+        self.store, self._narrowed = copy.store, copy
+        new = {n: b for n, b in resident_sizes(copy.store, self.dtype, as_stored, self.device).items() if n in own}
         self.budgets = self._resolve_budgets(new, own)
         budget = self._pager_budget()
         if budget is not None and budget < max(new.values()):
-            self._drop_narrowed()
-            self.store, self.budgets = store, was
-            self._unnarrowed(store, f"the copy's largest unit ({max(new.values()):,} bytes) is over the device "
-                                    f"budget ({budget:,} bytes)")
+            self.narrow_note = copy.unused(f"the copy's largest unit ({max(new.values()):,} bytes) is over the "
+                                           f"device budget ({budget:,} bytes)")
+            self.store, self.budgets, self._narrowed = store, was, None
             return sizes
         return new
-
-    def _drop_narrowed(self) -> None:
-        """Close and remove the narrowed copy, if there is one."""
-        if self._scratch is not None:
-            self.store.close()
-            self._scratch.close()
-            self._scratch = None
-
-    def _unnarrowed(self, store: BlockStore, why: str) -> BlockStore:
-        """`store` as it is, read and converted at every pass, and why (`narrow_note`)."""
-        self.narrow_note = (f"note: the {dtype_name(store.dtype)} units of {store.path} are converted to "
-                            f"{dtype_name(self.dtype)} at every read: {why}")
-        return store
-
-    def _narrowed_units(self, store: BlockStore):
-        """Each unit of `store` in the compute dtype, one at a time (a tied head: its norm only)."""
-        for n in store.units:
-            tensors = store.read_unit(n, verify=self.cfg.verify, direct=True)
-            if n == "head" and store.tied:
-                del tensors["output.weight"]  # the embedding's, which read_unit lends it
-            narrow = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-            del tensors  # not held while the next unit is read
-            yield n, narrow
 
     def _open_pager(self, as_stored: frozenset[str]) -> Pager:
         """The pager within the device budget (`_pager_budget`)."""
@@ -565,7 +502,8 @@ class Engine:
         self.pager.close()
         if self.spill is not None:
             self.spill.close()
-        self._drop_narrowed()
+        if self._narrowed is not None:
+            self._narrowed.close()
 
 
 def _hollow(t: torch.Tensor) -> None:
