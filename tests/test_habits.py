@@ -3,6 +3,7 @@ Face's names and "all-linear", --epochs, a run folder per run, an adapter per ch
 the messages and exits of a Unix tool. Each test runs the command as a user does."""
 
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -23,14 +24,15 @@ def prepared(tmp_path_factory):
     return prepared_root(tmp_path_factory.mktemp("habits"))
 
 
-def lora(prepared, *extra, steps: int | None = 2, cwd=None) -> subprocess.CompletedProcess:
-    """A tiny LoRA `blocktune finetune` on the prepared store (run in `cwd`)."""
+def lora(prepared, *extra, steps: int | None = 2, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """A tiny LoRA `blocktune finetune` on the prepared store (run in `cwd`, with `env` added to
+    the environment)."""
     cmd = [sys.executable, "-m", "blocktune", "finetune", "--store", str(prepared / "store"), "--data",
            str(prepared / "text.txt"), "--config", str(prepared / "run.toml"), "--seq-len", "16",
            "--batch-size", "2", "--grad-accum", "1", "--lr", "3e-3", "--device", "cpu", *map(str, extra)]
     if steps is not None:
         cmd += ["--steps", str(steps)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env and {**os.environ, **env})
 
 
 def test_lora_targets_by_hugging_face_names_and_all_linear(prepared, tmp_path):
@@ -204,9 +206,13 @@ def test_a_closed_pipe_ends_quietly_and_help_version_and_info_need_no_torch(prep
 
 def test_nproc_names_one_run_folder_and_prints_one_result(prepared, tmp_path):
     """--nproc 2 without --out: both ranks write the one new run folder, and the result line is
-    printed once (rank 0's), not once per rank."""
-    r = lora(prepared, "--nproc", "2", "--batch-size", "1", cwd=tmp_path)
+    printed once (rank 0's), not once per rank. Nothing is left in the temp folder (torchrun's own
+    log folder, a torchelastic_* there, was left by every run)."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    r = lora(prepared, "--nproc", "2", "--batch-size", "1", cwd=tmp_path, env={"TMPDIR": str(temp)})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert not list(temp.iterdir())
     assert len(list((tmp_path / "runs").iterdir())) == 1
     results = [line for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1 and json.loads(results[0])["step"] == 2, r.stdout

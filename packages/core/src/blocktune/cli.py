@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from importlib.metadata import entry_points
@@ -40,12 +41,15 @@ def _launch(nproc: int, argv: list[str]) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             rest.append(arg)
-    try:
-        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "blocktune", *rest])
-    except Exception as exc:  # torchrun's ChildFailedError names the rank and its exit code
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip() and set(line.strip()) != {"="}]
-        raise BlocktuneError("a rank failed (its error is printed above): " + (
-            "; ".join(lines[:3]) or type(exc).__name__)) from None
+    # torchrun keeps each rank's error file in a log folder, by default a new torchelastic_* in
+    # the temp folder that nothing removes (one left behind per run); this one goes at the end
+    with tempfile.TemporaryDirectory(prefix="blocktune-ranks-") as logs:
+        try:
+            torchrun(["--standalone", f"--nproc-per-node={nproc}", "--log-dir", logs, "-m", "blocktune", *rest])
+        except Exception as exc:  # torchrun's ChildFailedError names the rank and its exit code
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip() and set(line.strip()) != {"="}]
+            raise BlocktuneError("a rank failed (its error is printed above): " + (
+                "; ".join(lines[:3]) or type(exc).__name__)) from None
     return 0
 
 
