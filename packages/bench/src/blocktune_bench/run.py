@@ -75,7 +75,7 @@ def group_step(work: Path, reps: int) -> None:
              "warm-up step), runs alternated. ckpt = in-memory with per-block activation checkpointing (the "
              "same arithmetic as paged). paged-keep = `keep_budget=None`: activations kept from the "
              "first forward, weights in the graph as pager handles, no recompute. paged-lean = `lean_memory=True` "
-             "(freed heap returned to the OS after every unit).", "",
+             "(freed heap returned to the OS between units).", "",
              "Peak RSS counts the page cache a process has mapped (a LoRA run keeps its frozen unit files "
              "mapped; the kernel takes those pages back under memory pressure); anonymous is the "
              "memory only the process holds (RssAnon, sampled every 10 ms).", "",

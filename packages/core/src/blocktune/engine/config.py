@@ -75,7 +75,7 @@ class EngineConfig:
     prefetch: bool = True
     verify: str = "once"  # crc32 of each file version: "always" on every read, "once" per process, "never"
     read_only: bool = False  # inference only (generate, eval): units are never written
-    lean_memory: bool = False  # return freed host memory to the OS after every unit (slower; less RSS)
+    lean_memory: bool = False  # return freed host memory to the OS between units (slower; less RSS)
     max_dirty: int | None = 512 << 20  # full fine-tune: written-but-unsynced bytes before an early fsync
     # Bytes of autograd activations kept from the first forward instead of recomputing the
     # unit in the backward (weights in the graph become handles the pager resolves).

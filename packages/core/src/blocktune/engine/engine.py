@@ -43,7 +43,7 @@ from blocktune.engine.rng import seed_micro_batch
 from blocktune.engine.stagelink import StageLink
 from blocktune.errors import ConfigError, StoreError, TrainingError
 from blocktune.machine.devices import Device, resolve_device
-from blocktune.machine.hostmem import fix_mmap_threshold
+from blocktune.machine.hostmem import LeanHeap
 from blocktune.model.args import ModelArgs
 from blocktune.model.llama import KVCache
 from blocktune.model.lora import LoraAdapters
@@ -128,18 +128,17 @@ class Engine:
         if self._narrows(frozen, sizes):
             sizes = self._use_narrowed(store, as_stored, sizes, own)
         try:
-            # lean: hand freed heap back to the OS after every unit (slower, less RSS: the heap of
+            # lean: hand freed heap back to the OS between units (slower, less RSS: the heap of
             # many small activations fragments); asked for, or chosen where `auto` pages the units
             # through RAM (`Budgets.lean`)
             lean = (self.cfg.lean_memory or self.budgets.lean) and self.device.is_cpu
-            if lean:
-                fix_mmap_threshold()
+            heap = LeanHeap(map_big=full, slack=self.budgets.heap_slack) if lean else None
             self.pager = self._open_pager(as_stored)
             # a stage whose units all stay resident takes each micro-batch through all of them
             self.interleave = (self.dist.stages > 1 and self.budgets.keep == 0
                                and sum(sizes.values()) <= self.pager.budget)
             self.order = UnitOrder(self.units, self.lo, self.hi, full, self.interleave)
-            self.modules = UnitModules(self.args, self.pager, self.adapters, lora, trim_heap=lean)
+            self.modules = UnitModules(self.args, self.pager, self.adapters, lora, heap=heap)
             self.full_step = (FullStep(self.modules, self.pager, self.cfg.optimizer, dist, store.tied)
                               if full else None)
             self.inference = Inference(self.args, self.units, self.modules, self.pager, self.stage, dist,
@@ -463,7 +462,7 @@ class Engine:
         unit = self.units[i]
         if (i, 0) in run.kept:  # the graph is there: make the weights it names resident
             spilled = run.spilled.pop(i, None)
-            tensors = self.pager.get(unit)
+            tensors = self.modules.tensors(unit, graph_kept=True)
             mod = run.kept_mods.pop(i, None)
             if mod is not None:
                 for name, p in mod.named_parameters():

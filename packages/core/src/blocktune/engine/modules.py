@@ -8,7 +8,7 @@ import copy
 import torch
 from torch import nn
 
-from blocktune.machine.hostmem import trim_host_heap
+from blocktune.machine.hostmem import LeanHeap
 from blocktune.model.args import LoraConfig, ModelArgs
 from blocktune.model.llama import Block, Embed, Head
 from blocktune.model.lora import LoraAdapters, add_lora
@@ -19,13 +19,13 @@ __all__ = ["UnitModules"]
 
 class UnitModules:
     """The modules of the units `pager` holds, with the LoRA `adapters` (if any) in place and,
-    with LoRA, only the adapters trainable. `trim_heap`: hand freed heap back to the OS before
-    every unit (lean memory on the CPU)."""
+    with LoRA, only the adapters trainable. `heap`: hands freed heap back to the OS between
+    units (lean memory on the CPU)."""
 
     def __init__(self, args: ModelArgs, pager: Pager, adapters: LoraAdapters | None,
-                 lora: LoraConfig | None, trim_heap: bool = False):
+                 lora: LoraConfig | None, heap: LeanHeap | None = None):
         self.args, self.pager, self.adapters, self.lora = args, pager, adapters, lora
-        self.trim_heap = trim_heap
+        self.heap = heap
         self._built: dict[str, tuple[dict, nn.Module]] = {}  # unit -> (its tensors, its module)
         self._templates: dict[str, nn.Module] = {}  # one meta-device module per kind of unit
         # a mapped unit's file stays mapped, and a module that computes from that memory may stay
@@ -36,9 +36,7 @@ class UnitModules:
 
     def get(self, unit: str, training: bool) -> nn.Module:
         """`unit`'s module over the tensors the pager holds for it now, in train or eval mode."""
-        if self.trim_heap:
-            trim_host_heap()
-        resident = self.pager.get(unit)
+        resident = self.tensors(unit)
         cached = self._built.get(unit)
         if cached is not None and cached[0].keys() == resident.keys() and all(
                 cached[0][k] is t for k, t in resident.items()):  # the same tensors: the module fits
@@ -56,6 +54,13 @@ class UnitModules:
         # holds the weights of a unit the budget has let go), or, mapped, while the file is
         self._built[unit] = (resident, mod)
         return mod.train(training)
+
+    def tensors(self, unit: str, graph_kept: bool = False) -> dict[str, torch.Tensor]:
+        """`unit`'s tensors, resident, the heap's freed memory handed back first where it is
+        lean (`graph_kept`: for the backward through the graph the forward kept, which names them)."""
+        if self.heap is not None:
+            self.heap.between_units(graph_kept)
+        return self.pager.get(unit)
 
     def forget(self, unit: str) -> None:
         """The one way a cached module goes: its unit was evicted, or its module must not be

@@ -56,7 +56,7 @@ def holds_two_units(budget: int | None, largest: int) -> bool:
     gradient is summed during the next unit's backward, and idle read buffers are kept for
     reuse. Under two, memory is tight and time is spent to save it: each of those finishes
     before the compute goes on and no idle buffer is kept. (Freed heap memory goes back to the
-    OS after every unit wherever `auto` pages the units through RAM, two of them or one:
+    OS between units wherever `auto` pages the units through RAM, two of them or one:
     `Budgets.lean`.)
     """
     return budget is None or budget >= 2 * largest
@@ -74,8 +74,11 @@ class Budgets:
     spill: int = 0  # disk for the activations of blocks past `keep` (`blocktune.paging.spill`; CPU)
     spill_overlap: bool = False  # room for a block's activations more: written and read beside the compute
     # `auto` pages the units through host RAM (they do not all fit): the heap is kept from growing
-    # (`blocktune.machine.hostmem`'s lean mode), tight or not
+    # (`blocktune.machine.hostmem.LeanHeap`), tight or not
     lean: bool = False
+    # how much the process may grow between two returns of freed heap to the OS (0: before every
+    # unit): out of the slack `_host_room` leaves for the allocator's fragmentation
+    heap_slack: int = 0
 
 
 def _mib(n: int) -> str:
@@ -234,15 +237,22 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
                                   batch * seq * micro, left, device, notes)
     # glibc's heap keeps what freed activations leave in it, in holes it does not reuse (a 7B bf16
     # LoRA step under 2 GiB with two units resident: 0.66 GB of free heap after one step, and the
-    # cgroup's kill in the next): where the units are paged through RAM, big allocations are
-    # mapped fresh and freed heap goes back to the OS, at some page faults' cost
+    # cgroup's kill in the next): where the units are paged through RAM, freed heap goes back to
+    # the OS between units, at some page faults' cost (`blocktune.machine.hostmem.LeanHeap`)
     lean = device.host_is_device and device_budget == AUTO and dev is not None and dev < units
+    # LoRA: a block's tensors come from the heap and are reused within the unit, given back once
+    # the process has grown by 5% of the free RAM (at most 128 MiB: half the 10% slack); a full
+    # fine-tune's big gradients and optimizer pieces are mapped fresh and the heap trimmed before
+    # every unit (held in the heap, they killed the laptop-shaped full step under 1 GiB)
+    heap_slack = 0 if method == "full" or host_free is None else min(128 * MiB, host_free // 20)
+    given_back = ("after every unit, and a unit's big tensors are mapped fresh" if not heap_slack else
+                  f"between units once the process has grown by {_mib(heap_slack)}")
     if tight:
-        notes.append("memory is tight (room for under two units): freed heap memory goes back to the "
-                     "OS after every unit")
+        notes.append(f"memory is tight (room for under two units): freed heap memory goes back to the OS {given_back}")
     elif lean:
-        notes.append("the units are paged through RAM: freed heap memory goes back to the OS after every unit")
-    return Budgets(dev, host, act, tuple(notes), tight, keep, state, spill, overlap, tight or lean)
+        notes.append(f"the units are paged through RAM: freed heap memory goes back to the OS {given_back}")
+    return Budgets(dev, host, act, tuple(notes), tight, keep, state, spill, overlap, tight or lean,
+                   heap_slack if tight or lean else 0)
 
 
 def _full_step_bytes(params: int, state_kinds: int) -> int:
