@@ -59,8 +59,11 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        # a no-op on the meta device, where the paged engine builds units before mapping weights in
-        nn.init.normal_(self.weight, std=0.02)
+        # not on the meta device, where the paged engine builds units before mapping weights in:
+        # there it does nothing but import torch._dynamo (torch's reference normal_), 1.1 s of
+        # every command's start
+        if not self.weight.is_meta:
+            nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
@@ -251,7 +254,10 @@ class Block(nn.Module):
 class Embed(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        weight = torch.empty(args.vocab_size, args.dim)
+        if not weight.is_meta:  # as nn.Embedding draws it (on the meta device: see `Linear`)
+            nn.init.normal_(weight)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=weight)
         self.dropout = nn.Dropout(args.embed_dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
