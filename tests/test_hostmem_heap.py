@@ -6,7 +6,10 @@ import ctypes
 import ctypes.util
 
 import pytest
+from blocktune import Engine, EngineConfig, OptimizerConfig
 from blocktune.machine.hostmem import LeanHeap, resident_anon_bytes
+from blocktune.model.args import LoraConfig
+from conftest import random_batch
 
 MiB = 1 << 20
 pytestmark = pytest.mark.skipif(resident_anon_bytes() is None or not hasattr(
@@ -42,3 +45,20 @@ def test_without_a_slack_the_heap_is_trimmed_before_every_unit():
     base = resident_anon_bytes()
     heap.between_units()
     assert heap.trims == 2 and resident_anon_bytes() < base - 4 * MiB and keep
+
+
+@pytest.mark.parametrize("keep", [None, 0])
+def test_the_heap_is_asked_before_every_unit_of_both_passes(tiny_store, tiny_args, keep):
+    """LoRA, lean: before each unit's forward, and before each block's backward, the graph kept
+    from the forward's (keep None) as the recomputed one's (keep 0). Left out of the backward's
+    kept graphs, the 7B step's heap grew by 0.3 GB (cgroup peak 2.07 of 2.15 GB)."""
+    engine = Engine(tiny_store, EngineConfig(method="lora", device="cpu", lean_memory=True, keep_budget=keep,
+                                             lora=LoraConfig(rank=2), optimizer=OptimizerConfig("adamw", 1e-3)))
+    asked = []
+    engine.modules.heap.between_units = lambda graph_kept=False: asked.append(graph_kept)
+    engine.train_step([random_batch(tiny_args, seed=0)])
+    engine.close()
+    blocks = tiny_args.n_layers
+    # the forward's units (embed, the blocks, the head), then each block's backward
+    assert len(asked) == (blocks + 2) + blocks, asked
+    assert asked.count(True) == (blocks if keep is None else 0)
