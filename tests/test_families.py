@@ -292,6 +292,18 @@ def test_llama2_inst_format_masks_the_prompts():
     assert "<<SYS>>" in tok.sp.decode(ids) and "[/INST]" in tok.sp.decode(ids)
 
 
+def test_an_id_past_the_tokenizers_pieces_decodes_to_nothing():
+    """A model whose vocabulary is padded beyond its sentencepiece tokenizer's can sample an id
+    the tokenizer has no piece for: it has no text (as in Hugging Face's tokenizers), where
+    sentencepiece raised IndexError out of `blocktune generate`."""
+    from blocktune.formats.tokenizer import Tokenizer
+    from blocktune_bench.corpus import tokenizer_path
+
+    tok = Tokenizer(tokenizer_path())
+    ids = tok.encode("The lighthouse keeper", bos=False)
+    assert tok.decode(ids + [tok.vocab_size, tok.vocab_size + 7] + ids) == tok.decode(ids + ids)
+
+
 @pytest.mark.parametrize("family", ["llama3", "qwen3"])
 def test_three_adamw_steps_equal_transformers(checkpoints, family, tmp_path):
     """Paged full fine-tune, three AdamW steps with every unit left resident between steps: a

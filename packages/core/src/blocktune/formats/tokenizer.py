@@ -65,7 +65,12 @@ class Tokenizer:
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
+        """The text of `ids`, without BOS and EOS. An id past the tokenizer's pieces (a model whose
+        vocabulary is padded beyond its tokenizer's can sample one) has no text and is left out,
+        as Hugging Face's tokenizers leave it (sentencepiece raised IndexError: a traceback out of
+        `blocktune generate`)."""
+        n = self.sp.vocab_size()
+        return self.sp.decode([i for i in ids if 0 <= i < n and i not in (self.bos_id, self.eos_id)])
 
 
 def _read_json(path: Path) -> dict[str, Any]:
