@@ -73,6 +73,10 @@ def test_units_paged_through_ram_keep_the_heap_lean(monkeypatch):
         assert b.heap_slack == (min(128 * MiB, free // 20) if b.lean else 0), (free, b.heap_slack)
         if b.lean:
             assert _resolve(monkeypatch, free, method="full").heap_slack == 0
+            # generation and eval (read-only, "full" where no adapter is given) are not a full step
+            ro = _resolve(monkeypatch, free, method="full", kv_cache=True)
+            assert ro.heap_slack == (min(128 * MiB, free // 20) if ro.lean else 0)
+            seen["read-only, lean"] = seen.get("read-only, lean", 0) + ro.lean
         seen["tight" if b.tight else "lean, two units or more" if b.lean else "every unit resident"] += 1
         if b.lean and not b.tight:
             assert any("paged through RAM" in n for n in b.notes), b.notes

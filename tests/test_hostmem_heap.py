@@ -26,7 +26,7 @@ def _heap_garbage(nbytes: int) -> bytearray:
 
 
 def test_freed_heap_goes_back_past_the_slack_and_not_before():
-    heap = LeanHeap(map_big=False, slack=64 * MiB)
+    heap = LeanHeap(slack=64 * MiB)
     heap.between_units()  # the first call trims: the base
     base, trims = resident_anon_bytes(), heap.trims
     keep = [_heap_garbage(32 * MiB)]
@@ -38,13 +38,24 @@ def test_freed_heap_goes_back_past_the_slack_and_not_before():
     assert heap.trims == trims + 1 and resident_anon_bytes() < base + 16 * MiB
 
 
-def test_without_a_slack_the_heap_is_trimmed_before_every_unit():
-    heap = LeanHeap(map_big=False, slack=0)
+def test_without_a_slack_the_heap_is_trimmed_before_every_unit_but_a_kept_graphs():
+    """A full fine-tune's heap (big tensors mapped fresh): trimmed before every unit, but not
+    before the backward through a graph the forward kept (it allocates little but gradients,
+    which are mapped); with a slack, the backward's kept graphs count as any unit."""
+    heap = LeanHeap(slack=0)
+    assert heap.maps_big
     heap.between_units()
     keep = [_heap_garbage(8 * MiB)]
     base = resident_anon_bytes()
+    heap.between_units(graph_kept=True)
+    assert heap.trims == 1 and resident_anon_bytes() > base - 4 * MiB
     heap.between_units()
     assert heap.trims == 2 and resident_anon_bytes() < base - 4 * MiB and keep
+    slack = LeanHeap(slack=64 * MiB)
+    slack.between_units()
+    keep.append(_heap_garbage(128 * MiB))
+    slack.between_units(graph_kept=True)
+    assert slack.trims == 2 and not slack.maps_big
 
 
 @pytest.mark.parametrize("keep", [None, 0])
@@ -57,6 +68,7 @@ def test_the_heap_is_asked_before_every_unit_of_both_passes(tiny_store, tiny_arg
     asked = []
     engine.modules.heap.between_units = lambda graph_kept=False: asked.append(graph_kept)
     engine.train_step([random_batch(tiny_args, seed=0)])
+    assert engine.modules.heap.slack == 0  # lean_memory with the budgets given: the old heap, big tensors mapped
     engine.close()
     blocks = tiny_args.n_layers
     # the forward's units (embed, the blocks, the head), then each block's backward

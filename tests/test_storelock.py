@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -274,6 +275,8 @@ def test_data_parallel_ranks_given_one_store_are_refused(base, tmp_path):
                                  "--nproc", "2", "--steps", "1"), capture_output=True, text=True, timeout=300)
     print(r.stderr[-600:])
     assert r.returncode != 0 and "were given one store" in r.stderr
+    # the launcher names the first rank that failed and its exit code (it said "blocktune FAILED; ---; Failures:")
+    assert re.search(r"a rank failed \(its error is printed above\): rank [01] exited with -?[0-9]+", r.stderr)
     assert BlockStore.open(store).step == 0
 
 

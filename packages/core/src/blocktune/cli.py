@@ -46,11 +46,20 @@ def _launch(nproc: int, argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="blocktune-ranks-") as logs:
         try:
             torchrun(["--standalone", f"--nproc-per-node={nproc}", "--log-dir", logs, "-m", "blocktune", *rest])
-        except Exception as exc:  # torchrun's ChildFailedError names the rank and its exit code
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip() and set(line.strip()) != {"="}]
-            raise BlocktuneError("a rank failed (its error is printed above): " + (
-                "; ".join(lines[:3]) or type(exc).__name__)) from None
+        except Exception as exc:  # torchrun's ChildFailedError: the first rank that failed, and how
+            raise BlocktuneError(f"a rank failed (its error is printed above): {_first_failure(exc)}") from None
     return 0
+
+
+def _first_failure(exc: Exception) -> str:
+    """'rank 1 exited with -9 (SIGKILL)' from torchrun's ChildFailedError, or what the error says."""
+    try:
+        rank, failure = exc.get_first_failure()
+        how = f" ({failure.signal_name()})" if failure.exitcode < 0 else ""
+        return f"rank {rank} exited with {failure.exitcode}{how}"
+    except Exception:  # another error, or another torch
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip() and set(line.strip()) != {"="}]
+        return "; ".join(lines[:3]) or type(exc).__name__
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:

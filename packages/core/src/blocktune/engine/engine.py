@@ -132,7 +132,7 @@ class Engine:
             # many small activations fragments); asked for, or chosen where `auto` pages the units
             # through RAM (`Budgets.lean`)
             lean = (self.cfg.lean_memory or self.budgets.lean) and self.device.is_cpu
-            heap = LeanHeap(map_big=full, slack=self.budgets.heap_slack) if lean else None
+            heap = LeanHeap(self.budgets.heap_slack) if lean else None
             self.pager = self._open_pager(as_stored)
             # a stage whose units all stay resident takes each micro-batch through all of them
             self.interleave = (self.dist.stages > 1 and self.budgets.keep == 0

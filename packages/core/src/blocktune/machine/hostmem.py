@@ -121,7 +121,7 @@ def _libc():
 def trim_host_heap() -> None:
     """Hand freed heap memory back to the OS (glibc keeps it otherwise). Costs time twice: the
     trim itself, and a page fault per 4 KiB when the memory is used again (after every step,
-    that was 0.3-0.45 s of a 3 s step here, for no lower peak). Called per unit in lean mode."""
+    that was 0.3-0.45 s of a 3 s step here, for no lower peak). `LeanHeap` decides when."""
     lib = _libc()
     if lib is not None:
         lib.malloc_trim(0)
@@ -140,39 +140,40 @@ def fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
 
 class LeanHeap:
     """Keeps glibc's heap from holding what freed tensors leave in it, where `auto` pages the
-    units through RAM (`Budgets.lean`); `between_units` is called before each unit's compute,
-    forward and backward.
+    units through RAM (`Budgets.lean`, `Budgets.heap_slack`) or `lean_memory` asks for it;
+    `between_units` is called on the computing thread before each unit's compute.
 
     Two costs are weighed. Memory: left alone, the heap keeps freed activations in holes it
     does not reuse (a 7B bf16 LoRA step under 2 GiB: 0.66 GB of free heap after one step, and
     the cgroup's kill in the next). Time: each 4 KiB the OS gets back is a page fault when it
     is used again (about 2.5 GB/s on a 2-core VM, on the computing thread).
 
-    - `map_big` (a full fine-tune): allocations from 1 MiB up are mapped fresh and unmapped when
-      freed. A unit's gradients and optimizer pieces are big; served from the heap they stayed
-      in it (glibc's dynamic threshold killed the laptop-shaped full step under 1 GiB).
-    - otherwise (LoRA, generation) the tensors of a block's compute come from the heap, which
-      reuses them within the unit. At the 7B shape under 2 GiB the hidden states are exactly
-      1 MiB: mapped fresh each, a run took 7.2 M page faults.
-    The heap is trimmed before a unit once the resident anonymous memory has grown by `slack`
-    since the last trim (0: before every unit). Each trim is paid for in page faults when the
-    memory is used again: trimmed before every unit, in the backward too, the 7B step took as
-    long as with every big tensor mapped fresh. Off Linux and glibc every call is a no-op.
+    - `slack` > 0 (LoRA, generation, eval): the tensors of a unit's compute come from the heap,
+      which reuses them within the unit (glibc's dynamic mmap threshold), and the heap is trimmed
+      before a unit, forward or backward, once the resident anonymous memory has grown by `slack`
+      since the last trim. At the 7B shape under 2 GiB the hidden states are exactly 1 MiB: each
+      mapped fresh, a run took 7.2 M page faults and a step 1.22x its floor; so, 1.2 M and 1.13x.
+    - `slack` 0 (a full fine-tune, or `lean_memory` with budgets given): allocations from 1 MiB
+      up are mapped fresh and unmapped when freed, and the heap is trimmed before every unit but
+      the backward's through a graph kept from the forward. A unit's gradients and optimizer
+      pieces are big; served from the heap they stayed in it (glibc's dynamic threshold killed
+      the laptop-shaped full step under 1 GiB); the backward through a kept graph allocates
+      little else, and trimmed there too the full step took 8-10% longer for the same peak.
+    Off Linux and glibc every call is a no-op.
     """
 
-    def __init__(self, map_big: bool, slack: int = 0):
-        self.map_big, self.slack = map_big, slack
+    def __init__(self, slack: int = 0):
+        self.slack = slack
+        self.maps_big = slack == 0
         self.trims = 0
         self._base: int | None = None  # resident anonymous bytes just after the last trim
-        if map_big:
+        if self.maps_big:
             fix_mmap_threshold()
 
     def between_units(self, graph_kept: bool = False) -> None:
-        """Before a unit's compute. `graph_kept`: its backward, through the graph the forward
-        kept, which allocates little but gradients; with `map_big` those are mapped and go back
-        when freed, so the heap is left alone (trimmed there too, the laptop-shaped full step
-        under 1 GiB took 8-10% longer for the same peak)."""
-        if graph_kept and self.map_big:
+        """Before a unit's compute (`graph_kept`: its backward, through the graph the forward
+        kept)."""
+        if graph_kept and self.maps_big:
             return
         anon = resident_anon_bytes() if self.slack else None
         if anon is not None and self._base is not None and anon <= self._base + self.slack:

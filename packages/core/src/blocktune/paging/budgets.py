@@ -240,11 +240,12 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
     # cgroup's kill in the next): where the units are paged through RAM, freed heap goes back to
     # the OS between units, at some page faults' cost (`blocktune.machine.hostmem.LeanHeap`)
     lean = device.host_is_device and device_budget == AUTO and dev is not None and dev < units
-    # LoRA: a block's tensors come from the heap and are reused within the unit, given back once
-    # the process has grown by 5% of the free RAM (at most 128 MiB: half the 10% slack); a full
-    # fine-tune's big gradients and optimizer pieces are mapped fresh and the heap trimmed before
-    # every unit (held in the heap, they killed the laptop-shaped full step under 1 GiB)
-    heap_slack = 0 if method == "full" or host_free is None else min(128 * MiB, host_free // 20)
+    # LoRA, generation, eval: a unit's tensors come from the heap and are reused within it, given
+    # back once the process has grown by 5% of the free RAM (at most 128 MiB: half the 10% slack);
+    # a full fine-tune's big gradients and optimizer pieces are mapped fresh and the heap trimmed
+    # before every unit (held in the heap, they killed the laptop-shaped full step under 1 GiB)
+    trains_full = method == "full" and not kv_cache  # (kv_cache: a read-only engine)
+    heap_slack = 0 if trains_full or host_free is None else min(128 * MiB, host_free // 20)
     given_back = ("after every unit, and a unit's big tensors are mapped fresh" if not heap_slack else
                   f"between units once the process has grown by {_mib(heap_slack)}")
     if tight:

@@ -520,7 +520,7 @@ class StreamedTensors(Mapping):
     def _pread(self, offset: int, nbytes: int) -> torch.Tensor:
         """Bytes [offset, offset + nbytes) of the file (offset and nbytes whole blocks), fewer
         at its end, in an aligned buffer of their own: huge pages from 2 MiB up (`aligned_empty`).
-        Where the heap maps every big buffer fresh (`Budgets.lean`), 4 KiB pages cost a fault
+        Where the heap maps every big buffer fresh (`LeanHeap` without a slack), 4 KiB pages cost a fault
         each: 12 state files of 227 MB streamed at 1.0-1.3 GB/s that way, 2.8-3.6 with huge pages."""
         buf = aligned_empty(nbytes)
         view, got = memoryview(buf.numpy()), 0
