@@ -363,3 +363,16 @@ def test_the_loss_chunk_keeps_a_chunks_logits_within_64_mib(tmp_path, monkeypatc
     engine.close()
     assert engine.loss_chunk == 128 and chunks == [128] and counted == [128]
     assert Engine(store, EngineConfig(method="full", device="cpu")).loss_chunk == 2048
+
+
+def test_generation_without_an_adapter_reserves_no_training_step(monkeypatch):
+    """generate and eval without an adapter run as method "full", read-only (kv_cache): they
+    reserved a full fine-tune's gradients and optimizer pieces, and kept optimizer state in RAM,
+    which they never make; they now get the budgets generation with an adapter gets."""
+    for free in (900 * MiB, 1200 * MiB, 2 << 30):
+        ro_full = _resolve(monkeypatch, free, method="full", kv_cache=True)
+        ro_lora = _resolve(monkeypatch, free, method="lora", kv_cache=True)
+        assert (ro_full.device, ro_full.activation, ro_full.state) == (ro_lora.device, ro_lora.activation, 0), free
+        assert not any("optimizer" in n for n in ro_full.notes), ro_full.notes
+    trains = _resolve(monkeypatch, 1200 * MiB, method="full")
+    assert trains.device < _resolve(monkeypatch, 1200 * MiB, method="full", kv_cache=True).device

@@ -201,7 +201,10 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
                        spill=limit(spill) if spill != 0 else 0, spill_overlap=spill != 0)
     largest, largest_file = max(unit_sizes.values()), max(unit_files.values())
     work = working_set(args, compute_dtype, batch, seq, micro, loss_chunk, kv_cache, device.torch.type)
-    extra = _full_step_bytes(largest // compute_dtype.itemsize, state_kinds) if method == "full" else 0
+    # a full fine-tune's step (generation and eval without an adapter run as "full", read-only:
+    # kv_cache, and have neither gradients nor optimizer state)
+    trains_full = method == "full" and not kv_cache
+    extra = _full_step_bytes(largest // compute_dtype.itemsize, state_kinds) if trains_full else 0
     notes: list[str] = []
     host_free, host_room = _host_room(device, ranks, notes)
     room, in_flight, in_flight_one, where = _device_room(device, host_free, host_room, unit_sizes, unit_files, ranks)
@@ -222,7 +225,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
         if keep == AUTO:
             keep, dev = _kept(room - fixed - (work["stash"] if act is None else act), dev, device_budget == AUTO,
                               unit_sizes, work["kept"], args.n_layers, notes, spills=spills)
-            if method == "full" and device.host_is_device:
+            if trains_full and device.host_is_device:
                 state, keep = _state_in_ram(keep, work["kept"], _stepped_sizes(args, unit_sizes, compute_dtype),
                                             compute_dtype, state_kinds, notes)
     host = _host_budget(device, host_budget, host_free, host_room, largest_file, notes)
@@ -244,7 +247,6 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
     # back once the process has grown by 5% of the free RAM (at most 128 MiB: half the 10% slack);
     # a full fine-tune's big gradients and optimizer pieces are mapped fresh and the heap trimmed
     # before every unit (held in the heap, they killed the laptop-shaped full step under 1 GiB)
-    trains_full = method == "full" and not kv_cache  # (kv_cache: a read-only engine)
     heap_slack = 0 if trains_full or host_free is None else min(128 * MiB, host_free // 20)
     given_back = ("after every unit, and a unit's big tensors are mapped fresh" if not heap_slack else
                   f"between units once the process has grown by {_mib(heap_slack)}")
