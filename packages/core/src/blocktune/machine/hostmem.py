@@ -20,16 +20,25 @@ __all__ = ["peak_rss_bytes", "resident_anon_bytes", "host_memory_available", "ho
            "trim_host_heap", "fix_mmap_threshold", "LeanHeap", "advise_cold", "advise_huge", "ensure_resident"]
 
 
+def _status_bytes(field: str) -> int | None:
+    """A kB field of /proc/self/status ("VmHWM", "RssAnon") in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process. On Linux VmHWM, not ru_maxrss: ru_maxrss
     survives exec, so a child started from a big parent (Python spawns with vfork) reports
     the parent's peak as its own (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    try:
-        for line in open("/proc/self/status").read().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 
@@ -37,14 +46,7 @@ def peak_rss_bytes() -> int:
 def resident_anon_bytes() -> int | None:
     """This process's anonymous memory resident now (RssAnon: the heap and mapped allocations,
     not mapped files); None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _status_bytes("RssAnon")
 
 
 def _mem_available() -> int | None:
