@@ -177,20 +177,32 @@ def _plain_swiglu(self, x):  # autograd's own graph of the SwiGLU, as the spec o
     return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def _plain_norm(self, x):  # autograd's own graph of the RMSNorm, as Meta writes it
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
 def _plain_lora(self, x, y):  # autograd's own graph of the LoRA term, as peft writes it
     import torch.nn.functional as F
 
+    if self.lora_a.dtype != x.dtype:  # fp32 adapters beside bf16 compute, as the engine runs them
+        return y + (F.linear(F.linear(self.lora_dropout(x).float(), self.lora_a), self.lora_b)
+                    * self.scale).to(y.dtype)
     return y + F.linear(F.linear(self.lora_dropout(x), self.lora_a), self.lora_b) * self.scale
 
 
-@pytest.mark.parametrize("lora", [None, LoraConfig(rank=4, dropout=0.1)])
-def test_a_kept_block_saves_less_with_the_same_gradients(lora, tiny_args, monkeypatch):
-    """The SwiGLU and the LoRA term keep less for the backward than autograd's graph of the same
-    arithmetic (silu's output; dropout's fp32 noise and the dropped inputs), and give its output
-    and every gradient bit for bit, summed in the same order."""
+@pytest.mark.parametrize("lora,dtype", [(None, torch.float32), (None, torch.bfloat16),
+                                        (LoraConfig(rank=4, dropout=0.1), torch.float32),
+                                        (LoraConfig(rank=4, dropout=0.1), torch.bfloat16),
+                                        (LoraConfig(rank=4, dropout=0.0), torch.bfloat16)])
+def test_a_kept_block_saves_less_with_the_same_gradients(lora, dtype, tiny_args, monkeypatch):
+    """The SwiGLU, the RMSNorms and the LoRA term keep less for the backward than autograd's graph
+    of the same arithmetic (silu's output; the norms' input widened to fp32; dropout's noise and
+    the dropped inputs, widened to fp32 for fp32 adapters beside bf16 compute), and give its
+    output and every gradient bit for bit, summed in the same order."""
     import dataclasses
 
-    from blocktune.model.llama import FeedForward
+    from blocktune.model.llama import FeedForward, RMSNorm
     from blocktune.model.lora import LoraLinear, add_lora
 
     args = dataclasses.replace(tiny_args, resid_dropout=0.1, attn_dropout=0.1)
@@ -200,7 +212,9 @@ def test_a_kept_block_saves_less_with_the_same_gradients(lora, tiny_args, monkey
     for name, p in block.named_parameters():
         torch.nn.init.normal_(p, std=0.05)  # LoRA B starts at zero: give the adapters a real gradient path
         p.requires_grad_(lora is None or ".lora_" in name)
-    x, g = torch.randn(2, 9, args.dim), torch.randn(2, 9, args.dim)
+        if ".lora_" not in name:
+            p.data = p.data.to(dtype)
+    x, g = torch.randn(2, 9, args.dim, dtype=dtype), torch.randn(2, 9, args.dim, dtype=dtype)
 
     def run():
         block.zero_grad(set_to_none=True)
@@ -218,13 +232,17 @@ def test_a_kept_block_saves_less_with_the_same_gradients(lora, tiny_args, monkey
     mine, kept = run()
     monkeypatch.setattr(FeedForward, "forward", _plain_swiglu)
     monkeypatch.setattr(LoraLinear, "add_delta", _plain_lora)
+    monkeypatch.setattr(RMSNorm, "forward", _plain_norm)
     plain, plain_kept = run()
     assert len(mine) == len(plain) > 2
     assert all(torch.equal(a, b) for a, b in zip(mine, plain))
-    silu_out = x.shape[0] * x.shape[1] * args.hidden_dim * 4  # fp32
+    silu_out = x.shape[0] * x.shape[1] * args.hidden_dim * x.element_size()
     assert plain_kept - kept >= silu_out, (kept, plain_kept)
-    if lora is not None:  # the noise and dropped inputs of 4 adapters, less a bool mask each
+    if lora is not None and lora.dropout:  # the noise and dropped inputs of 4 adapters, less a bool mask each
         assert kept < 0.75 * plain_kept, (kept, plain_kept)
+    if dtype != torch.float32:  # the norms' inputs widened to fp32, and the dropped inputs (wq, wk, wv)
+        widened = 2 * x.numel() * 2 + (0 if lora is None else 2 * x.numel() * 4)
+        assert plain_kept - kept >= silu_out + widened, (kept, plain_kept)
 
 
 def test_the_lora_backward_draws_no_dropout_noise(tiny_args):

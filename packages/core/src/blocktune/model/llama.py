@@ -46,9 +46,38 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 whatever the compute dtype, as Meta does.
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if x.dtype != torch.float32 and torch.is_grad_enabled() and x.requires_grad:
+            normed = _Normed.apply(x, self.eps)
+        else:
+            xf = x.float()
+            normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
+
+
+class _Normed(torch.autograd.Function):
+    """x·rsqrt(mean(x²) + eps) in fp32 for an x narrower than fp32, with autograd's arithmetic
+    (bit for bit), keeping x in its own dtype for the backward, which widens it again: autograd's
+    graph keeps x widened (twice a bf16 block's bytes for each of its two norms). Not for an fp32
+    x: there autograd keeps x itself, and sums the two gradients into x with the residual's in its
+    own order, where this would sum them first."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, r)
+        return xf * r
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, r = ctx.saved_tensors
+        xf = x.float()
+        # autograd's nodes in its order: MulBackward0 (both sides, the r side summed to its
+        # shape), RsqrtBackward0, MeanBackward1, PowBackward0, and the two sums into x
+        gr = (g * xf).sum(-1, keepdim=True)
+        gm = (-0.5 * gr * r.pow(3)).expand_as(xf) / xf.shape[-1]
+        gx = g * r + gm * (2.0 * xf.pow(1.0))
+        return gx.to(x.dtype), None
 
 
 class Linear(nn.Module):

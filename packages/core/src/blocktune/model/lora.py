@@ -47,11 +47,11 @@ class LoraLinear(Linear):
     def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y plus the adapter's term for input x (in the adapters' dtype: fp32 beside bf16 compute)."""
         a, b = self.lora_a, self.lora_b
-        if a.dtype != x.dtype:
-            return y + (F.linear(F.linear(self.lora_dropout(x).to(a.dtype), a), b) * self.scale).to(y.dtype)
         if x.device.type == "cpu" and torch.is_grad_enabled():
             p = self.lora_dropout.p if self.lora_dropout.training else 0.0
             return y + _LoraTerm.apply(x, a, b, self.scale, p)
+        if a.dtype != x.dtype:
+            return y + (F.linear(F.linear(self.lora_dropout(x).to(a.dtype), a), b) * self.scale).to(y.dtype)
         return y + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,13 +60,16 @@ class LoraLinear(Linear):
 
 class _LoraTerm(torch.autograd.Function):
     """s·(drop(x)Aᵀ)Bᵀ on the CPU, with autograd's arithmetic (bit for bit) but less kept for
-    the backward. torch's CPU dropout multiplies by an fp32 noise tensor and autograd keeps it
-    and the dropped input (2 x 4 bytes per element of x, per adapter); this keeps x, which the
-    adapters of wq, wk and wv share, and the noise as a mask of one byte per element, from which
-    the backward makes the same noise again (its temporaries allocated between kept tensors had
-    also left the heap a hole per adapter that the next block could not reuse). Not drawn again:
-    the CPU's generator fills about 170 M elements a second, and drawing every mask twice cost a
-    SmolLM2 LoRA step (4 x 256) a fifth of its time."""
+    the backward. torch's CPU dropout multiplies by a noise tensor of x's dtype, and autograd
+    keeps it and the dropped input (fp32 beside bf16 compute, where the adapters are fp32:
+    3 x 2 bytes per element of x, per adapter); this keeps x, which the adapters of wq, wk and
+    wv share, and the noise as a mask of one byte per element, from which the backward makes
+    the same noise again (its temporaries allocated between kept tensors had also left the heap
+    a hole per adapter that the next block could not reuse). Not drawn again: the CPU's
+    generator fills about 170 M elements a second, and drawing every mask twice cost a SmolLM2
+    LoRA step (4 x 256) a fifth of its time. With fp32 adapters beside a bf16 x, the dropped
+    input is widened to fp32 in the forward and again in the backward, and the term narrowed
+    back to x's dtype, as autograd's graph of `(drop(x).float() @ Aᵀ @ Bᵀ · s).to(x.dtype)` does."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, p: float) -> torch.Tensor:
@@ -76,25 +79,26 @@ class _LoraTerm(torch.autograd.Function):
             noise = _noise(x, p)
             mask = noise.bool()
             xd = noise.mul_(x)
-        h = F.linear(xd, a)
+        h = F.linear(xd.to(a.dtype), a)
         del xd
         ctx.save_for_backward(x, a, b, h, mask)
-        return F.linear(h, b).mul_(scale)
+        return F.linear(h, b).mul_(scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, a, b, h, mask = ctx.saved_tensors
         noise = None if mask is None else mask.to(x.dtype).div_(1 - ctx.p)  # the forward's values
-        g = (g * ctx.scale).reshape(-1, g.shape[-1])  # the same products as the graph's MmBackwards
+        # the same products as the graph's MmBackwards, in the adapters' dtype
+        g = (g.to(a.dtype) * ctx.scale).reshape(-1, g.shape[-1])
         gh = g.mm(b)
         gb = g.t().mm(h.reshape(-1, h.shape[-1])) if ctx.needs_input_grad[2] else None
         ga = None
         if ctx.needs_input_grad[1]:
-            xd = x if noise is None else x * noise
+            xd = (x if noise is None else x * noise).to(a.dtype)
             ga = gh.t().mm(xd.reshape(-1, xd.shape[-1]))
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = gh.mm(a).view(x.shape)
+            gx = gh.mm(a).view(x.shape).to(x.dtype)
             if noise is not None:
                 gx = gx.mul_(noise)
         return gx, ga, gb, None, None
