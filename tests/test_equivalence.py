@@ -468,7 +468,7 @@ def test_the_spills_disk_budget_holds_from_the_first_block(tmp_path, tiny_args):
     args = tiny_args.replace(n_layers=4)
     store = make_store(tmp_path / "s", args, seed=3)
     batches = [random_batch(args, 2, 12, seed=m) for m in range(2)]
-    every = working_set(args, torch.float32, 2, 12, 2, 2048, False, "cpu")["kept"]
+    every = working_set(args, torch.float32, 2, 12, 2, 2048, False, "cpu", LORA)["kept"]
     spilled = {}
     for blocks in (0.5, 2):
         cfg = EngineConfig(method="lora", lora=LORA, device="cpu", device_budget=one_unit_budget(store),

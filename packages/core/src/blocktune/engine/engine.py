@@ -168,7 +168,8 @@ class Engine:
             activation_budget=cfg.activation_budget, keep_budget=keep, batch=batch, seq=seq,
             spill_budget=cfg.spill_budget if self.dist.stages == 1 else 0,
             micro=micro, loss_chunk=self.loss_chunk, kv_cache=cfg.read_only,
-            state_kinds=len(state_kinds(cfg.optimizer, store.dtype, self.dtype)))
+            state_kinds=len(state_kinds(cfg.optimizer, store.dtype, self.dtype)),
+            lora=cfg.lora if cfg.method == "lora" else None)
 
     def _pager_budget(self) -> int | None:
         """The bytes of units the pager keeps resident (on a CPU, host RAM is the device: the
@@ -347,7 +348,8 @@ class Engine:
             return max(self._spill_estimate.values())
         args = self.store.args
         every = working_set(args, self.dtype, max(b for b, _ in shapes), max(t for _, t in shapes), len(shapes),
-                            self.loss_chunk, False, self.device.torch.type)["kept"]
+                            self.loss_chunk, False, self.device.torch.type,
+                            self.cfg.lora if self.cfg.method == "lora" else None)["kept"]
         return every // args.n_layers
 
     def _forward(self, run: _StepRun, xs: list[torch.Tensor], cursors: list) -> None:

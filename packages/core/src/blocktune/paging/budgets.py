@@ -28,7 +28,7 @@ from blocktune.engine.optim import STATE_PIECE
 from blocktune.errors import ConfigError
 from blocktune.machine.devices import Device
 from blocktune.machine.hostmem import host_memory_free
-from blocktune.model.args import ModelArgs
+from blocktune.model.args import LoraConfig, ModelArgs
 from blocktune.paging.hosttier import BOUNCE_SLOTS
 from blocktune.settings import AUTO
 from blocktune.store.fileio import round_up
@@ -85,10 +85,37 @@ def _mib(n: int) -> str:
     return f"{n / MiB:,.0f} MiB"
 
 
+# what a LoRA adapter on each linear keeps for the backward: its input (one tensor for the
+# linears that share it) and, with dropout, a mask of a byte an element of it
+_ADAPTER_INPUTS = {"wq": "x", "wk": "x", "wv": "x", "wo": "attention", "w1": "h", "w3": "h", "w2": "swiglu"}
+
+
+def _kept_per_token(args: ModelArgs, item: int, lora: LoraConfig | None) -> int:
+    """Bytes a block's graph keeps for the backward per token, its weights aside (handles), on the
+    high side: what `blocktune.model.llama` keeps, `lora` None for every weight trained."""
+    widths = {"x": args.dim, "h": args.dim, "attention": args.n_heads * args.head_dim, "swiglu": args.hidden_dim}
+    # the norms' inputs, q, k and v (each head's: grouped keys and values are repeated) and the
+    # attention's output, the SwiGLU's two inputs; the norms' statistics, residual dropout's masks
+    kept = (2 * args.dim + 4 * widths["attention"] + 2 * args.hidden_dim) * item + 16
+    qk = (args.n_heads + args.kv_heads) * args.head_dim if args.qk_norm else 0  # Qwen3's q and k norms' inputs
+    kept += qk * item * (2 if lora is None else 1)  # and, training their weights, their outputs before them
+    if args.resid_dropout:
+        kept += 2 * args.dim
+    if args.attn_dropout:  # the math attention (no fused kernel takes dropout): fp32 copies of q, k, v, out
+        kept += 4 * widths["attention"] * 4
+    if lora is None:  # each linear's input for its weight's gradient, the norms' outputs before their weight
+        return kept + (2 * args.dim + sum(widths.values())) * item
+    inputs = [_ADAPTER_INPUTS[t] for t in lora.targets if t in _ADAPTER_INPUTS]
+    kept += sum(widths[k] for k in set(inputs)) * item + len(inputs) * lora.rank * 4  # and x·Aᵀ, fp32
+    return kept + (sum(widths[k] for k in inputs) if lora.dropout else 0)
+
+
 def working_set(args: ModelArgs, dtype: torch.dtype, batch: int, seq: int, micro: int,
-                loss_chunk: int, kv_cache: bool = False, device_type: str = "cuda") -> dict[str, int]:
+                loss_chunk: int, kv_cache: bool = False, device_type: str = "cuda",
+                lora: LoraConfig | None = None) -> dict[str, int]:
     """Bytes of activations a step holds besides the units, by kind (estimates, on the high side),
-    on a device of `device_type` as torch names it (the emulated device computes on "cpu")."""
+    on a device of `device_type` as torch names it (the emulated device computes on "cpu"); `lora`:
+    the adapters trained, None where every weight is."""
     item = dtype.itemsize
     tokens = batch * seq
     hidden = args.hidden_dim
@@ -99,16 +126,14 @@ def working_set(args: ModelArgs, dtype: torch.dtype, batch: int, seq: int, micro
         # FFN's three hidden-size tensors, attention scores and their gradient
         "block": 2 * tokens * (8 * args.dim + 4 * hidden) * item + 3 * batch * args.n_heads * seq * seq * 4,
         # one chunk's logits in fp32 (`logit_buffers`: with their log-softmax and gradients), the
-        # head's own output in a narrower compute dtype, the final norm's fp32 input; the head
-        # input's gradient and one chunk's part of it (whole-size, then added)
-        "loss": (min(loss_chunk, tokens) * ((logit_buffers(device_type) * 4 + (item if item < 4 else 0))
-                                            * args.vocab_size + args.dim * 4)
-                 + 2 * tokens * args.dim * item),
-        # every block's activations kept with their graph (the weights as handles): the inputs of its
-        # linears, the FFN's hidden tensors, the norms' fp32 statistics, LoRA's dropout masks on
-        # q/k/v/o's inputs (a byte an element), the attention's probabilities
-        "kept": args.n_layers * micro * (tokens * ((10 * args.dim + 4 * hidden) * item + 4 * args.dim * 4 + 4 * args.dim)
-                                         + batch * args.n_heads * seq * seq * 4),
+        # head's own output in a narrower compute dtype (the final norm keeps its input, a view of
+        # the head's); the head input's gradient and one chunk's part of it (whole-size, then added)
+        "loss": (min(loss_chunk, tokens) * (logit_buffers(device_type) * 4 + (item if item < 4 else 0))
+                 * args.vocab_size + 2 * tokens * args.dim * item),
+        # every block's activations kept with their graph (the weights as handles); with attention
+        # dropout, the math attention's probabilities, their dropped copy and mask in fp32
+        "kept": args.n_layers * micro * (tokens * _kept_per_token(args, item, lora)
+                                         + (3 * batch * args.n_heads * seq * seq * 4 if args.attn_dropout else 0)),
         # generation: keys and values of every layer for every position
         "kv": 2 * args.n_layers * tokens * (args.n_kv_heads or args.n_heads) * args.head_dim * item if kv_cache else 0,
     }
@@ -185,14 +210,16 @@ def _host_budget(device: Device, host, host_free: int | None, host_room: int | N
 def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_files: dict[str, int],
             compute_dtype: torch.dtype, *, method: str,
             device_budget, host_budget, activation_budget, keep_budget=0, spill_budget=0, batch: int = 1, seq: int = 512,
-            micro: int = 1, loss_chunk: int = 2048, kv_cache: bool = False, state_kinds: int = 3) -> Budgets:
+            micro: int = 1, loss_chunk: int = 2048, kv_cache: bool = False, state_kinds: int = 3,
+            lora: LoraConfig | None = None) -> Budgets:
     """Budgets in bytes (None: unlimited) for budgets given as bytes, None, or "auto".
 
     `unit_sizes`: each unit as held resident (compute dtype); `unit_files`: as stored.
     `keep_budget`: activations kept to skip the recompute ("auto": what is left beside every
     unit resident). `spill_budget`: disk for the activations of the blocks past it, which are
     then written and read back instead of recomputed ("auto": as much as they need). `state_kinds`: a full fine-tune's fp32 tensors of optimizer state per
-    weight (master, exp_avg, exp_avg_sq: `blocktune.engine.optim.state_kinds`).
+    weight (master, exp_avg, exp_avg_sq: `blocktune.engine.optim.state_kinds`). `lora`: the
+    adapters a LoRA run trains (what its blocks keep for the backward), None for a full fine-tune.
     """
     ranks = local_ranks(device)
     if AUTO not in (device_budget, host_budget, activation_budget, keep_budget, spill_budget):
@@ -200,7 +227,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
         return Budgets(device_budget, host_budget, activation_budget, keep=keep_budget,
                        spill=limit(spill) if spill != 0 else 0, spill_overlap=spill != 0)
     largest, largest_file = max(unit_sizes.values()), max(unit_files.values())
-    work = working_set(args, compute_dtype, batch, seq, micro, loss_chunk, kv_cache, device.torch.type)
+    work = working_set(args, compute_dtype, batch, seq, micro, loss_chunk, kv_cache, device.torch.type, lora)
     # a full fine-tune's step (generation and eval without an adapter run as "full", read-only:
     # kv_cache, and have neither gradients nor optimizer state)
     trains_full = method == "full" and not kv_cache
