@@ -418,3 +418,30 @@ def test_the_kept_activations_estimate_covers_a_block_and_is_close(family, dtype
     actual = _kept_by_a_block(args, lora, dtype, batch, seq)
     estimate = working_set(args, dtype, batch, seq, 1, 2048, device_type="cpu", lora=lora)["kept"] // args.n_layers
     assert actual <= estimate <= 1.25 * actual, (actual, estimate)
+
+
+def test_a_kept_block_is_counted_as_what_it_holds():
+    """The keep budget's count of a kept block (`WeightHandles.activation_bytes`) is the bytes of
+    the distinct storages its graph holds, its weights (handles) and adapters (their module holds
+    them) aside: it had counted q, k and v's adapter input three times and the adapters as
+    activations, so `auto` kept fewer blocks than the budget held."""
+    from blocktune.engine.handles import WeightHandles
+    from blocktune.model.llama import Block
+    from blocktune.model.lora import add_lora
+
+    args = ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=256, ffn_dim=352, max_seq_len=64)
+    torch.manual_seed(0)
+    block = add_lora(Block(args), LoraConfig())
+    block.train()
+    for name, p in block.named_parameters():
+        p.requires_grad_(".lora_" in name)
+
+    class Pager:  # the unit's weights, as the pager holds them
+        def get(self, unit):
+            return {n: p for n, p in block.named_parameters() if ".lora_" not in n}
+
+    handles = WeightHandles(Pager(), "block_00", block.parameters())
+    with torch.autograd.graph.saved_tensors_hooks(handles.pack, handles.unpack):
+        out = block(torch.randn(2, 32, args.dim, requires_grad=True))
+    assert handles.activation_bytes == _kept_by_a_block(args, LoraConfig(), torch.float32, 2, 32)
+    out.sum().backward()  # the handles give the weights back

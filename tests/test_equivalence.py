@@ -425,7 +425,8 @@ def test_activations_spilled_to_disk_equal_kept_in_ram(tmp_path, tiny_args, meth
 def test_a_spilled_graph_gets_back_its_views_masks_and_shared_tensors(tmp_path, overlap):
     """What autograd saves comes back from the spill as it was saved: a transposed view with its
     strides, an expanded tensor, a bool mask, a 0-dim tensor; a tensor saved by two ops is
-    written once. Gradients bit for bit those of the graph kept in RAM."""
+    written once, and so is a storage saved whole and as a view of another shape (the
+    attention's output and wo's input). Gradients bit for bit those of the graph kept in RAM."""
     from blocktune.paging.spill import ActivationSpill, SpillHandles
 
     class NoPager:
@@ -436,7 +437,9 @@ def test_a_spilled_graph_gets_back_its_views_masks_and_shared_tensors(tmp_path, 
         with torch.autograd.graph.saved_tensors_hooks(*hooks) if hooks else contextlib.nullcontext():
             y = x.transpose(0, 2)  # saved by mul and by sin: one tensor, non-contiguous
             z = y * y.sin() * w.expand(5, 4, 3) * s
-            return torch.where(z > 0, z, z * z).sum()  # a bool mask saved by where
+            u = x.exp()  # exp saves its output, a storage of its own
+            v = u.reshape(12, 5)  # mul saves it as another shape
+            return torch.where(z > 0, z, z * z).sum() + (v * s).sum()  # a bool mask saved by where
 
     inputs = [torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(1, 1, 3, dtype=torch.float64),
               torch.tensor(1.5, dtype=torch.float64)]
@@ -449,8 +452,11 @@ def test_a_spilled_graph_gets_back_its_views_masks_and_shared_tensors(tmp_path, 
         out = graph(*leaves, (handles.pack, handles.unpack) if spilled else None)
         if spilled:
             region = handles._open
+            written = sum(-(-t.numel() * t.element_size() // 64) * 64 for t, _ in region.held if t is not None)
             handles.end(0)
             assert region.layout and len(region.layout) < region.packs  # y's twice, written once
+            shared = [i for i, (_, _, shape, _) in enumerate(region.layout) if shape is None]
+            assert len(shared) == 1 and region.nbytes == written  # v: u's bytes, not written again
         out.backward()
         grads.append([t.grad for t in leaves])
     spill.close()

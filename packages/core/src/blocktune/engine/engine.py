@@ -367,10 +367,11 @@ class Engine:
             if m == 0:  # the unit's first visit
                 mods[i] = self.modules.get(self.units[i], training=True)
                 hooks[i] = None
+                # the module's parameters that are not the unit's weights (LoRA's) are kept as they are
                 if i > 0 and keep_budget != 0 and (keep_budget is None or kept_bytes < keep_budget):
-                    hooks[i] = WeightHandles(self.pager, self.units[i])
+                    hooks[i] = WeightHandles(self.pager, self.units[i], mods[i].parameters())
                 elif i > 0 and spill is not None and spill.room(self._spill_need(i, run.shapes)):
-                    hooks[i] = run.spilled[i] = SpillHandles(self.pager, self.units[i], spill)
+                    hooks[i] = run.spilled[i] = SpillHandles(self.pager, self.units[i], spill, mods[i].parameters())
             mod, hook = mods[i], hooks[i]
             if i == self.lo:
                 self.stage.arrive(xs, cursors, m)

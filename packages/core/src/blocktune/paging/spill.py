@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,9 +46,12 @@ class _Region:
     def __init__(self) -> None:
         # (as stored: a view or copy of it, the tensor saved), until written
         self.held: list[tuple[torch.Tensor, torch.Tensor]] = []
-        # (byte offset in the region, dtype, shape as stored, the permutation back to the saved layout)
-        self.layout: list[tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]] = []
+        # (byte offset in the region, dtype, shape as stored, the permutation back to the saved
+        # layout); for another view of a storage stored whole: (its offset, dtype, None, (shape,
+        # stride, storage offset) of the view), and nothing held to write
+        self.layout: list[tuple[int, torch.dtype, tuple[int, ...] | None, tuple]] = []
         self.index: dict[tuple, int] = {}
+        self.whole: dict[int, int] = {}  # storage address -> the entry that holds all its bytes
         self.packs = 0  # tensors saved (some more than once)
         self.nbytes = 0
         self.offset = -1
@@ -62,22 +66,40 @@ class _Region:
         found = self.index.get(key)
         if found is not None:  # one tensor saved by several ops (q, k and v's input)
             return found
-        perm = sorted(range(t.dim()), key=lambda d: -t.stride(d))
-        stored = t.permute(perm)
-        if not stored.is_contiguous():
-            stored = stored.contiguous()
-        back = tuple(sorted(range(len(perm)), key=lambda d: perm[d]))
-        self.layout.append((self.nbytes, t.dtype, tuple(stored.shape), back))
-        self.held.append((stored, t))  # t too: no other tensor may take its address while its key is here
-        n = stored.numel() * stored.element_size()
-        self.nbytes += n + (-n % _PIECE)
+        storage = t.untyped_storage()
+        whole = self.whole.get(key[0])
+        if whole is not None and self.layout[whole][1] == t.dtype:
+            # another view of a storage stored whole (the attention's output, and wo's input)
+            self.layout.append((self.layout[whole][0], t.dtype, None, (tuple(t.shape), t.stride(), t.storage_offset())))
+            self.held.append((None, t))
+        else:
+            perm = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+            stored = t.permute(perm)
+            if not stored.is_contiguous():
+                stored = stored.contiguous()
+            elif t.storage_offset() == 0 and stored.numel() * stored.element_size() == storage.nbytes():
+                self.whole[key[0]] = len(self.layout)
+            back = tuple(sorted(range(len(perm)), key=lambda d: perm[d]))
+            self.layout.append((self.nbytes, t.dtype, tuple(stored.shape), back))
+            self.held.append((stored, t))  # t too: no other tensor may take its address while its key is here
+            n = stored.numel() * stored.element_size()
+            self.nbytes += n + (-n % _PIECE)
         self.index[key] = len(self.layout) - 1
         return self.index[key]
 
     def tensor(self, buf: torch.Tensor, i: int) -> torch.Tensor:
         start, dtype, shape, back = self.layout[i]
+        if shape is None:  # a view of a storage stored whole at `start`
+            size, stride, offset = back
+            base = buf[start:].view(dtype)
+            return base.as_strided(size, stride, base.storage_offset() + offset)
         n = math.prod(shape) * dtype.itemsize
         return buf[start:start + n].view(dtype).view(shape).permute(back)
+
+    def unwritten(self, i: int) -> torch.Tensor:
+        """Entry i as it was saved, where the region was never written."""
+        stored, t = self.held[i]
+        return t if stored is None else stored.permute(self.layout[i][3])
 
 
 class _Ref:
@@ -167,6 +189,8 @@ class ActivationSpill:
         out = AlignedWriter(_At(self._fd, region.offset))
         at = 0  # bytes of the region given so far
         for (start, _, _, _), (stored, _) in zip(region.layout, region.held, strict=True):
+            if stored is None:  # a view of bytes written before
+                continue
             if start > at:
                 out.write(bytes(start - at))
             src = stored.reshape(-1).view(torch.uint8)
@@ -255,18 +279,16 @@ class SpillHandles(WeightHandles):
     backward first unpacks one of them (or earlier, by `fetch`), held until `release`: at most
     the micro-batch being differentiated and the one read ahead are in memory."""
 
-    def __init__(self, pager: Pager, unit: str, spill: ActivationSpill):
-        super().__init__(pager, unit)
+    def __init__(self, pager: Pager, unit: str, spill: ActivationSpill, held: Iterable[torch.Tensor] = ()):
+        super().__init__(pager, unit, held)
         self.spill = spill
         self.regions: dict[int, _Region] = {}  # micro-batch -> its region, until its backward is through
         self._open: _Region | None = None
 
-    def pack(self, t: torch.Tensor):
-        packed = super().pack(t)
-        if packed is not t or t.device.type != "cpu":  # a weight's handle; or not in host memory
-            return packed
-        self.activation_bytes -= t.numel() * t.element_size()  # counted as written, in `end`
-        if self._open is None:
+    def _activation(self, t: torch.Tensor):
+        if t.device.type != "cpu":  # not in host memory
+            return super()._activation(t)
+        if self._open is None:  # counted as written, in `end`
             self._open = _Region()
         return _Ref(self._open, self._open.add(t))
 
@@ -278,7 +300,7 @@ class SpillHandles(WeightHandles):
             self.spill.read(region)
         buf = region.read.result()
         if buf is None:  # never written: the view taken when it was saved (the tensor itself may be hollowed since)
-            return region.held[packed.i][0].permute(region.layout[packed.i][3])
+            return region.unwritten(packed.i)
         return region.tensor(buf, packed.i)
 
     def end(self, m: int) -> None:
