@@ -215,18 +215,19 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, start+T, n_kv, head_dim)
-        if self.n_kv != self.n_heads:  # grouped-query attention: share each kv head
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=2)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=2)
+        # grouped-query attention: each kv head serves n_heads // n_kv query heads, inside the
+        # kernel (repeated here, the graph kept them n_heads wide: a third of a kept Llama 3
+        # block's attention)
+        gqa = self.n_kv != self.n_heads
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, head_dim)
         p = self.dropout if self.training else 0.0
         if cache is None or start == 0:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
         else:
             # Query i sits at position start+i and sees keys 0..start+i.
             S = k.shape[2]
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
