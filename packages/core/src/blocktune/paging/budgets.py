@@ -90,13 +90,16 @@ def _mib(n: int) -> str:
 _ADAPTER_INPUTS = {"wq": "x", "wk": "x", "wv": "x", "wo": "attention", "w1": "h", "w3": "h", "w2": "swiglu"}
 
 
-def _kept_per_token(args: ModelArgs, item: int, lora: LoraConfig | None) -> int:
+def _kept_per_token(args: ModelArgs, item: int, lora: LoraConfig | None, device_type: str) -> int:
     """Bytes a block's graph keeps for the backward per token, its weights aside (handles), on the
     high side: what `blocktune.model.llama` keeps, `lora` None for every weight trained."""
     widths = {"x": args.dim, "h": args.dim, "attention": args.n_heads * args.head_dim, "swiglu": args.hidden_dim}
-    # the norms' inputs, q, k and v (each head's: grouped keys and values are repeated) and the
-    # attention's output, the SwiGLU's two inputs; the norms' statistics, residual dropout's masks
-    kept = (2 * args.dim + 4 * widths["attention"] + 2 * args.hidden_dim) * item + 16
+    # grouped keys and values as they are (the CPU's fused kernel), or repeated to every query
+    # head (where a kernel without it falls back to the math attention)
+    kv = args.kv_heads * args.head_dim if device_type == "cpu" and not args.attn_dropout else widths["attention"]
+    # the norms' inputs, q, k, v and the attention's output, the SwiGLU's two inputs; the norms'
+    # statistics, residual dropout's masks
+    kept = (2 * args.dim + 2 * widths["attention"] + 2 * kv + 2 * args.hidden_dim) * item + 16
     qk = (args.n_heads + args.kv_heads) * args.head_dim if args.qk_norm else 0  # Qwen3's q and k norms' inputs
     kept += qk * item * (2 if lora is None else 1)  # and, training their weights, their outputs before them
     if args.resid_dropout:
@@ -132,7 +135,7 @@ def working_set(args: ModelArgs, dtype: torch.dtype, batch: int, seq: int, micro
                  * args.vocab_size + 2 * tokens * args.dim * item),
         # every block's activations kept with their graph (the weights as handles); with attention
         # dropout, the math attention's probabilities, their dropped copy and mask in fp32
-        "kept": args.n_layers * micro * (tokens * _kept_per_token(args, item, lora)
+        "kept": args.n_layers * micro * (tokens * _kept_per_token(args, item, lora, device_type)
                                          + (3 * batch * args.n_heads * seq * seq * 4 if args.attn_dropout else 0)),
         # generation: keys and values of every layer for every position
         "kv": 2 * args.n_layers * tokens * (args.n_kv_heads or args.n_heads) * args.head_dim * item if kv_cache else 0,
