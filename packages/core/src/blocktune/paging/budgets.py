@@ -240,7 +240,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
     room, in_flight, in_flight_one, where = _device_room(device, host_free, host_room, unit_sizes, unit_files, ranks)
     fixed = work["block"] + work["loss"] + work["kv"] + extra + in_flight
     dev, act, keep, state = device_budget, activation_budget, keep_budget, 0
-    spills = _spills(spill_budget, device, _intensity(args, batch * seq * micro, work["kept"]))
+    spills = _spills(spill_budget, device, _intensity(args, batch * seq * micro, work["kept"], compute_dtype))
     if room is None:  # nothing to go by: unlimited units, no activations kept beyond the stash
         if dev == AUTO:
             dev = None
@@ -267,7 +267,7 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
     left = None if room is None else room - (fixed_one if tight else fixed) - sum(
         b or 0 for b in (units if dev is None else min(dev, units), act, keep, state))
     spill, overlap, keep = _spill(spill_budget, spills, keep, keep_budget == AUTO, work["kept"], args,
-                                  batch * seq * micro, left, device, notes)
+                                  batch * seq * micro, left, device, notes, compute_dtype)
     # glibc's heap keeps what freed activations leave in it, in holes it does not reuse (a 7B bf16
     # LoRA step under 2 GiB with two units resident: 0.66 GB of free heap after one step, and the
     # cgroup's kill in the next): where the units are paged through RAM, freed heap goes back to
@@ -394,9 +394,11 @@ def _state_in_ram(keep: int, every: int, unit_sizes: dict[str, int], dtype: torc
 
 
 # `spill_activations auto` spills a block's activations only where recomputing them costs at least
-# this many FLOPs per byte of them: at about 100 GFLOP/s against a disk that writes and reads back
-# at 1.5 GB/s each, the two cost the same near 130. SmolLM2-135M (113) recomputed in 5.9 s a
-# step against 9.0 s spilled; the 7B shape (920) took 35.4 s spilled against 40.4 s recomputed.
+# this many FLOPs (at fp32's speed) per byte of them: at about 100 GFLOP/s against a disk that
+# writes and reads back at 1.5 GB/s each, the two cost the same near 130. Measured in fp32, when a
+# block kept 43 and 270 KiB a token: SmolLM2-135M (113) recomputed in 5.9 s a step against 9.0 s
+# spilled; the 7B shape (920) took 35.4 s spilled against 40.4 s recomputed. Today's: SmolLM2 in
+# fp32 235, in bf16 145; the 7B shape 1,717 and 1,070 (LoRA, 4 x 256 and 1 x 128).
 SPILL_MIN_FLOPS_PER_BYTE = 400
 
 
@@ -407,9 +409,16 @@ def block_flops_per_token(args: ModelArgs) -> int:
     return 2 * (args.dim * (2 * q + 2 * kv) + 3 * args.dim * args.hidden_dim)
 
 
-def _intensity(args: ModelArgs, tokens: int, every: int) -> float:
-    """FLOPs of a block's recompute per byte of its activations (`every`: all blocks')."""
-    return block_flops_per_token(args) * tokens / max(every // args.n_layers, 1)
+# how much faster the CPU computes in a dtype narrower than fp32, where `auto` chooses one
+# (avx512_bf16: a 7B-shaped matmul 2.6-2.8x fp32's; AMX and Apple's chips more)
+NARROW_SPEEDUP = 3
+
+
+def _intensity(args: ModelArgs, tokens: int, every: int, dtype: torch.dtype) -> float:
+    """FLOPs of a block's recompute per byte of its activations (`every`: all blocks'), at fp32's
+    speed: computed in bf16 the FLOPs count a third (`NARROW_SPEEDUP`), the bytes as they are."""
+    speed = NARROW_SPEEDUP if dtype.itemsize < 4 else 1
+    return block_flops_per_token(args) * tokens / speed / max(every // args.n_layers, 1)
 
 
 def _spills(asked, device: Device, intensity: float) -> bool:
@@ -423,7 +432,7 @@ def _spills(asked, device: Device, intensity: float) -> bool:
 
 
 def _spill(asked, spills: bool, keep, keep_auto: bool, every: int, args: ModelArgs, tokens: int,
-           left: int | None, device: Device, notes: list[str]) -> tuple[int, bool, int | None]:
+           left: int | None, device: Device, notes: list[str], dtype: torch.dtype) -> tuple[int, bool, int | None]:
     """The disk for the activations of the blocks that `keep` leaves out (`asked`: bytes, None
     for no limit, "auto" for what they need, 0 for none: they are recomputed) and whether RAM
     (`left`: what the other budgets leave) holds a block's activations more, so that each block's
@@ -435,9 +444,9 @@ def _spill(asked, spills: bool, keep, keep_auto: bool, every: int, args: ModelAr
         return 0, False, keep
     one = every // args.n_layers
     if not spills:  # `auto`, and the recompute is cheap beside the disk
-        notes.append(f"spill_activations auto: 0 (a block's recompute costs ≈{_intensity(args, tokens, every):.0f} "
-                     f"FLOPs per byte of its activations, under {SPILL_MIN_FLOPS_PER_BYTE}: recomputing is quicker "
-                     "than the disk)")
+        notes.append(f"spill_activations auto: 0 (a block's recompute costs ≈{_intensity(args, tokens, every, dtype):.0f} "
+                     f"FLOPs at fp32's speed per byte of its activations, under {SPILL_MIN_FLOPS_PER_BYTE}: "
+                     "recomputing is quicker than the disk)")
         return 0, False, keep
     overlap = left is None or left >= one
     if not overlap and keep_auto and keep >= one:  # a block more on disk, and every write overlapped
