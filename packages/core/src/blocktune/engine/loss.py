@@ -15,16 +15,17 @@ __all__ = ["IGNORE_INDEX", "chunked_cross_entropy", "logit_buffers", "count_targ
            "loss_chunk"]
 
 IGNORE_INDEX = -100
-CHUNK_LOGITS = 64 << 20  # bytes of one chunk's fp32 logits, by default
+CHUNK_LOGITS = 32 << 20  # bytes of one chunk's fp32 logits, by default
 
 
 def loss_chunk(vocab_size: int, asked: int | None = None, head_trains: bool = False) -> int:
     """Positions per chunk of the loss: `asked`, or where the head is frozen (LoRA, inference) as
-    many as keep one chunk's fp32 logits within 64 MiB, in multiples of 64 from 128 to 2048
-    (SmolLM2's 49,152 words 320 positions, Llama 2's 32,000 512, Llama 3's 128,256 128). The
+    many as keep one chunk's fp32 logits within 32 MiB, in multiples of 64 from 128 to 2048
+    (SmolLM2's 49,152 words 128 positions, Llama 2's 32,000 256, Llama 3's 128,256 128). The
     loss's buffers are held while every kept block's activations are (the forward is over, its
     backward not begun), so they add to the step's peak: SmolLM2's LoRA step at 4 x 256 peaked at
-    2.38 GB with 2048 positions against 2.08 GB with 256, at the same speed. A head that trains
+    2.38 GB with 2048 positions against 2.08 GB with 256, at the same speed; in bf16, 1.64-1.65 GB
+    with 128 against 1.71-1.75 GB with 320, within this machine's noise of the same speed. A head that trains
     (a full fine-tune) keeps 2048: its weight's gradient is summed over the chunks, a vocab x dim
     product and add each (Llama 3's head: 2.1 GB in fp32)."""
     if asked is not None:
