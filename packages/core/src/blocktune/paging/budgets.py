@@ -398,7 +398,7 @@ def _state_in_ram(keep: int, every: int, unit_sizes: dict[str, int], dtype: torc
 # writes and reads back at 1.5 GB/s each, the two cost the same near 130. Measured in fp32, when a
 # block kept 43 and 270 KiB a token: SmolLM2-135M (113) recomputed in 5.9 s a step against 9.0 s
 # spilled; the 7B shape (920) took 35.4 s spilled against 40.4 s recomputed. Today's: SmolLM2 in
-# fp32 235, in bf16 145; the 7B shape 1,717 and 1,070 (LoRA, 4 x 256 and 1 x 128).
+# fp32 235, in bf16 217; the 7B shape 1,717 and 1,605 (LoRA, 4 x 256 and 1 x 128).
 SPILL_MIN_FLOPS_PER_BYTE = 400
 
 
@@ -409,14 +409,15 @@ def block_flops_per_token(args: ModelArgs) -> int:
     return 2 * (args.dim * (2 * q + 2 * kv) + 3 * args.dim * args.hidden_dim)
 
 
-# how much faster the CPU computes in a dtype narrower than fp32, where `auto` chooses one
-# (avx512_bf16: a 7B-shaped matmul 2.6-2.8x fp32's; AMX and Apple's chips more)
-NARROW_SPEEDUP = 3
+# how much faster the CPU computes a block in a dtype narrower than fp32, where `auto` chooses
+# one (avx512_bf16: a 7B-shaped step 2.8x fp32's, SmolLM2's 1.35-1.55x; the laptop shape's full
+# fine-tune under 1 GiB, 485 at this speed, took 11.7 s a step spilled and 11.7 s recomputed)
+NARROW_SPEEDUP = 2
 
 
 def _intensity(args: ModelArgs, tokens: int, every: int, dtype: torch.dtype) -> float:
     """FLOPs of a block's recompute per byte of its activations (`every`: all blocks'), at fp32's
-    speed: computed in bf16 the FLOPs count a third (`NARROW_SPEEDUP`), the bytes as they are."""
+    speed: computed in bf16 the FLOPs count a half (`NARROW_SPEEDUP`), the bytes as they are."""
     speed = NARROW_SPEEDUP if dtype.itemsize < 4 else 1
     return block_flops_per_token(args) * tokens / speed / max(every // args.n_layers, 1)
 
