@@ -44,7 +44,7 @@ from blocktune.engine.stagelink import StageLink
 from blocktune.errors import ConfigError, StoreError, TrainingError
 from blocktune.machine.devices import Device, resolve_device
 from blocktune.machine.hostmem import LeanHeap
-from blocktune.model.args import ModelArgs
+from blocktune.model.args import LoraConfig, ModelArgs
 from blocktune.model.llama import KVCache
 from blocktune.model.lora import LoraAdapters
 from blocktune.paging.budgets import AUTO, Budgets, working_set
@@ -117,11 +117,12 @@ class Engine:
                      else frozenset())
         sizes = {n: b for n, b in resident_sizes(store, self.dtype, as_stored, self.device).items()
                  if n in own}
+        # the adapters this run trains (None: a full fine-tune, or read-only without an adapter)
+        self.lora: LoraConfig | None = self.cfg.lora if self.cfg.method == "lora" else None
         self.budgets: Budgets = self._resolve_budgets(sizes, own)
-        lora = self.cfg.lora if self.cfg.method == "lora" else None
         self.adapters: LoraAdapters | None = None
-        if lora is not None:  # before any copy is made: a wrong adapter fails at once
-            self.adapters = LoraAdapters(self.args, lora, self.units[1:-1], self.device.torch, self.cfg.seed,
+        if self.lora is not None:  # before any copy is made: a wrong adapter fails at once
+            self.adapters = LoraAdapters(self.args, self.lora, self.units[1:-1], self.device.torch, self.cfg.seed,
                                          adapters, self.cfg.optimizer, keep=own)
         self._narrowed: NarrowedCopy | None = None  # the copy read instead of the store (`_use_narrowed`)
         self.narrow_note: str | None = None
@@ -138,7 +139,7 @@ class Engine:
             self.interleave = (self.dist.stages > 1 and self.budgets.keep == 0
                                and sum(sizes.values()) <= self.pager.budget)
             self.order = UnitOrder(self.units, self.lo, self.hi, full, self.interleave)
-            self.modules = UnitModules(self.args, self.pager, self.adapters, lora, heap=heap)
+            self.modules = UnitModules(self.args, self.pager, self.adapters, self.lora, heap=heap)
             self.full_step = (FullStep(self.modules, self.pager, self.cfg.optimizer, dist, store.tied)
                               if full else None)
             self.inference = Inference(self.args, self.units, self.modules, self.pager, self.stage, dist,
@@ -169,7 +170,7 @@ class Engine:
             spill_budget=cfg.spill_budget if self.dist.stages == 1 else 0,
             micro=micro, loss_chunk=self.loss_chunk, kv_cache=cfg.read_only,
             state_kinds=len(state_kinds(cfg.optimizer, store.dtype, self.dtype)),
-            lora=cfg.lora if cfg.method == "lora" else None)
+            lora=self.lora)
 
     def _pager_budget(self) -> int | None:
         """The bytes of units the pager keeps resident (on a CPU, host RAM is the device: the
@@ -348,8 +349,7 @@ class Engine:
             return max(self._spill_estimate.values())
         args = self.store.args
         every = working_set(args, self.dtype, max(b for b, _ in shapes), max(t for _, t in shapes), len(shapes),
-                            self.loss_chunk, False, self.device.torch.type,
-                            self.cfg.lora if self.cfg.method == "lora" else None)["kept"]
+                            self.loss_chunk, False, self.device.torch.type, self.lora)["kept"]
         return every // args.n_layers
 
     def _forward(self, run: _StepRun, xs: list[torch.Tensor], cursors: list) -> None:

@@ -76,7 +76,7 @@ class _Normed(torch.autograd.Function):
         # shape), RsqrtBackward0, MeanBackward1, PowBackward0, and the two sums into x
         gr = (g * xf).sum(-1, keepdim=True)
         gm = (-0.5 * gr * r.pow(3)).expand_as(xf) / xf.shape[-1]
-        gx = g * r + gm * (2.0 * xf.pow(1.0))
+        gx = g * r + gm * (2.0 * xf)  # PowBackward0's 2·x¹: x¹ is x, exactly
         return gx.to(x.dtype), None
 
 
@@ -219,7 +219,7 @@ class Attention(nn.Module):
         # kernel (repeated here, the graph kept them n_heads wide: a third of a kept Llama 3
         # block's attention)
         gqa = self.n_kv != self.n_heads
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim); k, v n_kv heads
         p = self.dropout if self.training else 0.0
         if cache is None or start == 0:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
