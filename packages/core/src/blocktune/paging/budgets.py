@@ -126,8 +126,8 @@ def working_set(args: ModelArgs, dtype: torch.dtype, batch: int, seq: int, micro
         # each block's input, per micro-batch, from the forward until that block's backward
         "stash": (args.n_layers + 1) * micro * tokens * args.dim * item,
         # one block recomputed with a graph, and its backward: q/k/v/o, norms and residuals, the
-        # FFN's three hidden-size tensors, attention scores and their gradient
-        "block": 2 * tokens * (8 * args.dim + 4 * hidden) * item + 3 * batch * args.n_heads * seq * seq * 4,
+        # FFN's three hidden-size tensors, and the attention's scores where they are made
+        "block": 2 * tokens * (8 * args.dim + 4 * hidden) * item + _scores(args, batch, seq, device_type),
         # one chunk's logits in fp32 (`logit_buffers`: with their log-softmax and gradients), the
         # head's own output in a narrower compute dtype (the final norm keeps its input, a view of
         # the head's); the head input's gradient and one chunk's part of it (whole-size, then added)
@@ -140,6 +140,19 @@ def working_set(args: ModelArgs, dtype: torch.dtype, batch: int, seq: int, micro
         # generation: keys and values of every layer for every position
         "kv": 2 * args.n_layers * tokens * (args.n_kv_heads or args.n_heads) * args.head_dim * item if kv_cache else 0,
     }
+
+
+def _scores(args: ModelArgs, batch: int, seq: int, device_type: str) -> int:
+    """Bytes of the attention scores (batch x heads x seq x seq) a block's forward and backward
+    hold at once. On the CPU, SDPA's fused kernel makes none; with attention dropout it falls
+    back to the math kernel, whose scores, probabilities, mask and their gradients came to 3.3-3.9
+    fp32 copies at their peak (one block, 256 wide, 8 heads, 1,024 tokens, fp32 and bf16):
+    counted as 4. Other devices: 3, as before (not measured here: on the high side where CUDA's
+    fused kernels run). Counted as 3 on the CPU without dropout, 32 heads at 2,048 tokens (Llama
+    2 7B's) were 1.5 GiB of scores never made: a block 2,048 wide peaked at 164 MiB in all."""
+    if device_type != "cpu":
+        return 3 * batch * args.n_heads * seq * seq * 4
+    return 4 * batch * args.n_heads * seq * seq * 4 if args.attn_dropout else 0
 
 
 def local_ranks(device: Device) -> int:
