@@ -33,11 +33,13 @@ class BufferPool:
 
     Idle buffers are kept up to `max_bytes`, or up to the most bytes that were ever in use at
     once if that is more: the pool then never holds more than its busiest moment already took,
-    and a steady pattern (a step's units, states and write-backs) allocates nothing new.
+    and a steady pattern (a step's units, states and write-backs) allocates nothing new. With
+    `to_high_water` False, up to `max_bytes` only.
     """
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, to_high_water: bool = True):
         self.max_bytes = max_bytes  # idle buffers are let go past this (or past `high_water`)
+        self.to_high_water = to_high_water
         self.high_water = 0  # most bytes in use at once
         self.peak_in_use = 0  # most buffers held at once (by resident units, writes, graphs)
         self.allocated = 0  # buffers made (the rest of `take`s reused one)
@@ -60,7 +62,7 @@ class BufferPool:
             self.high_water = max(self.high_water, in_use + nbytes)
             # let idle buffers go (oldest first) until the new one fits under the cap
             held = sum(b.numel() for b, _ in self._bufs)
-            cap = max(self.max_bytes, self.high_water)
+            cap = max(self.max_bytes, self.high_water) if self.to_high_water else self.max_bytes
             drop = []
             for i in (i for i, spare in enumerate(idle) if spare):
                 if held + nbytes <= cap:

@@ -18,7 +18,7 @@ import os
 import struct
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from blocktune.machine.devices import dtype_name
 from blocktune.machine.hostmem import advise_huge
 from blocktune.store.safefiles import open_new
 
-__all__ = ["ALIGN", "HUGE_PAGE", "AlignedWriter", "RowPieces", "write_stream", "aligned_empty", "crc32", "decode_tensors", "StreamedTensors",
+__all__ = ["ALIGN", "HUGE_PAGE", "STREAM_AHEAD", "AlignedWriter", "RowPieces", "write_stream", "aligned_empty", "crc32", "decode_tensors", "StreamedTensors",
            "file_image", "open_direct", "open_new_direct", "read_header",
            "read_into", "round_up", "write_image", "write_tensors"]
 
@@ -454,6 +454,9 @@ def read_header(path: str | Path) -> dict[str, Any]:
     return header
 
 
+STREAM_AHEAD = 64 << 20  # bytes a `StreamedTensors` reads ahead of its consumer
+
+
 class StreamedTensors(Mapping):
     """A safetensors file's tensors, each read once, in the order they will be taken: a thread
     reads each one with direct IO (where the file system allows) into memory of its own, at
@@ -465,11 +468,16 @@ class StreamedTensors(Mapping):
     again, an earlier one cannot (a KeyError that says so). With `check` (in file order only),
     the crc32 of the whole file is compared with `crc` when the last tensor has been read, and
     a mismatch or a short file is raised to the consumer (a ChecksumError naming the file)
-    instead of that tensor. `close` stops the thread and closes the file."""
+    instead of that tensor. `close` stops the thread and closes the file.
+
+    `alloc(nbytes)` gives the memory each read goes into (4 KiB-aligned bytes; by default
+    `aligned_empty`'s, fresh): a pool that hands back buffers no tensor views any more saves
+    the kernel zeroing every page of a fresh one as the direct read pins it."""
 
     def __init__(self, path: str | Path, nbytes: int, crc: int, order: list[str] | None = None,
-                 check: bool = False, ahead: int = 64 << 20):
+                 check: bool = False, ahead: int = STREAM_AHEAD, alloc: Callable[[int], torch.Tensor] | None = None):
         self.path, self._nbytes, self._crc, self._ahead = Path(path), nbytes, crc, ahead
+        self._alloc = alloc or aligned_empty
         try:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
         except OSError as exc:
@@ -519,10 +527,11 @@ class StreamedTensors(Mapping):
 
     def _pread(self, offset: int, nbytes: int) -> torch.Tensor:
         """Bytes [offset, offset + nbytes) of the file (offset and nbytes whole blocks), fewer
-        at its end, in an aligned buffer of their own: huge pages from 2 MiB up (`aligned_empty`).
-        Where the heap maps every big buffer fresh (`LeanHeap` without a slack), 4 KiB pages cost a fault
-        each: 12 state files of 227 MB streamed at 1.0-1.3 GB/s that way, 2.8-3.6 with huge pages."""
-        buf = aligned_empty(nbytes)
+        at its end, in an aligned buffer of their own (`alloc`'s): huge pages from 2 MiB up
+        (`aligned_empty`). Where the heap maps every big buffer fresh (`LeanHeap` without a slack),
+        4 KiB pages cost a fault each: 12 state files of 227 MB streamed at 1.0-1.3 GB/s that
+        way, 2.8-3.6 with huge pages."""
+        buf = self._alloc(nbytes)
         view, got = memoryview(buf.numpy()), 0
         while got < nbytes:
             n = os.preadv(self._fd, [view[got:]], offset + got)

@@ -148,22 +148,23 @@ class UnitFiles:
         rec = self._state.get(name)
         return None if rec is None else self.read_file(rec, verify=verify, map_file=True, populate=False)
 
-    def stream_state(self, name: str, verify: bool | str = True) -> StreamedTensors | None:
+    def stream_state(self, name: str, verify: bool | str = True, alloc=None) -> StreamedTensors | None:
         """A unit's optimizer state file read once, in file order, with direct IO, a thread
-        reading ahead of the step that takes its pieces (`fileio.StreamedTensors`; its crc32
-        checked as `verify` says, when the last piece is read). None before the unit's first
-        step. `close` it when done."""
+        reading ahead of the step that takes its pieces (`fileio.StreamedTensors`, its reads in
+        `alloc`'s memory; its crc32 checked as `verify` says, when the last piece is read). None
+        before the unit's first step. `close` it when done."""
         rec = self._state.get(name)
         if rec is None:
             return None
         check = self._check_due(rec, verify)
         try:
-            return StreamedTensors(self.path / rec.file, rec.nbytes, rec.crc32, check=check)
+            return StreamedTensors(self.path / rec.file, rec.nbytes, rec.crc32, check=check, alloc=alloc)
         except FileNotFoundError:
             raise StoreError(f"{self.path / rec.file}: missing from the store (named in {MANIFEST}); "
                              "the store is damaged, prepare it again") from None
 
-    def stream_unit(self, name: str, order: list[str], verify: bool | str = True) -> StreamedTensors | None:
+    def stream_unit(self, name: str, order: list[str], verify: bool | str = True,
+                    alloc=None) -> StreamedTensors | None:
         """A unit's tensors read once, in `order`, with direct IO (`stream_state`); None where
         that cannot be: the head tied to the embedding, or a check due on a file whose order is
         not `order` (the crc32 runs in file order)."""
@@ -172,7 +173,7 @@ class UnitFiles:
             return None
         check = self._check_due(rec, verify)
         try:
-            return StreamedTensors(self.path / rec.file, rec.nbytes, rec.crc32, order, check=check)
+            return StreamedTensors(self.path / rec.file, rec.nbytes, rec.crc32, order, check=check, alloc=alloc)
         except ValueError:
             return None
         except FileNotFoundError:
