@@ -300,9 +300,9 @@ class WriteBack:
 
     def _read_buffer(self, nbytes: int) -> torch.Tensor:
         """Memory for a stream's read: from the pool, up to a read-ahead's bytes. A bigger read
-        (the head's or the embeddings' whole tensor, as masters) gets memory of its own, freed
-        once used: in the pool it would stay idle beside the blocks' reads (none of them half its
-        size), past the pool's bound until the next read made room."""
+        (a whole tensor past 64 MiB, read as masters: a big model's embeddings or FFN weights)
+        gets memory of its own, freed once used: kept in the pool, such a buffer would sit idle
+        beside the smaller reads, none of which it serves."""
         return self._reads.take(nbytes) if nbytes <= STREAM_AHEAD else aligned_empty(nbytes)
 
     def _bound_dirty(self, written: list[FileRecord]) -> None:
