@@ -3,8 +3,8 @@ time between the computing thread's asks for successive units (each unit's compu
 for a load, in the forward and the backward), the pager's own counters (waits for loads, the read
 thread's seconds, the write-back thread's, where a full fine-tune's optimizer step runs),
 torch's operators by kind (matmuls, attention, widening and copies, allocations, the LoRA
-optimizer) from torch.profiler on the computing thread, and the process's page faults, context
-switches and user/system seconds from getrusage.
+optimizer) from torch.profiler on the computing thread, with the 20 operators that took longest by
+name, and the process's page faults, context switches and user/system seconds from getrusage.
 
 The profiled step is an extra step after the timed ones: the profiler's own cost (a few µs per
 operator) is in its wall time, not in the figures the benchmark quotes.
@@ -19,6 +19,8 @@ from collections import defaultdict
 import torch
 
 __all__ = ["profile_step", "op_kind"]
+
+TOP_OPS = 20  # the operators listed by name, by self time
 
 # operator name fragments, first match wins (self times: an operator's children are their own)
 _KINDS = (("attention", ("attention", "flash")), ("matmul", ("mm", "linear", "matmul", "mkldnn")),
@@ -64,10 +66,12 @@ def profile_step(engine, step) -> dict:
         by_unit[unit] += t_next - t
     by_kind: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
-    for ev in prof.key_averages():
+    ops = prof.key_averages()
+    for ev in ops:
         kind = op_kind(ev.key)
         by_kind[kind] += ev.self_cpu_time_total / 1e6
         calls[kind] += ev.count
+    top = sorted(ops, key=lambda ev: -ev.self_cpu_time_total)[:TOP_OPS]
     return {"wall_s": end - start,
             "before_first_unit_s": (marks[0][0] - start) if marks else end - start,
             "unit_seconds": dict(by_unit), "pager_gets": len(marks),
@@ -76,4 +80,6 @@ def profile_step(engine, step) -> dict:
             "write_thread_s": now["write_seconds"] - stats["write_seconds"],
             "demand_reads": now["demand_reads"] - stats["demand_reads"],
             "op_self_s_by_kind": dict(by_kind), "op_calls_by_kind": dict(calls),
+            "top_ops": [{"op": ev.key, "kind": op_kind(ev.key), "self_s": ev.self_cpu_time_total / 1e6,
+                         "calls": ev.count} for ev in top],
             "rusage": {k: after[k] - before[k] for k in after}}

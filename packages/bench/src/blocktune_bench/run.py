@@ -21,8 +21,8 @@ reliability  the reliability campaign, small (10 kills, 3 writer trials, 300 fuz
           attacks of #29 (blocktune_bench.reliability, blocktune_bench.attacks).
 disk      the headline's step on a disk a cgroup slows to BLOCKTUNE_READ_RATE (400MB): step time
           against max(IO floor, compute floor), driver and CLI, beside BLOCKTUNE_BASELINE (a checkout).
-floor     the README's no-flag `blocktune finetune` LoRA step on the 7B shape under 2 GiB, this disk as it
-          is, against max(IO floor, the same command in RAM).
+floor     the README's no-flag `blocktune finetune` step, this disk as it is, against max(IO floor, the same
+          command in RAM): LoRA on the 7B shape under 2 GiB, LoRA and full on the laptop shape under 1 GiB.
 peer      blocktune beside slowllama (a checkout: --slowllama PATH or $SLOWLLAMA; skipped without one) on
           slowllama's own LoRA settings: its conf_fp32 against blocktune's defaults.
 

@@ -1,23 +1,28 @@
-"""Bench group `floor`: the user's 7B-shaped LoRA step against its floors (issue #31), on this
-machine's own disk, nothing throttled.
+"""Bench group `floor`: the user's no-flag step against its floors (issue #31), on this machine's
+own disk, nothing throttled.
 
-`blocktune finetune` exactly as the README shows it (no budget or dtype flags: budgets and
-compute dtype auto) on the 7B-shaped store, twice per repetition, alternated:
+`blocktune finetune` exactly as the README shows it (no budget or dtype flags: budgets and compute
+dtype auto), each case alternated, `reps` times:
 
-- in RAM: no memory limit, the store in the page cache — the same command's compute floor
-  (its own dtype, its own kernels, nothing waiting for the disk);
-- under a 2 GiB cgroup, the store dropped from the page cache first — the user's case;
-- the same with `--spill-activations 0`: every block recomputed, as before activations could
-  be kept on disk (the mechanism's side-by-side; not the headline).
+- the 7B-shaped bf16 store (13.5 GB), LoRA, under a 2 GiB cgroup; and the same with
+  `--spill-activations 0` (every block recomputed, as before activations could be kept on disk:
+  the mechanism's side-by-side, not the headline);
+- the laptop shape: a 3.3 GB fp32 store (30 layers, dim 1536), LoRA and a full AdamW fine-tune,
+  under a 1 GiB cgroup (a full fine-tune runs on a fresh copy of the store each time: it writes it).
 
-The IO floor is the limited step's bytes read over the disk's O_DIRECT read rate, measured on the
-spot. The figure the issue asks for is the limited step over max(IO floor, compute floor).
+Each beside the same command in RAM (no limit, the store in the page cache): its compute floor,
+in its own dtype, with its own kernels, nothing waiting for the disk. The limited runs start with
+the store dropped from the page cache. The IO floor is the limited step's bytes read over the
+disk's O_DIRECT read rate, plus its bytes written over the write rate (one disk: reads and writes
+share it), both measured on the spot. The figure the issue asks for is the limited step over
+max(IO floor, compute floor).
 
     python -m blocktune_bench.run --only floor [--reps 2]
 """
 
 from __future__ import annotations
 
+import shutil
 import statistics
 from pathlib import Path
 
@@ -28,8 +33,7 @@ from .measure import evict_from_page_cache
 
 __all__ = ["group_floor"]
 
-LIMIT = 2 << 30
-FLAGS = ("--method", "lora", "--steps", "3", "--batch-size", "1", "--seq-len", "128", "--grad-accum", "1")
+SHAPE = ("--steps", "3", "--batch-size", "1", "--seq-len", "128", "--grad-accum", "1")
 
 
 def _steps(report: dict) -> list[float]:
@@ -37,47 +41,105 @@ def _steps(report: dict) -> list[float]:
     return [r["seconds"] for r in report.get("rows", [])[1:]]
 
 
+def _median(reports: list[dict]) -> float | None:
+    steps = [s for r in reports for s in _steps(r)]
+    return statistics.median(steps) if steps else None
+
+
+def _last(reports: list[dict], key: str) -> float:
+    return statistics.median(r["rows"][-1].get(key) or 0.0 for r in reports if r.get("rows"))
+
+
+class _Case:
+    """One store and method: the limited runs (and variants) beside the same command in RAM."""
+
+    def __init__(self, name: str, store: Path, limit: int, flags: tuple[str, ...], writes_store: bool,
+                 variants: dict[str, tuple[str, ...]]):
+        self.name, self.store, self.limit, self.flags = name, store, limit, flags
+        self.writes_store = writes_store
+        self.variants = {"limited": (), **variants}
+        self.runs: dict[str, list[dict]] = {"in RAM": [], **{k: [] for k in self.variants}}
+
+    def _target(self, work: Path) -> Path:
+        """The store a run trains: the store itself, or a fresh copy (a full fine-tune writes it)."""
+        if not self.writes_store:
+            return self.store
+        copy = work / f"{self.store.name}-copy"
+        if copy.exists():
+            shutil.rmtree(copy)
+        shutil.copytree(self.store, copy, ignore=shutil.ignore_patterns(".lock", ".narrowed*"))
+        return copy
+
+    def rep(self, work: Path, data: Path) -> None:
+        out = work / f"floor-{self.name.replace(' ', '-')}"
+        target = self._target(work)
+        for f in target.glob("*.safetensors"):  # in the page cache, as a run in RAM finds it after the first
+            f.read_bytes()
+        self.runs["in RAM"].append(cli_under_limit("none", target, data, out, *self.flags))
+        for variant, extra in self.variants.items():
+            target = self._target(work)
+            evict_from_page_cache(target.glob("*.safetensors"))
+            self.runs[variant].append(cli_under_limit(str(self.limit), target, data, out, *self.flags, *extra))
+
+    def rows(self, bw: dict) -> tuple[list[str], dict]:
+        step = {k: _median(v) for k, v in self.runs.items()}
+        lim = self.runs["limited"]
+        size = sum(p.stat().st_size for p in self.store.glob("*.safetensors"))
+        label = f"{self.name} ({size / 1e9:.1f} GB), under {self.limit >> 20} MiB"
+        if step["limited"] is None or step["in RAM"] is None:
+            why = "; ".join(f"{k}: exit {r.get('exit_code')} {r.get('budget_notes')}"
+                            for k, v in self.runs.items() for r in v if not _steps(r))
+            return [f"| {label} | did not complete: {why} | | | | | | |"], {"step_median": step}
+        read, written = _last(lim, "gb_read"), _last(lim, "gb_written")
+        io_floor = read / bw["direct_read_GBps"] + written / bw["direct_write_GBps"]
+        floor = max(io_floor, step["in RAM"])
+        out = []
+        for variant in self.variants:
+            if step[variant] is None:
+                continue
+            peak = max((r.get("cgroup_peak_bytes") or 0) for r in self.runs[variant]) / 1e9
+            name = label if variant == "limited" else f"{label}, `{' '.join(self.variants[variant])}`"
+            out.append(f"| {name} | {step[variant]:.2f} | {step['in RAM']:.2f} | {read:.1f}, {written:.1f} | "
+                       f"{io_floor:.1f} | **{step[variant] / floor:.2f}** | {peak:.2f} |")
+        notes = sorted({n for r in lim for n in r.get("budget_notes", [])})
+        return out, {"step_median": step, "gb_read": read, "gb_written": written, "io_floor_s": io_floor,
+                     "ratio": step["limited"] / floor, "notes": notes}
+
+
 def group_floor(work: Path, reps: int = 2) -> None:
+    from blocktune.model.args import ModelArgs
+
     from .corpus import demo_text, tokenizer_path
 
-    store = cached_store(work / "shape-7b-tok", "shape-7b", seed=0, dtype=torch.bfloat16, tokenizer=tokenizer_path())
+    big = cached_store(work / "shape-7b-tok", "shape-7b", seed=0, dtype=torch.bfloat16, tokenizer=tokenizer_path())
+    laptop = cached_store(work / "laptop-tok", ModelArgs(dim=1536, n_layers=30, n_heads=12, vocab_size=8192,
+                                                         multiple_of=256, max_seq_len=512),
+                          seed=0, tokenizer=tokenizer_path())
     data = work / "notes.txt"
     data.write_text(demo_text())
+    cases = [_Case("laptop-shaped fp32 store, LoRA", laptop, 1 << 30, ("--method", "lora", *SHAPE), False, {}),
+             _Case("laptop-shaped fp32 store, full AdamW", laptop, 1 << 30, ("--method", "full", *SHAPE), True, {}),
+             _Case("7B-shaped bf16 store, LoRA", big, 2 << 30, ("--method", "lora", *SHAPE), False,
+                   {"recompute": ("--spill-activations", "0")})]
     bw = disk_bandwidth(work)
-    runs: dict[str, list[dict]] = {"in RAM": [], "2 GiB": [], "2 GiB, recompute": []}
     for _ in range(reps):
-        runs["in RAM"].append(cli_under_limit("none", store, data, work / "floor-ram", *FLAGS))
-        evict_from_page_cache(store.glob("*.safetensors"))
-        runs["2 GiB"].append(cli_under_limit(str(LIMIT), store, data, work / "floor-2g", *FLAGS))
-        evict_from_page_cache(store.glob("*.safetensors"))
-        runs["2 GiB, recompute"].append(cli_under_limit(str(LIMIT), store, data, work / "floor-2g-re", *FLAGS,
-                                                        "--spill-activations", "0"))
-        print({k: [_steps(r) for r in v] for k, v in runs.items()}, flush=True)
-    step = {k: statistics.median(s for r in v for s in _steps(r)) if any(_steps(r) for r in v) else None
-            for k, v in runs.items()}
-    read = statistics.median(r["rows"][-1]["gb_read"] for r in runs["2 GiB"] if r.get("rows")) if step["2 GiB"] else None
-    size = sum(p.stat().st_size for p in store.glob("*.safetensors"))
-    notes = sorted({n for r in runs["2 GiB"] for n in r.get("budget_notes", []) if n.startswith(("keep_", "spill_"))})
-    table = [f"7B-shaped bf16 store ({size / 1e9:.1f} GB, random weights), `blocktune finetune "
-             f"{' '.join(FLAGS)}` with no other flags (budgets and compute dtype auto); median of steps 2-3 of "
-             f"{reps} alternated runs each. Compute floor: the same command in RAM (no limit, store in the page "
-             f"cache). IO floor: the limited step's bytes read / this disk's O_DIRECT read rate "
-             f"({bw['direct_read_GBps']:.2f} GB/s, measured just before).", "",
-             "What `auto` chose under 2 GiB: " + " / ".join(notes), ""]
-    if step["2 GiB"] is None or step["in RAM"] is None:
-        table.append("Did not complete: " + "; ".join(f"{k}: {r.get('exit_code')} {r.get('budget_notes')}"
-                                                       for k, v in runs.items() for r in v if not _steps(r)))
-    else:
-        io_floor = read / bw["direct_read_GBps"]
-        floor = max(io_floor, step["in RAM"])
-        peak = max((r.get("cgroup_peak_bytes") or 0) for r in runs["2 GiB"]) / 1e9
-        table += ["| run | s/step | GB read/step | IO floor (s) | step / max(IO floor, compute floor) | cgroup peak incl. page cache (GB) |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |",
-                  f"| in RAM (the compute floor) | {step['in RAM']:.1f} | | | 1.00 | |",
-                  f"| under 2 GiB | {step['2 GiB']:.1f} | {read:.1f} | {io_floor:.1f} | "
-                  f"{step['2 GiB'] / floor:.2f} | {peak:.2f} |"]
-        if step["2 GiB, recompute"] is not None:
-            peak_re = max((r.get("cgroup_peak_bytes") or 0) for r in runs["2 GiB, recompute"]) / 1e9
-            table.append(f"| under 2 GiB, `--spill-activations 0` (every block recomputed) | "
-                         f"{step['2 GiB, recompute']:.1f} | | | {step['2 GiB, recompute'] / floor:.2f} | {peak_re:.2f} |")
-    save("floor", {"machine": machine(), "disk": bw, "flags": FLAGS, "step_median": step, "runs": runs}, table)
+        for case in cases:
+            case.rep(work, data)
+            print(case.name, {k: [_steps(r) for r in v] for k, v in case.runs.items()}, flush=True)
+    table = [f"`blocktune finetune {' '.join(SHAPE)} --method M` with no other flags (budgets and compute dtype "
+             f"auto); median of steps 2-3 of {reps} alternated runs each. Compute floor: the same command in RAM "
+             f"(no limit, store in the page cache). IO floor: the limited step's bytes read over this disk's O_DIRECT "
+             f"read rate ({bw['direct_read_GBps']:.2f} GB/s) plus its bytes written over the write rate "
+             f"({bw['direct_write_GBps']:.2f} GB/s), measured just before.", "",
+             "| store, method, limit | s/step | in RAM (compute floor) | GB read, written a step | IO floor (s) | "
+             "step / max(IO floor, compute floor) | cgroup peak incl. page cache (GB) |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    results = {}
+    for case in cases:
+        rows, results[case.name] = case.rows(bw)
+        table += rows
+    table += ["", "What `auto` chose (the limited runs' notes):", ""]
+    for case in cases:
+        table.append(f"- {case.name}: " + " / ".join(results[case.name].get("notes", [])))
+    save("floor", {"machine": machine(), "disk": bw, "shape": SHAPE, "cases": results,
+                   "runs": {c.name: c.runs for c in cases}}, table)
