@@ -12,6 +12,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -136,17 +137,77 @@ def matmul_rate(tokens: int, dim: int, hidden: int, dtype: torch.dtype) -> float
     return statistics.median(rounds)
 
 
+def _disk_ticks(path: Path) -> int | None:
+    """Milliseconds the disk holding `path` has had IO in flight since boot (`/proc/diskstats`'
+    io_ticks; a partition's own line where it is on one); None off Linux."""
+    dev = os.stat(path).st_dev
+    try:
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if (int(f[0]), int(f[1])) == (os.major(dev), os.minor(dev)):
+                return int(f[12])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class DiskBusy:
+    """The share of a CLI run's steps 2..N during which the store's disk had IO in flight,
+    sampled on a thread while the run goes: from the moment its `metrics.jsonl` holds step 1's
+    row to the moment it holds the last. Near 1: the disk bounds the step."""
+
+    def __init__(self, store: Path, out: Path, period: float = 0.05):
+        self.store, self.metrics, self.period = store, out / "metrics.jsonl", period
+        self.first: tuple[float, int] | None = None  # (time, ticks) when step 1's row appeared
+        self.last: tuple[float, int] | None = None  # when the latest row after it appeared
+        self._rows, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                rows = self.metrics.read_bytes().count(b"\n")
+            except OSError:
+                continue
+            if rows > self._rows:
+                ticks = _disk_ticks(self.store)
+                if ticks is None:
+                    return
+                mark = (time.perf_counter(), ticks)
+                if self.first is None:
+                    self.first = mark
+                else:
+                    self.last = mark
+                self._rows = rows
+
+    def __enter__(self) -> DiskBusy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def share(self) -> float | None:
+        if self.first is None or self.last is None or self.last[0] <= self.first[0]:
+            return None
+        return (self.last[1] - self.first[1]) / 1000 / (self.last[0] - self.first[0])
+
+
 def cli_under_limit(limit: str, store: Path, data: Path, out: Path, *flags: str, read_rate: int | None = None,
                     prefix: tuple[str, ...] = ()) -> dict:
     """`blocktune finetune` as the README shows it (no budget flags), in a cgroup of `limit`
     (`none`: no memory limit), its disk reads throttled to `read_rate` bytes/s if given;
-    `prefix` goes before the command (another checkout's PYTHONPATH)."""
+    `prefix` goes before the command (another checkout's PYTHONPATH). The report's `disk_busy`:
+    the share of steps 2..N during which the store's disk was busy (`DiskBusy`)."""
     if out.exists():
         shutil.rmtree(out)
     rate = ["--read-rate", str(read_rate), "--disk", str(store)] if read_rate is not None else []
     cmd = [sys.executable, "-m", "blocktune_bench.limited", limit, *rate, "--", *prefix, sys.executable, "-m",
            "blocktune", "finetune", "--store", str(store), "--data", str(data), "--out", str(out), "--no-progress", *flags]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    with DiskBusy(store, out) as busy:
+        r = subprocess.run(cmd, capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()
     report = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {"exit_code": r.returncode}
     report["budget_notes"] = [line for line in lines if "auto:" in line or line.startswith(("memory is tight", "warning:"))]
@@ -154,4 +215,5 @@ def cli_under_limit(limit: str, store: Path, data: Path, out: Path, *flags: str,
     report["rows"] = rows
     report["step_seconds"] = rows[-1]["seconds"] if rows else None
     report["gb_read"] = rows[-1]["gb_read"] if rows else None
+    report["disk_busy"] = busy.share
     return report

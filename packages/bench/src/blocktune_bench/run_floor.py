@@ -15,7 +15,9 @@ in its own dtype, with its own kernels, nothing waiting for the disk. The limite
 the store dropped from the page cache. The IO floor is the limited step's bytes read over the
 disk's O_DIRECT read rate, plus its bytes written over the write rate (one disk: reads and writes
 share it), both measured on the spot. The figure the issue asks for is the limited step over
-max(IO floor, compute floor).
+max(IO floor, compute floor). Beside it, the share of the limited steps during which the disk was
+busy (`common.DiskBusy`): the IO floor takes the disk's rates measured alone, and a disk's rate
+varies (with reads and writes mixed, with its neighbours on a VM).
 
     python -m blocktune_bench.run --only floor [--reps 2]
 """
@@ -89,7 +91,7 @@ class _Case:
         if step["limited"] is None or step["in RAM"] is None:
             why = "; ".join(f"{k}: exit {r.get('exit_code')} {r.get('budget_notes')}"
                             for k, v in self.runs.items() for r in v if not _steps(r))
-            return [f"| {label} | did not complete: {why} | | | | | | |"], {"step_median": step}
+            return [f"| {label} | did not complete: {why} | | | | | | | |"], {"step_median": step}
         read, written = _last(lim, "gb_read"), _last(lim, "gb_written")
         io_floor = read / bw["direct_read_GBps"] + written / bw["direct_write_GBps"]
         floor = max(io_floor, step["in RAM"])
@@ -98,9 +100,11 @@ class _Case:
             if step[variant] is None:
                 continue
             peak = max((r.get("cgroup_peak_bytes") or 0) for r in self.runs[variant]) / 1e9
+            busy = [r["disk_busy"] for r in self.runs[variant] if r.get("disk_busy") is not None]
             name = label if variant == "limited" else f"{label}, `{' '.join(self.variants[variant])}`"
             out.append(f"| {name} | {step[variant]:.2f} | {step['in RAM']:.2f} | {read:.1f}, {written:.1f} | "
-                       f"{io_floor:.1f} | **{step[variant] / floor:.2f}** | {peak:.2f} |")
+                       f"{io_floor:.1f} | **{step[variant] / floor:.2f}** | "
+                       f"{f'{statistics.median(busy):.0%}' if busy else ''} | {peak:.2f} |")
         notes = sorted({n for r in lim for n in r.get("budget_notes", [])})
         return out, {"step_median": step, "gb_read": read, "gb_written": written, "io_floor_s": io_floor,
                      "ratio": step["limited"] / floor, "notes": notes}
@@ -130,10 +134,12 @@ def group_floor(work: Path, reps: int = 2) -> None:
              f"auto); median of steps 2-3 of {reps} alternated runs each. Compute floor: the same command in RAM "
              f"(no limit, store in the page cache). IO floor: the limited step's bytes read over this disk's O_DIRECT "
              f"read rate ({bw['direct_read_GBps']:.2f} GB/s) plus its bytes written over the write rate "
-             f"({bw['direct_write_GBps']:.2f} GB/s), measured just before.", "",
+             f"({bw['direct_write_GBps']:.2f} GB/s), measured just before. Disk busy: the share of steps 2-3 "
+             f"during which the store's disk had IO in flight (`/proc/diskstats`), median of the runs; near 100%, "
+             f"the disk bounds the step, whatever its rate then.", "",
              "| store, method, limit | s/step | in RAM (compute floor) | GB read, written a step | IO floor (s) | "
-             "step / max(IO floor, compute floor) | cgroup peak incl. page cache (GB) |",
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+             "step / max(IO floor, compute floor) | disk busy (steps 2-3) | cgroup peak incl. page cache (GB) |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     results = {}
     for case in cases:
         rows, results[case.name] = case.rows(bw)
