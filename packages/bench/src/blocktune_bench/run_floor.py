@@ -7,7 +7,7 @@ dtype auto), each case alternated, `reps` times:
 - the 7B-shaped bf16 store (13.5 GB), LoRA, under a 2 GiB cgroup; and the same with
   `--spill-activations 0` (every block recomputed, as before activations could be kept on disk:
   the mechanism's side-by-side, not the headline);
-- the laptop shape: a 3.3 GB fp32 store (30 layers, dim 1536), LoRA and a full AdamW fine-tune,
+- the laptop shape: a 3.5 GB (3.3 GiB) fp32 store (30 layers, dim 1536), LoRA and a full AdamW fine-tune,
   under a 1 GiB cgroup (a full fine-tune runs on a fresh copy of the store each time: it writes it).
 
 Each beside the same command in RAM (no limit, the store in the page cache): its compute floor,
