@@ -14,7 +14,9 @@ Each beside the same command in RAM (no limit, the store in the page cache): its
 in its own dtype, with its own kernels, nothing waiting for the disk. The limited runs start with
 the store dropped from the page cache. The IO floor is the limited step's bytes read over the
 disk's O_DIRECT read rate, plus its bytes written over the write rate (one disk: reads and writes
-share it), both measured on the spot. The figure the issue asks for is the limited step over
+share it), both measured on the spot; where the step writes, the smaller of that and all its bytes
+over the rate the disk gives reads and writes in flight together, in the step's proportion
+(`common.disk_mixed`: the two rates alone may add up to more than the disk does mixed, or less). The figure the issue asks for is the limited step over
 max(IO floor, compute floor). Beside it, the share of the limited steps during which the disk was
 busy (`common.DiskBusy`): the IO floor takes the disk's rates measured alone, and a disk's rate
 varies (with reads and writes mixed, with its neighbours on a VM).
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .common import cached_store, cli_under_limit, disk_bandwidth, machine, save
+from .common import cached_store, cli_under_limit, disk_bandwidth, disk_mixed, machine, save
 from .measure import evict_from_page_cache
 
 __all__ = ["group_floor"]
@@ -83,7 +85,22 @@ class _Case:
             evict_from_page_cache(target.glob("*.safetensors"))
             self.runs[variant].append(cli_under_limit(str(self.limit), target, data, out, *self.flags, *extra))
 
-    def rows(self, bw: dict) -> tuple[list[str], dict]:
+    def io_floor(self, bw: dict, work: Path) -> dict:
+        """Seconds the disk needs for the limited step's bytes: read over the read rate plus
+        written over the write rate, each measured alone (`disk_bandwidth`); where the step
+        writes too, also all of it over the rate of reads and writes in flight together in
+        its proportion (`disk_mixed`, the faster of two tries just after the runs). The floor
+        is the smaller: the disk's best figure for what the step moves."""
+        read, written = _last(self.runs["limited"], "gb_read"), _last(self.runs["limited"], "gb_written")
+        alone = read / bw["direct_read_GBps"] + written / bw["direct_write_GBps"]
+        out = {"gb_read": read, "gb_written": written, "io_floor_alone_s": alone, "io_floor_s": alone}
+        if written and read:
+            out["mixed_GBps"] = max(disk_mixed(work, read / (read + written)) for _ in range(2))
+            out["io_floor_mixed_s"] = (read + written) / out["mixed_GBps"]
+            out["io_floor_s"] = min(alone, out["io_floor_mixed_s"])
+        return out
+
+    def rows(self, bw: dict, work: Path) -> tuple[list[str], dict]:
         step = {k: _median(v) for k, v in self.runs.items()}
         lim = self.runs["limited"]
         size = sum(p.stat().st_size for p in self.store.glob("*.safetensors"))
@@ -92,9 +109,10 @@ class _Case:
             why = "; ".join(f"{k}: exit {r.get('exit_code')} {r.get('budget_notes')}"
                             for k, v in self.runs.items() for r in v if not _steps(r))
             return [f"| {label} | did not complete: {why} | | | | | | | |"], {"step_median": step}
-        read, written = _last(lim, "gb_read"), _last(lim, "gb_written")
-        io_floor = read / bw["direct_read_GBps"] + written / bw["direct_write_GBps"]
+        io = self.io_floor(bw, work)
+        read, written, io_floor = io["gb_read"], io["gb_written"], io["io_floor_s"]
         floor = max(io_floor, step["in RAM"])
+        shown = f"{io_floor:.1f}" + (f" ({io['mixed_GBps']:.2f} GB/s mixed)" if "mixed_GBps" in io else "")
         out = []
         for variant in self.variants:
             if step[variant] is None:
@@ -103,11 +121,10 @@ class _Case:
             busy = [r["disk_busy"] for r in self.runs[variant] if r.get("disk_busy") is not None]
             name = label if variant == "limited" else f"{label}, `{' '.join(self.variants[variant])}`"
             out.append(f"| {name} | {step[variant]:.2f} | {step['in RAM']:.2f} | {read:.1f}, {written:.1f} | "
-                       f"{io_floor:.1f} | **{step[variant] / floor:.2f}** | "
+                       f"{shown} | **{step[variant] / floor:.2f}** | "
                        f"{f'{statistics.median(busy):.0%}' if busy else ''} | {peak:.2f} |")
         notes = sorted({n for r in lim for n in r.get("budget_notes", [])})
-        return out, {"step_median": step, "gb_read": read, "gb_written": written, "io_floor_s": io_floor,
-                     "ratio": step["limited"] / floor, "notes": notes}
+        return out, {"step_median": step, **io, "ratio": step["limited"] / floor, "notes": notes}
 
 
 def group_floor(work: Path, reps: int = 2) -> None:
@@ -134,7 +151,9 @@ def group_floor(work: Path, reps: int = 2) -> None:
              f"auto); median of steps 2-3 of {reps} alternated runs each. Compute floor: the same command in RAM "
              f"(no limit, store in the page cache). IO floor: the limited step's bytes read over this disk's O_DIRECT "
              f"read rate ({bw['direct_read_GBps']:.2f} GB/s) plus its bytes written over the write rate "
-             f"({bw['direct_write_GBps']:.2f} GB/s), measured just before. Disk busy: the share of steps 2-3 "
+             f"({bw['direct_write_GBps']:.2f} GB/s), measured just before; where the step writes, the smaller of "
+             f"that and all its bytes over the rate of reads and writes in flight together in the step's "
+             f"proportion (measured just after, the better of two). Disk busy: the share of steps 2-3 "
              f"during which the store's disk had IO in flight (`/proc/diskstats`), median of the runs; near 100%, "
              f"the disk bounds the step, whatever its rate then.", "",
              "| store, method, limit | s/step | in RAM (compute floor) | GB read, written a step | IO floor (s) | "
@@ -142,7 +161,7 @@ def group_floor(work: Path, reps: int = 2) -> None:
              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     results = {}
     for case in cases:
-        rows, results[case.name] = case.rows(bw)
+        rows, results[case.name] = case.rows(bw, work)
         table += rows
     table += ["", "What `auto` chose (the limited runs' notes):", ""]
     for case in cases:
