@@ -344,11 +344,12 @@ class WriteBack:
         self._reads.clear()  # the next step's forward has the memory back
         self.store.commit(step, units, states, collect=False, **extra)
         # deleting the last step's files takes a while (freeing extents): do it on the writer
-        # thread, which is also the only thread that creates files, so nothing new is deleted
+        # thread, which is also the only thread that creates files, so nothing new is deleted;
+        # one file of each unit and kind is kept, for the next step to write over (`spares`)
         self._writes.append(self._writer.submit(self._collect))
 
     def _collect(self):
-        self.store.collect_garbage()
+        self.store.collect_garbage(keep_spares=True)  # the next step writes over the last one's files
         return None
 
     def abort(self) -> None:

@@ -13,8 +13,9 @@
 
 Durability: a new version of a unit goes to a new file name (``block_00-000004.safetensors``).
 Nothing refers to it until `commit` fsyncs it and replaces the manifest atomically (temp,
-fsync, rename, fsync of the folder); only then are the files of the previous step deleted.
-So the store on disk is always exactly one committed step.
+fsync, rename, fsync of the folder); only then are the files of the previous step deleted, or,
+during a full fine-tune, kept as spares that the next step's versions are written over
+(`blocktune.store.spares`). So the store on disk is always exactly one committed step.
 
 Direct IO: a full fine-tune rewrites every unit every step, so its versions are written with
 O_DIRECT (no page-cache copy, no dirty pages to flush, next to no CPU: it competes with compute
@@ -57,6 +58,7 @@ from blocktune.store.records import (
     shape_mismatches,
 )
 from blocktune.store.safefiles import atomic_write, partial_dirs, readable_size
+from blocktune.store.spares import SpareFiles
 from blocktune.store.unitfiles import UnitFiles
 
 __all__ = ["BlockStore", "NARROWED"]
@@ -77,6 +79,7 @@ class BlockStore(UnitFiles, StoreManifest):
         self.opener: Callable = open
         self._verified: set[str] = set()  # files whose crc32 was checked in this process
         self._uncached: set[str] = set()  # files this process wrote with direct IO: read them so too
+        self.spares = SpareFiles(self.path)  # old versions the next ones are written over (`spares`)
 
     # ---- opening ----
     @classmethod
@@ -266,12 +269,15 @@ class BlockStore(UnitFiles, StoreManifest):
         atomic_write(self.path / MANIFEST, manifest_bytes(manifest), opener=self.opener)
         self.use_manifest(manifest)
 
-    def collect_garbage(self) -> list[str]:
+    def collect_garbage(self, keep_spares: bool = False) -> list[str]:
         """Delete files that nothing can need: not named by the committed manifest on disk
         (read again here, under the writer lock), by this store's own view, nor by a live
         reader's pin (uncommitted versions, old steps, temp files). Where any of these cannot
-        be read, nothing is deleted."""
+        be read, nothing is deleted. `keep_spares` (a full fine-tune's write-back, between its
+        steps): one such file per unit and kind is kept for the next version to be written
+        over (`blocktune.store.spares`); otherwise the spares kept so far go too."""
         self.acquire_writer()
+        spares = self.spares.names() if keep_spares else set(self.spares.clear())
         try:
             on_disk = json.loads((self.path / MANIFEST).read_bytes())
         except (OSError, ValueError):
@@ -280,16 +286,19 @@ class BlockStore(UnitFiles, StoreManifest):
         if pinned is None or not isinstance(on_disk, dict):
             return []
         keep = self.referenced_files() | manifest_files(on_disk) | pinned
-        removed = []
+        removed, gone = [], set(spares)
         for p in self.path.iterdir():
             if p.is_file() and p.name not in keep and (
                 p.suffix == ".safetensors" or ".tmp-" in p.name
             ):
+                gone.add(p.name)
+                if keep_spares and (p.name in spares or self.spares.keep(p.name)):
+                    continue
                 p.unlink(missing_ok=True)
                 removed.append(p.name)
-        # forget what this process knew of deleted versions (a long run makes thousands)
-        self._verified -= set(removed)
-        self._uncached -= set(removed)
+        # forget what this process knew of old versions, spares included (a long run makes thousands)
+        self._verified -= gone
+        self._uncached -= gone
         return removed
 
     def shape_problems(self) -> list[str]:

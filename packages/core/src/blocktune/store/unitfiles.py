@@ -36,8 +36,8 @@ __all__ = ["UnitFiles"]
 
 
 class UnitFiles:
-    """Needs of its host: path, dtype, tied, opener, acquire_writer, step, _records, _state,
-    _verified, _uncached."""
+    """Needs of its host: path, dtype, tied, opener, spares, acquire_writer, step, _records,
+    _state, _verified, _uncached."""
 
     def read_file(
         self, record: FileRecord, alloc: Callable[[int], torch.Tensor] | None = None,
@@ -235,9 +235,25 @@ class UnitFiles:
                           f"step {self.step}, intact; free space or fix the disk, then resume")
 
     def _create(self, path: Path, direct: bool):
-        """(file, whether it is open for direct IO), made by `open_new`: a new file, never
+        """(file, whether it is open for direct IO): for direct IO, a spare of the same unit and
+        kind renamed to `path` where one is kept (`blocktune.store.spares`: written over in
+        place, cut to size when the write finishes), else made by `open_new`: a new file, never
         written through a link or into another name's file."""
         if direct and hasattr(os, "O_DIRECT"):
+            fd = self.spares.take(path.name)
+            if fd is not None:
+                handed = []  # once handed over, the file object owns the descriptor
+
+                def spare(_path, _flags) -> int:
+                    handed.append(fd)
+                    return fd
+
+                try:
+                    return self.opener(path, "wb", buffering=0, opener=spare), True
+                except BaseException:
+                    if not handed:
+                        os.close(fd)
+                    raise
             try:
                 return self.opener(path, "wb", buffering=0, opener=open_new_direct), True
             except OSError as exc:
