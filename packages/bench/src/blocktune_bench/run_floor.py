@@ -37,7 +37,8 @@ from .measure import evict_from_page_cache
 
 __all__ = ["group_floor"]
 
-SHAPE = ("--steps", "3", "--batch-size", "1", "--seq-len", "128", "--grad-accum", "1")
+STEPS = 4  # from the third step on, a full fine-tune writes over the files of two steps back (`store.spares`)
+SHAPE = ("--steps", str(STEPS), "--batch-size", "1", "--seq-len", "128", "--grad-accum", "1")
 
 
 def _steps(report: dict) -> list[float]:
@@ -148,16 +149,16 @@ def group_floor(work: Path, reps: int = 2) -> None:
             case.rep(work, data)
             print(case.name, {k: [_steps(r) for r in v] for k, v in case.runs.items()}, flush=True)
     table = [f"`blocktune finetune {' '.join(SHAPE)} --method M` with no other flags (budgets and compute dtype "
-             f"auto); median of steps 2-3 of {reps} alternated runs each. Compute floor: the same command in RAM "
+             f"auto); median of steps 2-{STEPS} of {reps} alternated runs each. Compute floor: the same command in RAM "
              f"(no limit, store in the page cache). IO floor: the limited step's bytes read over this disk's O_DIRECT "
              f"read rate ({bw['direct_read_GBps']:.2f} GB/s) plus its bytes written over the write rate "
              f"({bw['direct_write_GBps']:.2f} GB/s), measured just before; where the step writes, the smaller of "
              f"that and all its bytes over the rate of reads and writes in flight together in the step's "
-             f"proportion (measured just after, the better of two). Disk busy: the share of steps 2-3 "
+             f"proportion (measured just after, the better of two). Disk busy: the share of steps 2-{STEPS} "
              f"during which the store's disk had IO in flight (`/proc/diskstats`), median of the runs; near 100%, "
              f"the disk bounds the step, whatever its rate then.", "",
              "| store, method, limit | s/step | in RAM (compute floor) | GB read, written a step | IO floor (s) | "
-             "step / max(IO floor, compute floor) | disk busy (steps 2-3) | cgroup peak incl. page cache (GB) |",
+             f"step / max(IO floor, compute floor) | disk busy (steps 2-{STEPS}) | cgroup peak incl. page cache (GB) |",
              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     results = {}
     for case in cases:
