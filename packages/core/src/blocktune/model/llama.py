@@ -155,12 +155,31 @@ def _yarn(head_dim: int, theta: float, factor: float, p: dict, device) -> tuple[
     return inv_freq, float(attention)
 
 
+_TRIG_WARM: set[str] = set()  # device types whose cos and sin have run once in this process
+
+
+def _warm_trig(angles: torch.Tensor) -> None:
+    """Run cos and sin once and throw the results away, the first time in a process on the CPU.
+
+    torch 2.13's CPU cos (and sin) gets the first call in a process wrong at random: half of a
+    (128, 64) fp32 result (4096 elements, one of two threads' share) came out up to 1.5e-4 off in
+    12 of 30 fresh processes, and every call after that was right (2026-12-08, Intel Xeon; with one
+    thread, 24 of 24 right; float64 is hit too). A paged run's first block then computed another
+    forward than the rest of its run: its step-1 loss differed in 3 of 20 runs of the floor bench."""
+    kind = angles.device.type
+    if kind == "cpu" and kind not in _TRIG_WARM:
+        angles.cos()
+        angles.sin()
+        _TRIG_WARM.add(kind)
+
+
 def rope_tables(
     head_dim: int, positions: torch.Tensor, theta: float, scaling: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of Meta's rotary angles for `positions`, each (T, head_dim // 2), fp32."""
     inv_freq, attention = rope_frequencies(head_dim, theta, scaling, positions.device)
     angles = torch.outer(positions.float(), inv_freq)
+    _warm_trig(angles)
     if attention == 1.0:
         return angles.cos(), angles.sin()
     return angles.cos() * attention, angles.sin() * attention
