@@ -8,6 +8,7 @@ import pytest
 import torch
 from blocktune import Engine, EngineConfig, LoraConfig, ModelArgs, OptimizerConfig
 from blocktune.model.units import unit_prefix
+from blocktune.paging.loader import resident_sizes
 from blocktune.store.store import BlockStore
 from blocktune_bench.reference import ReferenceTrainer, trained_tensors
 from blocktune_bench.synthetic import make_store
@@ -155,6 +156,26 @@ def test_bytes_read_per_step_is_predicted(tmp_path, tiny_args, micro, method):
         print(f"{method} micro={micro} step {step}: read {res.bytes_read} predicted {predicted}")
         assert res.bytes_read == predicted
         assert engine.pager.stats.peak_resident <= budget
+    engine.close()
+
+
+def test_bytes_read_count_the_masters_read_for_the_step(tmp_path, tiny_args):
+    """An fp32 store computed in bf16: the masters are the stored weights, and each unit's
+    optimizer step reads its file again (the pager's copy was narrowed): those bytes count."""
+    store = make_store(tmp_path / "s", tiny_args, seed=1)
+    budget = max(resident_sizes(store, torch.bfloat16).values())  # one unit, as it computes
+    engine = Engine(store, EngineConfig(method="full", device="cpu", device_budget=budget, compute_dtype="bf16",
+                                        optimizer=OptimizerConfig("adamw", 1e-3)))
+    all_units = sum(store.unit_bytes(u) for u in store.units)
+    blocks = sum(store.unit_bytes(u) for u in store.units[1:-1])
+    for step in range(2):
+        res = engine.train_step([random_batch(tiny_args, 1, 8)])
+        # as `test_bytes_read_per_step_is_predicted`, and each unit's file again for its masters
+        predicted = all_units + blocks + store.unit_bytes("embed") + all_units
+        if step > 0:
+            predicted += sum(engine.store.state_record(u).nbytes for u in store.units) - store.unit_bytes("embed")
+        print(f"step {step}: read {res.bytes_read} predicted {predicted}")
+        assert res.bytes_read == predicted
     engine.close()
 
 

@@ -232,11 +232,13 @@ class WriteBack:
             masters = _MasterTee(self.store.dtype, params, optimizer)
             # the masters as stored, read a piece at a time as the step goes (as a state file is):
             # read once, in the step's order, or else mapped
-            stored = None
+            stored, read_again = None, 0
             if masters.first(old):
                 stored = self.store.stream_unit(name, list(params), verify=self.verify,
                                                 alloc=self._read_buffer) or self.store.read_unit(
                     name, verify=self.verify, map_file=True, populate=False)
+                # the unit's file a second time this step (the pager read it for the backward)
+                read_again = self.store.unit_bytes(name)
             streams = [f for f in (streamed, stored) if isinstance(f, StreamedTensors)]
             try:
                 # the pieces kept in RAM, or read for this step alone, are stepped in place
@@ -272,7 +274,7 @@ class WriteBack:
                                                    to_host=None if dev.is_cpu else dev.to_host)
             self._bound_dirty([rec, srec])
             with self._lock:
-                self.stats.bytes_read += old_rec.nbytes if old_rec is not None and not in_ram else 0
+                self.stats.bytes_read += (old_rec.nbytes if old_rec is not None and not in_ram else 0) + read_again
                 self.stats.bytes_written += rec.nbytes + srec.nbytes
                 self.stats.unit_writes += 1
                 self.stats.write_seconds += time.perf_counter() - t0
