@@ -324,6 +324,69 @@ def test_a_wider_store_computed_narrower_is_read_from_a_copy_narrowed_once(tmp_p
     assert r1 == pytest.approx(r0 / 2, rel=0.05)  # the same reads, of half the bytes
 
 
+def test_a_full_fine_tune_reads_a_narrowed_copy_its_steps_keep_up_to_date(tmp_path, tiny_args):
+    """A full fine-tune on the CPU, an fp32 store computed in bf16, its units paged: the units are
+    read from a bf16 copy beside the store, and each step writes its new weights there too,
+    committed with the store's step. The steps are those of reading and converting the fp32
+    files, bit for bit: losses, the store's weights (the fp32 masters) and optimizer state, and
+    the copy's units are the store's rounded to bf16 after every step. The forward reads half
+    the bytes. The copy is gone after `close`; a budget of under four units makes none."""
+    from blocktune.engine.engine import NARROW_STEPS_UNITS
+    from blocktune.engine.optim import OptimizerConfig
+    from blocktune.store.store import BlockStore
+    from blocktune_bench.synthetic import make_store
+
+    out = {}
+    for narrow in (True, False):
+        path = make_store(tmp_path / f"s{narrow}", tiny_args.with_dropout(0.1), seed=1).path  # fp32
+        store = BlockStore.open(path)
+        unit = max(resident_sizes(store, torch.bfloat16).values())
+        engine = Engine(store, EngineConfig(method="full", device="cpu", compute_dtype="bf16",
+                                            device_budget=NARROW_STEPS_UNITS * unit + unit // 2,  # not all 6
+                                            optimizer=OptimizerConfig("adamw", 1e-3), narrow_steps=narrow))
+        try:
+            assert engine.pager.budget < sum(resident_sizes(store, torch.bfloat16).values())
+            assert (engine.narrow_note is not None) == narrow
+            assert len(_narrowed(path)) == (1 if narrow else 0)
+            losses, reads = [], []
+            for s in range(3):
+                res = engine.train_step([random_batch(tiny_args, 2, 16, seed=s)], lr=1e-3, step=s)
+                losses.append(res.loss)
+                reads.append(res.bytes_read)
+                if narrow:  # the copy holds this step's weights, as the compute rounds them
+                    copy = engine.pager.store
+                    assert copy is not store and copy.step == store.step == s + 1
+                    for u in store.units:
+                        want = {k: v.to(torch.bfloat16) for k, v in store.read_unit(u).items()
+                                if not (u == "head" and store.tied and k == "output.weight")}
+                        got = copy.read_unit(u)
+                        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), u
+            weights = {u: store.read_unit(u) for u in store.units}
+            state = {u: store.read_state(u) for u in store.units}
+        finally:
+            engine.close()
+            store.close()
+        assert _narrowed(path) == []
+        out[narrow] = losses, weights, state, reads
+    (l1, w1, s1, r1), (l0, w0, s0, r0) = out[True], out[False]
+    assert l1 == l0
+    for u in w0:
+        assert all(torch.equal(w1[u][k], w0[u][k]) for k in w0[u]), u
+        assert s1[u].keys() == s0[u].keys() and all(torch.equal(s1[u][k], s0[u][k]) for k in s0[u]), u
+    assert all(a < b for a, b in zip(r1, r0))  # the units' reads are of half the bytes
+
+    # a budget of under four units: the units are read from the store and converted
+    path = make_store(tmp_path / "small", tiny_args, seed=1).path
+    with BlockStore.open(path) as store:
+        unit = max(resident_sizes(store, torch.bfloat16).values())
+        engine = Engine(store, EngineConfig(method="full", device="cpu", compute_dtype="bf16",
+                                            device_budget=(NARROW_STEPS_UNITS - 1) * unit, narrow_steps=True))
+        try:
+            assert engine.narrow_note is None and _narrowed(path) == [] and engine.pager.store is store
+        finally:
+            engine.close()
+
+
 def test_a_budget_that_holds_the_store_but_not_its_narrowed_copy_keeps_the_store(tmp_path, tiny_args):
     """The narrowed copy's files carry their own headers, so its largest unit can be a few bytes
     over the fp32 store's resident size: a device budget set to exactly the latter runs, from the

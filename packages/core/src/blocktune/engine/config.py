@@ -94,6 +94,10 @@ class EngineConfig:
     # computed in bf16): a copy narrowed to the compute dtype, made once beside the store and
     # removed at `close`, is read instead (half the bytes, no conversion at every read)
     narrow_frozen: bool = False
+    # CPU, a full fine-tune paged through RAM from a store wider than the compute dtype (fp32
+    # masters computed in bf16): the units are read from such a copy, which each step's
+    # write-back keeps up to date beside the store (the step's parameters, written as well)
+    narrow_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):

@@ -86,6 +86,11 @@ class _StepRun:
     head: nn.Module | None = None  # the head module between the loss and its step
 
 
+# a full fine-tune reads a narrowed copy (`Engine._narrows_steps`) only where the device budget
+# holds this many units
+NARROW_STEPS_UNITS = 4
+
+
 class Engine:
     """Runs a model held in a `BlockStore` one unit at a time: training here, forward-only
     passes for evaluation and generation through its `Inference`. Its parts: the stage link
@@ -105,6 +110,7 @@ class Engine:
         # the dtype and the line that says why ("compute bf16 (auto: this CPU has avx512_bf16)")
         self.dtype, self.dtype_note = self.device.resolve_dtype(self.cfg.compute_dtype)
         full = self.cfg.method == "full"
+        self._reads = store  # the store the pager reads: this one, or its narrowed copy (`_use_narrowed`)
         self.units = store.units
         self.stage = StageLink(dist, store, full, self.args.dim, self.dtype, self.device.torch)
         self.lo, self.hi = self.stage.lo, self.stage.hi
@@ -126,7 +132,7 @@ class Engine:
                                          adapters, self.cfg.optimizer, keep=own)
         self._narrowed: NarrowedCopy | None = None  # the copy read instead of the store (`_use_narrowed`)
         self.narrow_note: str | None = None
-        if self._narrows(frozen, sizes):
+        if self._narrows(frozen, sizes) or self._narrows_steps(full, sizes):
             sizes = self._use_narrowed(store, as_stored, sizes, own)
         try:
             # lean: hand freed heap back to the OS between units (slower, less RSS: the heap of
@@ -164,7 +170,7 @@ class Engine:
         keep = 0 if cfg.keep_budget == AUTO and self.dist.stages > 1 else cfg.keep_budget
         return resolve_budgets(
             self.device, store.args, sizes,
-            {n: store.unit_bytes(n) for n in own}, self.dtype,
+            {n: self._reads.unit_bytes(n) for n in own}, self.dtype,
             method=cfg.method, device_budget=cfg.device_budget, host_budget=cfg.host_budget,
             activation_budget=cfg.activation_budget, keep_budget=keep, batch=batch, seq=seq,
             spill_budget=cfg.spill_budget if self.dist.stages == 1 else 0,
@@ -189,36 +195,58 @@ class Engine:
                 and self.store.dtype.itemsize > self.dtype.itemsize
                 and budget is not None and sum(sizes.values()) > budget)
 
+    def _narrows_steps(self, full: bool, sizes: dict[str, int]) -> bool:
+        """Whether a full fine-tune reads its units from a copy in the compute dtype that each
+        step's write-back keeps up to date (`_use_narrowed`): asked for, on the CPU, one process,
+        a store wider than the compute dtype whose units are the fp32 masters, and units that do
+        not all stay resident. The copy is the masters rounded as the step rounds its parameters,
+        so the units computed with are the same; each pass reads half the bytes and converts none.
+        Not where the budget holds under `NARROW_STEPS_UNITS` units: there the laptop-shaped
+        store under a 1 GiB limit (a budget of two units) came within 4 MB of the limit reading
+        the copy, and was killed in one run of two; converting each unit into the budget's slots
+        it peaked 18 MB under it."""
+        budget, store = self._pager_budget(), self.store
+        return (self.cfg.narrow_steps and full and not self.cfg.read_only and self.device.is_cpu
+                and not self.dist.enabled and store.dtype.itemsize > self.dtype.itemsize
+                and "master" in state_kinds(self.cfg.optimizer, store.dtype, self.dtype)
+                and budget is not None and sum(sizes.values()) > budget
+                and budget >= NARROW_STEPS_UNITS * max(sizes.values()))
+
     def _use_narrowed(self, store: BlockStore, as_stored: frozenset[str], sizes: dict[str, int],
                       own: list[str]) -> dict[str, int]:
-        """Make a narrowed copy (`NarrowedCopy`) the store the engine reads, with the budgets
+        """Make a narrowed copy (`NarrowedCopy`) the store the engine reads (LoRA; a full
+        fine-tune reads it and steps the store itself, `_narrows_steps`), with the budgets
         worked out again for its files (the room for reads in flight shrinks); the resident
         sizes. A copy whose largest unit the pager's budget cannot hold (a budget set by hand
         within a header's bytes of the largest unit) is dropped again, and that is said."""
-        copy = NarrowedCopy(store, self.dtype, self.cfg.verify)
+        full = self.cfg.method == "full"
+        copy = NarrowedCopy(store, self.dtype, self.cfg.verify, full=full)
         self.narrow_note = copy.note
         if copy.store is None:
             return sizes
         was = self.budgets
-        self.store, self._narrowed = copy.store, copy
+        self._reads, self._narrowed = copy.store, copy
+        if not full:
+            self.store = copy.store
         new = {n: b for n, b in resident_sizes(copy.store, self.dtype, as_stored, self.device).items() if n in own}
         self.budgets = self._resolve_budgets(new, own)
         budget = self._pager_budget()
         if budget is not None and budget < max(new.values()):
             self.narrow_note = copy.unused(f"the copy's largest unit ({max(new.values()):,} bytes) is over the "
                                            f"device budget ({budget:,} bytes)")
-            self.store, self.budgets, self._narrowed = store, was, None
+            self.store, self._reads, self.budgets, self._narrowed = store, store, was, None
             return sizes
         return new
 
     def _open_pager(self, as_stored: frozenset[str]) -> Pager:
         """The pager within the device budget (`_pager_budget`)."""
         cfg, budget = self.cfg, self._pager_budget()
-        return Pager(self.store, self.device, budget, self.dtype, prefetch=cfg.prefetch,
+        return Pager(self._reads, self.device, budget, self.dtype, prefetch=cfg.prefetch,
                      verify=cfg.verify, host_budget=self.budgets.host,
                      mutable=cfg.method == "full" and not cfg.read_only,
                      max_dirty=cfg.max_dirty, frozen_reads=cfg.frozen_reads,
-                     as_stored=as_stored, state_budget=self.budgets.state)
+                     as_stored=as_stored, state_budget=self.budgets.state,
+                     master=self.store if self._reads is not self.store else None)
 
     # ---- adapters ----
     def adapter_state(self) -> dict[str, torch.Tensor]:

@@ -248,6 +248,11 @@ def resolve(device: Device, args: ModelArgs, unit_sizes: dict[str, int], unit_fi
     # kv_cache, and have neither gradients nor optimizer state)
     trains_full = method == "full" and not kv_cache
     extra = _full_step_bytes(largest // compute_dtype.itemsize, state_kinds) if trains_full else 0
+    # on the CPU, units used as they are read (not converted into slots the budget holds): a
+    # unit's write-back writes its new version from the unit's own buffer, which it holds after
+    # the pager has let the unit go
+    held = trains_full and device.is_cpu and all(unit_sizes[n] == unit_files[n] for n in unit_files)
+    extra += largest if held else 0
     notes: list[str] = []
     host_free, host_room = _host_room(device, ranks, notes)
     room, in_flight, in_flight_one, where = _device_room(device, host_free, host_room, unit_sizes, unit_files, ranks)

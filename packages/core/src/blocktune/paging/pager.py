@@ -86,6 +86,7 @@ class Pager:
         frozen_reads: str = "auto",
         as_stored: frozenset[str] = frozenset(),
         state_budget: int = 0,
+        master: BlockStore | None = None,
     ):
         self.store, self.device, self.dtype = store, device, compute_dtype
         self.as_stored = as_stored  # units kept in the stored dtype (the engine widens at use)
@@ -129,7 +130,10 @@ class Pager:
                                  tier=self._tier, slots=self._slots, pool=self._pool,
                                  pooled=None if self.holds_two_units or compute_dtype == store.dtype
                                  else copied_units(store, compute_dtype, as_stored, device))
-        self.writes = WriteBack(store, device, self.stats, self._lock, verify, max_dirty, state_budget)
+        # `master`: a full fine-tune whose units are read from `store`, a copy of `master` in the
+        # compute dtype (`NarrowedCopy`); the write-back steps and commits `master`, and the copy with it
+        self.writes = WriteBack(master or store, device, self.stats, self._lock, verify, max_dirty, state_budget,
+                                narrowed=store if master is not None else None)
 
     def _check_budget(self) -> None:
         """A budget below the largest unit is an error that names the budget to use."""

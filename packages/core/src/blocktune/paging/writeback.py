@@ -193,8 +193,13 @@ class WriteBack:
     MAX_QUEUED_WRITES = 1  # unit write-backs waiting or in progress at once
 
     def __init__(self, store: BlockStore, device: Device, stats, lock: threading.Lock,
-                 verify: bool | str = "once", max_dirty: int | None = 512 << 20, state_budget: int = 0):
+                 verify: bool | str = "once", max_dirty: int | None = 512 << 20, state_budget: int = 0,
+                 narrowed: BlockStore | None = None):
         self.store, self.device, self.stats, self._lock, self.verify = store, device, stats, lock, verify
+        # the copy of `store` in the compute dtype the pager reads (`NarrowedCopy`): each unit's
+        # new weights, as the step rounded them, are written to it too, and committed with it
+        self.narrowed = narrowed
+        self._narrowed_recs: dict[str, FileRecord] = {}
         self.max_dirty = limit(max_dirty)
         # the state is stepped where it is read: in RAM only where RAM is the device
         self.in_ram = StateInRam(state_budget if device.host_is_device else 0)
@@ -273,9 +278,15 @@ class WriteBack:
                 rec = self.store.write_unit_stream(name, params, step, sync=False, direct=True,
                                                    to_host=None if dev.is_cpu else dev.to_host)
             self._bound_dirty([rec, srec])
+            written = [rec, srec]
+            if self.narrowed is not None:  # the parameters: the new masters rounded to the compute dtype
+                nrec = self.narrowed.write_unit(name, params, step, sync=False, direct=True)
+                written.append(nrec)  # (direct IO: no dirty pages; its commit fsyncs it)
+                with self._lock:
+                    self._narrowed_recs[name] = nrec
             with self._lock:
                 self.stats.bytes_read += (old_rec.nbytes if old_rec is not None and not in_ram else 0) + read_again
-                self.stats.bytes_written += rec.nbytes + srec.nbytes
+                self.stats.bytes_written += sum(r.nbytes for r in written)
                 self.stats.unit_writes += 1
                 self.stats.write_seconds += time.perf_counter() - t0
             return name, rec, srec
@@ -345,6 +356,9 @@ class WriteBack:
         self._unsynced = []  # commit fsyncs every file of the step
         self._reads.clear()  # the next step's forward has the memory back
         self.store.commit(step, units, states, collect=False, **extra)
+        if self.narrowed is not None:  # a failure here ends the run, as the store's own would
+            recs, self._narrowed_recs = self._narrowed_recs, {}
+            self.narrowed.commit(step, recs, collect=False)
         # deleting the last step's files takes a while (freeing extents): do it on the writer
         # thread, which is also the only thread that creates files, so nothing new is deleted;
         # one file of each unit and kind is kept, for the next step to write over (`spares`)
@@ -352,6 +366,8 @@ class WriteBack:
 
     def _collect(self):
         self.store.collect_garbage(keep_spares=True)  # the next step writes over the last one's files
+        if self.narrowed is not None:
+            self.narrowed.collect_garbage(keep_spares=True)
         return None
 
     def abort(self) -> None:
@@ -364,8 +380,10 @@ class WriteBack:
         self._writes = []
         self._reads.clear()
         self.in_ram.clear()  # (keyed by file: none of it could be used for a state not committed)
-        if self.store.is_writer:  # a reader (or an engine that never trained) deletes nothing
-            self.store.collect_garbage()
+        self._narrowed_recs = {}
+        for store in (self.store, self.narrowed):
+            if store is not None and store.is_writer:  # a reader (or an engine that never trained) deletes nothing
+                store.collect_garbage()
 
     def close(self) -> None:
         self.abort()

@@ -98,7 +98,8 @@ class Trainer:
         if said:  # from here on the run is its steps (config.toml records them)
             self.log(said)
             self.cfg = cfg
-        ecfg = dataclasses.replace(cfg.engine_config(), device=str(self.device), narrow_frozen=cfg.method == "lora")
+        ecfg = dataclasses.replace(cfg.engine_config(), device=str(self.device), narrow_frozen=cfg.method == "lora",
+                                   narrow_steps=cfg.method == "full")
         self.engine = Engine(self.store, ecfg, adapters=start_adapters, dist=self.dist, args=self.args)
         self.checkpoint: LoraCheckpoint | StoreCheckpoint = (
             LoraCheckpoint(self.out, self.engine, self.dist, cfg.lora(), self.store.args, cfg.to_toml(absolute=True),

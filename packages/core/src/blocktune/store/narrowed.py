@@ -5,8 +5,11 @@ would read every unit twice a step and convert it at every read. `NarrowedCopy` 
 in the compute dtype once, into a `ScratchDir` in the store folder (`.narrowed.partial-PID-*`,
 locked by its maker; one a killed run left goes with the next copy, and `verify` reports it),
 and opens it as a store: the same values the pager's conversion gives (the same rounding), half
-the bytes a pass, no conversion. Where the disk or the RAM has no room for it, no copy is made
-and `note` says why. `close` removes it.
+the bytes a pass, no conversion. A full fine-tune of such a store (`full`) reads the copy too,
+and its write-back writes each step's new weights into it as new versions, committed with the
+store's step: the parameters as the step rounded them from the fp32 masters, the same values
+the conversion of the store's new files would give. Where the disk or the RAM has no room for
+it, no copy is made and `note` says why. `close` removes it.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ class NarrowedCopy:
     """`source`'s units in `dtype`, or the reason there are none: `store` (None where no copy was
     made) and `note`, the line the run's log says."""
 
-    def __init__(self, source: BlockStore, dtype: torch.dtype, verify: bool | str):
-        self.source, self.dtype, self.verify = source, dtype, verify
+    def __init__(self, source: BlockStore, dtype: torch.dtype, verify: bool | str, full: bool = False):
+        self.source, self.dtype, self.verify, self.full = source, dtype, verify, full
         self.store: BlockStore | None = None
         self._scratch: ScratchDir | None = None
         self.note = self._make()
@@ -41,9 +44,12 @@ class NarrowedCopy:
         source, name = self.source, dtype_name(self.dtype)
         need = sum(source.unit_bytes(n) for n in source.units) * self.dtype.itemsize // source.dtype.itemsize
         free = shutil.disk_usage(source.path).free
-        if free < 2 * need:  # as much again left free: another run may be writing this store's next step
-            return self.unused(f"a {name} copy would take {readable_size(need)} and its disk has "
-                               f"{readable_size(free)} free (twice that is asked)")
+        # as much again left free: another run may be writing this store's next step; a full
+        # fine-tune's copy takes a new version a step, written over the one of two steps back
+        times = 4 if self.full else 2
+        if free < times * need:
+            return self.unused(f"a {name} copy would take {readable_size(need)}{' a step' if self.full else ''} "
+                               f"and its disk has {readable_size(free)} free ({times} times that is asked)")
         # a unit read, its narrowed copy and the one before it being written (2x the largest),
         # and a margin for the page cache a file takes before it is synced
         ram, free_ram = 5 * max(source.unit_bytes(n) for n in source.units) // 2, host_memory_free()
@@ -66,8 +72,12 @@ class NarrowedCopy:
             return self.unused(f"its {name} copy could not be written ({cause})")
         self._scratch = scratch
         trim_host_heap()  # the copy's pieces freed: the heap they grew goes back before budgets are worked out
-        return (f"frozen units read as {name}: the {dtype_name(source.dtype)} store was narrowed once "
-                f"({readable_size(need)} in {time.perf_counter() - t0:.1f} s, in {scratch.path}, removed at the end), "
+        made = f"({readable_size(need)} in {time.perf_counter() - t0:.1f} s, in {scratch.path}, removed at the end)"
+        if self.full:
+            return (f"units read as {name}: the {dtype_name(source.dtype)} store was narrowed {made}, and each step "
+                    f"writes its new weights there too, as rounded to {name} for the compute, so each pass reads "
+                    f"half the bytes and converts none (the {dtype_name(source.dtype)} masters are stepped in the store)")
+        return (f"frozen units read as {name}: the {dtype_name(source.dtype)} store was narrowed once {made}, "
                 "so each pass reads half the bytes and converts none")
 
     def _units(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
