@@ -300,7 +300,7 @@ def test_a_wider_store_computed_narrower_is_read_from_a_copy_narrowed_once(tmp_p
     path = make_store(tmp_path / "s", tiny_args.with_dropout(0.1), seed=1).path  # fp32
     (path / ".narrowed.partial-4194305-left").mkdir()  # a pid past Linux's largest: its maker is gone
     with BlockStore.open(path) as store:
-        assert any("narrowed copy of this store that a killed LoRA run left" in n for n in store.leftovers())
+        assert any("narrowed copy of this store that a killed run left" in n for n in store.leftovers())
     out = {}
     for narrow in (True, False):
         store = BlockStore.open(path)

@@ -333,8 +333,8 @@ class BlockStore(UnitFiles, StoreManifest):
                              f"{self.path.name} removes it, or remove it yourself")
         for p, alive in partial_dirs(self.path / NARROWED):
             if not alive:
-                notes.append(f"{p}: a narrowed copy of this store that a killed LoRA run left; the next "
-                             "LoRA run that makes one removes it, or remove it yourself")
+                notes.append(f"{p}: a narrowed copy of this store that a killed run left; the next "
+                             "run that makes one removes it, or remove it yourself")
         return notes
 
     def verify(self) -> list[str]:
